@@ -1,0 +1,65 @@
+"""Paged attention: write this step's keys and values into the block cache, then attend.
+
+Tokens of one step are laid out flat: all decode tokens first (one per sequence), then each
+prefill chunk. Decodes are attended in one batched call that gathers each sequence's context from
+its cache slots; a prefill chunk attends to its cached prefix plus itself, causally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    start: int  # index of the chunk's first token in the flat batch
+    length: int
+    # Cache slots of the whole context (prefix + chunk) and the causal mask over it; both None
+    # when the chunk is the whole context, so keys and values come straight from this step.
+    context_slots: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of every token in this step
+    num_decode_tokens: int = 0
+    decode_context_slots: torch.Tensor | None = None  # [B, L] padded with slot 0
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended; None if unpadded
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    gqa = q.shape[1] != k.shape[1]
+    out = torch.empty_like(q)
+
+    nd = meta.num_decode_tokens
+    if nd:
+        slots = meta.decode_context_slots
+        keys = k_cache[slots].transpose(1, 2)  # [B, KVH, L, D]
+        values = v_cache[slots].transpose(1, 2)
+        attn = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
+            enable_gqa=gqa)
+        out[:nd] = attn.squeeze(2)
+
+    for span in meta.prefills:
+        rows = slice(span.start, span.start + span.length)
+        query = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, S, D]
+        if span.context_slots is None:
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
+        attn = F.scaled_dot_product_attention(
+            query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+            attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=gqa)
+        out[rows] = attn[0].transpose(0, 1)
+    return out

@@ -1,0 +1,222 @@
+"""`LLMEngine`: the request loop. `add_request`, then `step` until nothing is left.
+
+The server drives this loop directly; `LLM` wraps it for offline use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.observer import StepObserver, StepStats
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import RequestOutput, Sequence
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        refused = config.unsupported_knobs()
+        if refused:
+            raise NotImplementedError(
+                f"not supported by this engine yet: {', '.join(refused)}; remove them from the config")
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, self.model_config.bos_token_id)
+        model_max = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's "
+                f"max_position_embeddings={model_max}")
+        self.runner = ModelRunner(config, self.model_config, config.max_model_len or model_max)
+        self.max_model_len = self._resolve_max_model_len(model_max)
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is smaller than "
+                f"max_model_len={self.max_model_len}; with enable_chunked_prefill=false a whole "
+                "prompt must fit in one step")
+        self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                policy=config.scheduling_policy,
+            ),
+            self.block_manager,
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        self.requests: dict[str, _Request] = {}
+        self.observers: list[StepObserver] = []
+        self.step_count = 0
+        self._ids = itertools.count()
+
+    def _resolve_max_model_len(self, model_max: int) -> int:
+        capacity = self.runner.num_kv_blocks * self.config.block_size
+        if self.config.max_model_len is not None:
+            if capacity < self.config.max_model_len:
+                raise ValueError(
+                    f"the KV cache holds {capacity} tokens ({self.runner.num_kv_blocks} blocks), fewer "
+                    f"than max_model_len={self.config.max_model_len}; raise kv_cache_memory_bytes or "
+                    "lower max_model_len")
+            return self.config.max_model_len
+        if capacity < model_max:
+            logger.info("max_model_len set to %d, what the KV cache holds", capacity)
+        return min(model_max, capacity)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None, prompt: str | list[int],
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    priority: int = 0) -> str:
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        token_ids = self._validate_prompt(prompt)
+        try:
+            params.__post_init__()
+        except ValueError as err:
+            field = str(err).split(" ", 1)[0]
+            raise InvalidRequestError(field, str(err)) from err
+        if not isinstance(priority, int):
+            raise InvalidRequestError("priority", f"must be an integer, got {priority!r}")
+        seq = Sequence(request_id, token_ids, params,
+                       arrival_time if arrival_time is not None else time.perf_counter(),
+                       priority=priority, prompt=prompt if isinstance(prompt, str) else None)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt", "must not be empty")
+            token_ids = self.tokenizer.encode(prompt)
+            field = "prompt"
+        else:
+            token_ids = list(prompt)
+            field = "prompt_token_ids"
+            if not token_ids:
+                raise InvalidRequestError(field, "must not be empty")
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(token_ids):
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise InvalidRequestError(
+                        f"{field}[{i}]", f"token id {t!r} is outside the vocabulary (0..{vocab - 1})")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidRequestError(
+                field, f"has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
+        return token_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self.scheduler.abort(request_id)
+        request = self.requests.pop(request_id, None)
+        if seq is None or request is None:
+            return None
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add_step_observer(self, observer: StepObserver) -> None:
+        self.observers.append(observer)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return an output for every request that got a token or finished."""
+        start = time.perf_counter()
+        out = self.scheduler.schedule(now=start)
+        if out.is_empty:
+            return []
+        forward_start = time.perf_counter()
+        sampled = self.runner.execute(out)
+        now = time.perf_counter()
+        forward_s = now - forward_start
+        finished = self.scheduler.update(out, sampled, now)
+        outputs = []
+        for item, token in zip(out.scheduled, sampled):
+            if token is None:
+                continue
+            request = self.requests.get(item.seq.request_id)
+            if request is None:
+                continue
+            outputs.append(self._output(request))
+            if item.seq.is_finished:
+                del self.requests[item.seq.request_id]
+        self.step_count += 1
+        if self.observers:
+            self._notify(out, start, forward_s, len(finished))
+        return outputs
+
+    def _output(self, request: _Request) -> RequestOutput:
+        seq = request.seq
+        request.detokenizer.update(seq.output_token_ids)
+        if seq.is_finished:
+            # Flush a trailing partial character as U+FFFD rather than dropping it.
+            request.detokenizer.text = self.tokenizer.decode(seq.output_token_ids)
+        return RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids, text=request.detokenizer.text,
+            finished=seq.is_finished, finish_reason=seq.finish_reason, metrics=seq.metrics)
+
+    def _notify(self, out: SchedulerOutput, start: float, forward_s: float, num_finished: int) -> None:
+        decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
+        stats = StepStats(
+            step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
+            forward_s=forward_s, num_seqs=len(out.scheduled), num_prefill_seqs=len(prefills),
+            num_decode_seqs=len(decodes), num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
+            num_decode_tokens=len(decodes), context_tokens=sum(s.context_len for s in out.scheduled),
+            num_preempted=len(out.preempted), num_finished=num_finished,
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks)
+        for observer in self.observers:
+            observer(stats)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of one prompt, [len, vocab] float32; the cache is left as found."""
+        token_ids = self._validate_prompt(list(token_ids))
+        seq = Sequence(f"score-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), 0.0)
+        if not self.block_manager.can_allocate(seq, len(token_ids)):
+            raise RuntimeError(
+                f"not enough free KV blocks to score {len(token_ids)} tokens while other requests run")
+        self.block_manager.allocate(seq, len(token_ids))
+        try:
+            return self.runner.logits_all(ScheduledSequence(seq, len(token_ids), 0))
+        finally:
+            self.block_manager.free(seq)

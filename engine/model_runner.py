@@ -1,0 +1,183 @@
+"""`ModelRunner`: executes one scheduled step on the model and samples the next tokens.
+
+It owns the device, the weights and the KV cache; it knows nothing about queues or policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata, PrefillSpan
+from engine.loader import load_model
+from engine.model_config import ModelConfig
+from engine.sampler import sample
+from engine.scheduler import ScheduledSequence, SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        name = model_config.torch_dtype if model_config.torch_dtype in DTYPES else "float32"
+    return DTYPES[name]
+
+
+def available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_positions: int) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, model_config)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        torch.manual_seed(config.seed)
+        self.block_size = config.block_size
+        self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+
+    # -- KV cache -----------------------------------------------------------------------------
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = int(total * cfg.gpu_memory_utilization) - (total - free)
+            else:
+                # Enough for every sequence at full length, but never more than a quarter of RAM.
+                max_len = cfg.max_model_len or self.model_config.max_position_embeddings
+                wanted = cfg.max_num_seqs * max_len // self.block_size * self.kv_bytes_per_block
+                budget = min(wanted, available_host_memory() // 4)
+        blocks = budget // self.kv_bytes_per_block
+        if blocks < 1:
+            raise ValueError(
+                f"kv cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes; "
+                "raise kv_cache_memory_bytes (or gpu_memory_utilization)")
+        return int(blocks)
+
+    def _allocate_kv_cache(self) -> None:
+        cfg = self.model_config
+        num_slots = self.num_kv_blocks * self.block_size
+        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_slots, cfg.num_key_value_heads,
+                                    cfg.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[i, 0]
+            layer.self_attn.v_cache = self.kv_cache[i, 1]
+
+    # -- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[int | None]:
+        """Run the step; return the sampled token per scheduled sequence (None mid-prefill)."""
+        order, input_ids, positions, meta = self._prepare(out.scheduled)
+        hidden = self.model(input_ids, positions, meta)
+        sample_rows, sample_items = [], []
+        row = 0
+        for idx in order:
+            item = out.scheduled[idx]
+            row += item.num_new_tokens
+            if item.samples:
+                sample_rows.append(row - 1)
+                sample_items.append(idx)
+        result: list[int | None] = [None] * len(out.scheduled)
+        if not sample_items:
+            return result
+        logits = self.model.compute_logits(hidden[sample_rows])
+        seqs = [out.scheduled[i].seq for i in sample_items]
+        tokens = sample(logits, [s.params for s in seqs],
+                        [getattr(s, "generator", None) or self.generator for s in seqs])
+        for idx, token in zip(sample_items, tokens):
+            result[idx] = token
+        return result
+
+    @torch.inference_mode()
+    def logits_all(self, item: ScheduledSequence) -> torch.Tensor:
+        """Logits at every computed position of one sequence: [num_new_tokens, vocab]."""
+        _, input_ids, positions, meta = self._prepare([item])
+        return self.model.compute_logits(self.model(input_ids, positions, meta))
+
+    def _prepare(self, items: list[ScheduledSequence]
+                 ) -> tuple[list[int], torch.Tensor, torch.Tensor, AttentionMetadata]:
+        decodes = [i for i, it in enumerate(items) if it.num_new_tokens == 1]
+        prefills = [i for i, it in enumerate(items) if it.num_new_tokens > 1]
+        order = decodes + prefills
+        bs, dev = self.block_size, self.device
+
+        token_ids: list[int] = []
+        position_list: list[int] = []
+        for idx in order:
+            it = items[idx]
+            token_ids.extend(it.seq.token_ids[it.start:it.context_len])
+            position_list.extend(range(it.start, it.context_len))
+        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(position_list, dtype=torch.long, device=dev)
+
+        tables = [items[idx].seq.block_table for idx in order]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+        offsets = torch.arange(bs, device=dev)
+        all_slots = (table.unsqueeze(-1) * bs + offsets).view(len(order), -1)  # [N, width*bs]
+        row_of_token = torch.repeat_interleave(
+            torch.arange(len(order), device=dev),
+            torch.tensor([items[idx].num_new_tokens for idx in order], device=dev))
+        slot_mapping = all_slots[row_of_token, positions]
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes))
+
+        if decodes:
+            ctx = [items[idx].context_len for idx in decodes]
+            longest = max(ctx)
+            meta.decode_context_slots = all_slots[:len(decodes), :longest]
+            if min(ctx) != longest:
+                lens = torch.tensor(ctx, device=dev)
+                meta.decode_mask = (torch.arange(longest, device=dev) < lens.unsqueeze(1)).view(
+                    len(decodes), 1, 1, longest)
+
+        start = len(decodes)
+        for n, idx in enumerate(prefills, start=len(decodes)):
+            it = items[idx]
+            span = PrefillSpan(start=start, length=it.num_new_tokens)
+            if it.start > 0:
+                span.context_slots = all_slots[n, :it.context_len]
+                keys = torch.arange(it.context_len, device=dev)
+                queries = torch.arange(it.start, it.context_len, device=dev)
+                span.mask = keys.unsqueeze(0) <= queries.unsqueeze(1)
+            meta.prefills.append(span)
+            start += it.num_new_tokens
+        return order, input_ids, positions, meta

@@ -1,0 +1,210 @@
+"""The Llama family, top to bottom: Llama 2/3, Mistral, Qwen2 (q/k/v bias) and Mixtral (MoE).
+
+One file, read in order: norm, attention, feed-forward (dense or mixture of experts), decoder
+layer, model, and the mapping from Hugging Face checkpoint names onto these modules.
+q/k/v and gate/up projections are fused into one matmul each, since decode is bound by the
+number of passes over the weights and by per-op overhead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.attention import AttentionMetadata, paged_attention
+from engine.layers.linear import Linear
+from engine.layers.rotary import RotaryEmbedding
+from engine.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 and scale after casting back, as the reference implementation does.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
+        self.rotary = rotary
+        # Bound by the ModelRunner once it has sized the cache: [num_slots, kv_heads, head_dim].
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(out.view(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MixtureOfExperts(nn.Module):
+    """Mixtral's sparse block: a router picks top-k experts per token, weights renormalised."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = Linear(config.hidden_size, config.num_local_experts)
+        self.experts = nn.ModuleList(
+            MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_local_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for expert_id in chosen.unique().tolist():
+            token_idx, slot = torch.where(chosen == expert_id)
+            expert_out = self.experts[expert_id](x[token_idx])
+            out.index_add_(0, token_idx, (expert_out * weights[token_idx, slot, None]).to(x.dtype))
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = (MixtureOfExperts(config) if config.is_moe
+                               else MLP(config.hidden_size, config.intermediate_size))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta,
+                                 config.rope_scaling, dtype)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # A separate head even when tied: the head's copy is repacked for fast matmuls, the
+        # embedding is read by row.
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # -- checkpoint mapping ---------------------------------------------------------------------
+
+    def load_hf_weights(self, get: Callable[[str], torch.Tensor]) -> None:
+        """Copy Hugging Face tensors into this model; `get(name)` returns a validated tensor."""
+        cfg = self.config
+        self.embed_tokens.weight.data.copy_(get("model.embed_tokens.weight"))
+        self.norm.weight.data.copy_(get("model.norm.weight"))
+        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        self.lm_head.weight.data = get(head).to(self.lm_head.weight.dtype).clone()
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            layer.input_layernorm.weight.data.copy_(get(p + "input_layernorm.weight"))
+            layer.post_attention_layernorm.weight.data.copy_(get(p + "post_attention_layernorm.weight"))
+            attn = layer.self_attn
+            attn.qkv_proj.weight.data.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            if cfg.attention_bias:
+                attn.qkv_proj.bias.data.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+            attn.o_proj.weight.data.copy_(get(p + "self_attn.o_proj.weight"))
+            if isinstance(layer.mlp, MixtureOfExperts):
+                _load_experts(layer.mlp, get, p, cfg)
+            else:
+                layer.mlp.gate_up_proj.weight.data.copy_(
+                    torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
+                layer.mlp.down_proj.weight.data.copy_(get(p + "mlp.down_proj.weight"))
+
+
+def _load_experts(moe: MixtureOfExperts, get: Callable[[str], torch.Tensor], prefix: str,
+                  cfg: ModelConfig) -> None:
+    moe.gate.weight.data.copy_(get(prefix + "block_sparse_moe.gate.weight"))
+    for e, expert in enumerate(moe.experts):
+        q = f"{prefix}block_sparse_moe.experts.{e}."
+        expert.gate_up_proj.weight.data.copy_(torch.cat([get(q + "w1.weight"), get(q + "w3.weight")]))
+        expert.down_proj.weight.data.copy_(get(q + "w2.weight"))
+
+
+def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of this architecture must hold, with its shape."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (cfg.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (q, h)
+        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if cfg.attention_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv,)
+        if cfg.is_moe:
+            shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
+            for e in range(cfg.num_local_experts):
+                shapes[p + f"block_sparse_moe.experts.{e}.w1.weight"] = (i, h)
+                shapes[p + f"block_sparse_moe.experts.{e}.w3.weight"] = (i, h)
+                shapes[p + f"block_sparse_moe.experts.{e}.w2.weight"] = (h, i)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (i, h)
+            shapes[p + "mlp.up_proj.weight"] = (i, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
+    return shapes

@@ -1,0 +1,36 @@
+"""What each engine step reports to observers: the profiler's raw material."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int
+    start_time: float  # time.perf_counter() at the start of the step
+    duration_s: float  # schedule + forward + sampling + bookkeeping
+    forward_s: float  # model forward and sampling alone
+    num_seqs: int
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    context_tokens: int  # keys/values attention read, summed over sequences
+    num_preempted: int
+    num_finished: int
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+StepObserver = Callable[[StepStats], None]

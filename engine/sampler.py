@@ -1,0 +1,45 @@
+"""Turn logits into next tokens: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sampling_params import SamplingParams
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits: [N, vocab] float32, one row per sequence. Returns one token id per row."""
+    greedy = logits.argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not random_rows:
+        return greedy.tolist()
+    tokens = greedy.tolist()
+    rows = torch.tensor(random_rows, device=logits.device)
+    sub = logits[rows]
+    temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
+    probs = _filtered_probs(sub / temps.unsqueeze(1),
+                            [params[i].top_k for i in random_rows],
+                            [params[i].top_p for i in random_rows])
+    for j, i in enumerate(random_rows):
+        # Exponential race = sampling from probs; a per-request generator makes it reproducible.
+        noise = torch.empty_like(probs[j]).exponential_(generator=generators[i])
+        tokens[i] = int((probs[j] / noise).argmax())
+    return tokens
+
+
+def _filtered_probs(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    k = torch.tensor([vocab if k < 0 else min(k, vocab) for k in top_ks], device=logits.device)
+    drop = ranks >= k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    if any(p < 1.0 for p in top_ps):
+        probs = sorted_logits.softmax(dim=-1)
+        top_p = torch.tensor(top_ps, device=logits.device).unsqueeze(1)
+        # Keep the smallest prefix whose mass reaches top_p; the top token always stays.
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return filtered.softmax(dim=-1)

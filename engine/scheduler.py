@@ -1,0 +1,228 @@
+"""`Scheduler`: decides which tokens of which sequences go through the model in each step.
+
+Continuous batching with one token budget per step, as in vLLM's v1 scheduler: running sequences
+are served first (one token each when decoding, a chunk when their prefill is unfinished), then
+waiting sequences are admitted while the budget, `max_num_seqs` and the KV cache allow. When the
+cache runs out a running sequence is preempted and later recomputed from its tokens.
+
+The scheduler never touches a model or a clock of its own: the engine passes it the sampled
+tokens and the time, so the planner's simulator can drive this same class with predicted step
+times on a virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+    # Position of the first new token; the context read by attention is start + num_new_tokens.
+    start: int
+
+    @property
+    def context_len(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step computes the sequence's last token, so it yields a new token."""
+        return self.context_len == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.samples and self.start > 0
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    policy: str = "fcfs"
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 eos_token_ids: Iterable[int] = ()) -> None:
+        if config.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {config.policy!r}")
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- queues -------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self._enqueue_waiting(seq, front=False)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return seq
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _rank(self, seq: Sequence) -> tuple:
+        if self.config.policy == "priority":
+            return (seq.priority, seq.metrics.arrival_time)
+        return (seq.metrics.arrival_time,)
+
+    def _enqueue_waiting(self, seq: Sequence, front: bool) -> None:
+        if self.config.policy == "priority":
+            items = sorted([*self.waiting, seq], key=self._rank)
+            self.waiting = deque(items)
+        elif front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def schedule(self, now: float = 0.0) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if self.config.policy == "priority":
+            self.running.sort(key=self._rank)
+
+        scheduled_ids: set[int] = set()
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled_ids)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            self._schedule_seq(out, seq, n, now)
+            scheduled_ids.add(id(seq))
+            budget -= n
+
+        if not out.preempted:
+            self._admit_waiting(out, budget, now)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.block_manager.match_prefix(seq)
+            remaining = seq.num_uncomputed_tokens
+            if not self.config.enable_chunked_prefill and remaining > budget:
+                self._undo_prefix_match(seq)
+                break
+            n = min(remaining, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                self._undo_prefix_match(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._schedule_seq(out, seq, n, now)
+            budget -= n
+
+    def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, n: int, now: float) -> None:
+        self.block_manager.allocate(seq, n)
+        if seq.metrics.first_scheduled_time is None:
+            seq.metrics.first_scheduled_time = now
+        out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
+
+    def _undo_prefix_match(self, seq: Sequence) -> None:
+        # A waiting sequence must not pin cached blocks while it cannot run.
+        if seq.block_table:
+            self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue_waiting(seq, front=True)
+
+    # -- after the step -----------------------------------------------------------------------
+
+    def update(self, out: SchedulerOutput, sampled: list[int | None], now: float) -> list[Sequence]:
+        """Advance each scheduled sequence by its computed tokens and append its sampled token.
+
+        `sampled[i]` belongs to `out.scheduled[i]` and is None where the step ended mid-prefill.
+        Returns the sequences that finished in this step.
+        """
+        finished = []
+        for item, token in zip(out.scheduled, sampled):
+            seq = item.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens = item.context_len
+            self.block_manager.register_full_blocks(seq)
+            if not item.samples:
+                continue
+            assert token is not None, f"no token sampled for {seq.request_id}"
+            seq.token_ids.append(token)
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            seq.metrics.token_times.append(now)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason, now)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, now: float | None = None) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if now is not None:
+            seq.metrics.finished_time = now
