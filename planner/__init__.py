@@ -1,0 +1,1 @@
+"""pilot's planner: profiler, store, cost model, simulator, search and the `pilot` CLI."""

@@ -1,0 +1,133 @@
+"""`pilot`: a thin typer layer over library functions (the tests call those directly)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="pilot: profile, fit, recommend and serve LLM deployments.")
+models_app = typer.Typer(no_args_is_help=True, help="Make and inspect model checkpoints.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratio tables.")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@models_app.command("make")
+def models_make(
+    shape: str = typer.Argument(..., help="named shape (tiny, llama-110m, qwen2.5-0.5b, llama-3.2-1b, "
+                                          "mixtral-tiny) or a JSON file of config fields"),
+    out: Path = typer.Option(..., "--out", help="directory to write config.json + safetensors into"),
+    seed: int = typer.Option(0, help="random seed for the weights"),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16"),
+) -> None:
+    """Write a seeded random-init checkpoint in Hugging Face layout."""
+    from engine.model_config import CheckpointError
+    from engine.model_zoo import make_checkpoint
+
+    try:
+        with console.status(f"writing {shape} to {out}"):
+            path = make_checkpoint(shape, out, seed=seed, dtype=dtype)
+    except (CheckpointError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"wrote {shape} checkpoint to {path}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Named shapes that `pilot models make` knows."""
+    from engine.model_zoo import SHAPES
+
+    for name, cfg in SHAPES.items():
+        print(f"{name:14s} {cfg['model_type']:8s} hidden={cfg['hidden_size']} layers={cfg['num_hidden_layers']} "
+              f"heads={cfg['num_attention_heads']}/{cfg['num_key_value_heads']} vocab={cfg['vocab_size']}")
+
+
+@app.command()
+def generate(
+    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    prompt: str = typer.Option(..., "--prompt", help="prompt text"),
+    max_tokens: int = typer.Option(64, "--max-tokens"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(-1, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, help="per-request sampling seed"),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+) -> None:
+    """Stream a completion to the terminal."""
+    from pydantic import ValidationError
+
+    from engine import LLM, EngineConfig, SamplingParams
+    from engine.model_config import CheckpointError
+
+    try:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_tokens=max_tokens, ignore_eos=ignore_eos)
+        with console.status(f"loading {model}"):
+            llm = LLM(EngineConfig(model=str(model), dtype=dtype, device=device))
+        last = None
+        for token in llm.stream(prompt, params):
+            sys.stdout.write(token.text)
+            sys.stdout.flush()
+            last = token
+    except (ValueError, ValidationError, CheckpointError, NotImplementedError) as err:
+        _fail(str(err))
+    sys.stdout.write("\n")
+    if last is not None:
+        console.print(f"[dim]finish_reason={last.finish_reason}[/dim]")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint; default: make llama-110m"),
+    dtypes: str = typer.Option("float32,bfloat16", help="comma-separated dtypes to measure"),
+    decode_tokens: int = typer.Option(128, help="tokens generated in the batch-1 measurement"),
+    num_requests: int = typer.Option(64, help="requests in the offline workload"),
+    skip_hf: bool = typer.Option(False, "--skip-hf", help="do not run the transformers baseline"),
+    out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
+) -> None:
+    """Engine vs transformers: batch-1 decode, offline throughput, achieved bandwidth."""
+    from planner.bench_engine import run_engine_benchmark
+
+    run_engine_benchmark(model=model, dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+                         decode_tokens=decode_tokens, num_requests=num_requests,
+                         with_hf=not skip_hf, json_out=out)
+
+
+@app.command()
+def quickstart(
+    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model is written"),
+) -> None:
+    """End to end on the built-in default: make a small model, then stream a completion."""
+    from engine import LLM, EngineConfig, SamplingParams
+    from engine.model_zoo import make_checkpoint
+
+    model_dir = workdir / "models" / "tiny"
+    with console.status("making the built-in tiny model"):
+        make_checkpoint("tiny", model_dir, seed=0, dtype="float32")
+    llm = LLM(EngineConfig(model=str(model_dir), dtype="float32"))
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=48, ignore_eos=True)
+    console.print(f"[bold]model[/bold] {model_dir} (random weights: the text is noise)")
+    outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
