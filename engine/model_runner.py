@@ -95,8 +95,9 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         cfg = self.model_config
         num_slots = self.num_kv_blocks * self.block_size
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_slots, cfg.num_key_value_heads,
-                                    cfg.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_slots,
+                                    cfg.num_key_value_heads * cfg.head_dim,
+                                    dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.kv_cache[i, 0]
             layer.self_attn.v_cache = self.kv_cache[i, 1]
@@ -133,6 +134,10 @@ class ModelRunner:
         _, input_ids, positions, meta = self._prepare([item])
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
+    def _additive(self, blocked: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(blocked.shape, dtype=self.dtype, device=self.device).masked_fill_(
+            blocked, float("-inf"))
+
     def _prepare(self, items: list[ScheduledSequence]
                  ) -> tuple[list[int], torch.Tensor, torch.Tensor, AttentionMetadata]:
         decodes = [i for i, it in enumerate(items) if it.num_new_tokens == 1]
@@ -166,8 +171,8 @@ class ModelRunner:
             meta.decode_context_slots = all_slots[:len(decodes), :longest]
             if min(ctx) != longest:
                 lens = torch.tensor(ctx, device=dev)
-                meta.decode_mask = (torch.arange(longest, device=dev) < lens.unsqueeze(1)).view(
-                    len(decodes), 1, 1, longest)
+                padded = torch.arange(longest, device=dev) >= lens.unsqueeze(1)
+                meta.decode_mask = self._additive(padded).view(len(decodes), 1, 1, longest)
 
         start = len(decodes)
         for n, idx in enumerate(prefills, start=len(decodes)):
@@ -177,7 +182,7 @@ class ModelRunner:
                 span.context_slots = all_slots[n, :it.context_len]
                 keys = torch.arange(it.context_len, device=dev)
                 queries = torch.arange(it.start, it.context_len, device=dev)
-                span.mask = keys.unsqueeze(0) <= queries.unsqueeze(1)
+                span.mask = self._additive(keys.unsqueeze(0) > queries.unsqueeze(1))
             meta.prefills.append(span)
             start += it.num_new_tokens
         return order, input_ids, positions, meta

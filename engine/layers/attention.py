@@ -17,8 +17,8 @@ import torch.nn.functional as F
 class PrefillSpan:
     start: int  # index of the chunk's first token in the flat batch
     length: int
-    # Cache slots of the whole context (prefix + chunk) and the causal mask over it; both None
-    # when the chunk is the whole context, so keys and values come straight from this step.
+    # Cache slots of the whole context (prefix + chunk) and the additive causal mask over it;
+    # both None when the chunk is the whole context: keys and values come from this step.
     context_slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
@@ -28,28 +28,39 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every token in this step
     num_decode_tokens: int = 0
     decode_context_slots: torch.Tensor | None = None  # [B, L] padded with slot 0
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] True where attended; None if unpadded
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] additive: 0 or -inf; None if unpadded
     prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    # index_select on the 2-D cache is ~35x faster on the CPU than indexing a 3-D view.
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, kv_heads, -1)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH, D]. Returns [T, H, D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    gqa = q.shape[1] != k.shape[1]
-    out = torch.empty_like(q)
+    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH * D]. Returns [T, H, D].
 
+    Masks are additive floats: the CPU kernel is ~8x slower with boolean masks.
+    """
+    kv_heads = k.shape[1]
+    k_cache.index_copy_(0, meta.slot_mapping, k.reshape(k.shape[0], -1))
+    v_cache.index_copy_(0, meta.slot_mapping, v.reshape(v.shape[0], -1))
+    gqa = q.shape[1] != kv_heads
     nd = meta.num_decode_tokens
     if nd:
         slots = meta.decode_context_slots
-        keys = k_cache[slots].transpose(1, 2)  # [B, KVH, L, D]
-        values = v_cache[slots].transpose(1, 2)
+        keys = _gather(k_cache, slots, kv_heads).transpose(1, 2)  # [B, KVH, L, D]
+        values = _gather(v_cache, slots, kv_heads).transpose(1, 2)
         attn = F.scaled_dot_product_attention(
             q[:nd].unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale,
-            enable_gqa=gqa)
-        out[:nd] = attn.squeeze(2)
+            enable_gqa=gqa).squeeze(2)
+        if not meta.prefills:
+            return attn
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = attn
 
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
@@ -57,7 +68,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if span.context_slots is None:
             keys, values = k[rows], v[rows]
         else:
-            keys, values = k_cache[span.context_slots], v_cache[span.context_slots]
+            keys = _gather(k_cache, span.context_slots, kv_heads)
+            values = _gather(v_cache, span.context_slots, kv_heads)
         attn = F.scaled_dot_product_attention(
             query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
             attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=gqa)
