@@ -77,8 +77,9 @@ class BlockManager:
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         if seq.block_table:
             self.num_prefix_hits += 1
+        # After a preemption the match can cover generated tokens: count only the prompt's.
         seq.metrics.num_cached_prompt_tokens = max(
-            seq.metrics.num_cached_prompt_tokens, seq.num_computed_tokens)
+            seq.metrics.num_cached_prompt_tokens, min(seq.num_computed_tokens, seq.num_prompt_tokens))
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         needed = self.blocks_needed(seq, num_new_tokens)

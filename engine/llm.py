@@ -35,7 +35,14 @@ class LLM:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params: got {len(params)} for {len(prompts)} prompts")
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(None, prompt, sp))
+        except Exception:
+            for request_id in ids:  # all or nothing: no orphans left running
+                self.engine.abort_request(request_id)
+            raise
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
         with Progress(disable=not use_progress, transient=True) as progress:

@@ -96,14 +96,18 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None,
                     priority: int = 0) -> str:
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:
+            request_id = str(next(self._ids))
+            while request_id in self.requests:  # never collide with a caller-chosen id
+                request_id = str(next(self._ids))
+        request_id = str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
         token_ids = self._validate_prompt(prompt)
         try:
-            params.__post_init__()
-        except ValueError as err:
+            params.validate()
+        except (TypeError, ValueError) as err:
             field = str(err).split(" ", 1)[0]
             raise InvalidRequestError(field, str(err)) from err
         if not isinstance(priority, int):
@@ -139,7 +143,7 @@ class LLMEngine:
         return token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        seq = self.scheduler.abort(request_id)
+        seq = self.scheduler.abort(request_id, now=time.perf_counter())
         request = self.requests.pop(request_id, None)
         if seq is None or request is None:
             return None
@@ -192,13 +196,13 @@ class LLMEngine:
             finished=seq.is_finished, finish_reason=seq.finish_reason, metrics=seq.metrics)
 
     def _notify(self, out: SchedulerOutput, start: float, forward_s: float, num_finished: int) -> None:
-        decodes = [s for s in out.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in out.scheduled if s.num_new_tokens > 1]
+        decodes = [s for s in out.scheduled if s.is_decode]
+        prefills = [s for s in out.scheduled if not s.is_decode]
         stats = StepStats(
             step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
             forward_s=forward_s, num_seqs=len(out.scheduled), num_prefill_seqs=len(prefills),
             num_decode_seqs=len(decodes), num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
-            num_decode_tokens=len(decodes), context_tokens=sum(s.context_len for s in out.scheduled),
+            num_decode_tokens=sum(s.num_new_tokens for s in decodes), context_tokens=sum(s.context_len for s in out.scheduled),
             num_preempted=len(out.preempted), num_finished=num_finished,
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=self.block_manager.num_used_blocks,
@@ -209,7 +213,10 @@ class LLMEngine:
     # -- scoring ------------------------------------------------------------------------------
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of one prompt, [len, vocab] float32; the cache is left as found."""
+        """Logits at every position of one prompt, [len, vocab] float32.
+
+        Uses free KV blocks and returns them; it may evict cached prefixes, never running requests.
+        """
         token_ids = self._validate_prompt(list(token_ids))
         seq = Sequence(f"score-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), 0.0)
         if not self.block_manager.can_allocate(seq, len(token_ids)):

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_REQUIRED_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 class CheckpointError(ValueError):
@@ -57,7 +64,7 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
+                    "num_attention_heads", "max_position_embeddings"):
             if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
                 raise CheckpointError(f"{source}: {key} must be a positive integer, got {cfg.get(key)!r}")
         heads = cfg["num_attention_heads"]
@@ -71,8 +78,17 @@ class ModelConfig:
         # transformers 5 moved rope settings into `rope_parameters`.
         rope_params = cfg.get("rope_parameters") or {}
         rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
+            raise CheckpointError(f"{source}: rope_theta must be a positive number, got {rope_theta!r}")
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = dict(rope_params)
+        max_positions = cfg["max_position_embeddings"]
+        window = _sliding_window(cfg)
+        if window is not None and window < max_positions:
+            # Sliding-window attention is not implemented; within the window, full attention is
+            # exactly what the model computes, so the context is capped there.
+            logger.warning("%s: sliding_window=%d: context capped at %d tokens", source, window, window)
+            max_positions = window
         config = cls(
             model_type=model_type,
             vocab_size=cfg["vocab_size"],
@@ -84,7 +100,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v bias; Llama declares it with `attention_bias`.
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
@@ -101,6 +117,12 @@ class ModelConfig:
                 f"{source}: unsupported rope_scaling type {config.rope_type!r}; "
                 f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        missing = [k for k in ROPE_REQUIRED_FIELDS.get(config.rope_type, ())
+                   if isinstance(config.rope_scaling.get(k), bool)
+                   or not isinstance(config.rope_scaling.get(k), (int, float))]
+        if missing:
+            raise CheckpointError(
+                f"{source}: rope_scaling type {config.rope_type!r} needs numeric {', '.join(missing)}")
         if config.is_moe and not 0 < config.num_experts_per_tok <= config.num_local_experts:
             raise CheckpointError(
                 f"{source}: num_experts_per_tok={config.num_experts_per_tok} must be in "
@@ -119,7 +141,18 @@ class ModelConfig:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
         return cls.from_dict(cfg, source=str(path))
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") == "qwen2" and (
+            not cfg.get("use_sliding_window")
+            or cfg.get("max_window_layers", 0) >= cfg["num_hidden_layers"]):
+        return None
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:

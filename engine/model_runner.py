@@ -95,7 +95,9 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         cfg = self.model_config
         num_slots = self.num_kv_blocks * self.block_size
-        self.kv_cache = torch.zeros(cfg.num_hidden_layers, 2, num_slots,
+        # Uninitialised on purpose (no GBs zero-filled at start-up): attention only ever gathers
+        # slots that hold written tokens, padding included (see _prepare).
+        self.kv_cache = torch.empty(cfg.num_hidden_layers, 2, num_slots,
                                     cfg.num_key_value_heads * cfg.head_dim,
                                     dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
@@ -168,11 +170,14 @@ class ModelRunner:
         if decodes:
             ctx = [items[idx].context_len for idx in decodes]
             longest = max(ctx)
-            meta.decode_context_slots = all_slots[:len(decodes), :longest]
+            slots = all_slots[:len(decodes), :longest]
             if min(ctx) != longest:
                 lens = torch.tensor(ctx, device=dev)
                 padded = torch.arange(longest, device=dev) >= lens.unsqueeze(1)
                 meta.decode_mask = self._additive(padded).view(len(decodes), 1, 1, longest)
+                # Masked, but must still read written memory: NaN * 0 would poison the output.
+                slots = torch.where(padded, slots[:, :1], slots)
+            meta.decode_context_slots = slots
 
         start = len(decodes)
         for n, idx in enumerate(prefills, start=len(decodes)):

@@ -26,19 +26,19 @@ class ScheduledSequence:
     num_new_tokens: int
     # Position of the first new token; the context read by attention is start + num_new_tokens.
     start: int
+    # Fixed when scheduled (the sequence grows afterwards): this step computes the sequence's
+    # last token, so it yields a new token; and it is a decode, one token after earlier output.
+    samples: bool = field(init=False)
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.context_len == self.seq.num_tokens
+        self.is_decode = (self.num_new_tokens == 1 and self.samples
+                          and self.seq.num_output_tokens > 0)
 
     @property
     def context_len(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """This step computes the sequence's last token, so it yields a new token."""
-        return self.context_len == self.seq.num_tokens
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.samples and self.start > 0
 
 
 @dataclass
@@ -82,12 +82,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self._enqueue_waiting(seq, front=False)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str, now: float | None = None) -> Sequence | None:
         for queue in (self.running, self.waiting):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
-                    self._finish(seq, "abort")
+                    self._finish(seq, "abort", now)
                     return seq
         return None
 

@@ -182,8 +182,6 @@ def test_sampling_params_edge_values_are_accepted():
     SamplingParams(top_p=1e-9, top_k=1, max_tokens=None)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SamplingParams accepts temperature=nan (nan < 0 is "
-                   "False); the sampler then divides by nan and emits token 0 forever")
 def test_nan_temperature_is_refused():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=math.nan)
@@ -217,8 +215,6 @@ def test_llm_api_reports_bad_prompts_and_keeps_serving(llm):
     assert bm.num_free_blocks == bm.num_blocks
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LLM.generate adds prompts one by one and, when a later "
-                   "prompt is invalid, leaves the earlier ones running in the engine as orphans")
 def test_generate_with_one_bad_prompt_leaves_nothing_behind(model_dir):
     llm = make_llm(model_dir)
     with pytest.raises(InvalidRequestError):
@@ -227,8 +223,6 @@ def test_generate_with_one_bad_prompt_leaves_nothing_behind(model_dir):
     assert not llm.engine.requests
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: LLMEngine's automatic request ids ('0', '1', ...) "
-                   "collide with ids a caller chose, so LLM.generate fails on a request it never named")
 def test_automatic_request_ids_do_not_collide_with_caller_ids(model_dir):
     llm = make_llm(model_dir)
     llm.engine.add_request("0", [1, 2, 3], SamplingParams(max_tokens=2))

@@ -269,12 +269,9 @@ def _truncated_safetensors(d: Path) -> None:
     (d / "model.safetensors").write_bytes(data[:len(data) // 2])
 
 
-_UNNAMED = "BUG: raises safetensors' SafetensorError (not a CheckpointError) without the file's name"
-
-
 @pytest.mark.parametrize("corrupt", [
-    pytest.param(_garbage_safetensors, id="garbage", marks=pytest.mark.xfail(strict=True, reason=_UNNAMED)),
-    pytest.param(_truncated_safetensors, id="truncated", marks=pytest.mark.xfail(strict=True, reason=_UNNAMED)),
+    pytest.param(_garbage_safetensors, id="garbage"),
+    pytest.param(_truncated_safetensors, id="truncated"),
 ])
 def test_corrupt_safetensors_names_the_file(ckpt, corrupt):
     corrupt(ckpt)
@@ -282,9 +279,6 @@ def test_corrupt_safetensors_names_the_file(ckpt, corrupt):
         _load(ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an index mapping a tensor to a shard that does not hold it raises safetensors' "
-    "SafetensorError, not a CheckpointError naming the shard"))
 def test_index_points_to_wrong_shard(sharded):
     path = sharded / "model.safetensors.index.json"
     index = json.loads(path.read_text())
@@ -301,17 +295,12 @@ def _set(**fields: Any) -> Callable[[dict], None]:
 
 
 @pytest.mark.parametrize("edit, names", [
-    pytest.param(_set(rope_scaling={"rope_type": "linear"}), "factor", id="linear-rope-without-factor",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: KeyError('factor') from rotary.py")),
+    pytest.param(_set(rope_scaling={"rope_type": "linear"}), "factor", id="linear-rope-without-factor"),
     pytest.param(_set(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor",
-                 id="llama3-rope-without-its-fields",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: KeyError('low_freq_factor') from rotary.py")),
-    pytest.param(_set(rope_theta=None), "rope_theta", id="rope-theta-null",
-                 marks=pytest.mark.xfail(strict=True, reason="BUG: TypeError from float(None)")),
+                 id="llama3-rope-without-its-fields"),
+    pytest.param(_set(rope_theta=None), "rope_theta", id="rope-theta-null"),
     pytest.param(_set(max_position_embeddings=0), "max_position_embeddings",
-                 id="max-position-embeddings-zero",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: not validated; surfaces as a misleading 'kv cache budget of 0 bytes' ValueError"))),
+                 id="max-position-embeddings-zero"),
 ])
 def test_malformed_config_values_name_the_field(ckpt, edit, names):
     _edit_config(ckpt, edit)
@@ -319,14 +308,12 @@ def test_malformed_config_values_name_the_field(ckpt, edit, names):
         _load(ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config.json holding a JSON list raises AttributeError")
 def test_config_json_not_an_object(ckpt):
     (ckpt / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"config\.json"):
         _load(ckpt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an index.json holding a JSON list raises TypeError")
 def test_index_json_not_an_object(sharded):
     (sharded / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json"):

@@ -295,9 +295,6 @@ SLIDING = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: ModelConfig ignores `sliding_window` (Mistral; Qwen2 with use_sliding_window), so "
-    "prompts longer than the window silently get full attention and wrong logits"))
 @pytest.mark.parametrize("name", list(SLIDING))
 def test_sliding_window_is_honoured_or_refused(zoo, name):
     model_dir = zoo.get(SLIDING[name], f"sliding-{name}")

@@ -270,8 +270,6 @@ def test_preemption_with_prefix_caching_completes_and_leaks_nothing():
     assert_no_leak(sched)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: block_manager.match_prefix counts re-matched generated "
-                   "tokens of a preempted sequence as cached *prompt* tokens")
 def test_cached_prompt_tokens_never_exceed_the_prompt_after_preemption():
     sched = make_scheduler(num_blocks=6, block_size=4, max_num_seqs=2, caching=True,
                            max_num_batched_tokens=64, max_model_len=24)
