@@ -11,13 +11,17 @@ import os
 import torch
 
 from engine.config import EngineConfig
-from engine.layers.attention import AttentionMetadata, PrefillSpan
+from engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from engine.sampler import sample
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+# Most context tokens gathered for one decode group: keeps a group's keys and values (fp32,
+# all layers' worth at a time for one layer) within the last-level cache of a small CPU.
+DECODE_GROUP_TOKENS = 8192
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +66,7 @@ class ModelRunner:
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
 
     # -- KV cache -----------------------------------------------------------------------------
 
@@ -137,12 +142,13 @@ class ModelRunner:
         return self.model.compute_logits(self.model(input_ids, positions, meta))
 
     def _additive(self, blocked: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(blocked.shape, dtype=self.dtype, device=self.device).masked_fill_(
+        return torch.zeros(blocked.shape, dtype=self.attn_dtype, device=self.device).masked_fill_(
             blocked, float("-inf"))
 
     def _prepare(self, items: list[ScheduledSequence]
                  ) -> tuple[list[int], torch.Tensor, torch.Tensor, AttentionMetadata]:
-        decodes = [i for i, it in enumerate(items) if it.num_new_tokens == 1]
+        decodes = sorted((i for i, it in enumerate(items) if it.num_new_tokens == 1),
+                         key=lambda i: items[i].context_len)
         prefills = [i for i, it in enumerate(items) if it.num_new_tokens > 1]
         order = decodes + prefills
         bs, dev = self.block_size, self.device
@@ -165,19 +171,21 @@ class ModelRunner:
             torch.arange(len(order), device=dev),
             torch.tensor([items[idx].num_new_tokens for idx in order], device=dev))
         slot_mapping = all_slots[row_of_token, positions]
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes))
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
+                                 compute_dtype=self.attn_dtype)
 
-        if decodes:
-            ctx = [items[idx].context_len for idx in decodes]
-            longest = max(ctx)
-            slots = all_slots[:len(decodes), :longest]
-            if min(ctx) != longest:
+        for first, last in _decode_groups([items[idx].context_len for idx in decodes]):
+            ctx = [items[idx].context_len for idx in decodes[first:last]]
+            longest = ctx[-1]
+            slots = all_slots[first:last, :longest]
+            group = DecodeGroup(start=first, context_slots=slots)
+            if ctx[0] != longest:
                 lens = torch.tensor(ctx, device=dev)
                 padded = torch.arange(longest, device=dev) >= lens.unsqueeze(1)
-                meta.decode_mask = self._additive(padded).view(len(decodes), 1, 1, longest)
+                group.mask = self._additive(padded).view(len(ctx), 1, 1, longest)
                 # Masked, but must still read written memory: NaN * 0 would poison the output.
-                slots = torch.where(padded, slots[:, :1], slots)
-            meta.decode_context_slots = slots
+                group.context_slots = torch.where(padded, slots[:, :1], slots)
+            meta.decode_groups.append(group)
 
         start = len(decodes)
         for n, idx in enumerate(prefills, start=len(decodes)):
@@ -191,3 +199,15 @@ class ModelRunner:
             meta.prefills.append(span)
             start += it.num_new_tokens
         return order, input_ids, positions, meta
+
+
+def _decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
+    """Split ascending context lengths into [first, last) runs of <= DECODE_GROUP_TOKENS padded tokens."""
+    groups, first = [], 0
+    for i, length in enumerate(context_lens):
+        if i > first and (i - first + 1) * length > DECODE_GROUP_TOKENS:
+            groups.append((first, i))
+            first = i
+    if context_lens:
+        groups.append((first, len(context_lens)))
+    return groups
