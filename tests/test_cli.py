@@ -1,0 +1,80 @@
+"""The `pilot` CLI, run in-process through typer's test runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    result = runner.invoke(app, ["models", "make", "tiny", "--out", str(out), "--dtype", "float32",
+                                 "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_models_make_writes_hf_layout(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["torch_dtype"] == "float32"
+    assert (tiny / "model.safetensors").is_file()
+
+
+def test_models_make_from_json_shape(tmp_path):
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({"num_hidden_layers": 1, "num_key_value_heads": 1}))
+    result = runner.invoke(app, ["models", "make", str(shape), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 1 and cfg["num_key_value_heads"] == 1
+
+
+def test_models_make_unknown_shape_fails_clearly(tmp_path):
+    result = runner.invoke(app, ["models", "make", "gpt-17", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    assert "unknown shape 'gpt-17'" in result.output
+
+
+def test_models_list_names_the_shapes():
+    result = runner.invoke(app, ["models", "list"])
+    assert result.exit_code == 0
+    for name in ("tiny", "llama-110m", "qwen2.5-0.5b", "llama-3.2-1b", "mixtral-tiny"):
+        assert name in result.output
+
+
+def test_generate_streams_text(tiny):
+    result = runner.invoke(app, ["generate", "--model", str(tiny), "--prompt", "Hello",
+                                 "--max-tokens", "6", "--ignore-eos", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "finish_reason=length" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "prompt: must not be empty"),
+    (["--prompt", "hi", "--max-tokens", "0"], "max_tokens must be >= 1"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--dtype", "float8"], "dtype"),
+])
+def test_generate_bad_input_names_the_field(tiny, args, message):
+    result = runner.invoke(app, ["generate", "--model", str(tiny), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_generate_missing_model_dir(tmp_path):
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert result.exit_code == 2
+    assert "model directory not found" in result.output
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "generated 384 tokens for 8 requests" in result.output
