@@ -19,8 +19,8 @@ from engine.scheduler import ScheduledSequence, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
-# Most context tokens gathered for one decode group: keeps a group's keys and values (fp32,
-# all layers' worth at a time for one layer) within the last-level cache of a small CPU.
+# Most context tokens gathered for one decode group: keeps one layer's gathered keys and values
+# for the group (fp32, 8 MiB each at 256 kv features) within the last-level cache of a small CPU.
 DECODE_GROUP_TOKENS = 8192
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,7 +130,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_rows])
         seqs = [out.scheduled[i].seq for i in sample_items]
         tokens = sample(logits, [s.params for s in seqs],
-                        [getattr(s, "generator", None) or self.generator for s in seqs])
+                        [s.generator or self.generator for s in seqs])
         for idx, token in zip(sample_items, tokens):
             result[idx] = token
         return result
