@@ -11,7 +11,8 @@ import os
 import torch
 
 from engine.config import EngineConfig
-from engine.layers.attention import AttentionMetadata, DecodeGroup, PrefillSpan
+from engine.kernels import cpu as cpu_kernels
+from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from engine.sampler import sample
@@ -67,6 +68,8 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # Decode attention straight from the block cache where the compiled CPU kernel exists.
+        self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device)
 
     # -- KV cache -----------------------------------------------------------------------------
 
@@ -174,7 +177,15 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
                                  compute_dtype=self.attn_dtype)
 
-        for first, last in _decode_groups([items[idx].context_len for idx in decodes]):
+        if decodes and self.use_cpu_kernel:
+            ctx = [items[idx].context_len for idx in decodes]
+            meta.decode_kernel = DecodeKernelArgs(
+                block_tables=table[:len(decodes)], context_lens=torch.tensor(ctx, device=dev),
+                max_context=max(ctx), block_size=bs)
+            decode_groups = []
+        else:
+            decode_groups = _decode_groups([items[idx].context_len for idx in decodes])
+        for first, last in decode_groups:
             ctx = [items[idx].context_len for idx in decodes[first:last]]
             longest = ctx[-1]
             slots = all_slots[first:last, :longest]

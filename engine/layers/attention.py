@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.kernels import cpu as cpu_kernels
+
 
 @dataclass
 class PrefillSpan:
@@ -33,14 +35,24 @@ class DecodeGroup:
 
 
 @dataclass
+class DecodeKernelArgs:
+    block_tables: torch.Tensor  # [B, max_blocks] int64, contiguous
+    context_lens: torch.Tensor  # [B] int64
+    max_context: int
+    block_size: int
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot of every token in this step
     num_decode_tokens: int = 0
     # Decodes sorted by context length and split so that each group's gathered keys and values
     # stay in cache: one padded group for 64 long sequences ran 7x slower than two of 32.
     decode_groups: list[DecodeGroup] = field(default_factory=list)
+    # Set instead of decode_groups when the CPU kernel reads the block cache in place.
+    decode_kernel: DecodeKernelArgs | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
-    # The CPU's fused attention kernel runs bf16/fp16 4-10x slower than fp32, so on the CPU
+    # PyTorch's CPU attention runs bf16/fp16 4-10x slower than fp32, so on the CPU
     # attention computes in float32 (masks are made in this dtype too).
     compute_dtype: torch.dtype = torch.float32
 
@@ -57,15 +69,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH * D]. Returns [T, H, D].
 
-    Masks are additive floats: the CPU kernel is ~8x slower with boolean masks.
+    Masks are additive floats: PyTorch's CPU attention is ~8x slower with boolean masks.
     """
     kv_heads = k.shape[1]
     k_cache.index_copy_(0, meta.slot_mapping, k.reshape(k.shape[0], -1))
     v_cache.index_copy_(0, meta.slot_mapping, v.reshape(v.shape[0], -1))
     gqa = q.shape[1] != kv_heads
     dtype = meta.compute_dtype
+    nd = meta.num_decode_tokens
+    if meta.decode_kernel is not None:
+        args = meta.decode_kernel
+        attn = cpu_kernels.paged_decode_attention(
+            q[:nd], k_cache, v_cache, args.block_tables, args.context_lens, args.block_size, scale,
+            args.max_context)
+        if not meta.prefills:
+            return attn
     single = len(meta.decode_groups) == 1 and not meta.prefills
     out = None if single else torch.empty_like(q)
+    if meta.decode_kernel is not None:
+        out[:nd] = attn
     for group in meta.decode_groups:
         rows = slice(group.start, group.start + group.context_slots.shape[0])
         keys = _gather(k_cache, group.context_slots, kv_heads, dtype).transpose(1, 2)  # [B, KVH, L, D]

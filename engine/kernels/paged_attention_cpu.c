@@ -1,0 +1,205 @@
+/* Paged decode attention for the CPU: one query token per sequence, keys and values read in
+ * place from the block cache (no gathered copy), fp32 accumulation, online softmax per tile.
+ *
+ * Layouts (row-major, contiguous):
+ *   q, out        [num_seqs, num_heads, head_dim]
+ *   k/v cache     [num_slots, num_kv_heads * head_dim], slot = block * block_size + offset
+ *   block_tables  [num_seqs, max_blocks] (int64)
+ *   context_lens  [num_seqs] (int64)
+ * Query head h reads kv head h / (num_heads / num_kv_heads), as grouped-query attention does.
+ * Returns 0, or -1 for a shape it does not handle (the caller falls back to PyTorch).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define MAX_GROUP 16
+#define MAX_HEAD_DIM 256
+#define TILE 16
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline const void *row_ptr(const void *cache, int elem, const int64_t *table, int64_t pos,
+                                  int block_size, int64_t stride, int offset) {
+    int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    return (const char *)cache + (slot * stride + offset) * elem;
+}
+
+static inline void load_row(const void *src, int is_bf16, int d, float *dst) {
+    if (is_bf16) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int i = 0; i < d; i++) dst[i] = bf16_to_f32(s[i]);
+    } else {
+        memcpy(dst, src, (size_t)d * sizeof(float));
+    }
+}
+
+#ifdef __AVX512F__
+/* exp(x) for x <= 0 (softmax arguments): 2^(x log2 e) with a degree-6 polynomial on the
+ * fraction and scalef for the exponent; relative error ~2e-7. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.f)); /* -inf -> ~0 instead of NaN */
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n); /* in [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16(const void *src, int is_bf16) {
+    if (is_bf16) {
+        __m256i raw = _mm256_loadu_si256((const __m256i *)src);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+    return _mm512_loadu_ps(src);
+}
+
+/* One (sequence, kv head): `group` query heads share its keys and values. d % 16 == 0. */
+static void attend_avx512(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                          const int64_t *table, int64_t ctx, float *out, int kvh, int group,
+                          int kv_heads, int d, int block_size, float scale) {
+    const int elem = is_bf16 ? 2 : 4, chunks = d / 16;
+    const int64_t stride = (int64_t)kv_heads * d;
+    __m512 qv[MAX_GROUP][MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+    float m[MAX_GROUP], l[MAX_GROUP];
+    float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
+    for (int g = 0; g < group; g++) {
+        const char *qg = (const char *)q + (int64_t)(kvh * group + g) * d * elem;
+        for (int c = 0; c < chunks; c++) {
+            qv[g][c] = _mm512_mul_ps(load16(qg + c * 16 * elem, is_bf16), _mm512_set1_ps(scale));
+            acc[g][c] = _mm512_setzero_ps();
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
+        const int n = ctx - t0 < TILE ? (int)(ctx - t0) : TILE;
+        for (int j = 0; j < n; j++) {
+            const char *kr = row_ptr(k_cache, elem, table, t0 + j, block_size, stride, kvh * d);
+            __m512 dot[MAX_GROUP];
+            for (int g = 0; g < group; g++) dot[g] = _mm512_setzero_ps();
+            for (int c = 0; c < chunks; c++) {
+                __m512 kv = load16(kr + c * 16 * elem, is_bf16);
+                for (int g = 0; g < group; g++) dot[g] = _mm512_fmadd_ps(qv[g][c], kv, dot[g]);
+            }
+            for (int g = 0; g < group; g++) s[g][j] = _mm512_reduce_add_ps(dot[g]);
+        }
+        const __mmask16 live = (__mmask16)((1u << n) - 1u);
+        __m512 p[MAX_GROUP];
+        for (int g = 0; g < group; g++) {
+            __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s[g]);
+            float tile_max = _mm512_reduce_max_ps(sv);
+            float new_max = tile_max > m[g] ? tile_max : m[g];
+            float correction = expf(m[g] - new_max);
+            p[g] = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max)));
+            p[g] = _mm512_maskz_mov_ps(live, p[g]);
+            l[g] = l[g] * correction + _mm512_reduce_add_ps(p[g]);
+            m[g] = new_max;
+            __m512 cv = _mm512_set1_ps(correction);
+            for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+            _mm512_store_ps(s[g], p[g]);
+        }
+        for (int j = 0; j < n; j++) {
+            const char *vr = row_ptr(v_cache, elem, table, t0 + j, block_size, stride, kvh * d);
+            for (int c = 0; c < chunks; c++) {
+                __m512 vv = load16(vr + c * 16 * elem, is_bf16);
+                for (int g = 0; g < group; g++)
+                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), vv, acc[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float *og = out + (int64_t)g * d;
+        __m512 inv = _mm512_set1_ps(1.f / l[g]);
+        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[g][c], inv));
+    }
+}
+#endif
+
+/* Portable version of the same computation. */
+static void attend_generic(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                           const int64_t *table, int64_t ctx, float *out, int kvh, int group,
+                           int kv_heads, int d, int block_size, float scale) {
+    const int elem = is_bf16 ? 2 : 4;
+    const int64_t stride = (int64_t)kv_heads * d;
+    float qf[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM], row[MAX_HEAD_DIM];
+    float m[MAX_GROUP], l[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        load_row((const char *)q + (int64_t)(kvh * group + g) * d * elem, is_bf16, d, qf[g]);
+        for (int i = 0; i < d; i++) { qf[g][i] *= scale; acc[g][i] = 0.f; }
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    for (int64_t t = 0; t < ctx; t++) {
+        load_row(row_ptr(k_cache, elem, table, t, block_size, stride, kvh * d), is_bf16, d, row);
+        float p[MAX_GROUP];
+        for (int g = 0; g < group; g++) {
+            float dot = 0.f;
+            for (int i = 0; i < d; i++) dot += qf[g][i] * row[i];
+            float new_max = dot > m[g] ? dot : m[g];
+            float correction = expf(m[g] - new_max);
+            p[g] = expf(dot - new_max);
+            l[g] = l[g] * correction + p[g];
+            m[g] = new_max;
+            for (int i = 0; i < d; i++) acc[g][i] *= correction;
+        }
+        load_row(row_ptr(v_cache, elem, table, t, block_size, stride, kvh * d), is_bf16, d, row);
+        for (int g = 0; g < group; g++)
+            for (int i = 0; i < d; i++) acc[g][i] += p[g] * row[i];
+    }
+    for (int g = 0; g < group; g++)
+        for (int i = 0; i < d; i++) out[(int64_t)g * d + i] = acc[g][i] / l[g];
+}
+
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                           const int64_t *block_tables, const int64_t *context_lens, void *out,
+                           int num_seqs, int heads, int kv_heads, int d, int block_size,
+                           int max_blocks, float scale, int num_threads) {
+    if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || d > MAX_HEAD_DIM)
+        return -1;
+    const int group = heads / kv_heads, elem = is_bf16 ? 2 : 4;
+    const int64_t work = (int64_t)num_seqs * kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+    for (int64_t w = 0; w < work; w++) {
+        const int64_t b = w / kv_heads;
+        const int kvh = (int)(w % kv_heads);
+        const char *qb = (const char *)q + b * heads * d * elem;
+        float res[MAX_GROUP * MAX_HEAD_DIM];
+#ifdef __AVX512F__
+        if (d % 16 == 0)
+            attend_avx512(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
+                          context_lens[b], res, kvh, group, kv_heads, d, block_size, scale);
+        else
+#endif
+            attend_generic(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
+                           context_lens[b], res, kvh, group, kv_heads, d, block_size, scale);
+        const int64_t base = (b * heads + (int64_t)kvh * group) * d;
+        for (int i = 0; i < group * d; i++) {
+            if (is_bf16) ((uint16_t *)out)[base + i] = f32_to_bf16(res[i]);
+            else ((float *)out)[base + i] = res[i];
+        }
+    }
+    return 0;
+}
