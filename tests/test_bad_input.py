@@ -14,15 +14,9 @@ import pydantic
 import pytest
 
 from engine import LLM, EngineConfig, InvalidRequestError, RequestOutput, SamplingParams
-from engine.model_zoo import make_checkpoint
 
 VOCAB = 512
 MAX_LEN = 64
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32"))
 
 
 def make_llm(model_dir: str, **kwargs) -> LLM:

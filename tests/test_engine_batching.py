@@ -13,15 +13,9 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, RequestOutput, SamplingParams, StepStats, StreamToken
-from engine.model_zoo import make_checkpoint
 
 VOCAB = 512
 EOS = 257
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32"))
 
 
 def make_llm(model_dir: str, **kwargs) -> LLM:
