@@ -11,6 +11,7 @@ import os
 import torch
 
 from engine.config import EngineConfig
+from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
 from engine.loader import load_model
@@ -61,6 +62,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, model_config)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            keep_freed_memory()
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions)
