@@ -22,10 +22,10 @@ _tuned = False
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds once per process; False where not glibc/opted out."""
     global _tuned
-    if _tuned:
-        return True
     if os.environ.get("PILOT_MALLOC_TUNING", "1") == "0":
         return False
+    if _tuned:
+        return True
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
