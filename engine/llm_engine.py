@@ -202,7 +202,7 @@ class LLMEngine:
             step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
             forward_s=forward_s, num_seqs=len(out.scheduled), num_prefill_seqs=len(prefills),
             num_decode_seqs=len(decodes), num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
-            num_decode_tokens=sum(s.num_new_tokens for s in decodes), context_tokens=sum(s.context_len for s in out.scheduled),
+            num_decode_tokens=len(decodes), context_tokens=sum(s.context_len for s in out.scheduled),
             num_preempted=len(out.preempted), num_finished=num_finished,
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=self.block_manager.num_used_blocks,

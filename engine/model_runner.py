@@ -179,16 +179,16 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
                                  compute_dtype=self.attn_dtype)
 
+        decode_ctx = [items[idx].context_len for idx in decodes]  # ascending
         if decodes and self.use_cpu_kernel:
-            ctx = [items[idx].context_len for idx in decodes]
             meta.decode_kernel = DecodeKernelArgs(
-                block_tables=table[:len(decodes)], context_lens=torch.tensor(ctx, device=dev),
-                max_context=max(ctx), block_size=bs)
+                block_tables=table[:len(decodes)], context_lens=torch.tensor(decode_ctx, device=dev),
+                max_context=decode_ctx[-1], block_size=bs)
             decode_groups = []
         else:
-            decode_groups = _decode_groups([items[idx].context_len for idx in decodes])
+            decode_groups = _decode_groups(decode_ctx)
         for first, last in decode_groups:
-            ctx = [items[idx].context_len for idx in decodes[first:last]]
+            ctx = decode_ctx[first:last]
             longest = ctx[-1]
             slots = all_slots[first:last, :longest]
             group = DecodeGroup(start=first, context_slots=slots)

@@ -77,28 +77,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     gqa = q.shape[1] != kv_heads
     dtype = meta.compute_dtype
     nd = meta.num_decode_tokens
-    if meta.decode_kernel is not None:
-        args = meta.decode_kernel
-        attn = cpu_kernels.paged_decode_attention(
-            q[:nd], k_cache, v_cache, args.block_tables, args.context_lens, args.block_size, scale,
-            args.max_context)
-        if not meta.prefills:
-            return attn
-    single = len(meta.decode_groups) == 1 and not meta.prefills
-    out = None if single else torch.empty_like(q)
-    if meta.decode_kernel is not None:
-        out[:nd] = attn
-    for group in meta.decode_groups:
-        rows = slice(group.start, group.start + group.context_slots.shape[0])
-        keys = _gather(k_cache, group.context_slots, kv_heads, dtype).transpose(1, 2)  # [B, KVH, L, D]
-        values = _gather(v_cache, group.context_slots, kv_heads, dtype).transpose(1, 2)
-        attn = F.scaled_dot_product_attention(
-            q[rows].unsqueeze(2).to(dtype), keys, values, attn_mask=group.mask, scale=scale,
-            enable_gqa=gqa).squeeze(2).to(q.dtype)
-        if single:
-            return attn
-        out[rows] = attn
-
+    decoded = _decode_attention(q[:nd], k_cache, v_cache, meta, scale) if nd else None
+    if not meta.prefills:
+        return decoded
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decoded
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         query = q[rows].to(dtype).transpose(0, 1).unsqueeze(0)  # [1, H, S, D]
@@ -111,4 +95,28 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
             attn_mask=span.mask, is_causal=span.mask is None, scale=scale, enable_gqa=gqa)
         out[rows] = attn[0].transpose(0, 1).to(q.dtype)
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query token per sequence, q: [B, H, D] -> [B, H, D], through the kernel or groups."""
+    if meta.decode_kernel is not None:
+        args = meta.decode_kernel
+        return cpu_kernels.paged_decode_attention(
+            q, k_cache, v_cache, args.block_tables, args.context_lens, args.block_size, scale,
+            args.max_context)
+    kv_heads = k_cache.shape[1] // q.shape[-1]
+    dtype = meta.compute_dtype
+    out = None if len(meta.decode_groups) == 1 else torch.empty_like(q)
+    for group in meta.decode_groups:
+        rows = slice(group.start, group.start + group.context_slots.shape[0])
+        keys = _gather(k_cache, group.context_slots, kv_heads, dtype).transpose(1, 2)  # [B, KVH, L, D]
+        values = _gather(v_cache, group.context_slots, kv_heads, dtype).transpose(1, 2)
+        attn = F.scaled_dot_product_attention(
+            q[rows].unsqueeze(2).to(dtype), keys, values, attn_mask=group.mask, scale=scale,
+            enable_gqa=q.shape[1] != kv_heads).squeeze(2).to(q.dtype)
+        if out is None:
+            return attn
+        out[rows] = attn
     return out
