@@ -1,10 +1,15 @@
-"""The CPU paged decode-attention kernel: compiled from C on first use, loaded through ctypes.
+"""The engine's CPU kernels, compiled from C on first use and loaded through ctypes.
 
-Without it, decode attention gathers every sequence's keys and values into a padded copy,
-converts it to fp32 and lets PyTorch's attention read it again; at 64 sequences that was as much
-time as all the linears. The kernel reads the block cache in place (AVX-512 where the CPU has it,
-portable C otherwise). Building needs a C compiler (`cc`); without one, or with
-PILOT_CPU_KERNELS=0, the engine keeps the PyTorch path.
+- Paged decode attention: without it, decode attention gathers every sequence's keys and values
+  into a padded copy, converts it to fp32 and lets PyTorch's attention read it again; at 64
+  sequences that was as much time as all the linears. The kernel reads the block cache in place
+  (AVX-512 where the CPU has it, portable C otherwise).
+- Linear layers on panel-packed weights (AVX-512, and AVX512-BF16 for bfloat16): batch-1
+  decode streams the weights at the machine's read bandwidth, where oneDNN's packed GEMM reached
+  ~75% of it; at prefill sizes the two run level.
+
+Building needs a C compiler (`cc`); without one, or with PILOT_CPU_KERNELS=0, the engine keeps
+the PyTorch and oneDNN paths.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("paged_attention_cpu.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.c", "linear_cpu.c")]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
 _PARALLEL_WORK = 8192
 
@@ -33,12 +38,12 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(source: Path, target: Path, compiler: str) -> None:
+def _build(sources: list[Path], target: Path, compiler: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes never load a half-written file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, str(source), "-lm"]
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", tmp, *map(str, sources), "-lm"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
@@ -54,22 +59,29 @@ def load() -> ctypes.CDLL | None:
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        logger.info("no C compiler found: CPU decode attention uses the PyTorch path")
+        logger.info("no C compiler found: the CPU kernels are off, PyTorch paths are used")
         return None
     # Built with -march=native: key it by this CPU as well as by the source.
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:16]
-    target = _cache_dir() / f"paged_attention_cpu-{key}.so"
+    digest = hashlib.sha256(_cpu_signature().encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = _cache_dir() / f"pilot_cpu-{digest.hexdigest()[:16]}.so"
     try:
         if not target.is_file():
-            _build(SOURCE, target, compiler)
+            _build(SOURCES, target, compiler)
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as err:
-        logger.warning("building the CPU attention kernel failed (%s): using the PyTorch path", err)
+        logger.warning("building the CPU kernels failed (%s): using the PyTorch paths", err)
         return None
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                    + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+    lib.pilot_linear_caps.restype = ctypes.c_int
+    lib.pilot_linear.restype = ctypes.c_int
+    lib.pilot_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                 ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -98,6 +110,49 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"CPU attention kernel: unsupported heads={heads}, kv_heads={kv_heads}, "
                          f"head_dim={head_dim}")
     return out
+
+
+# -- linear layers -----------------------------------------------------------------------------
+
+_LINEAR_CAPS = {torch.float32: 1, torch.bfloat16: 2}
+
+
+def linear_supported(dtype: torch.dtype, device: torch.device, in_features: int) -> bool:
+    """Whether `linear` runs this dtype on this machine (bf16 pairs need an even K)."""
+    lib = load() if device.type == "cpu" else None
+    if lib is None or dtype not in _LINEAR_CAPS or not lib.pilot_linear_caps() & _LINEAR_CAPS[dtype]:
+        return False
+    return dtype != torch.bfloat16 or in_features % 2 == 0
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> panels of 16 outputs: fp32 [ceil(N/16), K, 16], bf16 [ceil(N/16), K/2, 16, 2]."""
+    n, k = weight.shape
+    padded = -n % 16
+    if padded:
+        weight = torch.cat([weight, weight.new_zeros(padded, k)])
+    panels = weight.shape[0] // 16
+    if weight.dtype == torch.bfloat16:
+        return weight.view(panels, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return weight.view(panels, 16, k).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) with W packed by `pack_linear_weight`; returns [..., N] in x's dtype."""
+    lib = load()
+    assert lib is not None, "CPU kernels unavailable"
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1])
+    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    rows, k = x.shape
+    out = torch.empty(rows, out_features, dtype=x.dtype)
+    status = lib.pilot_linear(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                              None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+                              out_features, k, int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"CPU linear kernel: unsupported dtype={x.dtype} or in_features={k}")
+    return out.view(*lead, out_features)
 
 
 def _cpu_signature() -> str:
