@@ -31,6 +31,8 @@ def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
     (12, 4, 64, 16),   # GQA, AVX-512 path
     (8, 8, 128, 16),   # MHA, wider heads
     (8, 1, 64, 5),     # MQA, odd block size
+    (16, 2, 32, 3),    # narrow heads, group of 8
+    (10, 2, 80, 16),   # head_dim an odd number of 16-lane vectors: bf16 keys widened, not paired
     (6, 2, 24, 7),     # head_dim not a multiple of 16: portable path
 ])
 def test_kernel_matches_pytorch(dtype, tol, heads, kv_heads, head_dim, block_size):

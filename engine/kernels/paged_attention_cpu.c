@@ -76,64 +76,149 @@ static inline __m512 load16(const void *src, int is_bf16) {
     return _mm512_loadu_ps(src);
 }
 
-/* One (sequence, kv head): `group` query heads share its keys and values. d % 16 == 0. */
-static void attend_avx512(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
-                          const int64_t *table, int64_t ctx, float *out, int kvh, int group,
-                          int kv_heads, int d, int block_size, float scale) {
-    const int elem = is_bf16 ? 2 : 4, chunks = d / 16;
+/* 16 vectors in, one out: lane j holds the sum of v[j]'s lanes. ~45 shuffles and adds for 16
+ * dot products, where reducing each on its own costs ~8 dependent operations apiece. */
+static inline __m512 transpose_sum16(const __m512 v[TILE]) {
+    __m512 pair[8], quad[4], oct[2];
+    for (int i = 0; i < 8; i++) /* lanes of 128 bits: [a0+a2, b0+b2, a1+a3, b1+b3] */
+        pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) { /* lanes of 128 bits: [a, b, c, d] partial sums */
+        __m512d x = _mm512_castps_pd(pair[2 * i]), y = _mm512_castps_pd(pair[2 * i + 1]);
+        quad[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) /* fold the four 128-bit lanes pairwise */
+        oct[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0x88),
+                               _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(oct[0], oct[1], 0x88),
+                         _mm512_shuffle_f32x4(oct[0], oct[1], 0xdd));
+}
+
+/* One (sequence, kv head), d = 16 * CH: `group` query heads share its keys and values.
+ * Per tile of 16 tokens: scores for all 16 at once (a register per token, then one transposed
+ * sum), an online-softmax update, then the weighted values. bf16 keys meet bf16 queries in
+ * vdpbf16ps without conversion; bf16 values are widened once per tile and reused by the group. */
+static inline __attribute__((always_inline)) void attend_avx512_ch(
+    const int CH, const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+    const int64_t *table, int64_t ctx, float *out, int kvh, int group, int kv_heads,
+    int block_size, float scale) {
+    const int d = 16 * CH, elem = is_bf16 ? 2 : 4;
     const int64_t stride = (int64_t)kv_heads * d;
-    __m512 qv[MAX_GROUP][MAX_HEAD_DIM / 16], acc[MAX_GROUP][MAX_HEAD_DIM / 16];
+#ifdef __AVX512BF16__
+    const int pair_dot = is_bf16 && CH % 2 == 0;
+#else
+    const int pair_dot = 0;
+#endif
+    float qs[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float acc[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float vt[TILE][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float ps[TILE] __attribute__((aligned(64)));
     float m[MAX_GROUP], l[MAX_GROUP];
-    float s[MAX_GROUP][TILE] __attribute__((aligned(64)));
+    const char *krow[TILE], *vrow[TILE];
     for (int g = 0; g < group; g++) {
         const char *qg = (const char *)q + (int64_t)(kvh * group + g) * d * elem;
-        for (int c = 0; c < chunks; c++) {
-            qv[g][c] = _mm512_mul_ps(load16(qg + c * 16 * elem, is_bf16), _mm512_set1_ps(scale));
-            acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < CH; c++) {
+            _mm512_store_ps(qs[g] + 16 * c, load16(qg + c * 16 * elem, is_bf16));
+            _mm512_store_ps(acc[g] + 16 * c, _mm512_setzero_ps());
         }
         m[g] = -INFINITY;
         l[g] = 0.f;
     }
     for (int64_t t0 = 0; t0 < ctx; t0 += TILE) {
         const int n = ctx - t0 < TILE ? (int)(ctx - t0) : TILE;
-        for (int j = 0; j < n; j++) {
-            const char *kr = row_ptr(k_cache, elem, table, t0 + j, block_size, stride, kvh * d);
-            __m512 dot[MAX_GROUP];
-            for (int g = 0; g < group; g++) dot[g] = _mm512_setzero_ps();
-            for (int c = 0; c < chunks; c++) {
-                __m512 kv = load16(kr + c * 16 * elem, is_bf16);
-                for (int g = 0; g < group; g++) dot[g] = _mm512_fmadd_ps(qv[g][c], kv, dot[g]);
-            }
-            for (int g = 0; g < group; g++) s[g][j] = _mm512_reduce_add_ps(dot[g]);
+        for (int j = 0; j < TILE; j++) { /* rows past the context repeat the last live one */
+            const int64_t pos = t0 + (j < n ? j : n - 1);
+            krow[j] = row_ptr(k_cache, elem, table, pos, block_size, stride, kvh * d);
+            vrow[j] = row_ptr(v_cache, elem, table, pos, block_size, stride, kvh * d);
         }
+        if (t0 + TILE < ctx) { /* the next tile's rows, while this one computes */
+            const int64_t pos = t0 + TILE + TILE - 1 < ctx ? t0 + TILE + TILE - 1 : ctx - 1;
+            for (int64_t p = t0 + TILE; p <= pos; p++) {
+                const char *kn = row_ptr(k_cache, elem, table, p, block_size, stride, kvh * d);
+                const char *vn = row_ptr(v_cache, elem, table, p, block_size, stride, kvh * d);
+                for (int b = 0; b < d * elem; b += 64) {
+                    _mm_prefetch(kn + b, _MM_HINT_T0);
+                    _mm_prefetch(vn + b, _MM_HINT_T0);
+                }
+            }
+        }
+        const int widen_v = is_bf16 && group > 1;
+        if (widen_v)
+            for (int j = 0; j < n; j++)
+                for (int c = 0; c < CH; c++)
+                    _mm512_store_ps(vt[j] + 16 * c, load16(vrow[j] + c * 32, 1));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
-        __m512 p[MAX_GROUP];
         for (int g = 0; g < group; g++) {
-            __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, s[g]);
-            float tile_max = _mm512_reduce_max_ps(sv);
-            float new_max = tile_max > m[g] ? tile_max : m[g];
-            float correction = expf(m[g] - new_max);
-            p[g] = exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max)));
-            p[g] = _mm512_maskz_mov_ps(live, p[g]);
-            l[g] = l[g] * correction + _mm512_reduce_add_ps(p[g]);
-            m[g] = new_max;
-            __m512 cv = _mm512_set1_ps(correction);
-            for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
-            _mm512_store_ps(s[g], p[g]);
-        }
-        for (int j = 0; j < n; j++) {
-            const char *vr = row_ptr(v_cache, elem, table, t0 + j, block_size, stride, kvh * d);
-            for (int c = 0; c < chunks; c++) {
-                __m512 vv = load16(vr + c * 16 * elem, is_bf16);
-                for (int g = 0; g < group; g++)
-                    acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(s[g][j]), vv, acc[g][c]);
+            __m512 dot[TILE];
+            if (pair_dot) {
+#ifdef __AVX512BF16__
+                const char *qg = (const char *)q + (int64_t)(kvh * group + g) * d * 2;
+                __m512bh qp[MAX_HEAD_DIM / 32];
+                for (int c = 0; c < CH / 2; c++) qp[c] = (__m512bh)_mm512_loadu_si512(qg + 64 * c);
+                for (int j = 0; j < TILE; j++) {
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int c = 0; c < CH / 2; c++)
+                        sum = _mm512_dpbf16_ps(sum, qp[c], (__m512bh)_mm512_loadu_si512(krow[j] + 64 * c));
+                    dot[j] = sum;
+                }
+#endif
+            } else {
+                __m512 qv[MAX_HEAD_DIM / 16];
+                for (int c = 0; c < CH; c++) qv[c] = _mm512_load_ps(qs[g] + 16 * c);
+                for (int j = 0; j < TILE; j++) {
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int c = 0; c < CH; c++)
+                        sum = _mm512_fmadd_ps(qv[c], load16(krow[j] + c * 16 * elem, is_bf16), sum);
+                    dot[j] = sum;
+                }
             }
+            __m512 sv = _mm512_mul_ps(transpose_sum16(dot), _mm512_set1_ps(scale));
+            sv = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, sv);
+            const float tile_max = _mm512_reduce_max_ps(sv);
+            const float new_max = tile_max > m[g] ? tile_max : m[g];
+            const float correction = expf(m[g] - new_max);
+            const __m512 p = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(sv, _mm512_set1_ps(new_max))));
+            l[g] = l[g] * correction + _mm512_reduce_add_ps(p);
+            m[g] = new_max;
+            _mm512_store_ps(ps, p);
+            __m512 a[MAX_HEAD_DIM / 16];
+            const __m512 cv = _mm512_set1_ps(correction);
+            for (int c = 0; c < CH; c++) a[c] = _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), cv);
+            for (int j = 0; j < n; j++) {
+                const __m512 pj = _mm512_set1_ps(ps[j]);
+                for (int c = 0; c < CH; c++) {
+                    const __m512 vv = widen_v ? _mm512_load_ps(vt[j] + 16 * c)
+                                              : load16(vrow[j] + c * 16 * elem, is_bf16);
+                    a[c] = _mm512_fmadd_ps(pj, vv, a[c]);
+                }
+            }
+            for (int c = 0; c < CH; c++) _mm512_store_ps(acc[g] + 16 * c, a[c]);
         }
     }
     for (int g = 0; g < group; g++) {
-        float *og = out + (int64_t)g * d;
-        __m512 inv = _mm512_set1_ps(1.f / l[g]);
-        for (int c = 0; c < chunks; c++) _mm512_storeu_ps(og + c * 16, _mm512_mul_ps(acc[g][c], inv));
+        const __m512 inv = _mm512_set1_ps(1.f / l[g]);
+        for (int c = 0; c < CH; c++)
+            _mm512_storeu_ps(out + (int64_t)g * d + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), inv));
+    }
+}
+
+#define ATTEND_CASE(N)                                                                        \
+    case N:                                                                                   \
+        attend_avx512_ch(N, q, k_cache, v_cache, is_bf16, table, ctx, out, kvh, group,        \
+                         kv_heads, block_size, scale);                                        \
+        break;
+
+/* d % 16 == 0, d <= MAX_HEAD_DIM; common head sizes get code with the loop bounds fixed. */
+static void attend_avx512(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                          const int64_t *table, int64_t ctx, float *out, int kvh, int group,
+                          int kv_heads, int d, int block_size, float scale) {
+    switch (d / 16) {
+        ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(4) ATTEND_CASE(6) ATTEND_CASE(8)
+        ATTEND_CASE(16)
+    default:
+        attend_avx512_ch(d / 16, q, k_cache, v_cache, is_bf16, table, ctx, out, kvh, group,
+                         kv_heads, block_size, scale);
     }
 }
 #endif
