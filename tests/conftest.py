@@ -11,3 +11,20 @@ from engine.model_zoo import make_checkpoint
 def model_dir(tmp_path_factory) -> str:
     """The built-in tiny Llama, float32, seed 0 (made once per test session)."""
     return str(make_checkpoint("tiny", tmp_path_factory.mktemp("tiny"), seed=0, dtype="float32"))
+
+
+def _forget_kernels() -> None:
+    from engine.kernels import cpu as cpu_kernels
+
+    cpu_kernels.load.cache_clear()
+    cpu_kernels._fused_supported.cache_clear()
+
+
+@pytest.fixture
+def pytorch_paths(monkeypatch):
+    """Engines made inside this test run with the compiled CPU kernels off (PILOT_CPU_KERNELS=0):
+    the PyTorch code paths that CUDA and machines without a C compiler take."""
+    monkeypatch.setenv("PILOT_CPU_KERNELS", "0")
+    _forget_kernels()
+    yield
+    _forget_kernels()  # reloaded on next use, after monkeypatch has restored the environment

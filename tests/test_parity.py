@@ -182,6 +182,22 @@ def test_greedy_matches_transformers(pairs, name):
     _assert_same_greedy(out.token_ids, _hf_greedy(hf, prompt, GREEDY_STEPS), hf, prompt)
 
 
+@pytest.mark.parametrize("name", ["gqa", "qwen2", "rope-llama3", "mixtral-tiny"])
+def test_pytorch_paths_match_transformers(zoo, pytorch_paths, name):
+    """With the compiled CPU kernels off, the PyTorch paths (CUDA's) meet the same bounds."""
+    model_dir = zoo.variant(name)
+    llm, hf = _engine(model_dir), _hf(model_dir)
+    runner = llm.engine.runner
+    assert not runner.use_cpu_kernel
+    assert all(m.layout != "panels" for m in runner.model.modules() if hasattr(m, "layout"))
+    ids = _ids(SCORE_LEN, seed=1)
+    assert _rel_err(llm.score(ids), _hf_logits(hf, ids)) <= RTOL
+    prompt = _ids(GREEDY_PROMPT_LEN, seed=2)
+    [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=GREEDY_STEPS,
+                                                  ignore_eos=True))
+    _assert_same_greedy(out.token_ids, _hf_greedy(hf, prompt, GREEDY_STEPS), hf, prompt)
+
+
 def test_architecture_variants_are_what_they_claim(pairs):
     """Guard the parametrization: transformers built the architecture each variant names."""
     expected = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention_cpu.c", "linear_cpu.c")]
+KERNEL_DIR = Path(__file__).parent
+SOURCES = [KERNEL_DIR / name for name in ("paged_attention_cpu.c", "linear_cpu.c", "elementwise_cpu.c")]
+HEADERS = [KERNEL_DIR / "simd_math.h"]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
 _PARALLEL_WORK = 8192
 
@@ -63,7 +65,7 @@ def load() -> ctypes.CDLL | None:
         return None
     # Built with -march=native: key it by this CPU as well as by the source.
     digest = hashlib.sha256(_cpu_signature().encode())
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         digest.update(source.read_bytes())
     target = _cache_dir() / f"pilot_cpu-{digest.hexdigest()[:16]}.so"
     try:
@@ -77,6 +79,14 @@ def load() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 3
                    + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+    lib.pilot_elementwise_caps.restype = ctypes.c_int
+    lib.pilot_rms_norm.restype = ctypes.c_int
+    lib.pilot_rms_norm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float] + [ctypes.c_int] * 2
+    lib.pilot_silu_mul.restype = ctypes.c_int
+    lib.pilot_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+    lib.pilot_rope_and_cache.restype = ctypes.c_int
+    lib.pilot_rope_and_cache.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                         + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2)
     lib.pilot_linear_caps.restype = ctypes.c_int
     lib.pilot_linear.restype = ctypes.c_int
     lib.pilot_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -153,6 +163,64 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out
     if status != 0:
         raise ValueError(f"CPU linear kernel: unsupported dtype={x.dtype} or in_features={k}")
     return out.view(*lead, out_features)
+
+
+# -- fused element-wise steps ------------------------------------------------------------------
+
+_FUSABLE = (torch.float32, torch.bfloat16)
+
+
+@lru_cache(maxsize=None)
+def _fused_supported(dtype: torch.dtype, device_type: str) -> bool:
+    lib = load() if device_type == "cpu" else None
+    return lib is not None and dtype in _FUSABLE and bool(lib.pilot_elementwise_caps())
+
+
+def fused_supported(x: torch.Tensor) -> bool:
+    """Whether rms_norm, silu_mul and rope_and_cache run for tensors like x on this machine."""
+    return _fused_supported(x.dtype, x.device.type)
+
+
+def _check(status: int, what: str) -> None:
+    if status != 0:
+        raise ValueError(f"CPU kernel {what}: unsupported shape or dtype")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm(x) * weight over the last dim. With `residual`, normalises x + residual instead
+    and leaves that sum in `residual` (updated in place), the stream the next layer adds to."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _check(load().pilot_rms_norm(
+        x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+        out.data_ptr(), x.numel() // dim, dim, eps, int(x.dtype == torch.bfloat16),
+        torch.get_num_threads()), "rms_norm")
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [..., 2 * inter] (gate first); returns [..., inter]."""
+    gate_up = gate_up.contiguous()
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    _check(load().pilot_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter),
+                                 inter, int(gate_up.dtype == torch.bfloat16), torch.get_num_threads()),
+           "silu_mul")
+    return out
+
+
+def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   signed_sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Rotate the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim] in place and write
+    each token's k and v into its cache slot. Tables [max_pos, head_dim] in qkv's dtype."""
+    assert qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _check(load().pilot_rope_and_cache(
+        qkv.data_ptr(), qkv.shape[0], positions.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
+        heads, kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        int(qkv.dtype == torch.bfloat16), torch.get_num_threads()), "rope_and_cache")
 
 
 def _cpu_signature() -> str:

@@ -66,14 +66,16 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, kv_heads: int, dtype: torc
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_written: bool = False) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_slots, KVH * D]. Returns [T, H, D].
 
+    k and v go into the cache first, unless the caller already wrote them (`kv_written`).
     Masks are additive floats: PyTorch's CPU attention is ~8x slower with boolean masks.
     """
     kv_heads = k.shape[1]
-    k_cache.index_copy_(0, meta.slot_mapping, k.reshape(k.shape[0], -1))
-    v_cache.index_copy_(0, meta.slot_mapping, v.reshape(v.shape[0], -1))
+    if not kv_written:
+        k_cache.index_copy_(0, meta.slot_mapping, k.reshape(k.shape[0], -1))
+        v_cache.index_copy_(0, meta.slot_mapping, v.reshape(v.shape[0], -1))
     gqa = q.shape[1] != kv_heads
     dtype = meta.compute_dtype
     nd = meta.num_decode_tokens

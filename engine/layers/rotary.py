@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +50,21 @@ class RotaryEmbedding(nn.Module):
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for this step's positions, [T, 1, head_dim]; shared by every layer."""
         return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+
+@dataclass
+class RotaryStep:
+    """One step's positions against the model's tables, shared by every layer; the cos/sin rows
+    are looked up on first use only (the fused CPU kernel reads the tables directly)."""
+
+    rotary: RotaryEmbedding
+    positions: torch.Tensor
+    _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rows is None:
+            self._rows = self.rotary.lookup(self.positions)
+        return self._rows
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

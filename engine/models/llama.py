@@ -3,7 +3,9 @@
 One file, read in order: norm, attention, feed-forward (dense or mixture of experts), decoder
 layer, model, and the mapping from Hugging Face checkpoint names onto these modules.
 q/k/v and gate/up projections are fused into one matmul each, since decode is bound by the
-number of passes over the weights and by per-op overhead.
+number of passes over the weights and by per-op overhead. For the same reason, on the CPU the
+element-wise steps (residual add + norm, rotary + cache write, SwiGLU's gate) are one compiled
+call each where the kernels are built; the PyTorch lines beside them are the same computation.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding, RotaryStep, apply_rotary
 from engine.model_config import ModelConfig
 
 
@@ -26,7 +29,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual)."""
+        if cpu_kernels.fused_supported(x):
+            out = cpu_kernels.rms_norm(x, self.weight, self.eps, residual)  # updates residual
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale after casting back: the reference's order of rounding.
         xf = x.float()
         normed = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True).add_(self.eps))
@@ -57,15 +71,20 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryStep, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        # Queries and keys sit side by side in the fused output: rotate them in one pass.
-        qk = qkv[:, :self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, *rope)
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
-        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, kv_heads, d)
+        if cpu_kernels.fused_supported(qkv):
+            cpu_kernels.rope_and_cache(qkv, rope.positions, rope.rotary.cos, rope.rotary.signed_sin,
+                                       heads, kv_heads, d, self.k_cache, self.v_cache, meta.slot_mapping)
+            q = qkv[:, :self.q_size].view(-1, heads, d)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(-1, kv_heads, d)
+            out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, kv_written=True)
+        else:
+            # Queries and keys sit side by side in the fused output: rotate them in one pass.
+            qk = apply_rotary(qkv[:, :self.q_size + self.kv_size].view(-1, heads + kv_heads, d), *rope.rows())
+            out = paged_attention(qk[:, :heads], qk[:, heads:], v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -79,7 +98,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_kernels.fused_supported(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -114,10 +136,16 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (MixtureOfExperts(config) if config.is_moe
                                else MLP(config.hidden_size, config.intermediate_size))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryStep,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns this layer's output and the residual stream before it: the next norm adds
+        them, so each sum is made once, inside a fused add + norm."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -135,11 +163,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary.lookup(positions)
+        x, residual = self.embed_tokens(input_ids), None
+        rope = RotaryStep(self.rotary, positions)
         for layer in self.layers:
-            x = layer(x, rope, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,85 @@
+"""The fused CPU element-wise kernels against the PyTorch lines they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import cpu as cpu_kernels
+from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.models.llama import RMSNorm
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.fused_supported(torch.empty(0)),
+                                reason="no C compiler or no AVX-512: kernels not built")
+# fp32: rounding-level agreement; bf16: within one unit in the last place of the output.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3}
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    err = (out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)
+    assert err.max().item() <= TOL[dtype], err.max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, dim", [(1, 768), (5, 100), (300, 64)])
+def test_rms_norm(dtype, rows, dim):
+    gen = torch.Generator().manual_seed(dim)
+    norm = RMSNorm(dim, 1e-5).to(dtype)
+    norm.weight.data = (1 + 0.1 * torch.randn(dim, generator=gen)).to(dtype)
+    x = torch.randn(rows, dim, generator=gen).to(dtype)
+    _close(cpu_kernels.rms_norm(x, norm.weight, norm.eps), norm._norm(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_adds_the_residual_in_place(dtype):
+    gen = torch.Generator().manual_seed(1)
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    x = torch.randn(7, 96, generator=gen).to(dtype)
+    residual = torch.randn(7, 96, generator=gen).to(dtype)
+    expected_sum = x + residual  # rounded once to the dtype, as PyTorch does
+    out = cpu_kernels.rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(residual, expected_sum)
+    _close(out, norm._norm(expected_sum), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, inter", [(1, 2048), (9, 40)])
+def test_silu_mul(dtype, rows, inter):
+    gen = torch.Generator().manual_seed(inter)
+    gate_up = (3 * torch.randn(rows, 2 * inter, generator=gen)).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -30.0])  # far tails of the sigmoid
+    gate, up = gate_up.chunk(2, dim=-1)
+    out = cpu_kernels.silu_mul(gate_up)
+    ref = F.silu(gate) * up
+    assert (out.float() - ref.float()).abs().max().item() <= TOL[dtype] * ref.float().abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(12, 4, 64), (4, 1, 24), (2, 2, 128)])
+def test_rope_and_cache(dtype, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(head_dim)
+    tokens, num_slots = 6, 40
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, None, dtype)
+    positions = torch.tensor([0, 1, 2, 300, 511, 7])
+    slots = torch.tensor([3, 17, 0, 39, 21, 8])
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    k_cache = torch.full((num_slots, kv_heads * head_dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    ref_qk = apply_rotary(qkv[:, :q_size + kv_size].view(tokens, heads + kv_heads, head_dim),
+                          *rotary.lookup(positions)).reshape(tokens, -1)
+    ref_v = qkv[:, q_size + kv_size:].clone()
+
+    cpu_kernels.rope_and_cache(qkv, positions, rotary.cos, rotary.signed_sin, heads, kv_heads,
+                               head_dim, k_cache, v_cache, slots)
+    _close(qkv[:, :q_size + kv_size], ref_qk, dtype)
+    assert torch.equal(qkv[:, q_size + kv_size:], ref_v)  # values pass through untouched
+    assert torch.equal(k_cache[slots], qkv[:, q_size:q_size + kv_size])
+    assert torch.equal(v_cache[slots], ref_v)
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
