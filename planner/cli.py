@@ -99,11 +99,15 @@ def bench_engine(
     out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
 ) -> None:
     """Engine vs transformers: batch-1 decode, offline throughput, achieved bandwidth."""
+    from engine.model_config import CheckpointError
     from planner.bench_engine import run_engine_benchmark
 
-    run_engine_benchmark(model=model, dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
-                         decode_tokens=decode_tokens, num_requests=num_requests,
-                         with_hf=not skip_hf, json_out=out)
+    try:
+        run_engine_benchmark(model=model, dtypes=[d.strip() for d in dtypes.split(",") if d.strip()],
+                             decode_tokens=decode_tokens, num_requests=num_requests,
+                             with_hf=not skip_hf, json_out=out)
+    except (ValueError, CheckpointError) as err:
+        _fail(str(err))
 
 
 @app.command()

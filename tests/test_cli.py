@@ -78,3 +78,25 @@ def test_quickstart_runs_end_to_end(tmp_path):
     result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "generated 384 tokens for 8 requests" in result.output
+
+
+def test_bench_engine_reports_every_metric(tiny, tmp_path):
+    """The benchmark's pipeline on the tiny model (the figures themselves are not asserted)."""
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny), "--dtypes", "float32",
+                                 "--decode-tokens", "8", "--num-requests", "4", "--skip-hf",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "pilot engine vs transformers" in result.output
+    [row] = json.loads(out.read_text())["results"]
+    assert row["dtype"] == "float32" and row["pilot_decode_tok_s"] > 0 and row["pilot_offline_tok_s"] > 0
+    assert len(row["decode_runs"]) == 5
+    assert all(rate > 0 and bw > 0 for rate, bw in row["decode_runs"])
+    assert 0 < row["bandwidth_share"] < 10
+
+
+def test_bench_engine_rejects_unknown_dtype(tiny):
+    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny), "--dtypes", "float8",
+                                 "--skip-hf"])
+    assert result.exit_code != 0
+    assert "float8" in result.output
