@@ -149,20 +149,27 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) with W packed by `pack_linear_weight`; returns [..., N] in x's dtype."""
-    lib = load()
-    assert lib is not None, "CPU kernels unavailable"
-    lead = x.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
-    if x.stride(-1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
-        x = x.contiguous()
+    # Kept lean: at batch 1 a layer's weights stream in ~15 us, and every microsecond of Python
+    # here is paid 49 times a step.
+    if x.dim() != 2:
+        return linear(x.reshape(-1, x.shape[-1]), packed, bias, out_features).view(*x.shape[:-1], out_features)
     rows, k = x.shape
-    out = torch.empty(rows, out_features, dtype=x.dtype)
-    status = lib.pilot_linear(x.data_ptr(), x.stride(0), packed.data_ptr(),
-                              None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
-                              out_features, k, int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    if x.stride(1) != 1 or (rows > 1 and x.stride(0) < k):
+        x = x.contiguous()
+    out = torch.empty((rows, out_features), dtype=x.dtype)
+    status = _lib().pilot_linear(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                 None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+                                 out_features, k, x.dtype == torch.bfloat16, torch.get_num_threads())
     if status != 0:
         raise ValueError(f"CPU linear kernel: unsupported dtype={x.dtype} or in_features={k}")
-    return out.view(*lead, out_features)
+    return out
+
+
+def _lib() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the CPU kernels are not available (no compiler, or PILOT_CPU_KERNELS=0)")
+    return lib
 
 
 # -- fused element-wise steps ------------------------------------------------------------------
@@ -193,7 +200,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     x = x.contiguous()
     out = torch.empty_like(x)
     dim = x.shape[-1]
-    _check(load().pilot_rms_norm(
+    _check(_lib().pilot_rms_norm(
         x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
         out.data_ptr(), x.numel() // dim, dim, eps, int(x.dtype == torch.bfloat16),
         torch.get_num_threads()), "rms_norm")
@@ -205,7 +212,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate_up = gate_up.contiguous()
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], inter)
-    _check(load().pilot_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter),
+    _check(_lib().pilot_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter),
                                  inter, int(gate_up.dtype == torch.bfloat16), torch.get_num_threads()),
            "silu_mul")
     return out
@@ -217,7 +224,7 @@ def rope_and_cache(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     """Rotate the q and k heads of qkv [T, (heads + 2 kv_heads) * head_dim] in place and write
     each token's k and v into its cache slot. Tables [max_pos, head_dim] in qkv's dtype."""
     assert qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
-    _check(load().pilot_rope_and_cache(
+    _check(_lib().pilot_rope_and_cache(
         qkv.data_ptr(), qkv.shape[0], positions.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(),
         heads, kv_heads, head_dim, k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
         int(qkv.dtype == torch.bfloat16), torch.get_num_threads()), "rope_and_cache")

@@ -91,6 +91,45 @@ static void tile_f32_any(int mr, int np, const float *x, int64_t ldx, const floa
         F32_CASE(7) F32_CASE(8) F32_CASE(9) F32_CASE(10) F32_CASE(11) F32_CASE(12)
     }
 }
+
+/* One row of x (decode at batch 1): memory-bound, so what matters is keeping enough loads in
+ * flight. Four independent accumulators per panel break the FMA latency chain that two leave. */
+static void row_f32(const float *x, const float *w, int64_t panel_stride, int64_t k, int np,
+                    const float *bias, int64_t col, int64_t n, float *y) {
+    const float *w1 = w + panel_stride;
+    __m512 a[4], c[4];
+    for (int u = 0; u < 4; u++) a[u] = c[u] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4) {
+        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 48), _MM_HINT_T0);
+        for (int u = 0; u < 4; u++)
+            a[u] = _mm512_fmadd_ps(_mm512_set1_ps(x[i + u]), _mm512_loadu_ps(w + (i + u) * 16), a[u]);
+        if (np > 1) {
+            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 48), _MM_HINT_T0);
+            for (int u = 0; u < 4; u++)
+                c[u] = _mm512_fmadd_ps(_mm512_set1_ps(x[i + u]), _mm512_loadu_ps(w1 + (i + u) * 16), c[u]);
+        }
+    }
+    for (; i < k; i++) {
+        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(w + i * 16), a[0]);
+        if (np > 1) c[0] = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(w1 + i * 16), c[0]);
+    }
+    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
+    __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    if (bias) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(m0, bias + col));
+    _mm512_mask_storeu_ps(y + col, m0, s0);
+    if (np > 1) {
+        __m512 s1 = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]));
+        if (bias) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(m1, bias + col + 16));
+        _mm512_mask_storeu_ps(y + col + 16, m1, s1);
+    }
+}
 #endif
 
 #ifdef __AVX512BF16__
@@ -152,6 +191,56 @@ static void tile_bf16_any(int mr, int np, const uint16_t *x, int64_t ldx, const 
         BF16_CASE(7) BF16_CASE(8) BF16_CASE(9) BF16_CASE(10) BF16_CASE(11) BF16_CASE(12)
     }
 }
+
+static inline __m512 bf16x16_to_f32(const uint16_t *src, __mmask16 mask) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src)), 16));
+}
+
+/* As row_f32: one row of x, four accumulators per panel; a pair of K per vdpbf16ps. */
+static void row_bf16(const uint16_t *x, const uint16_t *w, int64_t panel_stride, int64_t k,
+                     int np, const uint16_t *bias, int64_t col, int64_t n, uint16_t *y) {
+    const uint16_t *w1 = w + panel_stride;
+    const int64_t pairs = k / 2;
+    __m512 a[4], c[4];
+    for (int u = 0; u < 4; u++) a[u] = c[u] = _mm512_setzero_ps();
+    int32_t xp[4];
+    int64_t i = 0;
+    for (; i + 4 <= pairs; i += 4) {
+        memcpy(xp, x + 2 * i, sizeof xp);
+        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 32), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 96), _MM_HINT_T0);
+        for (int u = 0; u < 4; u++)
+            a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_set1_epi32(xp[u]),
+                                    (__m512bh)_mm512_loadu_si512(w + (i + u) * 32));
+        if (np > 1) {
+            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 96), _MM_HINT_T0);
+            for (int u = 0; u < 4; u++)
+                c[u] = _mm512_dpbf16_ps(c[u], (__m512bh)_mm512_set1_epi32(xp[u]),
+                                        (__m512bh)_mm512_loadu_si512(w1 + (i + u) * 32));
+        }
+    }
+    for (; i < pairs; i++) {
+        int32_t pair;
+        memcpy(&pair, x + 2 * i, sizeof pair);
+        a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w + i * 32));
+        if (np > 1)
+            c[0] = _mm512_dpbf16_ps(c[0], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w1 + i * 32));
+    }
+    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
+    __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    if (bias) s0 = _mm512_add_ps(s0, bf16x16_to_f32(bias + col, m0));
+    _mm256_mask_storeu_epi16(y + col, m0, (__m256i)_mm512_cvtneps_pbh(s0));
+    if (np > 1) {
+        __m512 s1 = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]));
+        if (bias) s1 = _mm512_add_ps(s1, bf16x16_to_f32(bias + col + 16, m1));
+        _mm256_mask_storeu_epi16(y + col + 16, m1, (__m256i)_mm512_cvtneps_pbh(s1));
+    }
+}
 #endif
 
 /* Returns 0, or -1 when this build cannot run the dtype (the caller keeps another path). */
@@ -174,6 +263,18 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
             for (int64_t p = 0; p < pairs; p++) {
                 const int np = 2 * p + 1 < panels ? 2 : 1;
                 const int64_t col = 32 * p;
+                if (m == 1) {
+                    if (is_bf16) {
+#ifdef __AVX512BF16__
+                        row_bf16((const uint16_t *)x, (const uint16_t *)w + 2 * p * panel_stride,
+                                 panel_stride, k, np, (const uint16_t *)bias, col, n, (uint16_t *)y);
+#endif
+                    } else {
+                        row_f32((const float *)x, (const float *)w + 2 * p * panel_stride,
+                                panel_stride, k, np, (const float *)bias, col, n, (float *)y);
+                    }
+                    continue;
+                }
                 for (int64_t r = r0; r < r0 + rows; r += MR) {
                     const int mr = (int)(r0 + rows - r < MR ? r0 + rows - r : MR);
                     if (is_bf16) {
