@@ -136,15 +136,16 @@ def linear_supported(dtype: torch.dtype, device: torch.device, in_features: int)
 
 
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """[N, K] -> panels of 16 outputs: fp32 [ceil(N/16), K, 16], bf16 [ceil(N/16), K/2, 16, 2]."""
+    """[N, K] -> blocks of 32 outputs, their two 16-output halves interleaved along K:
+    fp32 [ceil(N/32), K, 2, 16], bf16 [ceil(N/32), K/2, 2, 16, 2] (pairs along K)."""
     n, k = weight.shape
-    padded = -n % 16
+    padded = -n % 32
     if padded:
         weight = torch.cat([weight, weight.new_zeros(padded, k)])
-    panels = weight.shape[0] // 16
+    blocks = weight.shape[0] // 32
     if weight.dtype == torch.bfloat16:
-        return weight.view(panels, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return weight.view(panels, 16, k).transpose(1, 2).contiguous()
+        return weight.view(blocks, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4).contiguous()
+    return weight.view(blocks, 2, 16, k).permute(0, 3, 1, 2).contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

@@ -1,31 +1,30 @@
-/* Linear layers for the CPU: y[M, N] = x[M, K] @ W^T (+ bias), on a panel-packed weight.
+/* Linear layers for the CPU: y[M, N] = x[M, K] @ W^T (+ bias), on a block-packed weight.
  *
- * The weight is packed once into panels of 16 output features, each panel a contiguous run
- * over K. At batch 1 a panel is a single forward stream, so decode reads the weights at the
- * machine's streaming bandwidth; at larger M a 12-row by 32-column register tile reuses every
- * loaded weight vector 12 times, which keeps prefill compute-bound.
+ * The weight is packed once into blocks of 32 output features; within a block the two
+ * 16-feature halves are interleaved step by step along K, so a block is one contiguous forward
+ * stream. At batch 1 decode then reads the weights at the machine's streaming bandwidth (two
+ * separate streams per block reached only ~80% of it on a 2-core EPYC); at larger M a 12-row by
+ * 32-column register tile reuses every loaded weight vector 12 times, which keeps prefill
+ * compute-bound.
  *
- *   fp32 packed  [ceil(N/16)][K][16]        float
- *   bf16 packed  [ceil(N/16)][K/2][16][2]   bf16 pairs along K, the operand of vdpbf16ps
+ *   fp32 packed  [ceil(N/32)][K][2][16]        float
+ *   bf16 packed  [ceil(N/32)][K/2][2][16][2]   bf16 pairs along K, the operand of vdpbf16ps
  *   x, y         [M][K], [M][N] row-major (x's row stride is ldx); bias [N] in x's dtype or NULL
- * Padding outputs (N rounded up to 16) have zero weights and are never stored.
+ * Padding outputs (N rounded up to 32) have zero weights and are never stored.
  * Accumulation is fp32 in both cases; bf16 output is rounded to nearest even.
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 
-#define MR 12       /* rows of x per register tile */
-/* A cache block of rows of x (as many as fit in this many bytes, in L2) meets every panel before
- * the next block starts: the weights stream from memory once per block. */
+#include "simd_math.h"
+
+#define MR 12 /* rows of x per register tile */
+/* A cache block of rows of x (as many as fit in this many bytes, in L2) meets every weight
+ * block before the next starts: the weights stream from memory once per cache block. */
 #define BLOCK_BYTES (384 * 1024)
-/* Software prefetch this many bytes ahead in each panel: on the LM head (49 MB in bf16, larger
- * than any cache) at 16 rows it lifted the rate from ~420 to ~640 GFLOP/s. */
+/* Software prefetch this many bytes ahead: on the LM head (49 MB in bf16, larger than any
+ * cache) at 16 rows it lifted the rate from ~420 to ~640 GFLOP/s. */
 #define PREFETCH_BYTES 1024
-#define PREFETCH_F32 (PREFETCH_BYTES / 4)
-#define PREFETCH_BF16 (PREFETCH_BYTES / 2)
 
 /* Which dtypes this build supports: bit 0 fp32, bit 1 bf16. */
 int pilot_linear_caps(void) {
@@ -40,206 +39,150 @@ int pilot_linear_caps(void) {
 }
 
 #ifdef __AVX512F__
-static inline __mmask16 column_mask(int64_t first, int64_t n) {
-    int64_t left = n - first;
-    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+/* One step along K is 128 bytes of a block in both dtypes: 32 fp32, or 32 bf16 pairs. */
+#define STEP_BYTES 128
+
+static inline void prefetch_ahead(const void *step) {
+    _mm_prefetch((const char *)step + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char *)step + PREFETCH_BYTES + 64, _MM_HINT_T0);
 }
 
+static inline __m512 bias16(const void *bias, int is_bf16, int64_t col, __mmask16 mask) {
+    if (!bias) return _mm512_setzero_ps();
+    return load_f32x16((const char *)bias + col * (is_bf16 ? 2 : 4), is_bf16, mask);
+}
+
+static inline void store16(void *y, int64_t index, __m512 v, int is_bf16, __mmask16 mask) {
+    if (is_bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)y + index, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    else
+        _mm512_mask_storeu_ps((float *)y + index, mask, v);
+}
+
+static inline __mmask16 column_mask(int64_t first, int64_t n) {
+    return first >= n ? (__mmask16)0 : tail_mask(n - first);
+}
+
+/* mr rows of x against one weight block: acc[m][half] += x[m, k] * w[k, half]. */
 static inline __attribute__((always_inline)) void tile_f32(
-    const int mr, const int np, const float *x, int64_t ldx, const float *w, int64_t panel_stride,
-    int64_t k, const float *bias, int64_t col, int64_t n, float *y, int64_t ldy) {
-    __m512 acc[MR][2];
-    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
-    __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias + col) : _mm512_setzero_ps();
-    __m512 b1 = (bias && np > 1) ? _mm512_maskz_loadu_ps(m1, bias + col + 16) : _mm512_setzero_ps();
-#pragma GCC unroll 12
-    for (int m = 0; m < mr; m++) {
-        acc[m][0] = b0;
-        acc[m][1] = b1;
-    }
-    const float *w1 = w + panel_stride;
+    const int mr, const float *x, int64_t ldx, const float *w, int64_t k, __m512 acc[MR][2]) {
     for (int64_t i = 0; i < k; i++) {
-        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32), _MM_HINT_T0);
-        if (np > 1) _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32), _MM_HINT_T0);
-        const __m512 v0 = _mm512_loadu_ps(w + i * 16);
-        const __m512 v1 = np > 1 ? _mm512_loadu_ps(w1 + i * 16) : v0;
+        prefetch_ahead(w + i * 32);
+        const __m512 v0 = _mm512_loadu_ps(w + i * 32), v1 = _mm512_loadu_ps(w + i * 32 + 16);
 #pragma GCC unroll 12
         for (int m = 0; m < mr; m++) {
             const __m512 a = _mm512_set1_ps(x[m * ldx + i]);
             acc[m][0] = _mm512_fmadd_ps(a, v0, acc[m][0]);
-            if (np > 1) acc[m][1] = _mm512_fmadd_ps(a, v1, acc[m][1]);
+            acc[m][1] = _mm512_fmadd_ps(a, v1, acc[m][1]);
         }
     }
-#pragma GCC unroll 12
-    for (int m = 0; m < mr; m++) {
-        _mm512_mask_storeu_ps(y + m * ldy + col, m0, acc[m][0]);
-        if (np > 1) _mm512_mask_storeu_ps(y + m * ldy + col + 16, m1, acc[m][1]);
-    }
 }
-
-#define F32_CASE(R)                                                                         \
-    case R:                                                                                 \
-        if (np == 2) tile_f32(R, 2, x, ldx, w, panel_stride, k, bias, col, n, y, ldy);      \
-        else tile_f32(R, 1, x, ldx, w, panel_stride, k, bias, col, n, y, ldy);              \
-        break;
-
-static void tile_f32_any(int mr, int np, const float *x, int64_t ldx, const float *w,
-                         int64_t panel_stride, int64_t k, const float *bias, int64_t col,
-                         int64_t n, float *y, int64_t ldy) {
-    switch (mr) {
-        F32_CASE(1) F32_CASE(2) F32_CASE(3) F32_CASE(4) F32_CASE(5) F32_CASE(6)
-        F32_CASE(7) F32_CASE(8) F32_CASE(9) F32_CASE(10) F32_CASE(11) F32_CASE(12)
-    }
-}
-
-/* One row of x (decode at batch 1): memory-bound, so what matters is keeping enough loads in
- * flight. Four independent accumulators per panel break the FMA latency chain that two leave. */
-static void row_f32(const float *x, const float *w, int64_t panel_stride, int64_t k, int np,
-                    const float *bias, int64_t col, int64_t n, float *y) {
-    const float *w1 = w + panel_stride;
-    __m512 a[4], c[4];
-    for (int u = 0; u < 4; u++) a[u] = c[u] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 4 <= k; i += 4) {
-        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 16), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 32), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 16 + PREFETCH_F32 + 48), _MM_HINT_T0);
-        for (int u = 0; u < 4; u++)
-            a[u] = _mm512_fmadd_ps(_mm512_set1_ps(x[i + u]), _mm512_loadu_ps(w + (i + u) * 16), a[u]);
-        if (np > 1) {
-            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 16), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 32), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 16 + PREFETCH_F32 + 48), _MM_HINT_T0);
-            for (int u = 0; u < 4; u++)
-                c[u] = _mm512_fmadd_ps(_mm512_set1_ps(x[i + u]), _mm512_loadu_ps(w1 + (i + u) * 16), c[u]);
-        }
-    }
-    for (; i < k; i++) {
-        a[0] = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(w + i * 16), a[0]);
-        if (np > 1) c[0] = _mm512_fmadd_ps(_mm512_set1_ps(x[i]), _mm512_loadu_ps(w1 + i * 16), c[0]);
-    }
-    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
-    __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-    if (bias) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(m0, bias + col));
-    _mm512_mask_storeu_ps(y + col, m0, s0);
-    if (np > 1) {
-        __m512 s1 = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]));
-        if (bias) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(m1, bias + col + 16));
-        _mm512_mask_storeu_ps(y + col + 16, m1, s1);
-    }
-}
-#endif
 
 #ifdef __AVX512BF16__
 static inline __attribute__((always_inline)) void tile_bf16(
-    const int mr, const int np, const uint16_t *x, int64_t ldx, const uint16_t *w,
-    int64_t panel_stride, int64_t k, const uint16_t *bias, int64_t col, int64_t n, uint16_t *y,
-    int64_t ldy) {
-    __m512 acc[MR][2];
-    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
-    /* bf16 -> fp32 is a 16-bit shift left. */
-    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    if (bias) {
-        b0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, bias + col)), 16));
-        if (np > 1)
-            b1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, bias + col + 16)), 16));
-    }
-#pragma GCC unroll 12
-    for (int m = 0; m < mr; m++) {
-        acc[m][0] = b0;
-        acc[m][1] = b1;
-    }
-    const uint16_t *w1 = w + panel_stride;
+    const int mr, const uint16_t *x, int64_t ldx, const uint16_t *w, int64_t k, __m512 acc[MR][2]) {
     for (int64_t i = 0; i < k / 2; i++) {
-        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
-        if (np > 1) _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
-        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w + i * 32);
-        const __m512bh v1 = np > 1 ? (__m512bh)_mm512_loadu_si512(w1 + i * 32) : v0;
+        prefetch_ahead(w + i * 64);
+        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(w + i * 64);
+        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(w + i * 64 + 32);
 #pragma GCC unroll 12
         for (int m = 0; m < mr; m++) {
             int32_t pair;
             memcpy(&pair, x + m * ldx + 2 * i, sizeof pair);
             const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
             acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, v0);
-            if (np > 1) acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, v1);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, v1);
         }
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) void tile(
+    const int mr, const void *x, int64_t ldx, const void *w, int64_t k, const void *bias,
+    int64_t col, int64_t n, void *y, int is_bf16) {
+    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
+    const __m512 b0 = bias16(bias, is_bf16, col, m0), b1 = bias16(bias, is_bf16, col + 16, m1);
+    __m512 acc[MR][2];
+#pragma GCC unroll 12
+    for (int m = 0; m < mr; m++) {
+        acc[m][0] = b0;
+        acc[m][1] = b1;
+    }
+    if (is_bf16) {
+#ifdef __AVX512BF16__
+        tile_bf16(mr, (const uint16_t *)x, ldx, (const uint16_t *)w, k, acc);
+#endif
+    } else {
+        tile_f32(mr, (const float *)x, ldx, (const float *)w, k, acc);
     }
 #pragma GCC unroll 12
     for (int m = 0; m < mr; m++) {
-        _mm256_mask_storeu_epi16(y + m * ldy + col, m0, (__m256i)_mm512_cvtneps_pbh(acc[m][0]));
-        if (np > 1)
-            _mm256_mask_storeu_epi16(y + m * ldy + col + 16, m1,
-                                     (__m256i)_mm512_cvtneps_pbh(acc[m][1]));
+        store16(y, m * n + col, acc[m][0], is_bf16, m0);
+        store16(y, m * n + col + 16, acc[m][1], is_bf16, m1);
     }
 }
 
-#define BF16_CASE(R)                                                                        \
-    case R:                                                                                 \
-        if (np == 2) tile_bf16(R, 2, x, ldx, w, panel_stride, k, bias, col, n, y, ldy);     \
-        else tile_bf16(R, 1, x, ldx, w, panel_stride, k, bias, col, n, y, ldy);             \
-        break;
+#define TILE_CASE(R) case R: tile(R, x, ldx, w, k, bias, col, n, y, is_bf16); break;
 
-static void tile_bf16_any(int mr, int np, const uint16_t *x, int64_t ldx, const uint16_t *w,
-                          int64_t panel_stride, int64_t k, const uint16_t *bias, int64_t col,
-                          int64_t n, uint16_t *y, int64_t ldy) {
+static void tile_any(int mr, const void *x, int64_t ldx, const void *w, int64_t k,
+                     const void *bias, int64_t col, int64_t n, void *y, int is_bf16) {
     switch (mr) {
-        BF16_CASE(1) BF16_CASE(2) BF16_CASE(3) BF16_CASE(4) BF16_CASE(5) BF16_CASE(6)
-        BF16_CASE(7) BF16_CASE(8) BF16_CASE(9) BF16_CASE(10) BF16_CASE(11) BF16_CASE(12)
+        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
+        TILE_CASE(7) TILE_CASE(8) TILE_CASE(9) TILE_CASE(10) TILE_CASE(11) TILE_CASE(12)
     }
 }
 
-static inline __m512 bf16x16_to_f32(const uint16_t *src, __mmask16 mask) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src)), 16));
-}
-
-/* As row_f32: one row of x, four accumulators per panel; a pair of K per vdpbf16ps. */
-static void row_bf16(const uint16_t *x, const uint16_t *w, int64_t panel_stride, int64_t k,
-                     int np, const uint16_t *bias, int64_t col, int64_t n, uint16_t *y) {
-    const uint16_t *w1 = w + panel_stride;
-    const int64_t pairs = k / 2;
+/* One row of x (decode at batch 1) is memory-bound: what matters is loads in flight. Four
+ * independent accumulators per half break the latency chain that one leaves. */
+static void row(const void *x, const void *w, int64_t k, const void *bias, int64_t col,
+                int64_t n, void *y, int is_bf16) {
     __m512 a[4], c[4];
     for (int u = 0; u < 4; u++) a[u] = c[u] = _mm512_setzero_ps();
-    int32_t xp[4];
     int64_t i = 0;
-    for (; i + 4 <= pairs; i += 4) {
-        memcpy(xp, x + 2 * i, sizeof xp);
-        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 32), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(w + i * 32 + PREFETCH_BF16 + 96), _MM_HINT_T0);
-        for (int u = 0; u < 4; u++)
-            a[u] = _mm512_dpbf16_ps(a[u], (__m512bh)_mm512_set1_epi32(xp[u]),
-                                    (__m512bh)_mm512_loadu_si512(w + (i + u) * 32));
-        if (np > 1) {
-            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 32), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 64), _MM_HINT_T0);
-            _mm_prefetch((const char *)(w1 + i * 32 + PREFETCH_BF16 + 96), _MM_HINT_T0);
-            for (int u = 0; u < 4; u++)
-                c[u] = _mm512_dpbf16_ps(c[u], (__m512bh)_mm512_set1_epi32(xp[u]),
-                                        (__m512bh)_mm512_loadu_si512(w1 + (i + u) * 32));
+    if (is_bf16) {
+#ifdef __AVX512BF16__
+        const uint16_t *xb = (const uint16_t *)x, *wb = (const uint16_t *)w;
+        int32_t xp[4];
+        for (; i + 4 <= k / 2; i += 4) {
+            memcpy(xp, xb + 2 * i, sizeof xp);
+            for (int u = 0; u < 4; u++) {
+                const uint16_t *step = wb + (i + u) * 64;
+                prefetch_ahead(step);
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32(xp[u]);
+                a[u] = _mm512_dpbf16_ps(a[u], xv, (__m512bh)_mm512_loadu_si512(step));
+                c[u] = _mm512_dpbf16_ps(c[u], xv, (__m512bh)_mm512_loadu_si512(step + 32));
+            }
+        }
+        for (; i < k / 2; i++) {
+            int32_t pair;
+            memcpy(&pair, xb + 2 * i, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            a[0] = _mm512_dpbf16_ps(a[0], xv, (__m512bh)_mm512_loadu_si512(wb + i * 64));
+            c[0] = _mm512_dpbf16_ps(c[0], xv, (__m512bh)_mm512_loadu_si512(wb + i * 64 + 32));
+        }
+#endif
+    } else {
+        const float *xf = (const float *)x, *wf = (const float *)w;
+        for (; i + 4 <= k; i += 4) {
+            for (int u = 0; u < 4; u++) {
+                const float *step = wf + (i + u) * 32;
+                prefetch_ahead(step);
+                const __m512 xv = _mm512_set1_ps(xf[i + u]);
+                a[u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(step), a[u]);
+                c[u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(step + 16), c[u]);
+            }
+        }
+        for (; i < k; i++) {
+            const __m512 xv = _mm512_set1_ps(xf[i]);
+            a[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wf + i * 32), a[0]);
+            c[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(wf + i * 32 + 16), c[0]);
         }
     }
-    for (; i < pairs; i++) {
-        int32_t pair;
-        memcpy(&pair, x + 2 * i, sizeof pair);
-        a[0] = _mm512_dpbf16_ps(a[0], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w + i * 32));
-        if (np > 1)
-            c[0] = _mm512_dpbf16_ps(c[0], (__m512bh)_mm512_set1_epi32(pair), (__m512bh)_mm512_loadu_si512(w1 + i * 32));
-    }
     const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
-    __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
-    if (bias) s0 = _mm512_add_ps(s0, bf16x16_to_f32(bias + col, m0));
-    _mm256_mask_storeu_epi16(y + col, m0, (__m256i)_mm512_cvtneps_pbh(s0));
-    if (np > 1) {
-        __m512 s1 = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]));
-        if (bias) s1 = _mm512_add_ps(s1, bf16x16_to_f32(bias + col + 16, m1));
-        _mm256_mask_storeu_epi16(y + col + 16, m1, (__m256i)_mm512_cvtneps_pbh(s1));
-    }
+    const __m512 s0 = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+    const __m512 s1 = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3]));
+    store16(y, col, _mm512_add_ps(s0, bias16(bias, is_bf16, col, m0)), is_bf16, m0);
+    store16(y, col + 16, _mm512_add_ps(s1, bias16(bias, is_bf16, col + 16, m1)), is_bf16, m1);
 }
 #endif
 
@@ -248,46 +191,27 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
                  int64_t n, int64_t k, int is_bf16, int num_threads) {
     if (!(pilot_linear_caps() & (is_bf16 ? 2 : 1)) || (is_bf16 && k % 2)) return -1;
 #ifdef __AVX512F__
-    const int64_t panels = (n + 15) / 16, pairs = (panels + 1) / 2;
-    const int64_t panel_stride = 16 * k; /* elements between consecutive panels */
-    const int64_t row_bytes = k * (is_bf16 ? 2 : 4);
-    int64_t mc = BLOCK_BYTES / row_bytes / MR * MR;
+    const int elem = is_bf16 ? 2 : 4;
+    const int64_t blocks = (n + 31) / 32, block_elems = 32 * k;
+    int64_t mc = BLOCK_BYTES / (k * elem) / MR * MR;
     if (mc < MR) mc = MR;
-    /* Threads split the output columns: each streams its own share of the weights once per
-     * cache block of rows, and a single block (decode) streams them exactly once. */
+    /* Threads split the output columns: each streams its own contiguous share of the weights
+     * once per cache block of rows, and a single block (decode) streams them exactly once. */
 #pragma omp parallel num_threads(num_threads)
     {
         for (int64_t r0 = 0; r0 < m; r0 += mc) {
             const int64_t rows = m - r0 < mc ? m - r0 : mc;
 #pragma omp for schedule(static) nowait
-            for (int64_t p = 0; p < pairs; p++) {
-                const int np = 2 * p + 1 < panels ? 2 : 1;
-                const int64_t col = 32 * p;
+            for (int64_t b = 0; b < blocks; b++) {
+                const char *wb = (const char *)w + b * block_elems * elem;
                 if (m == 1) {
-                    if (is_bf16) {
-#ifdef __AVX512BF16__
-                        row_bf16((const uint16_t *)x, (const uint16_t *)w + 2 * p * panel_stride,
-                                 panel_stride, k, np, (const uint16_t *)bias, col, n, (uint16_t *)y);
-#endif
-                    } else {
-                        row_f32((const float *)x, (const float *)w + 2 * p * panel_stride,
-                                panel_stride, k, np, (const float *)bias, col, n, (float *)y);
-                    }
+                    row(x, wb, k, bias, 32 * b, n, y, is_bf16);
                     continue;
                 }
                 for (int64_t r = r0; r < r0 + rows; r += MR) {
                     const int mr = (int)(r0 + rows - r < MR ? r0 + rows - r : MR);
-                    if (is_bf16) {
-#ifdef __AVX512BF16__
-                        tile_bf16_any(mr, np, (const uint16_t *)x + r * ldx, ldx,
-                                      (const uint16_t *)w + 2 * p * panel_stride, panel_stride, k,
-                                      (const uint16_t *)bias, col, n, (uint16_t *)y + r * n, n);
-#endif
-                    } else {
-                        tile_f32_any(mr, np, (const float *)x + r * ldx, ldx,
-                                     (const float *)w + 2 * p * panel_stride, panel_stride, k,
-                                     (const float *)bias, col, n, (float *)y + r * n, n);
-                    }
+                    tile_any(mr, (const char *)x + r * ldx * elem, ldx, wb, k, bias, 32 * b, n,
+                             (char *)y + r * n * elem, is_bf16);
                 }
             }
         }
