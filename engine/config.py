@@ -43,8 +43,12 @@ class EngineConfig(BaseModel):
     )
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
 
+    quantization: Literal["int8", "int4"] | None = Field(
+        None, description="weight-only: int8 per output channel, int4 in groups; default: as the "
+                          "checkpoint (a directory from `pilot models quantize`) or none")
+    quantization_group_size: int = Field(
+        128, gt=0, description="int4: input features sharing one scale and min")
     # Knobs implemented by the serving-knobs work; refused until then.
-    quantization: Literal["int8", "int4"] | None = None
     tensor_parallel_size: int = Field(1, gt=0)
     data_parallel_size: int = Field(1, gt=0)
     speculative_model: str | None = None
@@ -70,8 +74,6 @@ class EngineConfig(BaseModel):
     def unsupported_knobs(self) -> list[str]:
         """Fields set to values this engine cannot honour yet."""
         refused = []
-        if self.quantization is not None:
-            refused.append(f"quantization={self.quantization!r}")
         if self.tensor_parallel_size != 1:
             refused.append(f"tensor_parallel_size={self.tensor_parallel_size}")
         if self.data_parallel_size != 1:

@@ -10,7 +10,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from engine.model_config import CheckpointError, ModelConfig
-from engine.models.llama import LlamaForCausalLM, checkpoint_shapes
+from engine.models.llama import LlamaForCausalLM, checkpoint_shapes, linear_shapes
+from engine.quantization import DEFAULT_GROUP_SIZE, QuantizedWeight, check_scheme, quantize
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -56,10 +57,19 @@ def _tensor_names(path: Path) -> list[str]:
 
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-               max_positions: int) -> LlamaForCausalLM:
+               max_positions: int, quantization: str | None = None,
+               group_size: int = DEFAULT_GROUP_SIZE) -> LlamaForCausalLM:
+    """Build the model and load its weights. `quantization` ("int8" | "int4") quantizes a float
+    checkpoint's linear layers at load; a pre-quantized checkpoint loads as it was written."""
     model_dir = Path(model_dir)
+    if config.quantization is not None and quantization not in (None, config.quantization[0]):
+        raise CheckpointError(f"{model_dir} is quantized as {config.quantization[0]}; "
+                              f"quantization={quantization!r} asks for another scheme")
     files = safetensors_files(model_dir)
-    expected = checkpoint_shapes(config)
+    try:
+        expected = checkpoint_shapes(config)
+    except ValueError as err:
+        raise CheckpointError(f"{model_dir}: {err}") from err
     missing = [name for name in expected if name not in files]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -71,7 +81,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     with ExitStack() as stack:
         handles = {path: stack.enter_context(_open(path)) for path in set(files.values())}
 
-        def get(name: str) -> torch.Tensor:
+        def raw(name: str) -> torch.Tensor:
             if name not in expected:
                 raise CheckpointError(f"{model_dir}: unexpected tensor requested: {name}")
             try:
@@ -82,11 +92,33 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
                 raise CheckpointError(
                     f"{model_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
                     f"expected {expected[name]} from config.json")
-            if not tensor.is_floating_point():
-                raise CheckpointError(f"{model_dir}: tensor {name} has dtype {tensor.dtype}, expected a float")
-            return tensor.to(device=device, dtype=dtype)
+            integer = name.endswith(".qweight")
+            if integer != (not tensor.is_floating_point()):
+                raise CheckpointError(f"{model_dir}: tensor {name} has dtype {tensor.dtype}, "
+                                      f"expected {'an 8-bit integer' if integer else 'a float'}")
+            return tensor
 
-        model.load_hf_weights(get)
+        def get(name: str) -> torch.Tensor:
+            return raw(name).to(device=device, dtype=dtype)
+
+        linears = linear_shapes(config)
+
+        def get_linear(prefix: str) -> torch.Tensor | QuantizedWeight:
+            if config.quantization is None:
+                return get(prefix + ".weight")
+            method, group_size = config.quantization
+            bits, group = check_scheme(method, group_size, linears[prefix][1])
+            mins = raw(prefix + ".mins") if bits == 4 else None
+            return QuantizedWeight.from_checkpoint(raw(prefix + ".qweight"), raw(prefix + ".scales"),
+                                                   mins, bits, group)
+
+        model.load_hf_weights(get, get_linear)
+    if quantization is not None and config.quantization is None:
+        for linear in model.quantizable_linears():
+            try:
+                linear.set_quantized(quantize(linear.weight.data, quantization, group_size))
+            except ValueError as err:
+                raise ValueError(f"{err} (quantizing {model_dir})") from err
     for module in model.modules():
         if hasattr(module, "pack"):
             module.pack()

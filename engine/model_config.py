@@ -43,6 +43,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
+    # A pre-quantized checkpoint (`pilot models quantize`): ("int8" | "int4", group size).
+    quantization: tuple[str, int] | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -110,6 +112,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            quantization=_quantization(cfg.get("quantization_config"), source),
             raw=dict(cfg),
         )
         if config.rope_type not in SUPPORTED_ROPE_TYPES:
@@ -144,6 +147,20 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
         return cls.from_dict(cfg, source=str(path))
+
+
+def _quantization(spec: Any, source: str) -> tuple[str, int] | None:
+    if spec is None:
+        return None
+    method = spec.get("quant_method") if isinstance(spec, dict) else None
+    if method != "pilot":
+        raise CheckpointError(f"{source}: unsupported quantization_config quant_method {method!r}; "
+                              "only checkpoints written by `pilot models quantize` ('pilot') load")
+    bits, group = spec.get("bits"), spec.get("group_size")
+    if bits not in (4, 8) or not isinstance(group, int) or group <= 0:
+        raise CheckpointError(f"{source}: quantization_config needs bits 4 or 8 and a positive "
+                              f"group_size, got bits={bits!r}, group_size={group!r}")
+    return f"int{bits}", group
 
 
 def _sliding_window(cfg: dict[str, Any]) -> int | None:

@@ -65,7 +65,8 @@ class ModelRunner:
             keep_freed_memory()
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
-        self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions)
+        self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions,
+                                config.quantization, config.quantization_group_size)
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)

@@ -292,7 +292,7 @@ def test_engine_refuses_inconsistent_configs_by_name(model_dir):
         make_llm(model_dir, enable_chunked_prefill=False, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="max_model_len"):
         make_llm(model_dir, num_kv_blocks=2, block_size=16)  # 32 cache slots < 64
-    with pytest.raises(NotImplementedError, match="quantization"):
-        make_llm(model_dir, quantization="int8")
+    with pytest.raises(ValueError, match="quantization_group_size=48"):
+        make_llm(model_dir, quantization="int4", quantization_group_size=48)  # 64 % 48 != 0
     with pytest.raises(pydantic.ValidationError, match="num_speculative_tokens"):
         EngineConfig(model=model_dir, speculative_model=model_dir)

@@ -344,8 +344,6 @@ def test_speculative_fields_must_come_together(pristine):
 
 
 @pytest.mark.parametrize("knob, field", [
-    ({"quantization": "int8"}, "quantization='int8'"),
-    ({"quantization": "int4"}, "quantization='int4'"),
     ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
     ({"data_parallel_size": 2}, "data_parallel_size=2"),
     ({"speculative_model": "draft-dir", "num_speculative_tokens": 4}, "speculative_model='draft-dir'"),

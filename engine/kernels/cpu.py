@@ -22,14 +22,18 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
+from engine.quantization import QuantizedWeight
+
 logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).parent
-SOURCES = [KERNEL_DIR / name for name in ("paged_attention_cpu.c", "linear_cpu.c", "elementwise_cpu.c")]
+SOURCES = [KERNEL_DIR / name for name in
+           ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "elementwise_cpu.c")]
 HEADERS = [KERNEL_DIR / "simd_math.h"]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
 _PARALLEL_WORK = 8192
@@ -87,6 +91,10 @@ def load() -> ctypes.CDLL | None:
     lib.pilot_rope_and_cache.restype = ctypes.c_int
     lib.pilot_rope_and_cache.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
                                          + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2)
+    lib.pilot_quant_linear.restype = ctypes.c_int
+    lib.pilot_quant_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5
+                                       + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
+                                       + [ctypes.c_int] * 2)
     lib.pilot_linear_caps.restype = ctypes.c_int
     lib.pilot_linear.restype = ctypes.c_int
     lib.pilot_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
@@ -171,6 +179,67 @@ def _lib() -> ctypes.CDLL:
     if lib is None:
         raise RuntimeError("the CPU kernels are not available (no compiler, or PILOT_CPU_KERNELS=0)")
     return lib
+
+
+# -- weight-only quantized linear layers -------------------------------------------------------
+
+@dataclass
+class PackedQuantized:
+    """A QuantizedWeight in the kernel's 32-output block layout (see quant_linear_cpu.c)."""
+
+    qweight: torch.Tensor  # uint8 [blocks, K, 32] (int8) or [blocks, K, 16] (int4 nibbles)
+    scales: torch.Tensor  # float32 [blocks, groups, 32]
+    mins: torch.Tensor | None
+    bits: int
+    group_size: int
+
+
+def quant_linear_supported(dtype: torch.dtype, device: torch.device, in_features: int) -> bool:
+    # The quantized kernel runs where the dense one does (it borrows its register tiles).
+    return linear_supported(dtype, device, in_features)
+
+
+def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:
+    n, k = weight.shape
+    pad = -n % 32
+    q, scales, mins = weight.qweight, weight.scales, weight.mins
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
+        mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])
+    blocks = q.shape[0] // 32
+    if weight.bits == 8:
+        packed = q.view(blocks, 32, k).transpose(1, 2).contiguous().view(torch.uint8)
+    else:
+        halves = q.to(torch.uint8).view(blocks, 2, 16, k)
+        packed = (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous()
+
+    def by_block(t: torch.Tensor) -> torch.Tensor:
+        return t.float().view(blocks, 32, -1).transpose(1, 2).contiguous()
+
+    return PackedQuantized(packed, by_block(scales), None if mins is None else by_block(mins),
+                           weight.bits, weight.group_size)
+
+
+def quant_linear(x: torch.Tensor, weight: PackedQuantized, bias: torch.Tensor | None,
+                 out_features: int) -> torch.Tensor:
+    """x [..., K] @ dequant(W)^T (+ bias); returns [..., N] in x's dtype."""
+    if x.dim() != 2:
+        return quant_linear(x.reshape(-1, x.shape[-1]), weight, bias, out_features).view(
+            *x.shape[:-1], out_features)
+    rows, k = x.shape
+    if x.stride(1) != 1 or (rows > 1 and x.stride(0) < k):
+        x = x.contiguous()
+    out = torch.empty((rows, out_features), dtype=x.dtype)
+    status = _lib().pilot_quant_linear(
+        x.data_ptr(), x.stride(0), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+        None if weight.mins is None else weight.mins.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), rows, out_features, k,
+        weight.bits, weight.group_size, x.dtype == torch.bfloat16, torch.get_num_threads())
+    if status != 0:
+        raise ValueError(f"CPU quantized linear: unsupported dtype={x.dtype}, in_features={k} "
+                         f"or group_size={weight.group_size}")
+    return out
 
 
 # -- fused element-wise steps ------------------------------------------------------------------

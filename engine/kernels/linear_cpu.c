@@ -184,6 +184,19 @@ static void row(const void *x, const void *w, int64_t k, const void *bias, int64
     store16(y, col, _mm512_add_ps(s0, bias16(bias, is_bf16, col, m0)), is_bf16, m0);
     store16(y, col + 16, _mm512_add_ps(s1, bias16(bias, is_bf16, col + 16, m1)), is_bf16, m1);
 }
+
+/* Rows of x against one packed 32-output block, for kernels that build blocks on the fly
+ * (the quantized linears dequantize a block into scratch, then run it here). */
+void pilot_linear_block(const void *x, int64_t ldx, const void *block, int64_t k,
+                        const void *bias, int64_t col, int64_t n, void *y, int64_t rows,
+                        int is_bf16) {
+    const int elem = is_bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r += MR) {
+        const int mr = (int)(rows - r < MR ? rows - r : MR);
+        tile_any(mr, (const char *)x + r * ldx * elem, ldx, block, k, bias, col, n,
+                 (char *)y + r * n * elem, is_bf16);
+    }
+}
 #endif
 
 /* Returns 0, or -1 when this build cannot run the dtype (the caller keeps another path). */
@@ -208,11 +221,8 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
                     row(x, wb, k, bias, 32 * b, n, y, is_bf16);
                     continue;
                 }
-                for (int64_t r = r0; r < r0 + rows; r += MR) {
-                    const int mr = (int)(r0 + rows - r < MR ? r0 + rows - r : MR);
-                    tile_any(mr, (const char *)x + r * ldx * elem, ldx, wb, k, bias, 32 * b, n,
-                             (char *)y + r * n * elem, is_bf16);
-                }
+                pilot_linear_block((const char *)x + r0 * ldx * elem, ldx, wb, k, bias, 32 * b, n,
+                                   (char *)y + r0 * n * elem, rows, is_bf16);
             }
         }
     }

@@ -8,6 +8,9 @@ the weight is repacked once, after loading, into the first of these that the mac
 - oneDNN's pre-packed layout: ~73% of the read bandwidth at batch 1, against ~40% for
   `F.linear` on the plain row-major weight.
 Elsewhere (CUDA, float16, no compiler) it is `F.linear` on the plain weight.
+
+A weight-only quantized layer (`set_quantized`) holds int8/int4 weights instead: packed for the
+CPU kernel, or as they are for the PyTorch fallback, which dequantizes them on every call.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu as cpu_kernels
+from engine.quantization import QuantizedWeight
 
 _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -33,7 +37,10 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.layout = "plain"  # or "panels" (the engine's kernel) or "onednn"
+        # "plain", "panels" (the engine's kernel), "onednn", or for quantized weights
+        # "int8"/"int4" (the engine's kernel) and "int8-dequant"/"int4-dequant" (PyTorch).
+        self.layout = "plain"
+        self.quantized: cpu_kernels.PackedQuantized | QuantizedWeight | None = None
 
     def pack(self) -> None:
         """Switch the weight to the fastest layout this machine runs; call once, after loading."""
@@ -51,11 +58,41 @@ class Linear(nn.Module):
         del self.weight
         self.register_buffer("weight", packed, persistent=False)
 
+    def set_quantized(self, weight: QuantizedWeight) -> None:
+        """Hold a weight-only quantized weight in place of the float one."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {weight.shape} for a linear layer "
+                             f"[{self.out_features}, {self.in_features}]")
+        float_weight = self.weight
+        method = f"int{weight.bits}"
+        if cpu_kernels.quant_linear_supported(float_weight.dtype, float_weight.device, self.in_features):
+            self.quantized, self.layout = cpu_kernels.pack_quantized(weight), method
+        else:
+            device = float_weight.device
+            self.quantized = QuantizedWeight(weight.qweight.to(device), weight.scales.to(device),
+                                             None if weight.mins is None else weight.mins.to(device),
+                                             weight.bits, weight.group_size)
+            self.layout = f"{method}-dequant"
+        del self.weight
+        self.register_buffer("weight", torch.empty(0, dtype=float_weight.dtype,
+                                                   device=float_weight.device), persistent=False)
+
     @property
     def packed(self) -> bool:
         return self.layout != "plain"
 
+    def weight_bytes(self) -> int:
+        """Bytes a forward pass reads for the weight (quantized parts included)."""
+        if self.quantized is None:
+            return self.out_features * self.in_features * self.weight.element_size()
+        q = self.quantized
+        return sum(t.numel() * t.element_size() for t in (q.qweight, q.scales, q.mins) if t is not None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            if isinstance(self.quantized, cpu_kernels.PackedQuantized):
+                return cpu_kernels.quant_linear(x, self.quantized, self.bias, self.out_features)
+            return F.linear(x, self.quantized.dequantize().to(x.dtype), self.bias)
         if self.layout == "panels":
             return cpu_kernels.linear(x, self.weight, self.bias, self.out_features)
         if self.layout == "onednn":

@@ -21,6 +21,7 @@ from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear
 from engine.layers.rotary import RotaryEmbedding, RotaryStep, apply_rotary
 from engine.model_config import ModelConfig
+from engine.quantization import QuantizedWeight, check_scheme, quantized_shapes
 
 
 class RMSNorm(nn.Module):
@@ -174,69 +175,93 @@ class LlamaForCausalLM(nn.Module):
 
     # -- checkpoint mapping ---------------------------------------------------------------------
 
-    def load_hf_weights(self, get: Callable[[str], torch.Tensor]) -> None:
-        """Copy Hugging Face tensors into this model; `get(name)` returns a validated tensor."""
+    def load_hf_weights(self, get: Callable[[str], torch.Tensor],
+                        get_linear: Callable[[str], torch.Tensor | QuantizedWeight]) -> None:
+        """Copy Hugging Face tensors into this model. `get(name)` returns a validated float
+        tensor; `get_linear(prefix)` a linear layer's weight, float or pre-quantized."""
         cfg = self.config
         self.embed_tokens.weight.data.copy_(get("model.embed_tokens.weight"))
         self.norm.weight.data.copy_(get("model.norm.weight"))
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        self.lm_head.weight.data = get(head).to(self.lm_head.weight.dtype).clone()
+        if cfg.tie_word_embeddings and cfg.quantization is None:
+            self.lm_head.weight.data = get("model.embed_tokens.weight").to(self.lm_head.weight.dtype).clone()
+        else:  # a quantized checkpoint stores its own quantized head, tied or not
+            _set_linear(self.lm_head, [get_linear("lm_head")])
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             layer.input_layernorm.weight.data.copy_(get(p + "input_layernorm.weight"))
             layer.post_attention_layernorm.weight.data.copy_(get(p + "post_attention_layernorm.weight"))
             attn = layer.self_attn
-            attn.qkv_proj.weight.data.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+            _set_linear(attn.qkv_proj, [get_linear(p + f"self_attn.{n}_proj") for n in "qkv"])
             if cfg.attention_bias:
                 attn.qkv_proj.bias.data.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-            attn.o_proj.weight.data.copy_(get(p + "self_attn.o_proj.weight"))
+            _set_linear(attn.o_proj, [get_linear(p + "self_attn.o_proj")])
             if isinstance(layer.mlp, MixtureOfExperts):
-                _load_experts(layer.mlp, get, p, cfg)
+                layer.mlp.gate.weight.data.copy_(get(p + "block_sparse_moe.gate.weight"))
+                for e, expert in enumerate(layer.mlp.experts):
+                    q = f"{p}block_sparse_moe.experts.{e}."
+                    _set_linear(expert.gate_up_proj, [get_linear(q + "w1"), get_linear(q + "w3")])
+                    _set_linear(expert.down_proj, [get_linear(q + "w2")])
             else:
-                layer.mlp.gate_up_proj.weight.data.copy_(
-                    torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
-                layer.mlp.down_proj.weight.data.copy_(get(p + "mlp.down_proj.weight"))
+                _set_linear(layer.mlp.gate_up_proj, [get_linear(p + "mlp.gate_proj"), get_linear(p + "mlp.up_proj")])
+                _set_linear(layer.mlp.down_proj, [get_linear(p + "mlp.down_proj")])
+
+    def quantizable_linears(self) -> list[Linear]:
+        """Every linear layer weight-only quantization applies to: all but a MoE router, whose
+        top-k choice is too sensitive to rounding (vLLM's quantized MoE keeps it in float too)."""
+        routers = {id(m.gate) for m in self.modules() if isinstance(m, MixtureOfExperts)}
+        return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in routers]
 
 
-def _load_experts(moe: MixtureOfExperts, get: Callable[[str], torch.Tensor], prefix: str,
-                  cfg: ModelConfig) -> None:
-    moe.gate.weight.data.copy_(get(prefix + "block_sparse_moe.gate.weight"))
-    for e, expert in enumerate(moe.experts):
-        q = f"{prefix}block_sparse_moe.experts.{e}."
-        expert.gate_up_proj.weight.data.copy_(torch.cat([get(q + "w1.weight"), get(q + "w3.weight")]))
-        expert.down_proj.weight.data.copy_(get(q + "w2.weight"))
+def _set_linear(linear: Linear, parts: list[torch.Tensor | QuantizedWeight]) -> None:
+    """Load one (possibly fused) linear layer from its checkpoint parts, stacked along outputs."""
+    if isinstance(parts[0], QuantizedWeight):
+        linear.set_quantized(QuantizedWeight.cat(parts))  # type: ignore[arg-type]
+    else:
+        linear.weight.data.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])  # type: ignore[arg-type]
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Checkpoint name prefix -> [out, in] of every quantizable linear layer."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    shapes: dict[str, tuple[int, int]] = {"lm_head": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj": (q, h), p + "self_attn.k_proj": (kv, h),
+                       p + "self_attn.v_proj": (kv, h), p + "self_attn.o_proj": (h, q)})
+        if cfg.is_moe:
+            for e in range(cfg.num_local_experts):
+                x = p + f"block_sparse_moe.experts.{e}."
+                shapes.update({x + "w1": (i, h), x + "w3": (i, h), x + "w2": (h, i)})
+        else:
+            shapes.update({p + "mlp.gate_proj": (i, h), p + "mlp.up_proj": (i, h), p + "mlp.down_proj": (h, i)})
+    return shapes
 
 
 def checkpoint_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of this architecture must hold, with its shape."""
-    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    """Every tensor a Hugging Face checkpoint of this architecture must hold, with its shape;
+    for a pre-quantized one (`cfg.quantization`), linear weights as their quantized parts."""
+    h = cfg.hidden_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {
         "model.embed_tokens.weight": (cfg.vocab_size, h),
         "model.norm.weight": (h,),
     }
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for n in range(cfg.num_hidden_layers):
         p = f"model.layers.{n}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (q, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q)
         if cfg.attention_bias:
             shapes[p + "self_attn.q_proj.bias"] = (q,)
             shapes[p + "self_attn.k_proj.bias"] = (kv,)
             shapes[p + "self_attn.v_proj.bias"] = (kv,)
         if cfg.is_moe:
             shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
-            for e in range(cfg.num_local_experts):
-                shapes[p + f"block_sparse_moe.experts.{e}.w1.weight"] = (i, h)
-                shapes[p + f"block_sparse_moe.experts.{e}.w3.weight"] = (i, h)
-                shapes[p + f"block_sparse_moe.experts.{e}.w2.weight"] = (h, i)
-        else:
-            shapes[p + "mlp.gate_proj.weight"] = (i, h)
-            shapes[p + "mlp.up_proj.weight"] = (i, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, i)
+    for prefix, (out_features, in_features) in linear_shapes(cfg).items():
+        if cfg.quantization is not None:
+            method, group = cfg.quantization
+            bits, group = check_scheme(method, group, in_features)
+            shapes.update(quantized_shapes(prefix, out_features, in_features, bits, group))
+        elif prefix != "lm_head" or not cfg.tie_word_embeddings:
+            shapes[prefix + ".weight"] = (out_features, in_features)
     return shapes
