@@ -44,7 +44,7 @@ def safetensors_files(model_dir: Path) -> dict[str, Path]:
     return {name: single for name in _tensor_names(single)}
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as err:
@@ -52,7 +52,7 @@ def _open(path: Path):
 
 
 def _tensor_names(path: Path) -> list[str]:
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         return list(f.keys())
 
 
@@ -79,7 +79,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
         model = LlamaForCausalLM(config, max_positions, dtype)
     model.to(dtype)
     with ExitStack() as stack:
-        handles = {path: stack.enter_context(_open(path)) for path in set(files.values())}
+        handles = {path: stack.enter_context(open_safetensors(path)) for path in set(files.values())}
 
         def raw(name: str) -> torch.Tensor:
             if name not in expected:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -82,26 +83,37 @@ def make_checkpoint(shape: str | Path, out: str | Path, seed: int = 0, dtype: st
     cfg["torch_dtype"] = dtype
     model_config = ModelConfig.from_dict(cfg, source=str(shape))
     std = init_std if init_std is not None else float(cfg.get("initializer_range", 0.02))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
 
+    torch_dtype = DTYPES[dtype]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, size in checkpoint_shapes(model_config).items():
+            if name.endswith("norm.weight"):
+                tensor = 1.0 + 0.1 * torch.randn(size, generator=generator)
+            elif name.endswith(".bias"):
+                tensor = 0.1 * torch.randn(size, generator=generator)
+            else:
+                tensor = std * torch.randn(size, generator=generator)
+            yield name, tensor.to(torch_dtype)
+
+    return write_checkpoint(tensors(), cfg, out, max_shard_bytes)
+
+
+def write_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], cfg: dict[str, Any],
+                     out: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write named tensors and config.json into `out` in Hugging Face layout: one
+    model.safetensors, or shards of at most `max_shard_bytes` with an index."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
-    torch_dtype = DTYPES[dtype]
-    for name, size in checkpoint_shapes(model_config).items():
-        if name.endswith("norm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(size, generator=generator)
-        elif name.endswith(".bias"):
-            tensor = 0.1 * torch.randn(size, generator=generator)
-        else:
-            tensor = std * torch.randn(size, generator=generator)
-        tensor = tensor.to(torch_dtype)
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if shard_bytes and shard_bytes + nbytes > max_shard_bytes:
             shards.append({})
             shard_bytes = 0
-        shards[-1][name] = tensor
+        shards[-1][name] = tensor.contiguous()
         shard_bytes += nbytes
 
     for stale in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:

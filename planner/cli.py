@@ -43,6 +43,25 @@ def models_make(
     console.print(f"wrote {shape} checkpoint to {path}")
 
 
+@models_app.command("quantize")
+def models_quantize(
+    model: Path = typer.Option(..., "--model", help="float checkpoint directory"),
+    out: Path = typer.Option(..., "--out", help="directory for the quantized copy"),
+    method: str = typer.Option("int8", help="int8 (per output channel) or int4 (grouped)"),
+    group_size: int = typer.Option(128, help="int4: input features per scale and min"),
+) -> None:
+    """Write a weight-only quantized copy of a checkpoint, which the engine loads as it is."""
+    from engine.model_config import CheckpointError
+    from engine.quantize_checkpoint import quantize_checkpoint
+
+    try:
+        with console.status(f"quantizing {model} to {method}"):
+            path = quantize_checkpoint(model, out, method, group_size)
+    except (CheckpointError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"wrote {method} checkpoint to {path}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Named shapes that `pilot models make` knows."""
