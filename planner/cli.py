@@ -62,6 +62,26 @@ def models_quantize(
     console.print(f"wrote {method} checkpoint to {path}")
 
 
+@models_app.command("train")
+def models_train(
+    out: Path = typer.Option(..., "--out", help="directory; the pair goes to OUT/target and OUT/draft"),
+    seconds: float = typer.Option(180.0, help="wall-clock training budget for both models"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Train a byte-level target and a much smaller draft on the Python standard library's source."""
+    from planner.training import train_pair
+
+    if seconds <= 0:
+        _fail(f"seconds must be positive, got {seconds}")
+    try:
+        target, draft = train_pair(out, seconds=seconds, seed=seed)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    for name, result in (("target", target), ("draft", draft)):
+        console.print(f"{name}: {result.steps} steps in {result.seconds:.0f} s, "
+                      f"loss {result.final_loss:.3f} nats/byte -> {result.path}")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Named shapes that `pilot models make` knows."""

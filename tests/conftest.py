@@ -28,3 +28,15 @@ def pytorch_paths(monkeypatch):
     _forget_kernels()
     yield
     _forget_kernels()  # reloaded on next use, after monkeypatch has restored the environment
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory):
+    """A byte-level target and draft trained for a few seconds on the standard library's source
+    (`pilot models train`, shortened): weights with the statistics of trained ones."""
+    from planner.training import train_pair
+
+    out = tmp_path_factory.mktemp("trained")
+    target, draft = train_pair(out, seconds=600, max_steps=80, batch_size=8, seq_len=128,
+                               corpus_bytes=4 << 20)
+    return target.path, draft.path
