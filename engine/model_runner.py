@@ -159,31 +159,34 @@ class ModelRunner:
         order = decodes + prefills
         bs, dev = self.block_size, self.device
 
+        # Built as Python lists and converted once: a dozen small tensor ops here cost more than
+        # a batch-1 decode step's attention.
         token_ids: list[int] = []
         position_list: list[int] = []
+        slot_list: list[int] = []
         for idx in order:
             it = items[idx]
+            table = it.seq.block_table
             token_ids.extend(it.seq.token_ids[it.start:it.context_len])
             position_list.extend(range(it.start, it.context_len))
+            slot_list.extend(table[p // bs] * bs + p % bs for p in range(it.start, it.context_len))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(position_list, dtype=torch.long, device=dev)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_list, dtype=torch.long, device=dev),
+                                 num_decode_tokens=len(decodes), compute_dtype=self.attn_dtype)
 
-        tables = [items[idx].seq.block_table for idx in order]
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-        offsets = torch.arange(bs, device=dev)
-        all_slots = (table.unsqueeze(-1) * bs + offsets).view(len(order), -1)  # [N, width*bs]
-        row_of_token = torch.repeat_interleave(
-            torch.arange(len(order), device=dev),
-            torch.tensor([items[idx].num_new_tokens for idx in order], device=dev))
-        slot_mapping = all_slots[row_of_token, positions]
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
-                                 compute_dtype=self.attn_dtype)
+        def block_tables(indices: list[int]) -> torch.Tensor:
+            tables = [items[idx].seq.block_table for idx in indices]
+            width = max(len(t) for t in tables)
+            return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
+
+        def context_slots(indices: list[int]) -> torch.Tensor:  # [N, width * bs]
+            return (block_tables(indices).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)
 
         decode_ctx = [items[idx].context_len for idx in decodes]  # ascending
         if decodes and self.use_cpu_kernel:
             meta.decode_kernel = DecodeKernelArgs(
-                block_tables=table[:len(decodes)], context_lens=torch.tensor(decode_ctx, device=dev),
+                block_tables=block_tables(decodes), context_lens=torch.tensor(decode_ctx, device=dev),
                 max_context=decode_ctx[-1], block_size=bs)
             decode_groups = []
         else:
@@ -191,7 +194,7 @@ class ModelRunner:
         for first, last in decode_groups:
             ctx = decode_ctx[first:last]
             longest = ctx[-1]
-            slots = all_slots[first:last, :longest]
+            slots = context_slots(decodes[first:last])[:, :longest]
             group = DecodeGroup(start=first, context_slots=slots)
             if ctx[0] != longest:
                 lens = torch.tensor(ctx, device=dev)
@@ -202,11 +205,11 @@ class ModelRunner:
             meta.decode_groups.append(group)
 
         start = len(decodes)
-        for n, idx in enumerate(prefills, start=len(decodes)):
+        for idx in prefills:
             it = items[idx]
             span = PrefillSpan(start=start, length=it.num_new_tokens)
             if it.start > 0:
-                span.context_slots = all_slots[n, :it.context_len]
+                span.context_slots = context_slots([idx])[0, :it.context_len]
                 keys = torch.arange(it.context_len, device=dev)
                 queries = torch.arange(it.start, it.context_len, device=dev)
                 span.mask = self._additive(keys.unsqueeze(0) > queries.unsqueeze(1))

@@ -194,9 +194,9 @@ class PackedQuantized:
     group_size: int
 
 
-def quant_linear_supported(dtype: torch.dtype, device: torch.device, in_features: int) -> bool:
-    # The quantized kernel runs where the dense one does (it borrows its register tiles).
-    return linear_supported(dtype, device, in_features)
+def quant_linear_supported(dtype: torch.dtype, device: torch.device, weight: QuantizedWeight) -> bool:
+    # Where the dense kernel runs: the quantized one borrows its register tiles.
+    return linear_supported(dtype, device, weight.shape[1])
 
 
 def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:

@@ -65,7 +65,7 @@ class Linear(nn.Module):
                              f"[{self.out_features}, {self.in_features}]")
         float_weight = self.weight
         method = f"int{weight.bits}"
-        if cpu_kernels.quant_linear_supported(float_weight.dtype, float_weight.device, self.in_features):
+        if cpu_kernels.quant_linear_supported(float_weight.dtype, float_weight.device, weight):
             self.quantized, self.layout = cpu_kernels.pack_quantized(weight), method
         else:
             device = float_weight.device
