@@ -13,6 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
+from engine.kernels.cpu_layers import DecodeLayers
 from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
 from engine.loader import load_model
 from engine.model_config import ModelConfig
@@ -73,6 +74,8 @@ class ModelRunner:
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         # Decode attention straight from the block cache where the compiled CPU kernel exists.
         self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device)
+        if self.use_cpu_kernel and DecodeLayers.supported(self.model):
+            self.model.decode_layers = DecodeLayers(self.model)
 
     # -- KV cache -----------------------------------------------------------------------------
 

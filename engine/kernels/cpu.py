@@ -33,10 +33,11 @@ from engine.quantization import QuantizedWeight
 logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).parent
 SOURCES = [KERNEL_DIR / name for name in
-           ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "elementwise_cpu.c")]
+           ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "elementwise_cpu.c",
+            "decoder_layer_cpu.c")]
 HEADERS = [KERNEL_DIR / "simd_math.h"]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
-_PARALLEL_WORK = 8192
+PARALLEL_ATTENTION_WORK = 8192
 
 
 def _cache_dir() -> Path:
@@ -119,7 +120,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     kv_heads = k_cache.shape[1] // head_dim
     out = torch.empty_like(q)
     work = num_seqs * kv_heads * max_context
-    threads = torch.get_num_threads() if work > _PARALLEL_WORK else 1
+    threads = torch.get_num_threads() if work > PARALLEL_ATTENTION_WORK else 1
     status = lib.paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), int(q.dtype == torch.bfloat16),
         block_tables.data_ptr(), context_lens.data_ptr(), out.data_ptr(), num_seqs, heads,

@@ -225,10 +225,13 @@ static void attend_generic(const void *q, const void *k_cache, const void *v_cac
         for (int i = 0; i < d; i++) out[(int64_t)g * d + i] = acc[g][i] / l[g];
 }
 
-int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
-                           const int64_t *block_tables, const int64_t *context_lens, void *out,
-                           int num_seqs, int heads, int kv_heads, int d, int block_size,
-                           int max_blocks, float scale, int num_threads) {
+/* As paged_decode_attention, with sequence b's query at q + b * q_stride elements (the
+ * decoder-layer kernel reads queries in place from the fused q|k|v rows). */
+int paged_decode_attention_strided(const void *q, int64_t q_stride, const void *k_cache,
+                                   const void *v_cache, int is_bf16, const int64_t *block_tables,
+                                   const int64_t *context_lens, void *out, int num_seqs, int heads,
+                                   int kv_heads, int d, int block_size, int max_blocks, float scale,
+                                   int num_threads) {
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || d > MAX_HEAD_DIM)
         return -1;
     const int group = heads / kv_heads, elem = is_bf16 ? 2 : 4;
@@ -237,7 +240,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int64_t w = 0; w < work; w++) {
         const int64_t b = w / kv_heads;
         const int kvh = (int)(w % kv_heads);
-        const char *qb = (const char *)q + b * heads * d * elem;
+        const char *qb = (const char *)q + b * q_stride * elem;
         float res[MAX_GROUP * MAX_HEAD_DIM];
 #ifdef __AVX512F__
         if (d % 16 == 0)
@@ -254,4 +257,13 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
         }
     }
     return 0;
+}
+
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                           const int64_t *block_tables, const int64_t *context_lens, void *out,
+                           int num_seqs, int heads, int kv_heads, int d, int block_size,
+                           int max_blocks, float scale, int num_threads) {
+    return paged_decode_attention_strided(q, (int64_t)heads * d, k_cache, v_cache, is_bf16,
+                                          block_tables, context_lens, out, num_seqs, heads,
+                                          kv_heads, d, block_size, max_blocks, scale, num_threads);
 }

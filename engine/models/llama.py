@@ -161,13 +161,19 @@ class LlamaForCausalLM(nn.Module):
         # A separate head even when tied: the head's copy is repacked for fast matmuls, the
         # embedding is read by row.
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        # Set by the ModelRunner where the CPU kernels can run a decode step's layers in one
+        # compiled call each (engine/kernels/cpu_layers.py): same kernels, no Python between.
+        self.decode_layers: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
         x, residual = self.embed_tokens(input_ids), None
-        rope = RotaryStep(self.rotary, positions)
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, meta)
+        if self.decode_layers is not None and meta.decode_kernel is not None and not meta.prefills:
+            x, residual = self.decode_layers(x, positions, meta)
+        else:
+            rope = RotaryStep(self.rotary, positions)
+            for layer in self.layers:
+                x, residual = layer(x, residual, rope, meta)
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
