@@ -149,6 +149,25 @@ def bench_engine(
         _fail(str(err))
 
 
+@bench_app.command("knobs")
+def bench_knobs(
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint; default: make llama-110m"),
+    group_size: int = typer.Option(128, help="int4 group size"),
+    decode_tokens: int = typer.Option(128, help="tokens generated per batch-1 run"),
+    repeats: int = typer.Option(5, help="runs per engine (medians shown)"),
+    out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
+) -> None:
+    """What each serving knob does to speed here: int8/int4 against bf16 at batch 1."""
+    from engine.model_config import CheckpointError
+    from planner.bench_knobs import run_knobs_benchmark
+
+    try:
+        run_knobs_benchmark(model=model, group_size=group_size, decode_tokens=decode_tokens,
+                            repeats=repeats, json_out=out)
+    except (ValueError, CheckpointError) as err:
+        _fail(str(err))
+
+
 @app.command()
 def quickstart(
     workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model is written"),

@@ -100,3 +100,20 @@ def test_bench_engine_rejects_unknown_dtype(tiny):
                                  "--skip-hf"])
     assert result.exit_code != 0
     assert "float8" in result.output
+
+
+def test_bench_knobs_reports_quantization(tmp_path):
+    """The knobs benchmark's pipeline on a small model (the figures themselves are not asserted)."""
+    from engine.model_zoo import make_checkpoint
+
+    model = make_checkpoint("tiny", tmp_path / "tiny", seed=2, dtype="bfloat16")
+    out = tmp_path / "knobs.json"
+    result = runner.invoke(app, ["bench", "knobs", "--model", str(model), "--group-size", "32",
+                                 "--decode-tokens", "8", "--repeats", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["quantization"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bf16", "int8", "int4"}
+    assert all(len(r["runs"]) == 2 and r["tok_s"] > 0 for r in rows.values())
+    # Quantized linears read fewer bytes than bf16 ones: about a half and a third here.
+    assert rows["int8"]["weight_bytes"] < 0.6 * rows["bf16"]["weight_bytes"]
+    assert rows["int4"]["weight_bytes"] < 0.45 * rows["bf16"]["weight_bytes"]

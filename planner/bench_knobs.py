@@ -1,0 +1,92 @@
+"""Serving-knob benchmark: what each engine knob does to speed on this machine, in one run.
+
+Today: weight-only quantization, batch-1 decode tokens/s of int8 and int4 against the same
+checkpoint in bf16 (the engines take turns, so every ratio shares the machine's state), with the
+weight bytes a step reads and the rate it reads them at.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine.layers.linear import Linear
+from planner.bench_engine import _machine_name, default_model_dir, offline_workload
+
+console = Console()
+TARGETS = {"int8": 1.5, "int4": 1.8}  # batch-1 speed-up over bf16
+
+
+@dataclass
+class QuantRow:
+    quantization: str  # "bf16" for the baseline
+    weight_bytes: int  # read by one decode step: every linear incl. the LM head
+    runs: list[float] = field(default_factory=list)  # tokens/s per run
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(self.runs)
+
+
+@dataclass
+class KnobsReport:
+    machine: str
+    model: str
+    group_size: int
+    rows: list[QuantRow] = field(default_factory=list)
+
+
+def linear_weight_bytes(llm: LLM) -> int:
+    return sum(m.weight_bytes() for m in llm.engine.runner.model.modules() if isinstance(m, Linear))
+
+
+def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("int8", "int4"),
+                        group_size: int = 128, decode_tokens: int = 128, repeats: int = 5,
+                        json_out: Path | None = None) -> KnobsReport:
+    model_dir = Path(model) if model is not None else default_model_dir()
+    report = KnobsReport(_machine_name(), str(model_dir), group_size)
+    engines: dict[str, LLM] = {}
+    for name in ("bf16", *methods):
+        with console.status(f"loading {name}"):
+            # Batch 1 only: a small KV cache keeps three engines in memory at once.
+            engines[name] = LLM(EngineConfig(
+                model=str(model_dir), dtype="bfloat16", max_num_seqs=1, max_model_len=512,
+                quantization=None if name == "bf16" else name, quantization_group_size=group_size))
+        report.rows.append(QuantRow(name, linear_weight_bytes(engines[name])))
+    vocab = engines["bf16"].engine.model_config.vocab_size
+    prompt = offline_workload(1, vocab, seed=1)[0][0][:32]
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    with torch.inference_mode(), console.status("batch-1 decode, the engines taking turns"):
+        for llm in engines.values():
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        for _ in range(repeats):
+            for row in report.rows:
+                times = engines[row.quantization].generate([prompt], params)[0].metrics.token_times
+                row.runs.append((len(times) - 1) / (times[-1] - times[0]))
+    print_report(report)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(
+            {**asdict(report), "rows": [{**asdict(r), "tok_s": r.tok_s} for r in report.rows]}, indent=2))
+    return report
+
+
+def print_report(report: KnobsReport) -> None:
+    table = Table(title=f"weight-only quantization, batch-1 decode — {report.machine}")
+    for col in ("weights", "tok/s", "vs bf16", "target", "MB/step", "GB/s"):
+        table.add_column(col, justify="left" if col == "weights" else "right")
+    base = report.rows[0].tok_s
+    for row in report.rows:
+        label = row.quantization if row.quantization == "bf16" else (
+            f"{row.quantization}" + (f" (group {report.group_size})" if row.quantization == "int4" else ""))
+        target = TARGETS.get(row.quantization)
+        table.add_row(label, f"{row.tok_s:.1f}", f"{row.tok_s / base:.2f}x",
+                      f">= {target}x" if target else "-", f"{row.weight_bytes / 1e6:.0f}",
+                      f"{row.weight_bytes * row.tok_s / 1e9:.1f}")
+    console.print(table)
