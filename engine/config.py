@@ -48,11 +48,12 @@ class EngineConfig(BaseModel):
                           "checkpoint (a directory from `pilot models quantize`) or none")
     quantization_group_size: int = Field(
         128, gt=0, description="int4: input features sharing one scale and min")
+    speculative_model: str | None = Field(
+        None, description="draft model directory (same tokenizer) for speculative decoding")
+    num_speculative_tokens: int | None = Field(None, gt=0, description="drafts verified per step")
     # Knobs implemented by the serving-knobs work; refused until then.
     tensor_parallel_size: int = Field(1, gt=0)
     data_parallel_size: int = Field(1, gt=0)
-    speculative_model: str | None = None
-    num_speculative_tokens: int | None = Field(None, gt=0)
 
     @field_validator("device")
     @classmethod
@@ -78,8 +79,6 @@ class EngineConfig(BaseModel):
             refused.append(f"tensor_parallel_size={self.tensor_parallel_size}")
         if self.data_parallel_size != 1:
             refused.append(f"data_parallel_size={self.data_parallel_size}")
-        if self.speculative_model is not None:
-            refused.append(f"speculative_model={self.speculative_model!r}")
         return refused
 
     @classmethod

@@ -69,6 +69,7 @@ class LLMEngine:
                 max_model_len=self.max_model_len,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 policy=config.scheduling_policy,
+                num_lookahead_tokens=config.num_speculative_tokens or 0,
             ),
             self.block_manager,
             eos_token_ids=self.model_config.eos_token_ids,
@@ -168,6 +169,9 @@ class LLMEngine:
         now = time.perf_counter()
         forward_s = now - forward_start
         finished = self.scheduler.update(out, sampled, now)
+        if self.runner.proposer is not None:
+            self.runner.propose([s for s in self.scheduler.running
+                                 if s.num_uncomputed_tokens == 1 and not s.spec_token_ids])
         outputs = []
         for item, token in zip(out.scheduled, sampled):
             if token is None:
@@ -180,7 +184,7 @@ class LLMEngine:
                 del self.requests[item.seq.request_id]
         self.step_count += 1
         if self.observers:
-            self._notify(out, start, forward_s, len(finished))
+            self._notify(out, sampled, start, forward_s, len(finished))
         return outputs
 
     def _output(self, request: _Request) -> RequestOutput:
@@ -195,18 +199,22 @@ class LLMEngine:
             token_ids=seq.output_token_ids, text=request.detokenizer.text,
             finished=seq.is_finished, finish_reason=seq.finish_reason, metrics=seq.metrics)
 
-    def _notify(self, out: SchedulerOutput, start: float, forward_s: float, num_finished: int) -> None:
+    def _notify(self, out: SchedulerOutput, sampled: list[list[int] | None], start: float,
+                forward_s: float, num_finished: int) -> None:
         decodes = [s for s in out.scheduled if s.is_decode]
         prefills = [s for s in out.scheduled if not s.is_decode]
         stats = StepStats(
             step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
             forward_s=forward_s, num_seqs=len(out.scheduled), num_prefill_seqs=len(prefills),
             num_decode_seqs=len(decodes), num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
-            num_decode_tokens=len(decodes), context_tokens=sum(s.context_len for s in out.scheduled),
+            num_decode_tokens=sum(s.num_new_tokens for s in decodes), context_tokens=sum(s.context_len for s in out.scheduled),
             num_preempted=len(out.preempted), num_finished=num_finished,
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=self.block_manager.num_used_blocks,
-            kv_blocks_total=self.block_manager.num_blocks)
+            kv_blocks_total=self.block_manager.num_blocks,
+            num_draft_tokens=sum(len(s.spec_token_ids) for s in out.scheduled),
+            num_accepted_tokens=sum(len(t) - 1 for s, t in zip(out.scheduled, sampled)
+                                    if t is not None and s.spec_token_ids))
         for observer in self.observers:
             observer(stats)
 

@@ -17,8 +17,11 @@ from engine.kernels.cpu_layers import DecodeLayers
 from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
 from engine.loader import load_model
 from engine.model_config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
 from engine.sampler import sample
 from engine.scheduler import ScheduledSequence, SchedulerOutput
+from engine.sequence import Sequence
+from engine.spec_decode import DraftProposer, verify
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +71,31 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions,
                                 config.quantization, config.quantization_group_size)
+        self.draft: LlamaForCausalLM | None = None
+        self.draft_config: ModelConfig | None = None
+        if config.speculative_model is not None:
+            self.draft_config = _draft_config(config.speculative_model, model_config, max_positions)
+            self.draft = load_model(config.speculative_model, self.draft_config, self.dtype,
+                                    self.device, max_positions)
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         # Decode attention straight from the block cache where the compiled CPU kernel exists.
         self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device)
-        if self.use_cpu_kernel and DecodeLayers.supported(self.model):
-            self.model.decode_layers = DecodeLayers(self.model)
+        for model in (self.model, self.draft):
+            if model is not None and self.use_cpu_kernel and DecodeLayers.supported(model):
+                model.decode_layers = DecodeLayers(model)
+        self.proposer = (DraftProposer(self, self.draft, config.num_speculative_tokens or 1, max_positions)
+                         if self.draft is not None else None)
 
     # -- KV cache -----------------------------------------------------------------------------
 
     @property
     def kv_bytes_per_block(self) -> int:
-        cfg = self.model_config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+        """A block's keys and values in every layer, the draft's too: the two share blocks."""
+        per_token = sum(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+                        for cfg in (self.model_config, self.draft_config) if cfg is not None)
         return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
 
     def _num_kv_blocks(self) -> int:
@@ -107,42 +120,62 @@ class ModelRunner:
         return int(blocks)
 
     def _allocate_kv_cache(self) -> None:
-        cfg = self.model_config
+        self.kv_cache = self._bind_cache(self.model, self.model_config)
+        if self.draft is not None and self.draft_config is not None:
+            self.draft_kv_cache = self._bind_cache(self.draft, self.draft_config)
+
+    def _bind_cache(self, model: LlamaForCausalLM, cfg: ModelConfig) -> torch.Tensor:
         num_slots = self.num_kv_blocks * self.block_size
         # Uninitialised on purpose (no GBs zero-filled at start-up): attention only ever gathers
         # slots that hold written tokens, padding included (see _prepare).
-        self.kv_cache = torch.empty(cfg.num_hidden_layers, 2, num_slots,
-                                    cfg.num_key_value_heads * cfg.head_dim,
-                                    dtype=self.dtype, device=self.device)
-        for i, layer in enumerate(self.model.layers):
-            layer.self_attn.k_cache = self.kv_cache[i, 0]
-            layer.self_attn.v_cache = self.kv_cache[i, 1]
+        cache = torch.empty(cfg.num_hidden_layers, 2, num_slots, cfg.num_key_value_heads * cfg.head_dim,
+                            dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.k_cache = cache[i, 0]
+            layer.self_attn.v_cache = cache[i, 1]
+        return cache
 
     # -- one step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int | None]:
-        """Run the step; return the sampled token per scheduled sequence (None mid-prefill)."""
+    def execute(self, out: SchedulerOutput) -> list[list[int] | None]:
+        """Run the step. Per scheduled sequence: None mid-prefill, else its new tokens (one, or
+        with speculative decoding the accepted drafts and one more)."""
         order, input_ids, positions, meta = self._prepare(out.scheduled)
         hidden = self.model(input_ids, positions, meta)
-        sample_rows, sample_items = [], []
+        rows: list[int] = []
+        spans: dict[int, slice] = {}  # scheduled index -> its rows among `rows`
         row = 0
         for idx in order:
             item = out.scheduled[idx]
             row += item.num_new_tokens
             if item.samples:
-                sample_rows.append(row - 1)
-                sample_items.append(idx)
-        result: list[int | None] = [None] * len(out.scheduled)
-        if not sample_items:
+                width = 1 + len(item.spec_token_ids)
+                spans[idx] = slice(len(rows), len(rows) + width)
+                rows.extend(range(row - width, row))
+        result: list[list[int] | None] = [None] * len(out.scheduled)
+        if not spans:
             return result
-        logits = self.model.compute_logits(hidden[sample_rows])
-        seqs = [out.scheduled[i].seq for i in sample_items]
-        tokens = sample(logits, [s.params for s in seqs],
-                        [s.generator or self.generator for s in seqs])
-        for idx, token in zip(sample_items, tokens):
-            result[idx] = token
+        logits = self.model.compute_logits(hidden[rows])
+        plain = [idx for idx in spans if not out.scheduled[idx].spec_token_ids]
+        if plain:
+            seqs = [out.scheduled[i].seq for i in plain]
+            tokens = sample(logits[[spans[i].start for i in plain]], [s.params for s in seqs],
+                            [s.generator or self.generator for s in seqs])
+            for idx, token in zip(plain, tokens):
+                result[idx] = [token]
+        for idx in spans:
+            item = out.scheduled[idx]
+            if item.spec_token_ids:
+                seq = item.seq
+                result[idx] = verify(logits[spans[idx]], item.spec_token_ids, seq.draft_probs,
+                                     seq.params, seq.generator or self.generator)
         return result
+
+    def propose(self, seqs: list[Sequence]) -> None:
+        """Speculative decoding: the draft's next proposals for these decoding sequences."""
+        if self.proposer is not None and seqs:
+            self.proposer.propose(seqs)
 
     @torch.inference_mode()
     def logits_all(self, item: ScheduledSequence) -> torch.Tensor:
@@ -170,7 +203,7 @@ class ModelRunner:
         for idx in order:
             it = items[idx]
             table = it.seq.block_table
-            token_ids.extend(it.seq.token_ids[it.start:it.context_len])
+            token_ids.extend(it.token_ids)
             position_list.extend(range(it.start, it.context_len))
             slot_list.extend(table[p // bs] * bs + p % bs for p in range(it.start, it.context_len))
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
@@ -219,6 +252,19 @@ class ModelRunner:
             meta.prefills.append(span)
             start += it.num_new_tokens
         return order, input_ids, positions, meta
+
+
+def _draft_config(path: str, target: ModelConfig, max_positions: int) -> ModelConfig:
+    draft = ModelConfig.from_dir(path)
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative_model: the draft's vocab_size={draft.vocab_size} differs from "
+                         f"the target's {target.vocab_size}; they must share a tokenizer")
+    if draft.max_position_embeddings < max_positions:
+        raise ValueError(f"speculative_model: the draft's max_position_embeddings="
+                         f"{draft.max_position_embeddings} is below max_model_len={max_positions}")
+    if draft.is_moe:
+        raise ValueError("speculative_model: a mixture-of-experts draft is not supported")
+    return draft
 
 
 def _decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:

@@ -24,6 +24,9 @@ class StepStats:
     num_running: int
     kv_blocks_used: int
     kv_blocks_total: int
+    # Speculative decoding: drafts verified in this step and how many the target accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def num_batched_tokens(self) -> int:

@@ -18,7 +18,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     rows = torch.tensor(random_rows, device=logits.device)
     sub = logits[rows]
     temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
-    probs = _filtered_probs(sub / temps.unsqueeze(1),
+    probs = filtered_probs(sub / temps.unsqueeze(1),
                             [params[i].top_k for i in random_rows],
                             [params[i].top_p for i in random_rows])
     for j, i in enumerate(random_rows):
@@ -28,7 +28,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     return tokens
 
 
-def _filtered_probs(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Softmax over each row's top-k, then top-p, tokens (temperature already applied)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)

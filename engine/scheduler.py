@@ -26,19 +26,31 @@ class ScheduledSequence:
     num_new_tokens: int
     # Position of the first new token; the context read by attention is start + num_new_tokens.
     start: int
+    # Speculative decoding: draft tokens after the sequence's last one, verified in this step
+    # (they are the last len(spec_token_ids) of the new tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
     # Fixed when scheduled (the sequence grows afterwards): this step computes the sequence's
-    # last token, so it yields a new token; and it is a decode, one token after earlier output.
+    # last token, so it yields new tokens; and it is a decode, after earlier output.
     samples: bool = field(init=False)
     is_decode: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.context_len == self.seq.num_tokens
-        self.is_decode = (self.num_new_tokens == 1 and self.samples
+        self.samples = self.context_len == self.seq.num_tokens + len(self.spec_token_ids)
+        self.is_decode = (self.num_new_tokens == 1 + len(self.spec_token_ids) and self.samples
                           and self.seq.num_output_tokens > 0)
 
     @property
     def context_len(self) -> int:
         return self.start + self.num_new_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens this step computes: the sequence's, then drafts past its end."""
+        n = self.seq.num_tokens
+        if self.context_len <= n:
+            return self.seq.token_ids[self.start:self.context_len]
+        head = self.seq.token_ids[self.start:n] if self.start < n else []
+        return head + self.spec_token_ids[max(0, self.start - n):self.context_len - n]
 
 
 @dataclass
@@ -62,6 +74,8 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     policy: str = "fcfs"
+    # Speculative decoding: KV slots reserved past each scheduled token for the draft's proposals.
+    num_lookahead_tokens: int = 0
 
 
 class Scheduler:
@@ -125,7 +139,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, n):
+            spec = self._drafts_to_verify(seq, budget) if n == 1 else []
+            n += len(spec)
+            while not self.block_manager.can_allocate(seq, n + self._lookahead(seq, n)):
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled_ids)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -133,7 +149,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self._schedule_seq(out, seq, n, now)
+            self._schedule_seq(out, seq, n, now, spec)
             scheduled_ids.add(id(seq))
             budget -= n
 
@@ -151,7 +167,7 @@ class Scheduler:
                 self._undo_prefix_match(seq)
                 break
             n = min(remaining, budget)
-            if not self.block_manager.can_allocate(seq, n):
+            if not self.block_manager.can_allocate(seq, n + self._lookahead(seq, n)):
                 self._undo_prefix_match(seq)
                 break
             self.waiting.popleft()
@@ -160,11 +176,26 @@ class Scheduler:
             self._schedule_seq(out, seq, n, now)
             budget -= n
 
-    def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, n: int, now: float) -> None:
-        self.block_manager.allocate(seq, n)
+    def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, n: int, now: float,
+                      spec: list[int] | None = None) -> None:
+        self.block_manager.allocate(seq, n + self._lookahead(seq, n))
         if seq.metrics.first_scheduled_time is None:
             seq.metrics.first_scheduled_time = now
-        out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens))
+        out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens, spec or []))
+
+    def _drafts_to_verify(self, seq: Sequence, budget: int) -> list[int]:
+        """The draft tokens a decode can verify this step: within the token budget, the
+        context limit and the tokens the request still wants (past those they are wasted)."""
+        if not seq.spec_token_ids:
+            return []
+        room = min(budget - 1, self.config.max_model_len - seq.num_tokens)
+        if seq.params.max_tokens is not None:
+            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+        return seq.spec_token_ids[:max(0, room)]
+
+    def _lookahead(self, seq: Sequence, n: int) -> int:
+        return max(0, min(self.config.num_lookahead_tokens,
+                          self.config.max_model_len - seq.num_computed_tokens - n))
 
     def _undo_prefix_match(self, seq: Sequence) -> None:
         # A waiting sequence must not pin cached blocks while it cannot run.
@@ -174,6 +205,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.spec_token_ids, seq.draft_probs, seq.num_draft_computed = [], None, 0
         seq.status = SequenceStatus.WAITING
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -181,31 +213,45 @@ class Scheduler:
 
     # -- after the step -----------------------------------------------------------------------
 
-    def update(self, out: SchedulerOutput, sampled: list[int | None], now: float) -> list[Sequence]:
-        """Advance each scheduled sequence by its computed tokens and append its sampled token.
+    def update(self, out: SchedulerOutput, sampled: list[int | list[int] | None],
+               now: float) -> list[Sequence]:
+        """Advance each scheduled sequence by its computed tokens and append its sampled tokens.
 
-        `sampled[i]` belongs to `out.scheduled[i]` and is None where the step ended mid-prefill.
+        `sampled[i]` belongs to `out.scheduled[i]`: None where the step ended mid-prefill, else a
+        token, or with speculative decoding the accepted drafts followed by one more token.
         Returns the sequences that finished in this step.
         """
         finished = []
-        for item, token in zip(out.scheduled, sampled):
+        for item, result in zip(out.scheduled, sampled):
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
-            seq.num_computed_tokens = item.context_len
+            tokens = [result] if isinstance(result, int) else result
+            drafts = len(item.spec_token_ids)
+            # Rejected drafts' keys and values stay in the cache as garbage past the computed
+            # tokens; the next step writes over them.
+            accepted = len(tokens) - 1 if tokens and drafts else 0
+            seq.num_computed_tokens = item.context_len - drafts + accepted
+            seq.spec_token_ids, seq.draft_probs = [], None
+            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
+            if drafts:
+                seq.metrics.num_draft_tokens += drafts
+                seq.metrics.num_accepted_tokens += accepted
             self.block_manager.register_full_blocks(seq)
             if not item.samples:
                 continue
-            assert token is not None, f"no token sampled for {seq.request_id}"
-            seq.token_ids.append(token)
-            if seq.metrics.first_token_time is None:
-                seq.metrics.first_token_time = now
-            seq.metrics.token_times.append(now)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self.running.remove(seq)
-                self._finish(seq, reason, now)
-                finished.append(seq)
+            assert tokens, f"no token sampled for {seq.request_id}"
+            for token in tokens:
+                seq.token_ids.append(token)
+                if seq.metrics.first_token_time is None:
+                    seq.metrics.first_token_time = now
+                seq.metrics.token_times.append(now)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self.running.remove(seq)
+                    self._finish(seq, reason, now)
+                    finished.append(seq)
+                    break
         return finished
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:

@@ -26,6 +26,15 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
+    # Speculative decoding: draft tokens verified by the target, and how many it accepted.
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if not self.num_draft_tokens:
+            return None
+        return self.num_accepted_tokens / self.num_draft_tokens
 
     @property
     def ttft(self) -> float | None:
@@ -76,6 +85,11 @@ class Sequence:
         self.block_hashes: list[int] = []  # hashes of the full blocks at the front of block_table
         self.finish_reason: str | None = None
         self.generator: Any = None  # torch.Generator for seeded sampling; the runner's otherwise
+        # Speculative decoding: the draft's proposals for the next step, the draft's
+        # probabilities for them (None when greedy), and how many tokens the draft's KV holds.
+        self.spec_token_ids: list[int] = []
+        self.draft_probs: Any = None
+        self.num_draft_computed = 0
         self.metrics = RequestMetrics(arrival_time=arrival_time)
 
     def __len__(self) -> int:
