@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 # Most context tokens gathered for one decode group: keeps one layer's gathered keys and values
 # for the group (fp32, 8 MiB each at 256 kv features) within the last-level cache of a small CPU.
 DECODE_GROUP_TOKENS = 8192
+# Continuations of a context up to this many tokens are attended like decodes, row by row.
+ROW_BY_ROW_MAX_TOKENS = 8
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -189,11 +191,16 @@ class ModelRunner:
 
     def _prepare(self, items: list[ScheduledSequence]
                  ) -> tuple[list[int], torch.Tensor, torch.Tensor, AttentionMetadata]:
-        decodes = sorted((i for i, it in enumerate(items) if it.num_new_tokens == 1),
+        # Decodes, and short continuations of a context (speculative verification, a draft
+        # catching up), are attended row by row from the block cache, each token reading its
+        # own prefix; prompts and longer chunks go through the prefill path.
+        decodes = sorted((i for i, it in enumerate(items) if _row_by_row(it)),
                          key=lambda i: items[i].context_len)
-        prefills = [i for i, it in enumerate(items) if it.num_new_tokens > 1]
+        prefills = [i for i, it in enumerate(items) if not _row_by_row(it)]
         order = decodes + prefills
         bs, dev = self.block_size, self.device
+        row_items = [idx for idx in decodes for _ in range(items[idx].num_new_tokens)]
+        decode_ctx = [p + 1 for idx in decodes for p in range(items[idx].start, items[idx].context_len)]
 
         # Built as Python lists and converted once: a dozen small tensor ops here cost more than
         # a batch-1 decode step's attention.
@@ -209,7 +216,7 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         positions = torch.tensor(position_list, dtype=torch.long, device=dev)
         meta = AttentionMetadata(slot_mapping=torch.tensor(slot_list, dtype=torch.long, device=dev),
-                                 num_decode_tokens=len(decodes), compute_dtype=self.attn_dtype)
+                                 num_decode_tokens=len(row_items), compute_dtype=self.attn_dtype)
 
         def block_tables(indices: list[int]) -> torch.Tensor:
             tables = [items[idx].seq.block_table for idx in indices]
@@ -219,20 +226,19 @@ class ModelRunner:
         def context_slots(indices: list[int]) -> torch.Tensor:  # [N, width * bs]
             return (block_tables(indices).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)
 
-        decode_ctx = [items[idx].context_len for idx in decodes]  # ascending
         if decodes and self.use_cpu_kernel:
             meta.decode_kernel = DecodeKernelArgs(
-                block_tables=block_tables(decodes), context_lens=torch.tensor(decode_ctx, device=dev),
-                max_context=decode_ctx[-1], block_size=bs)
+                block_tables=block_tables(row_items), context_lens=torch.tensor(decode_ctx, device=dev),
+                max_context=max(decode_ctx), block_size=bs)
             decode_groups = []
         else:
             decode_groups = _decode_groups(decode_ctx)
         for first, last in decode_groups:
             ctx = decode_ctx[first:last]
-            longest = ctx[-1]
-            slots = context_slots(decodes[first:last])[:, :longest]
+            longest = max(ctx)
+            slots = context_slots(row_items[first:last])[:, :longest]
             group = DecodeGroup(start=first, context_slots=slots)
-            if ctx[0] != longest:
+            if min(ctx) != longest:
                 lens = torch.tensor(ctx, device=dev)
                 padded = torch.arange(longest, device=dev) >= lens.unsqueeze(1)
                 group.mask = self._additive(padded).view(len(ctx), 1, 1, longest)
@@ -240,7 +246,7 @@ class ModelRunner:
                 group.context_slots = torch.where(padded, slots[:, :1], slots)
             meta.decode_groups.append(group)
 
-        start = len(decodes)
+        start = len(row_items)
         for idx in prefills:
             it = items[idx]
             span = PrefillSpan(start=start, length=it.num_new_tokens)
@@ -267,13 +273,19 @@ def _draft_config(path: str, target: ModelConfig, max_positions: int) -> ModelCo
     return draft
 
 
+def _row_by_row(item: ScheduledSequence) -> bool:
+    return item.num_new_tokens == 1 or (item.start > 0 and item.num_new_tokens <= ROW_BY_ROW_MAX_TOKENS)
+
+
 def _decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
-    """Split ascending context lengths into [first, last) runs of <= DECODE_GROUP_TOKENS padded tokens."""
-    groups, first = [], 0
+    """Split context lengths (mostly ascending) into [first, last) runs of at most
+    DECODE_GROUP_TOKENS tokens once padded to the run's longest."""
+    groups, first, longest = [], 0, 0
     for i, length in enumerate(context_lens):
-        if i > first and (i - first + 1) * length > DECODE_GROUP_TOKENS:
+        longest = max(longest, length)
+        if i > first and (i - first + 1) * longest > DECODE_GROUP_TOKENS:
             groups.append((first, i))
-            first = i
+            first, longest = i, length
     if context_lens:
         groups.append((first, len(context_lens)))
     return groups

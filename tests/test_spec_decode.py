@@ -143,3 +143,13 @@ def test_draft_must_share_the_vocabulary(trained_pair, tmp_path):
     other = make_checkpoint("tiny", tmp_path / "tiny", seed=0, dtype="float32")  # vocab 512
     with pytest.raises(ValueError, match="vocab_size=512.*320"):
         _engine(target, other)
+
+
+def test_greedy_exact_on_the_pytorch_paths(trained_pair, pytorch_paths):
+    """Kernels off: verification rows go through the grouped PyTorch decode attention."""
+    target, draft = trained_pair
+    prompts = _prompts((40, 9, 75))
+    plain = [o.token_ids for o in _engine(target).generate(prompts, GREEDY)]
+    spec = _engine(target, draft, k=3)
+    assert spec.engine.runner.model.decode_layers is None
+    assert [o.token_ids for o in spec.generate(prompts, GREEDY)] == plain
