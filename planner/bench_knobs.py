@@ -1,8 +1,11 @@
 """Serving-knob benchmark: what each engine knob does to speed on this machine, in one run.
 
-Today: weight-only quantization, batch-1 decode tokens/s of int8 and int4 against the same
-checkpoint in bf16 (the engines take turns, so every ratio shares the machine's state), with the
-weight bytes a step reads and the rate it reads them at.
+- Weight-only quantization: batch-1 decode tokens/s of int8 and int4 against the same
+  checkpoint in bf16 (the engines take turns, so every ratio shares the machine's state), with
+  the weight bytes a step reads and the rate it reads them at.
+- Speculative decoding: batch-1 decode tokens/s of the `pilot models train` target with its
+  draft at several k against the target alone, on held-out standard-library text, with the
+  acceptance rate.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from rich.table import Table
 from engine import LLM, EngineConfig, SamplingParams
 from engine.layers.linear import Linear
 from planner.bench_engine import _machine_name, default_model_dir, offline_workload
+from planner.training import BOS, stdlib_corpus, train_pair
 
 console = Console()
 TARGETS = {"int8": 1.5, "int4": 1.8}  # batch-1 speed-up over bf16
+SPEC_TARGET = 1.8  # batch-1 speed-up of target + draft over the target alone
 
 
 @dataclass
@@ -36,20 +41,76 @@ class QuantRow:
 
 
 @dataclass
+class SpecRow:
+    num_speculative_tokens: int  # 0: the target alone
+    runs: list[float] = field(default_factory=list)  # tokens/s per (prompt, repeat)
+    acceptance: list[float] = field(default_factory=list)  # per run
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return statistics.mean(self.acceptance) if self.acceptance else None
+
+
+@dataclass
 class KnobsReport:
     machine: str
     model: str
     group_size: int
     rows: list[QuantRow] = field(default_factory=list)
+    pair: str | None = None
+    spec_rows: list[SpecRow] = field(default_factory=list)
 
 
 def linear_weight_bytes(llm: LLM) -> int:
     return sum(m.weight_bytes() for m in llm.engine.runner.model.modules() if isinstance(m, Linear))
 
 
+def default_pair_dir() -> Path:
+    import os
+
+    path = Path(os.environ.get("PILOT_CACHE", Path.home() / ".cache" / "pilot")) / "models" / "pair"
+    if not (path / "target" / "config.json").is_file() or not (path / "draft" / "config.json").is_file():
+        console.print(f"training a target/draft pair into {path} (pilot models train, ~5 min)")
+        train_pair(path)
+    return path
+
+
+def run_spec_benchmark(report: KnobsReport, pair: Path, ks: tuple[int, ...] = (2, 4, 6),
+                       num_prompts: int = 4, decode_tokens: int = 128, repeats: int = 2) -> None:
+    # Prompts from the standard library's source: the training text, which models this small
+    # are far from memorising; every engine gets the same prompts.
+    corpus = stdlib_corpus(8 << 20)
+    prompts = [[BOS] + corpus[-(i + 1) * 4000:-(i + 1) * 4000 + 96].tolist() for i in range(num_prompts)]
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    report.pair = str(pair)
+    engines = {}
+    for k in (0, *ks):
+        with console.status(f"loading the target{' alone' if not k else f' with its draft, k={k}'}"):
+            extra = {} if not k else dict(speculative_model=str(pair / "draft"), num_speculative_tokens=k)
+            engines[k] = LLM(EngineConfig(model=str(pair / "target"), dtype="float32", max_num_seqs=1,
+                                          max_model_len=1024, **extra))
+        engines[k].generate([prompts[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        report.spec_rows.append(SpecRow(k))
+    with torch.inference_mode(), console.status("speculative decoding, batch 1, engines taking turns"):
+        for _ in range(repeats):
+            for prompt in prompts:
+                for row in report.spec_rows:
+                    out = engines[row.num_speculative_tokens].generate([prompt], params)[0]
+                    times = out.metrics.token_times
+                    # Tokens arrive in bursts under speculation: rate over the whole decode.
+                    row.runs.append((len(out.token_ids) - 1) / (times[-1] - times[0]))
+                    if out.metrics.acceptance_rate is not None:
+                        row.acceptance.append(out.metrics.acceptance_rate)
+
+
 def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("int8", "int4"),
                         group_size: int = 128, decode_tokens: int = 128, repeats: int = 5,
-                        json_out: Path | None = None) -> KnobsReport:
+                        json_out: Path | None = None, pair: Path | None = None,
+                        with_spec: bool = True) -> KnobsReport:
     model_dir = Path(model) if model is not None else default_model_dir()
     report = KnobsReport(_machine_name(), str(model_dir), group_size)
     engines: dict[str, LLM] = {}
@@ -70,10 +131,16 @@ def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("
             for row in report.rows:
                 times = engines[row.quantization].generate([prompt], params)[0].metrics.token_times
                 row.runs.append((len(times) - 1) / (times[-1] - times[0]))
+    del engines
+    if with_spec:
+        run_spec_benchmark(report, Path(pair) if pair is not None else default_pair_dir(),
+                           decode_tokens=decode_tokens)
     print_report(report)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(
-            {**asdict(report), "rows": [{**asdict(r), "tok_s": r.tok_s} for r in report.rows]}, indent=2))
+            {**asdict(report), "rows": [{**asdict(r), "tok_s": r.tok_s} for r in report.rows],
+             "spec_rows": [{**asdict(r), "tok_s": r.tok_s, "acceptance_rate": r.acceptance_rate}
+                           for r in report.spec_rows]}, indent=2))
     return report
 
 
@@ -89,4 +156,17 @@ def print_report(report: KnobsReport) -> None:
         table.add_row(label, f"{row.tok_s:.1f}", f"{row.tok_s / base:.2f}x",
                       f">= {target}x" if target else "-", f"{row.weight_bytes / 1e6:.0f}",
                       f"{row.weight_bytes * row.tok_s / 1e9:.1f}")
+    console.print(table)
+    if not report.spec_rows:
+        return
+    table = Table(title=f"speculative decoding, batch 1, trained pair — {report.machine}")
+    for col in ("engine", "tok/s", "vs target alone", "target", "acceptance"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    base = report.spec_rows[0].tok_s
+    for row in report.spec_rows:
+        k = row.num_speculative_tokens
+        rate = row.acceptance_rate
+        table.add_row("target alone" if not k else f"target + draft, k={k}", f"{row.tok_s:.1f}",
+                      f"{row.tok_s / base:.2f}x", f">= {SPEC_TARGET}x" if k else "-",
+                      "-" if rate is None else f"{rate:.0%}")
     console.print(table)

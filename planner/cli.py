@@ -65,7 +65,7 @@ def models_quantize(
 @models_app.command("train")
 def models_train(
     out: Path = typer.Option(..., "--out", help="directory; the pair goes to OUT/target and OUT/draft"),
-    seconds: float = typer.Option(180.0, help="wall-clock training budget for both models"),
+    seconds: float = typer.Option(300.0, help="wall-clock training budget for both models"),
     seed: int = typer.Option(0, help="random seed"),
 ) -> None:
     """Train a byte-level target and a much smaller draft on the Python standard library's source."""
@@ -155,15 +155,19 @@ def bench_knobs(
     group_size: int = typer.Option(128, help="int4 group size"),
     decode_tokens: int = typer.Option(128, help="tokens generated per batch-1 run"),
     repeats: int = typer.Option(5, help="runs per engine (medians shown)"),
+    pair: Optional[Path] = typer.Option(None, "--pair", help="`pilot models train` output for the "
+                                        "speculative-decoding rows; default: train one (~5 min)"),
+    skip_spec: bool = typer.Option(False, "--skip-spec", help="leave out speculative decoding"),
     out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
 ) -> None:
-    """What each serving knob does to speed here: int8/int4 against bf16 at batch 1."""
+    """What each serving knob does to speed here: int8/int4 against bf16, and speculative
+    decoding against the target alone, at batch 1."""
     from engine.model_config import CheckpointError
     from planner.bench_knobs import run_knobs_benchmark
 
     try:
         run_knobs_benchmark(model=model, group_size=group_size, decode_tokens=decode_tokens,
-                            repeats=repeats, json_out=out)
+                            repeats=repeats, json_out=out, pair=pair, with_spec=not skip_spec)
     except (ValueError, CheckpointError) as err:
         _fail(str(err))
 

@@ -34,9 +34,9 @@ def pytorch_paths(monkeypatch):
 def trained_pair(tmp_path_factory):
     """A byte-level target and draft trained for a few seconds on the standard library's source
     (`pilot models train`, shortened): weights with the statistics of trained ones."""
-    from planner.training import train_pair
+    from planner.training import SMALL_TARGET, train_pair
 
     out = tmp_path_factory.mktemp("trained")
     target, draft = train_pair(out, seconds=600, max_steps=80, batch_size=8, seq_len=128,
-                               corpus_bytes=4 << 20)
+                               corpus_bytes=4 << 20, target_shape=SMALL_TARGET)
     return target.path, draft.path

@@ -102,16 +102,22 @@ def test_bench_engine_rejects_unknown_dtype(tiny):
     assert "float8" in result.output
 
 
-def test_bench_knobs_reports_quantization(tmp_path):
-    """The knobs benchmark's pipeline on a small model (the figures themselves are not asserted)."""
+def test_bench_knobs_reports_quantization_and_speculation(tmp_path, trained_pair):
+    """The knobs benchmark's pipeline on small models (the figures themselves are not asserted)."""
     from engine.model_zoo import make_checkpoint
 
     model = make_checkpoint("tiny", tmp_path / "tiny", seed=2, dtype="bfloat16")
     out = tmp_path / "knobs.json"
     result = runner.invoke(app, ["bench", "knobs", "--model", str(model), "--group-size", "32",
-                                 "--decode-tokens", "8", "--repeats", "2", "--out", str(out)])
+                                 "--decode-tokens", "8", "--repeats", "2", "--out", str(out),
+                                 "--pair", str(trained_pair[0].parent)])
     assert result.exit_code == 0, result.output
-    rows = {r["quantization"]: r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    spec = {r["num_speculative_tokens"]: r for r in report["spec_rows"]}
+    assert set(spec) == {0, 2, 4, 6} and spec[0]["acceptance_rate"] is None
+    assert all(r["tok_s"] > 0 for r in spec.values())
+    assert all(0 <= spec[k]["acceptance_rate"] <= 1 for k in (2, 4, 6))
+    rows = {r["quantization"]: r for r in report["rows"]}
     assert set(rows) == {"bf16", "int8", "int4"}
     assert all(len(r["runs"]) == 2 and r["tok_s"] > 0 for r in rows.values())
     # Quantized linears read fewer bytes than bf16 ones: about a half and a third here.
