@@ -51,9 +51,10 @@ class EngineConfig(BaseModel):
     speculative_model: str | None = Field(
         None, description="draft model directory (same tokenizer) for speculative decoding")
     num_speculative_tokens: int | None = Field(None, gt=0, description="drafts verified per step")
+    data_parallel_size: int = Field(
+        1, gt=0, description="independent engine replicas behind one front, threads divided")
     # Knobs implemented by the serving-knobs work; refused until then.
     tensor_parallel_size: int = Field(1, gt=0)
-    data_parallel_size: int = Field(1, gt=0)
 
     @field_validator("device")
     @classmethod
@@ -77,8 +78,6 @@ class EngineConfig(BaseModel):
         refused = []
         if self.tensor_parallel_size != 1:
             refused.append(f"tensor_parallel_size={self.tensor_parallel_size}")
-        if self.data_parallel_size != 1:
-            refused.append(f"data_parallel_size={self.data_parallel_size}")
         return refused
 
     @classmethod

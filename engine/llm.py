@@ -1,4 +1,5 @@
-"""`LLM`: offline generation, streaming and scoring over one `LLMEngine`."""
+"""`LLM`: offline generation, streaming and scoring over an `LLMEngine`, or over several
+replicas behind a `DataParallelEngine` when `data_parallel_size` > 1."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from rich.progress import Progress
 
 from engine.config import EngineConfig
+from engine.data_parallel import DataParallelEngine
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput, StreamToken
@@ -21,9 +23,21 @@ class LLM:
             config = EngineConfig(**kwargs)
         elif kwargs:
             config = config.model_copy(update=kwargs)
-        self.engine = LLMEngine(config)
+        self.engine: LLMEngine | DataParallelEngine = (
+            DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config))
         self.config = config
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        """Stop data-parallel replica processes (a single engine holds nothing to release)."""
+        if isinstance(self.engine, DataParallelEngine):
+            self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(self, prompts: Prompt | SequenceType[Prompt],
                  params: SamplingParams | SequenceType[SamplingParams] | None = None,

@@ -31,6 +31,7 @@ class InvalidRequestError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 @dataclass
@@ -42,6 +43,9 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         refused = config.unsupported_knobs()
+        if config.data_parallel_size > 1:
+            refused.append(f"data_parallel_size={config.data_parallel_size} in one LLMEngine (an "
+                           "LLMEngine is one replica; LLM and DataParallelEngine run several)")
         if refused:
             raise NotImplementedError(
                 f"not supported by this engine yet: {', '.join(refused)}; remove them from the config")

@@ -27,6 +27,7 @@ class StepStats:
     # Speculative decoding: drafts verified in this step and how many the target accepted.
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    replica: int = 0  # which data-parallel replica ran the step
 
     @property
     def num_batched_tokens(self) -> int:

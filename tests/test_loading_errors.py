@@ -345,7 +345,6 @@ def test_speculative_fields_must_come_together(pristine):
 
 @pytest.mark.parametrize("knob, field", [
     ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
-    ({"data_parallel_size": 2}, "data_parallel_size=2"),
 ])
 def test_unimplemented_knobs_are_refused(pristine, knob, field):
     with pytest.raises(NotImplementedError, match=re.escape(field)):

@@ -1,0 +1,75 @@
+"""Data parallelism: replicas in their own processes behind one front, tested end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import EngineConfig, LLM, SamplingParams
+from engine.data_parallel import DataParallelEngine, replica_configs
+from engine.llm_engine import InvalidRequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def dp(model_dir):
+    with LLM(EngineConfig(model=model_dir, dtype="float32", data_parallel_size=2, num_threads=2)) as llm:
+        yield llm
+
+
+def test_replicas_share_the_work_and_match_one_engine(dp, model_dir):
+    prompts = [list(range(300, 300 + n)) for n in (5, 40, 90, 17, 33, 8)]
+    single = LLM(EngineConfig(model=model_dir, dtype="float32", num_threads=1))
+    expected = [o.token_ids for o in single.generate(prompts, GREEDY)]
+    stats = []
+    dp.engine.add_step_observer(stats.append)
+    outs = dp.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert {s.replica for s in stats} == {0, 1}  # both replicas ran steps
+    assert not dp.engine.requests
+
+
+def test_bad_input_is_refused_by_name_and_the_front_keeps_serving(dp):
+    with pytest.raises(InvalidRequestError) as err:
+        dp.generate([[99999]], GREEDY)
+    assert err.value.field == "prompt_token_ids[0]"
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        dp.generate(["x" * 5000], GREEDY)
+    assert len(dp.generate(["still here"], GREEDY)[0].token_ids) == 12
+
+
+def test_abort_stream_and_score(dp):
+    engine = dp.engine
+    request_id = engine.add_request(None, "a long one", SamplingParams(max_tokens=500, ignore_eos=True))
+    engine.abort_request(request_id)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.finish_reason for o in finished if o.request_id == request_id] == ["abort"]
+    tokens = list(dp.stream("stream me", SamplingParams(temperature=0, max_tokens=6)))
+    assert len(tokens) == 6 and tokens[-1].finish_reason == "length"
+    logits = dp.score([1, 2, 3, 4])
+    assert logits.shape == (4, 512)
+
+
+def test_replica_configs_divide_threads_and_memory(model_dir):
+    config = EngineConfig(model=model_dir, data_parallel_size=2, num_threads=4, seed=3)
+    first, second = replica_configs(config)
+    assert first.num_threads == second.num_threads == 2
+    assert first.data_parallel_size == second.data_parallel_size == 1
+    assert first.kv_cache_memory_bytes == second.kv_cache_memory_bytes > 0
+    assert (first.seed, second.seed) == (3, 4)
+    fixed = replica_configs(config.model_copy(update={"num_kv_blocks": 50}))
+    assert all(c.num_kv_blocks == 50 and c.kv_cache_memory_bytes is None for c in fixed)
+
+
+def test_a_replica_that_cannot_start_is_reported(tmp_path):
+    with pytest.raises(Exception, match="missing file|not found"):
+        DataParallelEngine(EngineConfig(model=str(tmp_path), data_parallel_size=2))
+
+
+def test_closing_stops_the_replicas(model_dir):
+    llm = LLM(EngineConfig(model=model_dir, dtype="float32", data_parallel_size=2, num_threads=2))
+    processes = [r.process for r in llm.engine._replicas]
+    llm.close()
+    assert all(p.poll() is not None for p in processes)
