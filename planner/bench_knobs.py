@@ -4,14 +4,17 @@
   checkpoint in bf16 (the engines take turns, so every ratio shares the machine's state), with
   the weight bytes a step reads and the rate it reads them at.
 - Speculative decoding: batch-1 decode tokens/s of the `pilot models train` target with its
-  draft at several k against the target alone, on held-out standard-library text, with the
-  acceptance rate.
+  draft at several k against the target alone, on standard-library text, with the acceptance
+  rate.
+- Data parallelism: offline throughput on the engine benchmark's 64-request workload with the
+  machine's threads split over N replicas against one replica holding them all.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,13 @@ class SpecRow:
 
 
 @dataclass
+class ParallelRow:
+    replicas: int
+    threads_each: int
+    tok_s: float
+
+
+@dataclass
 class KnobsReport:
     machine: str
     model: str
@@ -63,6 +73,7 @@ class KnobsReport:
     rows: list[QuantRow] = field(default_factory=list)
     pair: str | None = None
     spec_rows: list[SpecRow] = field(default_factory=list)
+    parallel_rows: list[ParallelRow] = field(default_factory=list)
 
 
 def linear_weight_bytes(llm: LLM) -> int:
@@ -107,10 +118,32 @@ def run_spec_benchmark(report: KnobsReport, pair: Path, ks: tuple[int, ...] = (2
                         row.acceptance.append(out.metrics.acceptance_rate)
 
 
+def run_parallel_benchmark(report: KnobsReport, model_dir: Path, num_requests: int = 64,
+                           replicas: tuple[int, ...] = (1, 2)) -> None:
+    import os
+
+    threads = os.cpu_count() or 1
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    workload = offline_workload(num_requests, vocab)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in workload]
+    for n in replicas:
+        config = EngineConfig(model=str(model_dir), dtype="bfloat16", max_num_seqs=num_requests,
+                              data_parallel_size=n, num_threads=threads)
+        with console.status(f"offline workload, {n} replica(s) x {max(1, threads // n)} thread(s)"):
+            with LLM(config) as llm:
+                llm.generate([workload[0][0]], SamplingParams(temperature=0, max_tokens=4))
+                start = time.perf_counter()
+                outs = llm.generate([p for p, _ in workload], params)
+                elapsed = time.perf_counter() - start
+        report.parallel_rows.append(ParallelRow(n, max(1, threads // n),
+                                                sum(len(o.token_ids) for o in outs) / elapsed))
+
+
 def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("int8", "int4"),
                         group_size: int = 128, decode_tokens: int = 128, repeats: int = 5,
                         json_out: Path | None = None, pair: Path | None = None,
-                        with_spec: bool = True) -> KnobsReport:
+                        with_spec: bool = True, with_parallel: bool = True,
+                        num_requests: int = 64) -> KnobsReport:
     model_dir = Path(model) if model is not None else default_model_dir()
     report = KnobsReport(_machine_name(), str(model_dir), group_size)
     engines: dict[str, LLM] = {}
@@ -135,6 +168,8 @@ def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("
     if with_spec:
         run_spec_benchmark(report, Path(pair) if pair is not None else default_pair_dir(),
                            decode_tokens=decode_tokens)
+    if with_parallel:
+        run_parallel_benchmark(report, model_dir, num_requests=num_requests)
     print_report(report)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(
@@ -150,23 +185,28 @@ def print_report(report: KnobsReport) -> None:
         table.add_column(col, justify="left" if col == "weights" else "right")
     base = report.rows[0].tok_s
     for row in report.rows:
-        label = row.quantization if row.quantization == "bf16" else (
-            f"{row.quantization}" + (f" (group {report.group_size})" if row.quantization == "int4" else ""))
+        label = row.quantization + (f" (group {report.group_size})" if row.quantization == "int4" else "")
         target = TARGETS.get(row.quantization)
         table.add_row(label, f"{row.tok_s:.1f}", f"{row.tok_s / base:.2f}x",
                       f">= {target}x" if target else "-", f"{row.weight_bytes / 1e6:.0f}",
                       f"{row.weight_bytes * row.tok_s / 1e9:.1f}")
     console.print(table)
-    if not report.spec_rows:
-        return
-    table = Table(title=f"speculative decoding, batch 1, trained pair — {report.machine}")
-    for col in ("engine", "tok/s", "vs target alone", "target", "acceptance"):
-        table.add_column(col, justify="left" if col == "engine" else "right")
-    base = report.spec_rows[0].tok_s
-    for row in report.spec_rows:
-        k = row.num_speculative_tokens
-        rate = row.acceptance_rate
-        table.add_row("target alone" if not k else f"target + draft, k={k}", f"{row.tok_s:.1f}",
-                      f"{row.tok_s / base:.2f}x", f">= {SPEC_TARGET}x" if k else "-",
-                      "-" if rate is None else f"{rate:.0%}")
-    console.print(table)
+    if report.spec_rows:
+        table = Table(title=f"speculative decoding, batch 1, trained pair — {report.machine}")
+        for col in ("engine", "tok/s", "vs target alone", "target", "acceptance"):
+            table.add_column(col, justify="left" if col == "engine" else "right")
+        base = report.spec_rows[0].tok_s
+        for spec in report.spec_rows:
+            k, rate = spec.num_speculative_tokens, spec.acceptance_rate
+            table.add_row("target alone" if not k else f"target + draft, k={k}", f"{spec.tok_s:.1f}",
+                          f"{spec.tok_s / base:.2f}x", f">= {SPEC_TARGET}x" if k else "-",
+                          "-" if rate is None else f"{rate:.0%}")
+        console.print(table)
+    if report.parallel_rows:
+        table = Table(title=f"data parallelism, offline workload — {report.machine}")
+        for col in ("replicas x threads", "tok/s", "vs one replica"):
+            table.add_column(col, justify="left" if col.startswith("replicas") else "right")
+        base = report.parallel_rows[0].tok_s
+        for par in report.parallel_rows:
+            table.add_row(f"{par.replicas} x {par.threads_each}", f"{par.tok_s:.1f}", f"{par.tok_s / base:.2f}x")
+        console.print(table)

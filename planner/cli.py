@@ -158,16 +158,19 @@ def bench_knobs(
     pair: Optional[Path] = typer.Option(None, "--pair", help="`pilot models train` output for the "
                                         "speculative-decoding rows; default: train one (~5 min)"),
     skip_spec: bool = typer.Option(False, "--skip-spec", help="leave out speculative decoding"),
+    skip_parallel: bool = typer.Option(False, "--skip-parallel", help="leave out data parallelism"),
+    num_requests: int = typer.Option(64, help="requests in the data-parallel offline workload"),
     out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
 ) -> None:
-    """What each serving knob does to speed here: int8/int4 against bf16, and speculative
-    decoding against the target alone, at batch 1."""
+    """What each serving knob does to speed here: int8/int4 against bf16 and speculative
+    decoding against the target alone at batch 1; data-parallel replicas against one."""
     from engine.model_config import CheckpointError
     from planner.bench_knobs import run_knobs_benchmark
 
     try:
         run_knobs_benchmark(model=model, group_size=group_size, decode_tokens=decode_tokens,
-                            repeats=repeats, json_out=out, pair=pair, with_spec=not skip_spec)
+                            repeats=repeats, json_out=out, pair=pair, with_spec=not skip_spec,
+                            with_parallel=not skip_parallel, num_requests=num_requests)
     except (ValueError, CheckpointError) as err:
         _fail(str(err))
 

@@ -110,13 +110,14 @@ def test_bench_knobs_reports_quantization_and_speculation(tmp_path, trained_pair
     out = tmp_path / "knobs.json"
     result = runner.invoke(app, ["bench", "knobs", "--model", str(model), "--group-size", "32",
                                  "--decode-tokens", "8", "--repeats", "2", "--out", str(out),
-                                 "--pair", str(trained_pair[0].parent)])
+                                 "--pair", str(trained_pair[0].parent), "--num-requests", "4"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     spec = {r["num_speculative_tokens"]: r for r in report["spec_rows"]}
     assert set(spec) == {0, 2, 4, 6} and spec[0]["acceptance_rate"] is None
     assert all(r["tok_s"] > 0 for r in spec.values())
     assert all(0 <= spec[k]["acceptance_rate"] <= 1 for k in (2, 4, 6))
+    assert [(r["replicas"], r["tok_s"] > 0) for r in report["parallel_rows"]] == [(1, True), (2, True)]
     rows = {r["quantization"]: r for r in report["rows"]}
     assert set(rows) == {"bf16", "int8", "int4"}
     assert all(len(r["runs"]) == 2 and r["tok_s"] > 0 for r in rows.values())
