@@ -13,6 +13,7 @@ import torch
 from engine.config import EngineConfig
 from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
+from engine.kernels import gpu as gpu_kernels
 from engine.kernels.cpu_layers import DecodeLayers
 from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
 from engine.loader import load_model
@@ -83,8 +84,11 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        # Decode attention straight from the block cache where the compiled CPU kernel exists.
+        # Decode attention straight from the block cache where a kernel exists: the compiled C
+        # one on the CPU, Triton on CUDA; otherwise gathered copies through PyTorch's attention.
         self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device)
+        self.decode_backend = ("cpu" if self.use_cpu_kernel
+                               else "triton" if gpu_kernels.available(self.device.type) else None)
         for model in (self.model, self.draft):
             if model is not None and self.use_cpu_kernel and DecodeLayers.supported(model):
                 model.decode_layers = DecodeLayers(model)
@@ -226,10 +230,10 @@ class ModelRunner:
         def context_slots(indices: list[int]) -> torch.Tensor:  # [N, width * bs]
             return (block_tables(indices).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)
 
-        if decodes and self.use_cpu_kernel:
+        if decodes and self.decode_backend is not None:
             meta.decode_kernel = DecodeKernelArgs(
                 block_tables=block_tables(row_items), context_lens=torch.tensor(decode_ctx, device=dev),
-                max_context=max(decode_ctx), block_size=bs)
+                max_context=max(decode_ctx), block_size=bs, backend=self.decode_backend)
             decode_groups = []
         else:
             decode_groups = _decode_groups(decode_ctx)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kernels import cpu as cpu_kernels
+from engine.kernels import gpu as gpu_kernels
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DecodeKernelArgs:
     context_lens: torch.Tensor  # [B] int64
     max_context: int
     block_size: int
+    backend: str = "cpu"  # "cpu": the compiled C kernel; "triton": the Triton kernel (CUDA)
 
 
 @dataclass
@@ -105,7 +107,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """One query token per sequence, q: [B, H, D] -> [B, H, D], through the kernel or groups."""
     if meta.decode_kernel is not None:
         args = meta.decode_kernel
-        return cpu_kernels.paged_decode_attention(
+        kernel = gpu_kernels if args.backend == "triton" else cpu_kernels
+        return kernel.paged_decode_attention(
             q, k_cache, v_cache, args.block_tables, args.context_lens, args.block_size, scale,
             args.max_context)
     kv_heads = k_cache.shape[1] // q.shape[-1]

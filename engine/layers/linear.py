@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.kernels import cpu as cpu_kernels
+from engine.kernels import gpu as gpu_kernels
 from engine.quantization import QuantizedWeight
 
 _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
@@ -38,7 +39,8 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # "plain", "panels" (the engine's kernel), "onednn", or for quantized weights
-        # "int8"/"int4" (the engine's kernel) and "int8-dequant"/"int4-dequant" (PyTorch).
+        # "int8"/"int4" (the engine's CPU kernel), "int8-triton" (CUDA) and
+        # "int8-dequant"/"int4-dequant" (PyTorch, dequantizing per call).
         self.layout = "plain"
         self.quantized: cpu_kernels.PackedQuantized | QuantizedWeight | None = None
 
@@ -58,21 +60,25 @@ class Linear(nn.Module):
         del self.weight
         self.register_buffer("weight", packed, persistent=False)
 
-    def set_quantized(self, weight: QuantizedWeight) -> None:
-        """Hold a weight-only quantized weight in place of the float one."""
+    def set_quantized(self, weight: QuantizedWeight, backend: str | None = None) -> None:
+        """Hold a weight-only quantized weight in place of the float one. `backend` ("cpu",
+        "triton" or "dequant") defaults to the fastest this device runs."""
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight of shape {weight.shape} for a linear layer "
                              f"[{self.out_features}, {self.in_features}]")
         float_weight = self.weight
-        method = f"int{weight.bits}"
-        if cpu_kernels.quant_linear_supported(float_weight.dtype, float_weight.device, weight):
+        device, method = float_weight.device, f"int{weight.bits}"
+        if backend is None:
+            backend = ("cpu" if cpu_kernels.quant_linear_supported(float_weight.dtype, device, weight)
+                       else "triton" if weight.bits == 8 and gpu_kernels.available(device.type)
+                       else "dequant")
+        if backend == "cpu":
             self.quantized, self.layout = cpu_kernels.pack_quantized(weight), method
         else:
-            device = float_weight.device
             self.quantized = QuantizedWeight(weight.qweight.to(device), weight.scales.to(device),
                                              None if weight.mins is None else weight.mins.to(device),
                                              weight.bits, weight.group_size)
-            self.layout = f"{method}-dequant"
+            self.layout = f"{method}-{backend}"
         del self.weight
         self.register_buffer("weight", torch.empty(0, dtype=float_weight.dtype,
                                                    device=float_weight.device), persistent=False)
@@ -90,9 +96,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
-            if isinstance(self.quantized, cpu_kernels.PackedQuantized):
-                return cpu_kernels.quant_linear(x, self.quantized, self.bias, self.out_features)
-            return F.linear(x, self.quantized.dequantize().to(x.dtype), self.bias)
+            q = self.quantized
+            if isinstance(q, cpu_kernels.PackedQuantized):
+                return cpu_kernels.quant_linear(x, q, self.bias, self.out_features)
+            if self.layout == "int8-triton":
+                return gpu_kernels.int8_linear(x, q.qweight, q.scales, self.bias)
+            return F.linear(x, q.dequantize().to(x.dtype), self.bias)
         if self.layout == "panels":
             return cpu_kernels.linear(x, self.weight, self.bias, self.out_features)
         if self.layout == "onednn":
