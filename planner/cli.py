@@ -104,6 +104,11 @@ def generate(
     dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
     ignore_eos: bool = typer.Option(False, "--ignore-eos"),
+    quantization: Optional[str] = typer.Option(None, help="int8 or int4 weight-only"),
+    speculative_model: Optional[Path] = typer.Option(None, "--speculative-model",
+                                                     help="draft model directory"),
+    num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens",
+                                               help="drafts per step, with --speculative-model"),
 ) -> None:
     """Stream a completion to the terminal."""
     from pydantic import ValidationError
@@ -114,8 +119,11 @@ def generate(
     try:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_tokens=max_tokens, ignore_eos=ignore_eos)
+        spec = ({} if speculative_model is None else
+                {"speculative_model": str(speculative_model), "num_speculative_tokens": num_speculative_tokens})
         with console.status(f"loading {model}"):
-            llm = LLM(EngineConfig(model=str(model), dtype=dtype, device=device))
+            llm = LLM(EngineConfig(model=str(model), dtype=dtype, device=device,
+                                   quantization=quantization, **spec))
         last = None
         for token in llm.stream(prompt, params):
             sys.stdout.write(token.text)

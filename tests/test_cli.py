@@ -124,3 +124,16 @@ def test_bench_knobs_reports_quantization_and_speculation(tmp_path, trained_pair
     # Quantized linears read fewer bytes than bf16 ones: about a half and a third here.
     assert rows["int8"]["weight_bytes"] < 0.6 * rows["bf16"]["weight_bytes"]
     assert rows["int4"]["weight_bytes"] < 0.45 * rows["bf16"]["weight_bytes"]
+
+
+def test_generate_with_quantization_and_a_draft(trained_pair):
+    target, draft = trained_pair
+    result = runner.invoke(app, ["generate", "--model", str(target), "--prompt", "def main(",
+                                 "--max-tokens", "12", "--quantization", "int8",
+                                 "--speculative-model", str(draft), "--num-speculative-tokens", "3",
+                                 "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "finish_reason=length" in result.output
+    bad = runner.invoke(app, ["generate", "--model", str(target), "--prompt", "x",
+                              "--quantization", "int3"])
+    assert bad.exit_code == 2 and "quantization" in bad.output
