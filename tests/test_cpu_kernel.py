@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.kernels import cpu as cpu_kernels
 from engine.model_zoo import make_checkpoint
+from references import paged_decode_attention_reference
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler: kernel not built")
-
-
-def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
-    kv_heads = k_cache.shape[1] // q.shape[-1]
-    rows = []
-    for b in range(q.shape[0]):
-        n = int(lens[b])
-        slots = (tables[b].unsqueeze(-1) * block_size + torch.arange(block_size)).flatten()[:n]
-        k = k_cache[slots].float().view(n, kv_heads, -1).transpose(0, 1)
-        v = v_cache[slots].float().view(n, kv_heads, -1).transpose(0, 1)
-        rows.append(F.scaled_dot_product_attention(q[b].float().unsqueeze(1), k, v, scale=scale,
-                                                   enable_gqa=True).squeeze(1))
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
@@ -48,7 +35,7 @@ def test_kernel_matches_pytorch(dtype, tol, heads, kv_heads, head_dim, block_siz
     out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size, scale,
                                              int(lens.max()))
     assert out.dtype == dtype and out.shape == q.shape
-    ref = _reference(q, k_cache, v_cache, tables, lens, block_size, scale)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, block_size, scale)
     assert (out.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
@@ -67,7 +54,7 @@ def test_kernel_never_reads_unwritten_slots():
     q = torch.randn(2, heads, head_dim)
     out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size, 0.2, 10)
     assert torch.isfinite(out).all()
-    ref = _reference(q, k_cache, v_cache, tables, lens, block_size, 0.2)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, block_size, 0.2)
     assert torch.allclose(out, ref, atol=1e-5)
 
 

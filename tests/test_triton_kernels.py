@@ -12,27 +12,14 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from engine.kernels import triton_attention  # noqa: E402
+from references import paged_decode_attention_reference  # noqa: E402
 
 if not getattr(triton_attention._partial_kernel, "__class__", None).__name__.startswith("Interpreted"):
     pytest.skip("the Triton kernels were imported before TRITON_INTERPRET was set",
                 allow_module_level=True)
-
-
-def _reference(q, k_cache, v_cache, tables, lens, block_size, scale):
-    kv_heads = k_cache.shape[1] // q.shape[-1]
-    rows = []
-    for b in range(q.shape[0]):
-        n = int(lens[b])
-        slots = (tables[b].unsqueeze(-1) * block_size + torch.arange(block_size)).flatten()[:n]
-        k = k_cache[slots].float().view(n, kv_heads, -1).transpose(0, 1)
-        v = v_cache[slots].float().view(n, kv_heads, -1).transpose(0, 1)
-        rows.append(F.scaled_dot_product_attention(q[b].float().unsqueeze(1), k, v, scale=scale,
-                                                   enable_gqa=True).squeeze(1))
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -54,7 +41,7 @@ def test_paged_decode_attention_matches_pytorch(dtype, tol, heads, kv_heads, hea
     scale = head_dim ** -0.5
     out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size,
                                                   scale, int(lens.max()))
-    ref = _reference(q, k_cache, v_cache, tables, lens, block_size, scale)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, block_size, scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert (out.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
