@@ -83,10 +83,6 @@ class Linear(nn.Module):
         self.register_buffer("weight", torch.empty(0, dtype=float_weight.dtype,
                                                    device=float_weight.device), persistent=False)
 
-    @property
-    def packed(self) -> bool:
-        return self.layout != "plain"
-
     def weight_bytes(self) -> int:
         """Bytes a forward pass reads for the weight (quantized parts included)."""
         if self.quantized is None:
