@@ -1,8 +1,7 @@
 """`EngineConfig`: the engine's settings, and the schema of the serving config file.
 
 Field names follow vLLM's where one exists, so a plan written by the planner reads like a vLLM
-command line. Knobs that later work will implement are already part of the schema, and the engine
-refuses them loudly (`NotImplementedError` naming the field) rather than ignoring them.
+command line.
 """
 
 from __future__ import annotations
@@ -53,8 +52,9 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int | None = Field(None, gt=0, description="drafts verified per step")
     data_parallel_size: int = Field(
         1, gt=0, description="independent engine replicas behind one front, threads divided")
-    # Knobs implemented by the serving-knobs work; refused until then.
-    tensor_parallel_size: int = Field(1, gt=0)
+    tensor_parallel_size: int = Field(
+        1, gt=0, description="ranks each holding a shard of every layer (torch.distributed: gloo on "
+                             "the CPU, NCCL on CUDA); must divide the heads, KV heads and MLP width")
 
     @field_validator("device")
     @classmethod
@@ -72,13 +72,6 @@ class EngineConfig(BaseModel):
                 f"num_speculative_tokens={self.num_speculative_tokens!r})"
             )
         return self
-
-    def unsupported_knobs(self) -> list[str]:
-        """Fields set to values this engine cannot honour yet."""
-        refused = []
-        if self.tensor_parallel_size != 1:
-            refused.append(f"tensor_parallel_size={self.tensor_parallel_size}")
-        return refused
 
     @classmethod
     def from_file(cls, path: str | Path) -> "EngineConfig":

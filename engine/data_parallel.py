@@ -69,6 +69,7 @@ def _serve(config: EngineConfig, conn: Connection, index: int) -> None:
         while conn.poll(0 if engine.has_unfinished_requests() else None):
             kind, payload = conn.recv()
             if kind == "stop":
+                engine.close()
                 return
             if kind == "add":
                 request_id, prompt, params, priority = payload

@@ -29,9 +29,8 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def close(self) -> None:
-        """Stop data-parallel replica processes (a single engine holds nothing to release)."""
-        if isinstance(self.engine, DataParallelEngine):
-            self.engine.close()
+        """Stop the processes behind the engine: data-parallel replicas, tensor-parallel ranks."""
+        self.engine.close()
 
     def __enter__(self) -> "LLM":
         return self

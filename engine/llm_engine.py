@@ -14,12 +14,14 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.distributed import TensorParallel, check_shardable
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.observer import StepObserver, StepStats
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import RequestOutput, Sequence
+from engine.tensor_parallel import TensorParallelWorkers, rank_config
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,13 +44,9 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
-        refused = config.unsupported_knobs()
         if config.data_parallel_size > 1:
-            refused.append(f"data_parallel_size={config.data_parallel_size} in one LLMEngine (an "
-                           "LLMEngine is one replica; LLM and DataParallelEngine run several)")
-        if refused:
-            raise NotImplementedError(
-                f"not supported by this engine yet: {', '.join(refused)}; remove them from the config")
+            raise ValueError(f"data_parallel_size={config.data_parallel_size} in one LLMEngine: an "
+                             "LLMEngine is one replica; LLM and DataParallelEngine run several")
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, self.model_config.bos_token_id)
@@ -57,7 +55,7 @@ class LLMEngine:
             raise ValueError(
                 f"max_model_len={config.max_model_len} exceeds the model's "
                 f"max_position_embeddings={model_max}")
-        self.runner = ModelRunner(config, self.model_config, config.max_model_len or model_max)
+        self.runner = self._start_runner(config, config.max_model_len or model_max)
         self.max_model_len = self._resolve_max_model_len(model_max)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
@@ -82,6 +80,37 @@ class LLMEngine:
         self.observers: list[StepObserver] = []
         self.step_count = 0
         self._ids = itertools.count()
+
+    def _start_runner(self, config: EngineConfig, max_positions: int) -> ModelRunner:
+        """This process's runner; with tensor parallelism rank 0's, once the other ranks
+        (started here, or by torchrun) hold their shards."""
+        self.tp_workers: TensorParallelWorkers | None = None
+        if config.tensor_parallel_size == 1:
+            return ModelRunner(config, self.model_config, max_positions)
+        cfg = self.model_config
+        check_shardable(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size,
+                        config.tensor_parallel_size)  # before any process starts
+        self.tp_workers = TensorParallelWorkers(config)
+        try:
+            runner = ModelRunner(rank_config(config), self.model_config, max_positions,
+                                 tp=TensorParallel(0, config.tensor_parallel_size))
+            self.tp_workers.connect(runner)
+        except BaseException:
+            self.tp_workers.close()
+            raise
+        return runner
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any (one process holds nothing else to release)."""
+        if self.tp_workers is not None:
+            self.tp_workers.close()
+            self.tp_workers = None
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _resolve_max_model_len(self, model_max: int) -> int:
         capacity = self.runner.num_kv_blocks * self.config.block_size

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from engine.distributed import TensorParallel
 from engine.model_config import CheckpointError, ModelConfig
 from engine.models.llama import LlamaForCausalLM, checkpoint_shapes, linear_shapes
 from engine.quantization import DEFAULT_GROUP_SIZE, QuantizedWeight, check_scheme, quantize
@@ -58,9 +59,12 @@ def _tensor_names(path: Path) -> list[str]:
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, quantization: str | None = None,
-               group_size: int = DEFAULT_GROUP_SIZE) -> LlamaForCausalLM:
-    """Build the model and load its weights. `quantization` ("int8" | "int4") quantizes a float
-    checkpoint's linear layers at load; a pre-quantized checkpoint loads as it was written."""
+               group_size: int = DEFAULT_GROUP_SIZE, tp: TensorParallel = TensorParallel()
+               ) -> LlamaForCausalLM:
+    """Build the model and load its weights (this rank's shard of them under tensor
+    parallelism). `quantization` ("int8" | "int4") quantizes a float checkpoint's linear layers
+    at load, each whole before it is sharded, so every shard holds exactly the weights a single
+    process would; a pre-quantized checkpoint loads as it was written."""
     model_dir = Path(model_dir)
     if config.quantization is not None and quantization not in (None, config.quantization[0]):
         raise CheckpointError(f"{model_dir} is quantized as {config.quantization[0]}; "
@@ -76,7 +80,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
         raise CheckpointError(f"{model_dir}: missing tensor {', '.join(missing[:3])}{more}")
 
     with torch.device(device):
-        model = LlamaForCausalLM(config, max_positions, dtype)
+        model = LlamaForCausalLM(config, max_positions, dtype, tp)
     model.to(dtype)
     with ExitStack() as stack:
         handles = {path: stack.enter_context(open_safetensors(path)) for path in set(files.values())}
@@ -105,20 +109,21 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
 
         def get_linear(prefix: str) -> torch.Tensor | QuantizedWeight:
             if config.quantization is None:
-                return get(prefix + ".weight")
-            method, group_size = config.quantization
-            bits, group = check_scheme(method, group_size, linears[prefix][1])
+                tied = prefix == "lm_head" and config.tie_word_embeddings
+                weight = get("model.embed_tokens.weight" if tied else prefix + ".weight")
+                if quantization is None:
+                    return weight
+                try:
+                    return quantize(weight, quantization, group_size)
+                except ValueError as err:
+                    raise ValueError(f"{err} (quantizing {model_dir})") from err
+            method, stored_group = config.quantization
+            bits, group = check_scheme(method, stored_group, linears[prefix][1])
             mins = raw(prefix + ".mins") if bits == 4 else None
             return QuantizedWeight.from_checkpoint(raw(prefix + ".qweight"), raw(prefix + ".scales"),
                                                    mins, bits, group)
 
         model.load_hf_weights(get, get_linear)
-    if quantization is not None and config.quantization is None:
-        for linear in model.quantizable_linears():
-            try:
-                linear.set_quantized(quantize(linear.weight.data, quantization, group_size))
-            except ValueError as err:
-                raise ValueError(f"{err} (quantizing {model_dir})") from err
     for module in model.modules():
         if hasattr(module, "pack"):
             module.pack()

@@ -10,7 +10,9 @@ import os
 
 import torch
 
+from engine import tensor_parallel
 from engine.config import EngineConfig
+from engine.distributed import TensorParallel
 from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
 from engine.kernels import gpu as gpu_kernels
@@ -62,10 +64,14 @@ def available_host_memory() -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_positions: int,
+                 tp: TensorParallel = TensorParallel()) -> None:
         self.config = config
         self.model_config = model_config
+        self.tp = tp
         self.device = resolve_device(config.device)
+        if tp.enabled and self.device.type == "cuda":  # a GPU per rank
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", tp.rank)))
         self.dtype = resolve_dtype(config.dtype, model_config)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
@@ -73,7 +79,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions,
-                                config.quantization, config.quantization_group_size)
+                                config.quantization, config.quantization_group_size, tp)
         self.draft: LlamaForCausalLM | None = None
         self.draft_config: ModelConfig | None = None
         if config.speculative_model is not None:
@@ -90,7 +96,10 @@ class ModelRunner:
         self.decode_backend = ("cpu" if self.use_cpu_kernel
                                else "triton" if gpu_kernels.available(self.device.type) else None)
         for model in (self.model, self.draft):
-            if model is not None and self.use_cpu_kernel and DecodeLayers.supported(model):
+            # The one-call layers have no all-reduce inside: a tensor-parallel shard takes the
+            # Python forward, whose fused kernels run all the same.
+            if (model is not None and self.use_cpu_kernel and DecodeLayers.supported(model)
+                    and not model.tp.enabled):
                 model.decode_layers = DecodeLayers(model)
         self.proposer = (DraftProposer(self, self.draft, config.num_speculative_tokens or 1, max_positions)
                          if self.draft is not None else None)
@@ -99,9 +108,10 @@ class ModelRunner:
 
     @property
     def kv_bytes_per_block(self) -> int:
-        """A block's keys and values in every layer, the draft's too: the two share blocks."""
-        per_token = sum(2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-                        for cfg in (self.model_config, self.draft_config) if cfg is not None)
+        """A block's keys and values in every layer (this rank's heads), the draft's too: the
+        two share blocks."""
+        per_token = sum(2 * len(model.layers) * _kv_features(model)
+                        for model in (self.model, self.draft) if model is not None)
         return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
 
     def _num_kv_blocks(self) -> int:
@@ -134,7 +144,7 @@ class ModelRunner:
         num_slots = self.num_kv_blocks * self.block_size
         # Uninitialised on purpose (no GBs zero-filled at start-up): attention only ever gathers
         # slots that hold written tokens, padding included (see _prepare).
-        cache = torch.empty(cfg.num_hidden_layers, 2, num_slots, cfg.num_key_value_heads * cfg.head_dim,
+        cache = torch.empty(cfg.num_hidden_layers, 2, num_slots, _kv_features(model),
                             dtype=self.dtype, device=self.device)
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache = cache[i, 0]
@@ -148,7 +158,7 @@ class ModelRunner:
         """Run the step. Per scheduled sequence: None mid-prefill, else its new tokens (one, or
         with speculative decoding the accepted drafts and one more)."""
         order, input_ids, positions, meta = self._prepare(out.scheduled)
-        hidden = self.model(input_ids, positions, meta)
+        hidden = self._forward(input_ids, positions, meta)
         rows: list[int] = []
         spans: dict[int, slice] = {}  # scheduled index -> its rows among `rows`
         row = 0
@@ -187,7 +197,13 @@ class ModelRunner:
     def logits_all(self, item: ScheduledSequence) -> torch.Tensor:
         """Logits at every computed position of one sequence: [num_new_tokens, vocab]."""
         _, input_ids, positions, meta = self._prepare([item])
-        return self.model.compute_logits(self.model(input_ids, positions, meta))
+        return self.model.compute_logits(self._forward(input_ids, positions, meta))
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.tp.enabled:  # the other ranks run the same pass on their shards
+            tensor_parallel.send_step(input_ids, positions, meta)
+        return self.model(input_ids, positions, meta)
 
     def _additive(self, blocked: torch.Tensor) -> torch.Tensor:
         return torch.zeros(blocked.shape, dtype=self.attn_dtype, device=self.device).masked_fill_(
@@ -275,6 +291,12 @@ def _draft_config(path: str, target: ModelConfig, max_positions: int) -> ModelCo
     if draft.is_moe:
         raise ValueError("speculative_model: a mixture-of-experts draft is not supported")
     return draft
+
+
+def _kv_features(model: LlamaForCausalLM) -> int:
+    """Key (or value) features per token and layer in this rank's cache."""
+    attn = model.layers[0].self_attn
+    return attn.num_kv_heads * attn.head_dim
 
 
 def _row_by_row(item: ScheduledSequence) -> bool:

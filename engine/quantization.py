@@ -51,6 +51,24 @@ class QuantizedWeight:
             None if first.mins is None else torch.cat([p.mins for p in parts]),  # type: ignore[misc]
             first.bits, first.group_size)
 
+    def narrow(self, dim: int, start: int, length: int) -> "QuantizedWeight":
+        """Rows (dim 0) or input features (dim 1) start..start+length, as a tensor-parallel
+        shard; input features must keep whole groups."""
+        if dim == 0:
+            return QuantizedWeight(self.qweight[start:start + length], self.scales[start:start + length],
+                                   None if self.mins is None else self.mins[start:start + length],
+                                   self.bits, self.group_size)
+        qweight = self.qweight[:, start:start + length]
+        if self.group_size == self.shape[1]:  # per output channel: the row's scale still holds
+            return QuantizedWeight(qweight, self.scales, self.mins, self.bits, length)
+        if start % self.group_size or length % self.group_size:
+            raise ValueError(f"a shard of input features {start}..{start + length} splits a "
+                             f"quantization group of {self.group_size}")
+        groups = slice(start // self.group_size, (start + length) // self.group_size)
+        return QuantizedWeight(qweight, self.scales[:, groups],
+                               None if self.mins is None else self.mins[:, groups],
+                               self.bits, self.group_size)
+
     # -- checkpoint form: int4 packs two values a byte along K, low nibble first --------------
 
     def to_checkpoint(self, prefix: str) -> dict[str, torch.Tensor]:

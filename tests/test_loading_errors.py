@@ -1,8 +1,8 @@
 """A model directory or engine config that cannot be used fails with an error naming the problem.
 
 Checkpoint problems raise `engine.model_config.CheckpointError` (a `ValueError`) whose message
-names the file or tensor; unknown config keys are pydantic validation errors; knobs the engine
-does not implement yet raise `NotImplementedError` naming the field.
+names the file or tensor; unknown config keys are pydantic validation errors; a knob the model
+cannot take (a tensor-parallel size that does not divide its heads) is a `ValueError` naming both.
 """
 
 from __future__ import annotations
@@ -343,12 +343,12 @@ def test_speculative_fields_must_come_together(pristine):
         EngineConfig(model=str(pristine), speculative_model=str(pristine))
 
 
-@pytest.mark.parametrize("knob, field", [
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size=2"),
-])
-def test_unimplemented_knobs_are_refused(pristine, knob, field):
-    with pytest.raises(NotImplementedError, match=re.escape(field)):
-        _load(pristine, **knob)
+@pytest.mark.parametrize("size, field", [(3, "num_attention_heads (4)"),
+                                         (4, "num_key_value_heads (2)")])
+def test_tensor_parallel_size_must_divide_the_heads(pristine, size, field):
+    with pytest.raises(ValueError, match=re.escape(f"tensor_parallel_size={size} must divide the "
+                                                   f"model's {field}")):
+        _load(pristine, tensor_parallel_size=size)
 
 
 def test_max_model_len_beyond_the_model(pristine):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import TensorParallel
 from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear
@@ -58,10 +59,12 @@ class VocabEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """This rank's heads; o_proj's output is its partial sum (the layer all-reduces it)."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = tp.local(config.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = tp.local(config.num_key_value_heads, "num_key_value_heads")
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -109,12 +112,13 @@ class MLP(nn.Module):
 class MixtureOfExperts(nn.Module):
     """Mixtral's sparse block: a router picks top-k experts per token, weights renormalised."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.gate = Linear(config.hidden_size, config.num_local_experts)
+        intermediate = tp.local(config.intermediate_size, "intermediate_size")
         self.experts = nn.ModuleList(
-            MLP(config.hidden_size, config.intermediate_size) for _ in range(config.num_local_experts))
+            MLP(config.hidden_size, intermediate) for _ in range(config.num_local_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(self.gate(x).float(), dim=-1)
@@ -129,13 +133,15 @@ class MixtureOfExperts(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
+        self.tp = tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (MixtureOfExperts(config) if config.is_moe
-                               else MLP(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (
+            MixtureOfExperts(config, tp) if config.is_moe
+            else MLP(config.hidden_size, tp.local(config.intermediate_size, "intermediate_size")))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryStep,
                 meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,18 +151,21 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, meta), residual)
-        return self.mlp(h), residual
+        attn = self.tp.all_reduce(self.self_attn(h, rope, meta))
+        h, residual = self.post_attention_layernorm(attn, residual)
+        return self.tp.all_reduce(self.mlp(h)), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
+                 tp: TensorParallel = TensorParallel()) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta,
                                       config.rope_scaling, dtype)
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # A separate head even when tied: the head's copy is repacked for fast matmuls, the
         # embedding is read by row.
@@ -183,47 +192,66 @@ class LlamaForCausalLM(nn.Module):
 
     def load_hf_weights(self, get: Callable[[str], torch.Tensor],
                         get_linear: Callable[[str], torch.Tensor | QuantizedWeight]) -> None:
-        """Copy Hugging Face tensors into this model. `get(name)` returns a validated float
-        tensor; `get_linear(prefix)` a linear layer's weight, float or pre-quantized."""
-        cfg = self.config
+        """Copy Hugging Face tensors into this model, keeping this rank's shard of each.
+        `get(name)` returns a validated float tensor; `get_linear(prefix)` a linear layer's
+        whole weight, float or quantized (a tied head's comes from the embedding). A MoE router
+        is read through `get`, so it stays in float: its top-k choice is too sensitive to
+        rounding (vLLM's quantized MoE keeps it in float too)."""
+        cfg, tp = self.config, self.tp
         self.embed_tokens.weight.data.copy_(get("model.embed_tokens.weight"))
         self.norm.weight.data.copy_(get("model.norm.weight"))
-        if cfg.tie_word_embeddings and cfg.quantization is None:
-            self.lm_head.weight.data = get("model.embed_tokens.weight").to(self.lm_head.weight.dtype).clone()
-        else:  # a quantized checkpoint stores its own quantized head, tied or not
-            _set_linear(self.lm_head, [get_linear("lm_head")])
+        _set_linear(self.lm_head, [get_linear("lm_head")])
+        d = cfg.head_dim
+        heads = [tp.part(cfg.num_attention_heads, "num_attention_heads"),
+                 tp.part(cfg.num_key_value_heads, "num_key_value_heads"),
+                 tp.part(cfg.num_key_value_heads, "num_key_value_heads")]
+        qkv = [slice(h.start * d, h.stop * d) for h in heads]  # rows of q, k, v
+        inner = tp.part(cfg.intermediate_size, "intermediate_size")
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
             layer.input_layernorm.weight.data.copy_(get(p + "input_layernorm.weight"))
             layer.post_attention_layernorm.weight.data.copy_(get(p + "post_attention_layernorm.weight"))
             attn = layer.self_attn
-            _set_linear(attn.qkv_proj, [get_linear(p + f"self_attn.{n}_proj") for n in "qkv"])
+            _set_linear(attn.qkv_proj, [get_linear(p + f"self_attn.{n}_proj") for n in "qkv"], rows=qkv)
             if cfg.attention_bias:
-                attn.qkv_proj.bias.data.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-            _set_linear(attn.o_proj, [get_linear(p + "self_attn.o_proj")])
+                attn.qkv_proj.bias.data.copy_(torch.cat(
+                    [get(p + f"self_attn.{n}_proj.bias")[rows] for n, rows in zip("qkv", qkv)]))
+            _set_linear(attn.o_proj, [get_linear(p + "self_attn.o_proj")], cols=qkv[0])
             if isinstance(layer.mlp, MixtureOfExperts):
                 layer.mlp.gate.weight.data.copy_(get(p + "block_sparse_moe.gate.weight"))
                 for e, expert in enumerate(layer.mlp.experts):
                     q = f"{p}block_sparse_moe.experts.{e}."
-                    _set_linear(expert.gate_up_proj, [get_linear(q + "w1"), get_linear(q + "w3")])
-                    _set_linear(expert.down_proj, [get_linear(q + "w2")])
+                    _set_linear(expert.gate_up_proj, [get_linear(q + "w1"), get_linear(q + "w3")],
+                                rows=[inner, inner])
+                    _set_linear(expert.down_proj, [get_linear(q + "w2")], cols=inner)
             else:
-                _set_linear(layer.mlp.gate_up_proj, [get_linear(p + "mlp.gate_proj"), get_linear(p + "mlp.up_proj")])
-                _set_linear(layer.mlp.down_proj, [get_linear(p + "mlp.down_proj")])
-
-    def quantizable_linears(self) -> list[Linear]:
-        """Every linear layer weight-only quantization applies to: all but a MoE router, whose
-        top-k choice is too sensitive to rounding (vLLM's quantized MoE keeps it in float too)."""
-        routers = {id(m.gate) for m in self.modules() if isinstance(m, MixtureOfExperts)}
-        return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in routers]
+                _set_linear(layer.mlp.gate_up_proj,
+                            [get_linear(p + "mlp.gate_proj"), get_linear(p + "mlp.up_proj")],
+                            rows=[inner, inner])
+                _set_linear(layer.mlp.down_proj, [get_linear(p + "mlp.down_proj")], cols=inner)
 
 
-def _set_linear(linear: Linear, parts: list[torch.Tensor | QuantizedWeight]) -> None:
-    """Load one (possibly fused) linear layer from its checkpoint parts, stacked along outputs."""
+Weight = torch.Tensor | QuantizedWeight
+
+
+def _set_linear(linear: Linear, parts: list[Weight], rows: list[slice] | None = None,
+                cols: slice | None = None) -> None:
+    """Load one (possibly fused) linear layer from its checkpoint parts, stacked along outputs:
+    of each part, the `rows` (outputs) or `cols` (inputs) this tensor-parallel rank holds."""
+    if rows is not None:
+        parts = [_narrow(part, 0, r) for part, r in zip(parts, rows)]
+    if cols is not None:
+        parts = [_narrow(part, 1, cols) for part in parts]
     if isinstance(parts[0], QuantizedWeight):
         linear.set_quantized(QuantizedWeight.cat(parts))  # type: ignore[arg-type]
     else:
         linear.weight.data.copy_(torch.cat(parts) if len(parts) > 1 else parts[0])  # type: ignore[arg-type]
+
+
+def _narrow(weight: Weight, dim: int, piece: slice) -> Weight:
+    if piece.start == 0 and piece.stop == weight.shape[dim]:
+        return weight
+    return weight.narrow(dim, piece.start, piece.stop - piece.start)
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,172 @@
+"""Tensor parallelism's processes: rank 0 is the engine, ranks 1..T-1 follow its steps.
+
+Rank 0 runs the scheduler, prepares every step and broadcasts the step's inputs; every rank
+then runs the same forward pass on its shard of the weights, meeting at the all-reduces inside
+the model, and rank 0 alone samples. Workers are started by the engine as
+`python -m engine.tp_worker` and meet rank 0 through a file-backed rendezvous in a private
+directory (no port to collide on). Under torchrun every rank runs the caller's script: rank 0
+becomes the engine and the other ranks serve it from inside `LLMEngine(...)`, exiting when it
+closes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from engine import distributed
+from engine.config import EngineConfig
+from engine.distributed import TensorParallel
+from engine.model_config import ModelConfig
+
+
+def rank_config(config: EngineConfig) -> EngineConfig:
+    """One rank's config: on the CPU, its share of the threads and of the default KV memory
+    (ranks share one host); on CUDA each rank has a GPU of its own."""
+    from engine.model_runner import available_host_memory, resolve_device
+
+    if resolve_device(config.device).type == "cuda":
+        return config
+    size = config.tensor_parallel_size
+    update: dict[str, Any] = {"num_threads": max(1, (config.num_threads or os.cpu_count() or 1) // size)}
+    if config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
+        update["kv_cache_memory_bytes"] = max(1, available_host_memory() // 4 // size)
+    return config.model_copy(update=update)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`obj` with `fn` applied to every tensor inside it (dataclasses, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: map_tensors(getattr(obj, f.name), fn)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    return obj
+
+
+def send_step(*inputs: Any) -> None:
+    """Rank 0: hand a forward pass's inputs to the other ranks (through the host memory)."""
+    distributed.broadcast(("forward", map_tensors(inputs, lambda t: t.cpu())))
+
+
+def follow(runner: Any) -> None:
+    """Ranks 1..T-1: run every forward pass rank 0 sends until it says stop."""
+    device = runner.device
+    with torch.inference_mode():
+        while True:
+            kind, payload = distributed.broadcast()
+            if kind == "stop":
+                return
+            runner.model(*map_tensors(payload, lambda t: t.to(device)))
+
+
+def serve_rank(rank: int, size: int, device_type: str, init_method: str | None) -> None:
+    """A worker rank's life: join, take its config from rank 0, load its shard, follow."""
+    from engine.model_runner import ModelRunner
+
+    distributed.join(rank, size, device_type, init_method)
+    config: EngineConfig = distributed.broadcast()
+    try:
+        model_config = ModelConfig.from_dir(config.model)
+        runner = ModelRunner(config, model_config, config.max_model_len or model_config.max_position_embeddings,
+                             tp=TensorParallel(rank, size))
+        status = None
+    except Exception as err:  # reported to rank 0, which raises it
+        status = repr(err)
+    if not any(distributed.gather(status)):  # all loaded: otherwise rank 0 raises, and all leave
+        follow(runner)
+    dist.destroy_process_group()
+
+
+def _die_with_parent() -> None:
+    """A worker the engine started goes when the engine does, even if it is killed outright."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> None:
+    """`python -m engine.tp_worker INIT_METHOD RANK SIZE DEVICE_TYPE`, started by rank 0."""
+    _die_with_parent()
+    init_method, rank, size, device_type = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    serve_rank(rank, size, device_type, init_method)
+
+
+class TensorParallelWorkers:
+    """Rank 0's handle on the other ranks: start them, hand them their config, stop them."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from engine.model_runner import resolve_device
+
+        self.size = config.tensor_parallel_size
+        self.device_type = resolve_device(config.device).type
+        self.processes: list[subprocess.Popen] = []
+        self._store_dir: str | None = None
+        self._owns_group = not dist.is_initialized()
+        self.connected = False
+        if distributed.under_torchrun():
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            if world != self.size:
+                raise ValueError(f"tensor_parallel_size={self.size}, but torchrun started {world} ranks")
+            self.init_method = None
+            if rank != 0:
+                serve_rank(rank, self.size, self.device_type, None)
+                raise SystemExit(0)  # rank 0 has closed: this rank's work is done
+            return
+        self._store_dir = tempfile.mkdtemp(prefix="pilot-tp-")
+        self.init_method = f"file://{self._store_dir}/rendezvous"
+        for rank in range(1, self.size):
+            self.processes.append(subprocess.Popen(
+                [sys.executable, "-m", "engine.tp_worker", self.init_method, str(rank), str(self.size),
+                 self.device_type]))
+
+    def connect(self, runner: Any) -> None:
+        """Join the ranks and have each load its shard with rank 0's KV-cache size."""
+        distributed.join(0, self.size, self.device_type, self.init_method)
+        self.connected = True
+        worker_config = runner.config.model_copy(update={
+            "num_kv_blocks": runner.num_kv_blocks, "speculative_model": None,
+            "num_speculative_tokens": None})
+        distributed.broadcast(worker_config)
+        failures = [(rank, status) for rank, status in enumerate(distributed.gather(None)) if status]
+        if failures:
+            self.connected = False  # every rank saw the failure and is leaving
+            self.close()
+            rank, status = failures[0]
+            raise RuntimeError(f"tensor-parallel rank {rank} failed to load its shard: {status}")
+
+    def close(self) -> None:
+        stopping = self.connected
+        if self.connected:
+            self.connected = False
+            try:
+                distributed.broadcast(("stop", None))
+            except RuntimeError:
+                pass  # a rank is gone already
+        for process in self.processes:
+            if not stopping:
+                process.terminate()  # never connected (rank 0 failed first): nothing to finish
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes = []
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
