@@ -52,6 +52,9 @@ class EngineConfig(BaseModel):
     num_speculative_tokens: int | None = Field(None, gt=0, description="drafts verified per step")
     data_parallel_size: int = Field(
         1, gt=0, description="independent engine replicas behind one front, threads divided")
+    torch_compile: bool = Field(
+        False, description="run decode steps through torch.compile (Inductor) in place of the "
+                           "engine's own CPU kernels; prefill steps stay eager")
     tensor_parallel_size: int = Field(
         1, gt=0, description="ranks each holding a shard of every layer (torch.distributed: gloo on "
                              "the CPU, NCCL on CUDA); must divide the heads, KV heads and MLP width")

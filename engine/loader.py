@@ -59,12 +59,13 @@ def _tensor_names(path: Path) -> list[str]:
 
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
                max_positions: int, quantization: str | None = None,
-               group_size: int = DEFAULT_GROUP_SIZE, tp: TensorParallel = TensorParallel()
-               ) -> LlamaForCausalLM:
+               group_size: int = DEFAULT_GROUP_SIZE, tp: TensorParallel = TensorParallel(),
+               portable: bool = False) -> LlamaForCausalLM:
     """Build the model and load its weights (this rank's shard of them under tensor
     parallelism). `quantization` ("int8" | "int4") quantizes a float checkpoint's linear layers
     at load, each whole before it is sharded, so every shard holds exactly the weights a single
-    process would; a pre-quantized checkpoint loads as it was written."""
+    process would; a pre-quantized checkpoint loads as it was written. `portable` keeps every
+    linear layer in PyTorch's own layouts, so that torch.compile can trace the model."""
     model_dir = Path(model_dir)
     if config.quantization is not None and quantization not in (None, config.quantization[0]):
         raise CheckpointError(f"{model_dir} is quantized as {config.quantization[0]}; "
@@ -80,7 +81,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
         raise CheckpointError(f"{model_dir}: missing tensor {', '.join(missing[:3])}{more}")
 
     with torch.device(device):
-        model = LlamaForCausalLM(config, max_positions, dtype, tp)
+        model = LlamaForCausalLM(config, max_positions, dtype, tp, portable)
     model.to(dtype)
     with ExitStack() as stack:
         handles = {path: stack.enter_context(open_safetensors(path)) for path in set(files.values())}

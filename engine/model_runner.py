@@ -79,7 +79,8 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         self.block_size = config.block_size
         self.model = load_model(config.model, model_config, self.dtype, self.device, max_positions,
-                                config.quantization, config.quantization_group_size, tp)
+                                config.quantization, config.quantization_group_size, tp,
+                                portable=config.torch_compile)
         self.draft: LlamaForCausalLM | None = None
         self.draft_config: ModelConfig | None = None
         if config.speculative_model is not None:
@@ -92,7 +93,7 @@ class ModelRunner:
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         # Decode attention straight from the block cache where a kernel exists: the compiled C
         # one on the CPU, Triton on CUDA; otherwise gathered copies through PyTorch's attention.
-        self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device)
+        self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device) and not config.torch_compile
         self.decode_backend = ("cpu" if self.use_cpu_kernel
                                else "triton" if gpu_kernels.available(self.device.type) else None)
         for model in (self.model, self.draft):
@@ -101,6 +102,9 @@ class ModelRunner:
             if (model is not None and self.use_cpu_kernel and DecodeLayers.supported(model)
                     and not model.tp.enabled):
                 model.decode_layers = DecodeLayers(model)
+        # Decode-only steps: the batch and context lengths vary from step to step, so shapes are
+        # dynamic from the start rather than recompiled for each new one.
+        self.compiled = torch.compile(self.model, dynamic=True) if config.torch_compile else None
         self.proposer = (DraftProposer(self, self.draft, config.num_speculative_tokens or 1, max_positions)
                          if self.draft is not None else None)
 
@@ -203,6 +207,13 @@ class ModelRunner:
                  meta: AttentionMetadata) -> torch.Tensor:
         if self.tp.enabled:  # the other ranks run the same pass on their shards
             tensor_parallel.send_step(input_ids, positions, meta)
+        return self.run_model(input_ids, positions, meta)
+
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  meta: AttentionMetadata) -> torch.Tensor:
+        """This rank's forward pass: compiled for decode-only steps when asked, else eager."""
+        if self.compiled is not None and not meta.prefills:
+            return self.compiled(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
 
     def _additive(self, blocked: torch.Tensor) -> torch.Tensor:
@@ -256,7 +267,7 @@ class ModelRunner:
         for first, last in decode_groups:
             ctx = decode_ctx[first:last]
             longest = max(ctx)
-            slots = context_slots(row_items[first:last])[:, :longest]
+            slots = context_slots(row_items[first:last])[:, :longest].contiguous()  # one layout: one compiled graph
             group = DecodeGroup(start=first, context_slots=slots)
             if min(ctx) != longest:
                 lens = torch.tensor(ctx, device=dev)

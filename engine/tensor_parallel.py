@@ -69,7 +69,7 @@ def follow(runner: Any) -> None:
             kind, payload = distributed.broadcast()
             if kind == "stop":
                 return
-            runner.model(*map_tensors(payload, lambda t: t.to(device)))
+            runner.run_model(*map_tensors(payload, lambda t: t.to(device)))
 
 
 def serve_rank(rank: int, size: int, device_type: str, init_method: str | None) -> None:

@@ -6,8 +6,11 @@
 - Speculative decoding: batch-1 decode tokens/s of the `pilot models train` target with its
   draft at several k against the target alone, on standard-library text, with the acceptance
   rate.
-- Data parallelism: offline throughput on the engine benchmark's 64-request workload with the
-  machine's threads split over N replicas against one replica holding them all.
+- Parallelism: offline throughput on the engine benchmark's 64-request workload, and batch-1
+  decode, with the machine's threads split over N data-parallel replicas or N tensor-parallel
+  ranks, against one process holding them all.
+- torch.compile: batch-1 decode with the decode step compiled by Inductor against the engine's
+  own kernels, and what the compilation cost.
 """
 
 from __future__ import annotations
@@ -60,9 +63,22 @@ class SpecRow:
 
 @dataclass
 class ParallelRow:
-    replicas: int
+    replicas: int  # data_parallel_size
+    ranks: int  # tensor_parallel_size
     threads_each: int
-    tok_s: float
+    tok_s: float  # offline workload
+    batch1_tok_s: float
+
+
+@dataclass
+class CompileRow:
+    engine: str  # "engine kernels" | "torch.compile"
+    warmup_s: float  # first short generation: compilation for torch.compile
+    runs: list[float] = field(default_factory=list)  # batch-1 tokens/s per run
+
+    @property
+    def tok_s(self) -> float:
+        return statistics.median(self.runs)
 
 
 @dataclass
@@ -74,6 +90,7 @@ class KnobsReport:
     pair: str | None = None
     spec_rows: list[SpecRow] = field(default_factory=list)
     parallel_rows: list[ParallelRow] = field(default_factory=list)
+    compile_rows: list[CompileRow] = field(default_factory=list)
 
 
 def linear_weight_bytes(llm: LLM) -> int:
@@ -119,31 +136,58 @@ def run_spec_benchmark(report: KnobsReport, pair: Path, ks: tuple[int, ...] = (2
 
 
 def run_parallel_benchmark(report: KnobsReport, model_dir: Path, num_requests: int = 64,
-                           replicas: tuple[int, ...] = (1, 2)) -> None:
+                           layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2)),
+                           decode_tokens: int = 128) -> None:
+    """`layouts`: (data_parallel_size, tensor_parallel_size) pairs; the first is the baseline."""
     import os
 
     threads = os.cpu_count() or 1
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     workload = offline_workload(num_requests, vocab)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in workload]
-    for n in replicas:
+    single = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    for dp, tp in layouts:
         config = EngineConfig(model=str(model_dir), dtype="bfloat16", max_num_seqs=num_requests,
-                              data_parallel_size=n, num_threads=threads)
-        with console.status(f"offline workload, {n} replica(s) x {max(1, threads // n)} thread(s)"):
+                              data_parallel_size=dp, tensor_parallel_size=tp, num_threads=threads)
+        each = max(1, threads // (dp * tp))
+        with console.status(f"{dp} replica(s) x {tp} rank(s) x {each} thread(s): offline, batch 1"):
             with LLM(config) as llm:
                 llm.generate([workload[0][0]], SamplingParams(temperature=0, max_tokens=4))
                 start = time.perf_counter()
                 outs = llm.generate([p for p, _ in workload], params)
                 elapsed = time.perf_counter() - start
-        report.parallel_rows.append(ParallelRow(n, max(1, threads // n),
-                                                sum(len(o.token_ids) for o in outs) / elapsed))
+                times = llm.generate([workload[0][0][:32]], single)[0].metrics.token_times
+        report.parallel_rows.append(ParallelRow(
+            dp, tp, each, sum(len(o.token_ids) for o in outs) / elapsed,
+            (len(times) - 1) / (times[-1] - times[0])))
+
+
+def run_compile_benchmark(report: KnobsReport, model_dir: Path, decode_tokens: int = 128,
+                          repeats: int = 3) -> None:
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompt = offline_workload(1, vocab, seed=1)[0][0][:32]
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    engines = {}
+    for name, compiled in (("engine kernels", False), ("torch.compile", True)):
+        with console.status(f"batch-1 decode: {name} (compiling takes a minute or more)"
+                            if compiled else f"batch-1 decode: {name}"):
+            engines[name] = LLM(EngineConfig(model=str(model_dir), dtype="bfloat16", max_num_seqs=1,
+                                             max_model_len=512, torch_compile=compiled))
+            start = time.perf_counter()
+            engines[name].generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+            report.compile_rows.append(CompileRow(name, time.perf_counter() - start))
+    with console.status("batch-1 decode, eager and compiled taking turns"):
+        for _ in range(repeats):
+            for row in report.compile_rows:
+                times = engines[row.engine].generate([prompt], params)[0].metrics.token_times
+                row.runs.append((len(times) - 1) / (times[-1] - times[0]))
 
 
 def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("int8", "int4"),
                         group_size: int = 128, decode_tokens: int = 128, repeats: int = 5,
                         json_out: Path | None = None, pair: Path | None = None,
                         with_spec: bool = True, with_parallel: bool = True,
-                        num_requests: int = 64) -> KnobsReport:
+                        with_compile: bool = True, num_requests: int = 64) -> KnobsReport:
     model_dir = Path(model) if model is not None else default_model_dir()
     report = KnobsReport(_machine_name(), str(model_dir), group_size)
     engines: dict[str, LLM] = {}
@@ -169,13 +213,16 @@ def run_knobs_benchmark(model: Path | None = None, methods: tuple[str, ...] = ("
         run_spec_benchmark(report, Path(pair) if pair is not None else default_pair_dir(),
                            decode_tokens=decode_tokens)
     if with_parallel:
-        run_parallel_benchmark(report, model_dir, num_requests=num_requests)
+        run_parallel_benchmark(report, model_dir, num_requests=num_requests, decode_tokens=decode_tokens)
+    if with_compile:
+        run_compile_benchmark(report, model_dir, decode_tokens=decode_tokens)
     print_report(report)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(
             {**asdict(report), "rows": [{**asdict(r), "tok_s": r.tok_s} for r in report.rows],
              "spec_rows": [{**asdict(r), "tok_s": r.tok_s, "acceptance_rate": r.acceptance_rate}
-                           for r in report.spec_rows]}, indent=2))
+                           for r in report.spec_rows],
+             "compile_rows": [{**asdict(r), "tok_s": r.tok_s} for r in report.compile_rows]}, indent=2))
     return report
 
 
@@ -203,10 +250,21 @@ def print_report(report: KnobsReport) -> None:
                           "-" if rate is None else f"{rate:.0%}")
         console.print(table)
     if report.parallel_rows:
-        table = Table(title=f"data parallelism, offline workload — {report.machine}")
-        for col in ("replicas x threads", "tok/s", "vs one replica"):
+        table = Table(title=f"data and tensor parallelism, same threads in all — {report.machine}")
+        for col in ("replicas x ranks x threads", "offline tok/s", "vs one process",
+                    "batch-1 tok/s", "vs one process "):
             table.add_column(col, justify="left" if col.startswith("replicas") else "right")
-        base = report.parallel_rows[0].tok_s
+        base = report.parallel_rows[0]
         for par in report.parallel_rows:
-            table.add_row(f"{par.replicas} x {par.threads_each}", f"{par.tok_s:.1f}", f"{par.tok_s / base:.2f}x")
+            table.add_row(f"{par.replicas} x {par.ranks} x {par.threads_each}", f"{par.tok_s:.1f}",
+                          f"{par.tok_s / base.tok_s:.2f}x", f"{par.batch1_tok_s:.1f}",
+                          f"{par.batch1_tok_s / base.batch1_tok_s:.2f}x")
+        console.print(table)
+    if report.compile_rows:
+        table = Table(title=f"torch.compile of the decode step, batch 1, bf16 — {report.machine}")
+        for col in ("engine", "tok/s", "vs engine kernels", "first call (s)"):
+            table.add_column(col, justify="left" if col == "engine" else "right")
+        base = report.compile_rows[0].tok_s
+        for row in report.compile_rows:
+            table.add_row(row.engine, f"{row.tok_s:.1f}", f"{row.tok_s / base:.2f}x", f"{row.warmup_s:.1f}")
         console.print(table)

@@ -166,19 +166,23 @@ def bench_knobs(
     pair: Optional[Path] = typer.Option(None, "--pair", help="`pilot models train` output for the "
                                         "speculative-decoding rows; default: train one (~5 min)"),
     skip_spec: bool = typer.Option(False, "--skip-spec", help="leave out speculative decoding"),
-    skip_parallel: bool = typer.Option(False, "--skip-parallel", help="leave out data parallelism"),
+    skip_parallel: bool = typer.Option(False, "--skip-parallel",
+                                       help="leave out data and tensor parallelism"),
+    skip_compile: bool = typer.Option(False, "--skip-compile", help="leave out torch.compile"),
     num_requests: int = typer.Option(64, help="requests in the data-parallel offline workload"),
     out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
 ) -> None:
     """What each serving knob does to speed here: int8/int4 against bf16 and speculative
-    decoding against the target alone at batch 1; data-parallel replicas against one."""
+    decoding against the target alone at batch 1; data-parallel replicas and tensor-parallel
+    ranks against one process; torch.compile against the engine's kernels."""
     from engine.model_config import CheckpointError
     from planner.bench_knobs import run_knobs_benchmark
 
     try:
         run_knobs_benchmark(model=model, group_size=group_size, decode_tokens=decode_tokens,
                             repeats=repeats, json_out=out, pair=pair, with_spec=not skip_spec,
-                            with_parallel=not skip_parallel, num_requests=num_requests)
+                            with_parallel=not skip_parallel, with_compile=not skip_compile,
+                            num_requests=num_requests)
     except (ValueError, CheckpointError) as err:
         _fail(str(err))
 

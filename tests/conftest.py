@@ -7,6 +7,13 @@ import pytest
 from engine.model_zoo import make_checkpoint
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run torch.compile go last: Inductor imports Triton helpers of its own, after
+    which the Triton interpreter (TRITON_INTERPRET=1, tests/test_triton_kernels.py) refuses to
+    run kernels in this process."""
+    items.sort(key=lambda item: item.get_closest_marker("inductor") is not None)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     """The built-in tiny Llama, float32, seed 0 (made once per test session)."""

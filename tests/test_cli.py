@@ -102,7 +102,8 @@ def test_bench_engine_rejects_unknown_dtype(tiny):
     assert "float8" in result.output
 
 
-def test_bench_knobs_reports_quantization_and_speculation(tmp_path, trained_pair):
+@pytest.mark.inductor
+def test_bench_knobs_reports_every_knob(tmp_path, trained_pair):
     """The knobs benchmark's pipeline on small models (the figures themselves are not asserted)."""
     from engine.model_zoo import make_checkpoint
 
@@ -117,7 +118,11 @@ def test_bench_knobs_reports_quantization_and_speculation(tmp_path, trained_pair
     assert set(spec) == {0, 2, 4, 6} and spec[0]["acceptance_rate"] is None
     assert all(r["tok_s"] > 0 for r in spec.values())
     assert all(0 <= spec[k]["acceptance_rate"] <= 1 for k in (2, 4, 6))
-    assert [(r["replicas"], r["tok_s"] > 0) for r in report["parallel_rows"]] == [(1, True), (2, True)]
+    assert [(r["replicas"], r["ranks"], r["tok_s"] > 0, r["batch1_tok_s"] > 0)
+            for r in report["parallel_rows"]] == [(1, 1, True, True), (2, 1, True, True), (1, 2, True, True)]
+    assert [(r["engine"], len(r["runs"])) for r in report["compile_rows"]] == [
+        ("engine kernels", 3), ("torch.compile", 3)]
+    assert all(r["tok_s"] > 0 and r["warmup_s"] > 0 for r in report["compile_rows"])
     rows = {r["quantization"]: r for r in report["rows"]}
     assert set(rows) == {"bf16", "int8", "int4"}
     assert all(len(r["runs"]) == 2 and r["tok_s"] > 0 for r in rows.values())

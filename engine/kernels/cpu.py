@@ -255,8 +255,9 @@ def _fused_supported(dtype: torch.dtype, device_type: str) -> bool:
 
 
 def fused_supported(x: torch.Tensor) -> bool:
-    """Whether rms_norm, silu_mul and rope_and_cache run for tensors like x on this machine."""
-    return _fused_supported(x.dtype, x.device.type)
+    """Whether rms_norm, silu_mul and rope_and_cache run for tensors like x on this machine;
+    never inside torch.compile, which cannot trace a foreign call."""
+    return not torch.compiler.is_compiling() and _fused_supported(x.dtype, x.device.type)
 
 
 def _check(status: int, what: str) -> None:

@@ -43,10 +43,12 @@ class Linear(nn.Module):
         # "int8-dequant"/"int4-dequant" (PyTorch, dequantizing per call).
         self.layout = "plain"
         self.quantized: cpu_kernels.PackedQuantized | QuantizedWeight | None = None
+        # PyTorch ops only (no repacking, no compiled kernels): what torch.compile can trace.
+        self.portable = False
 
     def pack(self) -> None:
         """Switch the weight to the fastest layout this machine runs; call once, after loading."""
-        if self.layout != "plain":
+        if self.layout != "plain" or self.portable:
             return
         weight = self.weight.data
         if cpu_kernels.linear_supported(weight.dtype, weight.device, self.in_features):
@@ -68,6 +70,8 @@ class Linear(nn.Module):
                              f"[{self.out_features}, {self.in_features}]")
         float_weight = self.weight
         device, method = float_weight.device, f"int{weight.bits}"
+        if backend is None and self.portable:
+            backend = "triton" if weight.bits == 8 and gpu_kernels.available(device.type) else "dequant"
         if backend is None:
             backend = ("cpu" if cpu_kernels.quant_linear_supported(float_weight.dtype, device, weight)
                        else "triton" if weight.bits == 8 and gpu_kernels.available(device.type)

@@ -158,7 +158,8 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype,
-                 tp: TensorParallel = TensorParallel()) -> None:
+                 tp: TensorParallel = TensorParallel(), portable: bool = False) -> None:
+        """`portable`: linear layers keep PyTorch's layouts, for torch.compile."""
         super().__init__()
         self.config = config
         self.tp = tp
@@ -173,6 +174,9 @@ class LlamaForCausalLM(nn.Module):
         # Set by the ModelRunner where the CPU kernels can run a decode step's layers in one
         # compiled call each (engine/kernels/cpu_layers.py): same kernels, no Python between.
         self.decode_layers: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.portable = portable
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
