@@ -109,6 +109,9 @@ def generate(
                                                      help="draft model directory"),
     num_speculative_tokens: int = typer.Option(4, "--num-speculative-tokens",
                                                help="drafts per step, with --speculative-model"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="ranks per replica"),
+    data_parallel_size: int = typer.Option(1, "--data-parallel-size", help="engine replicas"),
+    torch_compile: bool = typer.Option(False, "--torch-compile", help="compile the decode step"),
 ) -> None:
     """Stream a completion to the terminal."""
     from pydantic import ValidationError
@@ -123,12 +126,15 @@ def generate(
                 {"speculative_model": str(speculative_model), "num_speculative_tokens": num_speculative_tokens})
         with console.status(f"loading {model}"):
             llm = LLM(EngineConfig(model=str(model), dtype=dtype, device=device,
-                                   quantization=quantization, **spec))
+                                   quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+                                   data_parallel_size=data_parallel_size, torch_compile=torch_compile,
+                                   **spec))
         last = None
-        for token in llm.stream(prompt, params):
-            sys.stdout.write(token.text)
-            sys.stdout.flush()
-            last = token
+        with llm:
+            for token in llm.stream(prompt, params):
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+                last = token
     except (ValueError, ValidationError, CheckpointError, NotImplementedError) as err:
         _fail(str(err))
     sys.stdout.write("\n")

@@ -142,3 +142,16 @@ def test_generate_with_quantization_and_a_draft(trained_pair):
     bad = runner.invoke(app, ["generate", "--model", str(target), "--prompt", "x",
                               "--quantization", "int3"])
     assert bad.exit_code == 2 and "quantization" in bad.output
+    bad = runner.invoke(app, ["generate", "--model", str(target), "--prompt", "x",
+                              "--tensor-parallel-size", "3"])
+    assert bad.exit_code == 2 and "tensor_parallel_size=3 must divide" in bad.output
+
+
+def test_generate_with_two_tensor_parallel_ranks(trained_pair):
+    target = str(trained_pair[0])
+    args = ["generate", "--model", target, "--prompt", "def main(", "--max-tokens", "12",
+            "--dtype", "float32", "--ignore-eos"]
+    single = runner.invoke(app, args)
+    sharded = runner.invoke(app, args + ["--tensor-parallel-size", "2"])
+    assert single.exit_code == 0 and sharded.exit_code == 0, sharded.output
+    assert sharded.output == single.output and "finish_reason=length" in single.output
