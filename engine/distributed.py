@@ -5,11 +5,18 @@ and a slice of the intermediate features), o and down along their inputs, so eac
 output is a partial sum and one all-reduce after attention and one after the MLP make it whole.
 Embedding, norms and the LM head are replicated: every rank then holds the same hidden states,
 and rank 0 alone samples.
+
+Ranks on one host all-reduce CPU tensors through shared memory (engine/kernels/
+shm_allreduce_cpu.c, ~10x faster than gloo here, as vLLM's CPU backend also does); anything
+else goes through torch.distributed (gloo, or NCCL on CUDA).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,6 +26,43 @@ import torch.distributed as dist
 
 # How long ranks wait for each other to join: workers start a Python with torch first.
 JOIN_TIMEOUT = timedelta(seconds=300)
+# How long a shared-memory all-reduce waits for a peer before deciding it has died.
+PEER_TIMEOUT_S = 120.0
+
+
+class SharedMemoryAllReduce:
+    """Sums fp32/bf16 CPU tensors over the ranks of one host through a shared mapping."""
+
+    SLOT_BYTES = 4 << 20  # larger tensors go through in slot-sized chunks
+
+    def __init__(self, path: str, rank: int, size: int) -> None:
+        from engine.kernels import cpu as cpu_kernels
+
+        self.lib = cpu_kernels.load()
+        self.rank, self.size = rank, size
+        header = (size * 64 + 4095) // 4096 * 4096
+        nbytes = header + 2 * size * self.SLOT_BYTES
+        if rank == 0:
+            with open(path, "wb") as f:
+                f.truncate(nbytes)  # zero-filled: every generation counter starts at 0
+        self.region = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self.generation = 1
+
+    def supports(self, x: torch.Tensor) -> bool:
+        return (self.lib is not None and x.device.type == "cpu" and x.is_contiguous()
+                and x.dtype in (torch.float32, torch.bfloat16))
+
+    def __call__(self, x: torch.Tensor) -> None:
+        generation = self.lib.pilot_shm_allreduce(  # type: ignore[union-attr]
+            x.data_ptr(), x.numel(), int(x.dtype == torch.bfloat16), self.region.data_ptr(),
+            self.rank, self.size, self.SLOT_BYTES, self.generation, PEER_TIMEOUT_S)
+        if generation < 0:
+            raise RuntimeError(f"tensor-parallel all-reduce: a rank did not arrive within "
+                               f"{PEER_TIMEOUT_S:.0f} s (it has most likely exited)")
+        self.generation = generation
+
+
+_shared_memory: SharedMemoryAllReduce | None = None
 
 
 @dataclass(frozen=True)
@@ -33,7 +77,10 @@ class TensorParallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; the identity without tensor parallelism."""
         if self.size > 1:
-            dist.all_reduce(x)
+            if _shared_memory is not None and _shared_memory.supports(x):
+                _shared_memory(x)
+            else:
+                dist.all_reduce(x)
         return x
 
     def part(self, total: int, what: str) -> slice:
@@ -78,6 +125,51 @@ def join(rank: int, size: int, device_type: str, init_method: str | None = None)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group(backend_for(device_type), init_method=init_method or "env://",
                             rank=rank, world_size=size, timeout=JOIN_TIMEOUT)
+    if device_type == "cpu":
+        _share_memory(rank, size)
+
+
+def _share_memory(rank: int, size: int) -> None:
+    """Set up the shared-memory all-reduce if every rank is on this host and can run it."""
+    global _shared_memory
+    here = f"{socket.gethostname()}:{_boot_id()}"
+    if len(set(gather(here))) != 1:
+        return
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    path = broadcast(os.path.join(shm_dir, f"pilot-tp-{uuid.uuid4().hex}") if rank == 0 else None)
+    if rank != 0:
+        dist.barrier()  # rank 0 has created the file
+    try:
+        comm: SharedMemoryAllReduce | None = SharedMemoryAllReduce(path, rank, size)
+    except (OSError, RuntimeError):
+        comm = None
+    if rank == 0:
+        dist.barrier()
+    ok = gather(comm is not None and comm.lib is not None)
+    if rank == 0 and os.path.exists(path):
+        os.unlink(path)  # every rank has mapped it; the mappings outlive the name
+    _shared_memory = comm if all(ok) else None
+
+
+def shared_memory() -> SharedMemoryAllReduce | None:
+    """This process's shared-memory all-reduce, once it has joined a group on one host."""
+    return _shared_memory
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def leave() -> None:
+    """Leave the process group this module joined, and drop the shared-memory mapping."""
+    global _shared_memory
+    _shared_memory = None
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def broadcast(obj: Any = None) -> Any:

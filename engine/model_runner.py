@@ -97,10 +97,7 @@ class ModelRunner:
         self.decode_backend = ("cpu" if self.use_cpu_kernel
                                else "triton" if gpu_kernels.available(self.device.type) else None)
         for model in (self.model, self.draft):
-            # The one-call layers have no all-reduce inside: a tensor-parallel shard takes the
-            # Python forward, whose fused kernels run all the same.
-            if (model is not None and self.use_cpu_kernel and DecodeLayers.supported(model)
-                    and not model.tp.enabled):
+            if model is not None and self.use_cpu_kernel and DecodeLayers.supported(model):
                 model.decode_layers = DecodeLayers(model)
         # Decode-only steps: the batch and context lengths vary from step to step, so shapes are
         # dynamic from the start rather than recompiled for each new one.

@@ -77,7 +77,10 @@ def serve_rank(rank: int, size: int, device_type: str, init_method: str | None) 
     from engine.model_runner import ModelRunner
 
     distributed.join(rank, size, device_type, init_method)
-    config: EngineConfig = distributed.broadcast()
+    config: EngineConfig | None = distributed.broadcast()
+    if config is None:  # rank 0 could not load its own shard
+        distributed.leave()
+        return
     try:
         model_config = ModelConfig.from_dir(config.model)
         runner = ModelRunner(config, model_config, config.max_model_len or model_config.max_position_embeddings,
@@ -87,7 +90,7 @@ def serve_rank(rank: int, size: int, device_type: str, init_method: str | None) 
         status = repr(err)
     if not any(distributed.gather(status)):  # all loaded: otherwise rank 0 raises, and all leave
         follow(runner)
-    dist.destroy_process_group()
+    distributed.leave()
 
 
 def _die_with_parent() -> None:
@@ -116,7 +119,8 @@ class TensorParallelWorkers:
         self.processes: list[subprocess.Popen] = []
         self._store_dir: str | None = None
         self._owns_group = not dist.is_initialized()
-        self.connected = False
+        self.joined = False  # in the group, the other ranks waiting for their config
+        self.connected = False  # the other ranks loaded and following
         if distributed.under_torchrun():
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             if world != self.size:
@@ -125,6 +129,8 @@ class TensorParallelWorkers:
             if rank != 0:
                 serve_rank(rank, self.size, self.device_type, None)
                 raise SystemExit(0)  # rank 0 has closed: this rank's work is done
+            distributed.join(0, self.size, self.device_type, None)
+            self.joined = True
             return
         self._store_dir = tempfile.mkdtemp(prefix="pilot-tp-")
         self.init_method = f"file://{self._store_dir}/rendezvous"
@@ -132,10 +138,17 @@ class TensorParallelWorkers:
             self.processes.append(subprocess.Popen(
                 [sys.executable, "-m", "engine.tp_worker", self.init_method, str(rank), str(self.size),
                  self.device_type]))
+        try:
+            # Before rank 0 loads anything: its decoder-layer kernels need the shared memory
+            # the group sets up.
+            distributed.join(0, self.size, self.device_type, self.init_method)
+        except BaseException:
+            self.close()
+            raise
+        self.joined = True
 
     def connect(self, runner: Any) -> None:
-        """Join the ranks and have each load its shard with rank 0's KV-cache size."""
-        distributed.join(0, self.size, self.device_type, self.init_method)
+        """Have every rank load its shard, with rank 0's KV-cache size."""
         self.connected = True
         worker_config = runner.config.model_copy(update={
             "num_kv_blocks": runner.num_kv_blocks, "speculative_model": None,
@@ -143,29 +156,31 @@ class TensorParallelWorkers:
         distributed.broadcast(worker_config)
         failures = [(rank, status) for rank, status in enumerate(distributed.gather(None)) if status]
         if failures:
-            self.connected = False  # every rank saw the failure and is leaving
+            self.connected = self.joined = False  # every rank saw the failure and is leaving
             self.close()
             rank, status = failures[0]
             raise RuntimeError(f"tensor-parallel rank {rank} failed to load its shard: {status}")
 
     def close(self) -> None:
-        stopping = self.connected
-        if self.connected:
-            self.connected = False
-            try:
+        stopping = self.connected or self.joined
+        try:
+            if self.connected:
                 distributed.broadcast(("stop", None))
-            except RuntimeError:
-                pass  # a rank is gone already
+            elif self.joined:
+                distributed.broadcast(None)  # no config: rank 0 failed to load, all leave
+        except RuntimeError:
+            pass  # a rank is gone already
+        self.connected = self.joined = False
         for process in self.processes:
             if not stopping:
-                process.terminate()  # never connected (rank 0 failed first): nothing to finish
+                process.terminate()  # never joined: nothing to finish
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
         self.processes = []
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns_group:
+            distributed.leave()
             self._owns_group = False
         if self._store_dir is not None:
             shutil.rmtree(self._store_dir, ignore_errors=True)

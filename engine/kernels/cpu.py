@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).parent
 SOURCES = [KERNEL_DIR / name for name in
            ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "elementwise_cpu.c",
-            "decoder_layer_cpu.c")]
+            "decoder_layer_cpu.c", "shm_allreduce_cpu.c")]
 HEADERS = [KERNEL_DIR / "simd_math.h"]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
 PARALLEL_ATTENTION_WORK = 8192
@@ -96,6 +96,10 @@ def load() -> ctypes.CDLL | None:
     lib.pilot_quant_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5
                                        + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
                                        + [ctypes.c_int] * 2)
+    lib.pilot_shm_allreduce.restype = ctypes.c_int64
+    lib.pilot_shm_allreduce.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_double]
     lib.pilot_linear_caps.restype = ctypes.c_int
     lib.pilot_linear.restype = ctypes.c_int
     lib.pilot_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

@@ -9,11 +9,12 @@ made only of decodes; anything else takes the Python forward.
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_float, c_int64, c_void_p
+from ctypes import c_double, c_float, c_int64, c_void_p
 from typing import TYPE_CHECKING
 
 import torch
 
+from engine import distributed
 from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from engine.models.llama import LlamaForCausalLM
 
 MAX_GROUP, MAX_HEAD_DIM = 16, 256  # as paged_attention_cpu.c
+_PEER_TIMEOUT = -100  # as decoder_layer_cpu.c
 _KERNEL_LAYOUTS = ("panels", "int8", "int4")
 
 
@@ -45,7 +47,9 @@ class _Step(ctypes.Structure):
                 ("block_size", c_int64), ("cos", c_void_p), ("signed_sin", c_void_p),
                 ("x", c_void_p), ("residual", c_void_p), ("h", c_void_p), ("qkv", c_void_p),
                 ("attn", c_void_p), ("gate_up", c_void_p), ("act", c_void_p),
-                ("is_bf16", c_int64), ("num_threads", c_int64), ("attention_threads", c_int64)]
+                ("is_bf16", c_int64), ("num_threads", c_int64), ("attention_threads", c_int64),
+                ("tp_region", c_void_p), ("tp_rank", c_int64), ("tp_size", c_int64),
+                ("tp_slot_bytes", c_int64), ("tp_generation", c_int64), ("tp_timeout_s", c_double)]
 
 
 def _linear(layer: Linear) -> _Linear:
@@ -74,7 +78,7 @@ class DecodeLayers:
                 _linear(attn.qkv_proj), _linear(attn.o_proj), _linear(mlp.gate_up_proj),
                 _linear(mlp.down_proj), attn.k_cache.data_ptr(), attn.v_cache.data_ptr(),
                 attn.num_heads, attn.num_kv_heads, attn.head_dim, model.config.hidden_size,
-                model.config.intermediate_size, layer.input_layernorm.eps, attn.scale))
+                mlp.intermediate_size, layer.input_layernorm.eps, attn.scale))
         self._run = cpu_kernels.load().pilot_decoder_layer  # type: ignore[union-attr]
         self._run.restype = ctypes.c_int
         self._run.argtypes = [ctypes.POINTER(_Layer), ctypes.POINTER(_Step), ctypes.c_int]
@@ -86,6 +90,8 @@ class DecodeLayers:
         if (cfg.is_moe or cpu_kernels.load() is None or not cpu_kernels.fused_supported(embed)
                 or not cpu_kernels.available(embed.dtype, embed.device)):
             return False
+        if model.tp.enabled and distributed.shared_memory() is None:
+            return False  # the layer's all-reduces run in C, through the shared-memory region
         group = cfg.num_attention_heads // cfg.num_key_value_heads
         if cfg.num_attention_heads % cfg.num_key_value_heads or group > MAX_GROUP or cfg.head_dim > MAX_HEAD_DIM:
             return False
@@ -105,9 +111,9 @@ class DecodeLayers:
         residual = torch.empty_like(x)
         buffers = {name: x.new_empty(batch, width) for name, width in (
             ("h", cfg.hidden_size), ("qkv", first.qkv.out_features), ("attn", first.o.in_features),
-            ("gate_up", 2 * cfg.intermediate_size), ("act", cfg.intermediate_size))}
+            ("gate_up", first.gate_up.out_features), ("act", first.down.in_features))}
         threads = torch.get_num_threads()
-        work = batch * cfg.num_key_value_heads * args.max_context
+        work = batch * first.kv_heads * args.max_context
         rotary = self.model.rotary
         step = _Step(batch, positions.data_ptr(), meta.slot_mapping.data_ptr(),
                      args.block_tables.data_ptr(), args.context_lens.data_ptr(),
@@ -116,8 +122,20 @@ class DecodeLayers:
                      *(buffers[n].data_ptr() for n in ("h", "qkv", "attn", "gate_up", "act")),
                      int(x.dtype == torch.bfloat16), threads,
                      threads if work > cpu_kernels.PARALLEL_ATTENTION_WORK else 1)
-        for i, layer in enumerate(self.layers):
-            status = self._run(ctypes.byref(layer), ctypes.byref(step), i == 0)
-            if status != 0:
-                raise RuntimeError(f"CPU decoder-layer kernel failed in layer {i} (status {status})")
+        comm = distributed.shared_memory() if self.model.tp.enabled else None
+        if comm is not None:
+            step.tp_region, step.tp_rank, step.tp_size = comm.region.data_ptr(), comm.rank, comm.size
+            step.tp_slot_bytes, step.tp_generation = comm.SLOT_BYTES, comm.generation
+            step.tp_timeout_s = distributed.PEER_TIMEOUT_S
+        try:
+            for i, layer in enumerate(self.layers):
+                status = self._run(ctypes.byref(layer), ctypes.byref(step), i == 0)
+                if status == _PEER_TIMEOUT:
+                    raise RuntimeError(f"tensor-parallel all-reduce in layer {i}: a rank did not "
+                                       f"arrive within {distributed.PEER_TIMEOUT_S:.0f} s")
+                if status != 0:
+                    raise RuntimeError(f"CPU decoder-layer kernel failed in layer {i} (status {status})")
+        finally:
+            if comm is not None:
+                comm.generation = step.tp_generation
         return x, residual

@@ -22,6 +22,8 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
 int pilot_quant_linear(const void *x, int64_t ldx, const uint8_t *qw, const float *scales,
                        const float *mins, const void *bias, void *y, int64_t m, int64_t n,
                        int64_t k, int bits, int64_t group, int is_bf16, int num_threads);
+int64_t pilot_shm_allreduce(void *x, int64_t n, int is_bf16, void *region, int64_t rank,
+                            int64_t size, int64_t slot_bytes, int64_t generation, double timeout_s);
 int paged_decode_attention_strided(const void *q, int64_t q_stride, const void *k_cache,
                                    const void *v_cache, int is_bf16, const int64_t *block_tables,
                                    const int64_t *context_lens, void *out, int num_seqs, int heads,
@@ -51,7 +53,23 @@ typedef struct {
     const void *cos, *signed_sin;
     void *x, *residual, *h, *qkv, *attn, *gate_up, *act;
     int64_t is_bf16, num_threads, attention_threads;
+    /* Tensor parallelism (tp_size > 1): o and down outputs are partial sums, all-reduced
+     * through the shared-memory region; tp_generation advances with every all-reduce. */
+    void *tp_region;
+    int64_t tp_rank, tp_size, tp_slot_bytes, tp_generation;
+    double tp_timeout_s;
 } PilotStep;
+
+#define STATUS_PEER_TIMEOUT -100
+
+static int all_reduce(PilotStep *s, int64_t hidden) {
+    if (s->tp_size <= 1) return 0;
+    int64_t next = pilot_shm_allreduce(s->x, s->batch * hidden, (int)s->is_bf16, s->tp_region, s->tp_rank,
+                                       s->tp_size, s->tp_slot_bytes, s->tp_generation, s->tp_timeout_s);
+    if (next < 0) return STATUS_PEER_TIMEOUT;
+    s->tp_generation = next;
+    return 0;
+}
 
 static int run_linear(const PilotLinear *l, const void *x, void *y, const PilotStep *s) {
     if (l->bits == 0)
@@ -63,7 +81,7 @@ static int run_linear(const PilotLinear *l, const void *x, void *y, const PilotS
 }
 
 /* Returns 0, or the first failing kernel's status. `first`: the residual stream starts here. */
-int pilot_decoder_layer(const PilotLayer *L, const PilotStep *s, int first) {
+int pilot_decoder_layer(const PilotLayer *L, PilotStep *s, int first) {
     const int bf16 = (int)s->is_bf16, threads = (int)s->num_threads;
     const int64_t b = s->batch, elem = bf16 ? 2 : 4;
     int status;
@@ -83,11 +101,12 @@ int pilot_decoder_layer(const PilotLayer *L, const PilotStep *s, int first) {
              s->context_lens, s->attn, (int)b, (int)L->heads, (int)L->kv_heads, (int)L->head_dim,
              (int)s->block_size, (int)s->max_blocks, L->scale, (int)s->attention_threads)))
         return status;
-    if ((status = run_linear(&L->o, s->attn, s->x, s))) return status;
+    if ((status = run_linear(&L->o, s->attn, s->x, s)) || (status = all_reduce(s, L->hidden))) return status;
     if ((status = pilot_rms_norm(s->x, s->residual, L->post_attention_norm, s->h, b, L->hidden,
                                  L->eps, bf16, threads)))
         return status;
     if ((status = run_linear(&L->gate_up, s->h, s->gate_up, s))) return status;
     if ((status = pilot_silu_mul(s->gate_up, s->act, b, L->intermediate, bf16, threads))) return status;
-    return run_linear(&L->down, s->act, s->x, s);
+    if ((status = run_linear(&L->down, s->act, s->x, s))) return status;
+    return all_reduce(s, L->hidden);
 }
