@@ -14,6 +14,7 @@ else goes through torch.distributed (gloo, or NCCL on CUDA).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import tempfile
 import uuid
@@ -46,6 +47,7 @@ class SharedMemoryAllReduce:
             with open(path, "wb") as f:
                 f.truncate(nbytes)  # zero-filled: every generation counter starts at 0
         self.region = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+        self.slots = header
         self.generation = 1
 
     def supports(self, x: torch.Tensor) -> bool:
@@ -57,9 +59,38 @@ class SharedMemoryAllReduce:
             x.data_ptr(), x.numel(), int(x.dtype == torch.bfloat16), self.region.data_ptr(),
             self.rank, self.size, self.SLOT_BYTES, self.generation, PEER_TIMEOUT_S)
         if generation < 0:
-            raise RuntimeError(f"tensor-parallel all-reduce: a rank did not arrive within "
-                               f"{PEER_TIMEOUT_S:.0f} s (it has most likely exited)")
+            raise _peer_timeout("all-reduce")
         self.generation = generation
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """Rank 0's `obj`, pickled through its slot (one generation); a payload larger than
+        the slot follows through torch.distributed."""
+        g, lib = self.generation, self.lib
+        start = self.slots + (g % 2) * self.size * self.SLOT_BYTES  # rank 0's slot in bank g % 2
+        header, capacity = self.region[start:start + 8], self.SLOT_BYTES - 8
+        if self.rank == 0:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            if lib.pilot_shm_wait(self.region.data_ptr(), self.size, -1, g - 1, PEER_TIMEOUT_S):
+                raise _peer_timeout("broadcast")
+            header.view(torch.int64)[0] = len(data)
+            if len(data) <= capacity:
+                self.region[start + 8:start + 8 + len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            lib.pilot_shm_publish(self.region.data_ptr(), 0, g)
+        else:
+            if lib.pilot_shm_wait(self.region.data_ptr(), self.size, 0, g, PEER_TIMEOUT_S):
+                raise _peer_timeout("broadcast")
+            n = int(header.view(torch.int64)[0])
+            data = self.region[start + 8:start + 8 + n].numpy().tobytes() if n <= capacity else b""
+            lib.pilot_shm_publish(self.region.data_ptr(), self.rank, g)
+        self.generation = g + 1
+        if len(data) > capacity or (self.rank != 0 and n > capacity):
+            return broadcast(obj, through_shared_memory=False)
+        return obj if self.rank == 0 else pickle.loads(data)
+
+
+def _peer_timeout(what: str) -> RuntimeError:
+    return RuntimeError(f"tensor-parallel {what}: a rank did not arrive within {PEER_TIMEOUT_S:.0f} s "
+                        "(it has most likely exited)")
 
 
 _shared_memory: SharedMemoryAllReduce | None = None
@@ -172,8 +203,10 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def broadcast(obj: Any = None) -> Any:
+def broadcast(obj: Any = None, through_shared_memory: bool = True) -> Any:
     """Rank 0 sends `obj` to every rank; every rank returns it."""
+    if through_shared_memory and _shared_memory is not None:
+        return _shared_memory.broadcast(obj)
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]

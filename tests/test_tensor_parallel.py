@@ -146,3 +146,38 @@ def test_runs_under_torchrun(model_dir, tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("TOKENS ")]
     assert len(lines) == 1  # rank 0 alone returns from LLM(...); rank 1 serves it, then exits
     assert json.loads(lines[0].split(" ", 1)[1]) == _generate(model_dir)
+
+
+_COLLECTIVES = """
+import sys, torch
+from engine import distributed
+rank, init = int(sys.argv[1]), sys.argv[2]
+distributed.join(rank, 2, "cpu", init)
+comm = distributed.shared_memory()
+assert comm is not None, "no shared-memory all-reduce"
+tp = distributed.TensorParallel(rank, 2)
+for dtype, n in ((torch.float32, 3_000_017), (torch.bfloat16, 5_000), (torch.float32, 7)):
+    parts = [torch.randn(n, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(2)]
+    x = parts[rank].clone()
+    tp.all_reduce(x)  # 3M fp32 values: 12 MB, three slot-sized chunks
+    expected = (parts[0].float() + parts[1].float()).to(dtype)
+    assert torch.equal(x, expected), (dtype, n)
+small = distributed.broadcast({"step": 1} if rank == 0 else None)
+big = distributed.broadcast(bytes(range(256)) * 40_000 if rank == 0 else None)  # > a slot
+assert small == {"step": 1} and big == bytes(range(256)) * 40_000
+print("OK", rank, comm.generation)
+distributed.leave()
+"""
+
+
+def test_shared_memory_collectives_between_two_processes(tmp_path):
+    init = f"file://{tmp_path}/rendezvous"
+    procs = [subprocess.Popen([sys.executable, "-c", _COLLECTIVES, str(rank), init], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+    # Both ranks went through the same generations: 3 + 1 + 1 all-reduces, 2 broadcasts.
+    assert sorted(out.split()[1] for out, _ in results) == ["0", "1"]
+    assert len({out.split()[2] for out, _ in results}) == 1

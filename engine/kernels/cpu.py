@@ -100,6 +100,11 @@ def load() -> ctypes.CDLL | None:
     lib.pilot_shm_allreduce.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                         ctypes.c_double]
+    lib.pilot_shm_wait.restype = ctypes.c_int
+    lib.pilot_shm_wait.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                   ctypes.c_double]
+    lib.pilot_shm_publish.restype = None
+    lib.pilot_shm_publish.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     lib.pilot_linear_caps.restype = ctypes.c_int
     lib.pilot_linear.restype = ctypes.c_int
     lib.pilot_linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

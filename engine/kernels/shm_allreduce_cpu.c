@@ -7,10 +7,11 @@
 // counter, waits for every peer's counter to reach it, then sums all slots itself.
 //
 // Region layout: `size` counters, one per 64-byte line, then two banks of `size` slots of
-// `slot_bytes` each. Generation g uses bank g % 2, so a rank that has run ahead to g + 1 never
-// overwrites a slot a peer may still be reading for g (reaching g + 2 needs every peer's g + 1,
-// published only once that peer has finished reading g). Every rank adds the slots in rank
-// order in fp32 and rounds once, so all ranks hold bit-identical results.
+// `slot_bytes` each. Every collective (all-reduce here, broadcast in engine/distributed.py) is
+// one generation g, uses bank g % 2, and before writing into it waits until every rank has
+// published g - 1: a rank publishes g - 1 only after it has finished reading g - 2, the last
+// generation to use the same bank. Every rank adds the slots in rank order in fp32 and rounds
+// once, so all ranks hold bit-identical results.
 
 #include <stdint.h>
 #include <string.h>
@@ -40,9 +41,11 @@ static inline volatile int64_t *counter(char *region, int64_t rank) {
     return (volatile int64_t *)(region + rank * LINE);
 }
 
-// Returns 0, or -1 if a peer did not arrive within timeout_s (it has most likely died).
-static int wait_for_peers(char *region, int64_t size, int64_t generation, double timeout_s) {
-    for (int64_t r = 0; r < size; r++) {
+// Wait until rank `who` (every rank if -1) has published `generation`. Returns 0, or -1 if a
+// peer did not arrive within timeout_s (it has most likely died).
+int pilot_shm_wait(void *region_ptr, int64_t size, int64_t who, int64_t generation, double timeout_s) {
+    char *region = (char *)region_ptr;
+    for (int64_t r = who < 0 ? 0 : who; r < (who < 0 ? size : who + 1); r++) {
         int64_t spins = 0;
         double start = 0.0;
         while (__atomic_load_n(counter(region, r), __ATOMIC_ACQUIRE) < generation) {
@@ -54,6 +57,10 @@ static int wait_for_peers(char *region, int64_t size, int64_t generation, double
         }
     }
     return 0;
+}
+
+void pilot_shm_publish(void *region, int64_t rank, int64_t generation) {
+    __atomic_store_n(counter((char *)region, rank), generation, __ATOMIC_RELEASE);
 }
 
 // x: n elements (fp32, or bf16 when is_bf16), summed over ranks in place. `generation` is this
@@ -68,9 +75,10 @@ int64_t pilot_shm_allreduce(void *x, int64_t n, int is_bf16, void *region_ptr, i
         int64_t count = n - first < per_chunk ? n - first : per_chunk;
         char *bank = slots + (generation % 2) * size * slot_bytes;
         char *mine = (char *)x + first * elem;
+        if (pilot_shm_wait(region, size, -1, generation - 1, timeout_s) != 0) return -1;
         memcpy(bank + rank * slot_bytes, mine, (size_t)(count * elem));
-        __atomic_store_n(counter(region, rank), generation, __ATOMIC_RELEASE);
-        if (wait_for_peers(region, size, generation, timeout_s) != 0) return -1;
+        pilot_shm_publish(region, rank, generation);
+        if (pilot_shm_wait(region, size, -1, generation, timeout_s) != 0) return -1;
         if (is_bf16) {
             uint16_t *out = (uint16_t *)mine;
             for (int64_t i = 0; i < count; i++) {
