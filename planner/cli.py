@@ -212,9 +212,14 @@ def quickstart(
     console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
 
 
+# The measurement commands live in their own module; importing it registers them on `app`.
+from planner import cli_profile  # noqa: E402,F401
+
+
 def main() -> None:
     app()
 
 
 if __name__ == "__main__":
     main()
+

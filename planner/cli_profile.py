@@ -1,0 +1,128 @@
+"""`pilot profile` and `pilot runs ...`: the measurement side of the CLI (registered by cli.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from planner.cli import _fail, app, console
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
+app.add_typer(runs_app, name="runs")
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str, field: str = "budget") -> float:
+    """Seconds in "90", "90s", "10m", "1h30m"; an error naming `field` otherwise."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{field}: cannot read {text!r} as a duration (e.g. 90s, 10m, 1h30m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{field}: must be positive, got {text!r}")
+    return total
+
+
+@app.command()
+def profile(
+    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    space: str = typer.Option("cpu", "--space", help="search space: a file, or a built-in name (cpu, gpu)"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),
+    isl: str = typer.Option("32:256", "--isl", help="input lengths: N, LOW:HIGH or normal:MEAN,STD"),
+    osl: str = typer.Option("16:128", "--osl", help="output lengths, as --isl"),
+    num_requests: int = typer.Option(32, "--num-requests", help="requests per run"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative knobs"),
+    slo: Optional[str] = typer.Option(None, "--slo", help="also record goodput under these SLOs"),
+    budget: str = typer.Option("10m", "--budget", help="wall-clock budget of this invocation"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+) -> None:
+    """Run the engine over a search space on this machine and store every run (resumable)."""
+    from engine.model_config import CheckpointError
+    from planner.profiler import plan_campaign
+    from planner.profiler import profile as run_profile
+    from planner.search_space import SearchSpace, SearchSpaceError
+    from planner.slo import SLOError, parse_slos
+    from planner.store import Store
+    from planner.workload import Workload, WorkloadError
+
+    try:
+        seconds = parse_duration(budget)
+        slos = parse_slos(slo) if slo else None
+        load = (Workload.from_file(workload) if workload is not None else
+                Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
+        search = SearchSpace.from_file(space)
+        store = Store(db)
+        with console.status("detecting hardware, planning the campaign"):
+            campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None)
+    except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
+        _fail(str(err))
+    columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("profiling", total=seconds)
+
+        def on_progress(label: str, elapsed: float) -> None:
+            progress.update(task, completed=min(elapsed, seconds), description=label[:60])
+
+        try:
+            result = run_profile(store, campaign, load, seconds, slos, on_progress)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("interrupted: finished runs are kept; run the same command to continue")
+            raise typer.Exit(130)
+        progress.update(task, completed=seconds)
+    console.print(f"campaign {result.campaign_id}: {len(result.run_ids)} new runs "
+                  f"({result.done_before} from earlier invocations), {len(result.failed)} failed, "
+                  f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
+    for experiment_id, error in result.failed[:5]:
+        console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
+
+
+@runs_app.command("list")
+def runs_list(
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    limit: int = typer.Option(50, help="most recent runs shown"),
+) -> None:
+    """The stored runs: configuration, load and headline metrics."""
+    from planner.export import run_records
+    from planner.store import Store
+
+    try:
+        records = run_records(Store(db))[-limit:]
+    except ValueError as err:
+        _fail(str(err))
+    table = Table(title=f"{len(records)} runs")
+    for col in ("id", "model", "config", "load", "tok/s", "ttft p50", "itl p50", "e2e p95"):
+        table.add_column(col, justify="right" if col not in ("model", "config", "load") else "left")
+    for r in records:
+        config = f"{r['quantization'] or r['dtype']} seqs={r['max_num_seqs']} tp={r['tensor_parallel_size']} " \
+                 f"dp={r['data_parallel_size']}" + (f" k={r['num_speculative_tokens']}" if r['num_speculative_tokens'] else "")
+        table.add_row(str(r["run_id"]), r["model"], config, f"{r['load_kind']} {r['load_value']:g}",
+                      f"{r['throughput_tok_s']:.1f}", f"{r['ttft_p50'] * 1e3:.0f} ms",
+                      f"{r['itl_p50'] * 1e3:.1f} ms", f"{r['e2e_p95']:.2f} s")
+    console.print(table)
+
+
+@runs_app.command("export")
+def runs_export(
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
+    table: str = typer.Option("runs", "--table", help="runs, requests or steps"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+) -> None:
+    """Write a table of the store to CSV or Parquet."""
+    from planner.export import export
+    from planner.store import Store
+
+    try:
+        count = export(Store(db), out, fmt, table)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"wrote {count} {table} to {out}")

@@ -1,0 +1,347 @@
+"""`pilot profile`: measure the real engine over a search space and keep every run.
+
+A campaign is the plan for one (hardware, model, workload, space, draft): every configuration
+of the space, in coverage order (planner/search_space.py), at every load level. It is stored
+before anything runs, and each experiment is claimed, run and written with its requests and
+steps in one transaction. Running the same command again resumes the campaign: finished
+experiments are never redone, and one left "running" by a process that has died (Ctrl-C,
+kill -9) is claimed again. Several profilers may share a campaign; each claims its own
+experiments.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from engine import LLM, EngineConfig, StepStats
+from engine.model_config import ModelConfig
+from engine.models.llama import checkpoint_shapes
+from planner import hardware as hw
+from planner.load import LoadResult, run_load
+from planner.search_space import SearchSpace
+from planner.slo import SLO, RequestLatency, goodput, summarize
+from planner.store import (Campaign, EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run,
+                           StepRow, Store, WorkloadRow, fingerprint, utcnow)
+from planner.workload import Workload
+
+REPO = Path(__file__).resolve().parents[1]
+# A claim by a process on another host is taken over after this long without finishing.
+STALE_CLAIM = dt.timedelta(hours=6)
+
+
+@dataclass
+class ProfileResult:
+    campaign_id: int
+    planned: int  # experiments in the campaign
+    done_before: int  # finished by earlier invocations
+    run_ids: list[int] = field(default_factory=list)  # finished by this one
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (experiment id, error)
+    remaining: int = 0
+
+
+def engine_version() -> str:
+    try:
+        return metadata.version("pilot")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def hardware_row(store: Store, measure: bool = True) -> Hardware:
+    """This machine's row; the CPU microbenchmark runs once per host and is kept."""
+    detected = hw.detect()
+    identity = asdict(detected)
+    identity.pop("live", None)
+    kind = "gpu" if detected.gpus else "cpu"
+    description = detected.gpus[0].name if detected.gpus else detected.cpu.model
+    row = store.get_or_create(
+        Hardware, fingerprint(identity), spec_name=(detected.spec_name or "cpu-host"), kind=kind,
+        description=description, device_count=max(1, len(detected.gpus)),
+        memory_gb=(detected.gpus[0].memory_gb if detected.gpus else detected.cpu.memory_gb),
+        details=identity)
+    if measure and kind == "cpu" and row.measurement is None:
+        measurement = asdict(hw.measure_cpu())
+        with store.session() as session:
+            session.execute(update(Hardware).where(Hardware.id == row.id)
+                            .values(measurement=measurement, measured_at=utcnow()))
+            session.commit()
+        row.measurement = measurement
+    return row
+
+
+def model_row(store: Store, model_dir: str) -> Model:
+    cfg = ModelConfig.from_dir(model_dir)
+    params = 0
+    for shape in checkpoint_shapes(cfg).values():
+        count = 1
+        for n in shape:
+            count *= n
+        params += count
+    return store.get_or_create(
+        Model, fingerprint(cfg.raw), name=Path(model_dir).name, path=str(Path(model_dir).resolve()),
+        model_type=cfg.model_type, num_params=params, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, num_experts=cfg.num_local_experts,
+        config=cfg.raw)
+
+
+def config_row(store: Store, config: EngineConfig) -> EngineConfigRow:
+    data = config.model_dump(mode="json", exclude={"model", "tokenizer"})
+    return store.get_or_create(
+        EngineConfigRow, fingerprint(data), dtype=config.dtype, quantization=config.quantization,
+        tensor_parallel_size=config.tensor_parallel_size, data_parallel_size=config.data_parallel_size,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_chunked_prefill=config.enable_chunked_prefill,
+        enable_prefix_caching=config.enable_prefix_caching,
+        speculative_model=config.speculative_model, num_speculative_tokens=config.num_speculative_tokens,
+        config=data)
+
+
+def workload_row(store: Store, workload: Workload) -> WorkloadRow:
+    spec = workload.model_dump(mode="json")
+    return store.get_or_create(WorkloadRow, fingerprint(spec), name=workload.name,
+                               description=workload.describe(), spec=spec)
+
+
+def base_config(model_dir: str, workload: Workload) -> EngineConfig:
+    """Settings outside the space: the model, and a context long enough for the workload."""
+    longest = max(s.input_tokens + s.output_tokens for s in workload.sample())
+    model_max = ModelConfig.from_dir(model_dir).max_position_embeddings
+    if longest > model_max:
+        raise ValueError(f"the workload has requests of {longest} tokens, more than the model's "
+                         f"max_position_embeddings={model_max}")
+    return EngineConfig(model=model_dir, max_model_len=min(model_max, -(-longest // 16) * 16))
+
+
+def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Workload,
+                  draft: str | None = None, max_parallel: int | None = None,
+                  measure_hardware: bool = True) -> Campaign:
+    """The campaign for these inputs: found if it exists (resume), else planned and stored."""
+    hardware, model, load = hardware_row(store, measure_hardware), model_row(store, model_dir), workload_row(store, workload)
+    key = fingerprint({"hardware": hardware.fingerprint, "model": model.fingerprint,
+                       "workload": load.fingerprint, "space": space.model_dump(mode="json"),
+                       "draft": draft})
+    with store.session() as session:
+        existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
+        if existing is not None:
+            return existing
+    configs = space.configs(base_config(model_dir, workload), draft,
+                            max_parallel=max_parallel or os.cpu_count() or 1)
+    rows = [config_row(store, c) for c in configs]
+    campaign = store.get_or_create(Campaign, key, hardware_id=hardware.id, model_id=model.id,
+                                   workload_id=load.id, space=space.model_dump(mode="json"))
+    with store.session() as session:
+        if session.scalar(select(Experiment.id).where(Experiment.campaign_id == campaign.id).limit(1)) is None:
+            position = 0
+            for row in rows:
+                for level in space.load.levels:
+                    session.add(Experiment(campaign_id=campaign.id, position=position,
+                                           engine_config_id=row.id, load_kind=space.load.kind,
+                                           load_value=level))
+                    position += 1
+            session.commit()
+    return campaign
+
+
+def _me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _abandoned(owner: str | None, claimed_at: dt.datetime | None) -> bool:
+    """Whether a claim's process is gone: dead on this host, or silent for too long elsewhere."""
+    if owner is None:
+        return True
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+    if claimed_at is None:
+        return True
+    if claimed_at.tzinfo is None:  # SQLite hands back naive datetimes
+        claimed_at = claimed_at.replace(tzinfo=dt.timezone.utc)
+    return utcnow() - claimed_at > STALE_CLAIM
+
+
+def claim_next(store: Store, campaign_id: int) -> Experiment | None:
+    """Atomically take the first experiment nobody is running (or whose runner died)."""
+    with store.session() as session:
+        candidates = session.scalars(
+            select(Experiment).where(Experiment.campaign_id == campaign_id,
+                                     or_(Experiment.status == "pending", Experiment.status == "running"))
+            .order_by(Experiment.position))
+        for exp in candidates:
+            if exp.status == "running" and not _abandoned(exp.owner, exp.claimed_at):
+                continue
+            taken = session.execute(
+                update(Experiment).where(Experiment.id == exp.id, Experiment.status == exp.status,
+                                         Experiment.owner.is_(exp.owner) if exp.owner is None
+                                         else Experiment.owner == exp.owner)
+                .values(status="running", owner=_me(), claimed_at=utcnow()))
+            session.commit()
+            if taken.rowcount == 1:
+                return session.get(Experiment, exp.id)
+    return None
+
+
+def _release(store: Store, experiment_id: int, status: str = "pending", error: str | None = None) -> None:
+    with store.session() as session:
+        session.execute(update(Experiment).where(Experiment.id == experiment_id)
+                        .values(status=status, owner=None, error=error))
+        session.commit()
+
+
+def record_run(store: Store, experiment: Experiment, campaign: Campaign, result: LoadResult,
+               slos: list[SLO] | None, gpu: dict | None) -> int:
+    """The run, its requests and its steps, and the experiment marked done: one transaction."""
+    latencies = [RequestLatency.from_token_times(a, o.metrics.token_times)
+                 for a, o in zip(result.arrivals, result.outputs)]
+    output_tokens = sum(len(o.token_ids) for o in result.outputs)
+    drafted = sum(o.metrics.num_draft_tokens for o in result.outputs)
+    accepted = sum(o.metrics.num_accepted_tokens for o in result.outputs)
+    with store.session() as session, session.begin():
+        run = Run(
+            experiment_id=experiment.id, hardware_id=campaign.hardware_id, model_id=campaign.model_id,
+            engine_config_id=experiment.engine_config_id, workload_id=campaign.workload_id,
+            load_kind=experiment.load_kind, load_value=experiment.load_value,
+            started_at=utcnow() - dt.timedelta(seconds=result.duration_s), duration_s=result.duration_s,
+            num_requests=len(result.outputs), output_tokens=output_tokens,
+            throughput_tok_s=output_tokens / result.duration_s,
+            request_rate=len(result.outputs) / result.duration_s,
+            goodput=goodput(latencies, slos, result.duration_s) if slos else None,
+            slos=",".join(str(s) for s in slos) if slos else None, latency=summarize(latencies),
+            peak_memory_bytes=result.peak_memory_bytes,
+            acceptance_rate=accepted / drafted if drafted else None,
+            energy_j=(gpu or {}).get("energy_j"), gpu=gpu or None,
+            engine_version=engine_version(), git_revision=git_revision())
+        session.add(run)
+        session.flush()
+        session.add_all(RequestRow(
+            run_id=run.id, position=spec.index, input_tokens=spec.input_tokens,
+            output_tokens=len(out.token_ids), arrival_s=arrival - result.start_time,
+            ttft_s=lat.ttft_s, tpot_s=lat.tpot_s,
+            itl_mean_s=sum(lat.itl_s) / len(lat.itl_s) if lat.itl_s else 0.0, e2e_s=lat.e2e_s,
+            num_preemptions=out.metrics.num_preemptions,
+            num_cached_prompt_tokens=out.metrics.num_cached_prompt_tokens,
+            acceptance_rate=out.metrics.acceptance_rate, finish_reason=out.finish_reason)
+            for spec, out, arrival, lat in zip(result.specs, result.outputs, result.arrivals, latencies))
+        session.add_all(StepRow(run_id=run.id, start_s=s.start_time - result.start_time,
+                                **_step_fields(s)) for s in result.steps)
+        session.execute(update(Experiment).where(Experiment.id == experiment.id)
+                        .values(status="done", owner=None, error=None))
+        return run.id
+
+
+def _step_fields(stats: StepStats) -> dict:
+    data = stats.to_dict()
+    del data["start_time"]  # kept as the offset from the run's start
+    return data
+
+
+def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: float,
+            slos: list[SLO] | None = None,
+            on_progress: Callable[[str, float], None] | None = None) -> ProfileResult:
+    """Run the campaign's experiments in order until they are done or `budget_s` is spent.
+    `on_progress(description, elapsed_s)` is called as experiments start and finish."""
+    with store.session() as session:
+        counts = _count(session, campaign.id)
+    result = ProfileResult(campaign.id, sum(counts.values()), counts.get("done", 0))
+    start = time.monotonic()
+    durations: list[float] = []
+    llm: LLM | None = None
+    llm_config_id: int | None = None
+    try:
+        while True:
+            elapsed = time.monotonic() - start
+            estimate = sum(durations) / len(durations) if durations else 0.0
+            if elapsed + estimate > budget_s:
+                break
+            experiment = claim_next(store, campaign.id)
+            if experiment is None:
+                break
+            began = time.monotonic()
+            with store.session() as session:
+                config_data = session.get(EngineConfigRow, experiment.engine_config_id).config
+                model_path = session.get(Model, campaign.model_id).path
+            config = EngineConfig(model=model_path, **config_data)
+            label = (f"{_summary(config)} @ {experiment.load_kind} {experiment.load_value:g}")
+            if on_progress:
+                on_progress(label, elapsed)
+            try:
+                if llm_config_id != experiment.engine_config_id:
+                    if llm is not None:
+                        llm.close()
+                    llm, llm_config_id = None, None
+                    llm = LLM(config)
+                    llm_config_id = experiment.engine_config_id
+                with hw.GpuSampler() as sampler:
+                    measured = run_load(llm.engine, workload, experiment.load_kind, experiment.load_value,
+                                        llm.engine.model_config.vocab_size, _device_type(config))
+                result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
+                                                 sampler.summary()))
+            except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
+                # A configuration this model or host cannot run is a finding, not a crash.
+                _release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
+                result.failed.append((experiment.id, str(err)))
+            except BaseException:
+                _release(store, experiment.id)  # Ctrl-C: give the experiment back, keep the rest
+                raise
+            durations.append(time.monotonic() - began)
+            if on_progress:
+                on_progress(label, time.monotonic() - start)
+    finally:
+        if llm is not None:
+            llm.close()
+        with store.session() as session:
+            result.remaining = _count(session, campaign.id).get("pending", 0)
+    return result
+
+
+def _count(session: Session, campaign_id: int) -> dict[str, int]:
+    rows = session.execute(select(Experiment.status, func.count()).where(
+        Experiment.campaign_id == campaign_id).group_by(Experiment.status)).all()
+    return {status: n for status, n in rows}
+
+
+def _device_type(config: EngineConfig) -> str:
+    from engine.model_runner import resolve_device
+
+    return resolve_device(config.device).type
+
+
+def _summary(config: EngineConfig) -> str:
+    parts = [config.quantization or config.dtype, f"seqs {config.max_num_seqs}",
+             f"batch {config.max_num_batched_tokens}"]
+    if not config.enable_chunked_prefill:
+        parts.append("no chunking")
+    if config.tensor_parallel_size > 1:
+        parts.append(f"tp {config.tensor_parallel_size}")
+    if config.data_parallel_size > 1:
+        parts.append(f"dp {config.data_parallel_size}")
+    if config.num_speculative_tokens:
+        parts.append(f"spec k={config.num_speculative_tokens}")
+    return ", ".join(parts)
