@@ -277,8 +277,9 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
     try:
         while True:
             elapsed = time.monotonic() - start
-            estimate = sum(durations) / len(durations) if durations else 0.0
-            if elapsed + estimate > budget_s:
+            # The next experiment is expected to take as long as the mean so far; the first
+            # always runs, so that any budget makes progress.
+            if durations and elapsed + sum(durations) / len(durations) > budget_s:
                 break
             experiment = claim_next(store, campaign.id)
             if experiment is None:

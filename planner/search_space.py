@@ -103,9 +103,14 @@ class SearchSpace(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise SearchSpaceError(f"{path}: {where}: {first['msg']}") from err
+            errors = err.errors()
+            # A knob is a list or a range: when it is a bad range, the "not a list" error of
+            # the other branch only hides the reason.
+            specific = [e for e in errors if e["type"] != "list_type"] or errors
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'] if p not in ('list[any]', 'IntRange'))}: {e['msg']}"
+                for e in specific[:3])
+            raise SearchSpaceError(f"{path}: {problems}") from err
 
     def values(self, knob: str) -> list[Any]:
         spec = self.knobs[knob]
@@ -149,10 +154,13 @@ class SearchSpace(BaseModel):
             longest = base.max_model_len or 0
             if update.get("max_num_batched_tokens", base.max_num_batched_tokens) < longest:
                 return None
-        try:
-            return base.model_copy(update=update)
+        try:  # validated: model_copy(update=...) would take any value
+            return EngineConfig.model_validate({**base.model_dump(), **update})
         except ValidationError as err:
-            raise SearchSpaceError(f"search space {self.name!r}: {err.errors()[0]['msg']}") from err
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise SearchSpaceError(f"search space {self.name!r}: {where}: {first['msg']} "
+                                   f"(got {first.get('input')!r})") from err
 
 
 def _normalise(point: tuple[Any, ...], choices: list[list[Any]]) -> np.ndarray:

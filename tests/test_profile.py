@@ -1,0 +1,201 @@
+"""`pilot profile`: real engine runs into a real SQLite store, resumable after kill -9."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import select
+
+from planner.cli_profile import parse_duration
+from planner.export import export, run_records
+from planner.profiler import plan_campaign, profile
+from planner.search_space import SearchSpace
+from planner.slo import parse_slos
+from planner.store import Experiment, Hardware, RequestRow, Run, StepRow, Store
+from planner.workload import Workload
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = """
+name: mini
+knobs:
+  quantization: [null, int8]
+  max_num_seqs: [1, 8]
+fixed:
+  dtype: float32
+  num_threads: 1
+load:
+  kind: concurrency
+  levels: [1, 4]
+"""
+
+
+@pytest.fixture
+def space(tmp_path) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return path
+
+
+def _workload(num_requests: int = 6, osl: str = "4:12") -> Workload:
+    return Workload.from_flags("8:48", osl, concurrency=1, num_requests=num_requests)
+
+
+def _db(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def test_a_campaign_stores_runs_requests_and_steps(model_dir, space, tmp_path):
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload()
+    campaign = plan_campaign(store, model_dir, SearchSpace.from_file(space), workload)
+    result = profile(store, campaign, workload, budget_s=600, slos=parse_slos("ttft_p95<=10s,itl_p95<=1s"))
+    assert result.planned == 8 and len(result.run_ids) == 8 and result.remaining == 0
+    assert not result.failed
+    runs = store.runs()
+    assert {(r.load_kind, r.load_value) for r in runs} == {("concurrency", 1.0), ("concurrency", 4.0)}
+    with store.session() as session:
+        for run in runs:
+            requests = session.scalars(select(RequestRow).where(RequestRow.run_id == run.id)).all()
+            steps = session.scalars(select(StepRow).where(StepRow.run_id == run.id)).all()
+            assert len(requests) == run.num_requests == 6
+            assert sum(r.output_tokens for r in requests) == run.output_tokens
+            # Every output token came out of some step: decode tokens plus one per prefill finish.
+            assert sum(s.num_decode_tokens for s in steps) + 6 >= run.output_tokens
+            assert all(0 < r.ttft_s <= r.e2e_s for r in requests)
+            assert run.goodput == pytest.approx(6 / run.duration_s)  # lenient SLOs: all met
+            assert run.latency["ttft_p50"] <= run.latency["ttft_p95"] <= run.latency["ttft_p99"]
+            assert run.engine_version and run.peak_memory_bytes and run.peak_memory_bytes > 0
+        hardware = session.scalars(select(Hardware)).one()
+        assert hardware.kind == "cpu" and hardware.measurement["read_bandwidth_gbs"] > 0
+    # A closed loop of 4 keeps up to 4 requests in flight; of 1, one at a time.
+    with store.session() as session:
+        for run in runs:
+            steps = session.scalars(select(StepRow).where(StepRow.run_id == run.id)).all()
+            assert max(s.num_running + s.num_waiting for s in steps) <= run.load_value
+
+
+def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp_path):
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload()
+    search = SearchSpace.from_file(space)
+    first = profile(store, plan_campaign(store, model_dir, search, workload), workload, budget_s=1e-9)
+    assert len(first.run_ids) == 1 and first.remaining == 7  # one run, then the budget is spent
+    again = plan_campaign(store, model_dir, search, workload)
+    assert again.id == first.campaign_id
+    second = profile(store, again, workload, budget_s=600)
+    assert second.done_before == 1 and len(second.run_ids) == 7 and second.remaining == 0
+    assert first.run_ids[0] not in second.run_ids
+
+
+def test_a_configuration_the_model_cannot_run_is_recorded_as_failed(model_dir, tmp_path):
+    path = tmp_path / "space.yaml"
+    # int4 groups of 48 do not divide the tiny model's 64 hidden features.
+    path.write_text(SPACE.replace("[null, int8]", "[int8, int4]")
+                    .replace("  num_threads: 1\n", "  num_threads: 1\n  quantization_group_size: 48\n"))
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload(num_requests=2)
+    result = profile(store, plan_campaign(store, model_dir, SearchSpace.from_file(path), workload),
+                     workload, budget_s=600)
+    assert len(result.run_ids) == 4 and len(result.failed) == 4
+    assert all("quantization_group_size=48" in error for _, error in result.failed)
+    with store.session() as session:
+        statuses = sorted(e.status for e in session.scalars(select(Experiment)))
+    assert statuses == ["done"] * 4 + ["failed"] * 4
+
+
+def _profile_command(model_dir: str, space: Path, db: str, budget: str = "10m") -> list[str]:
+    return [sys.executable, "-m", "planner", "profile", "--model", model_dir, "--space", str(space),
+            "--isl", "8:48", "--osl", "24:48", "--num-requests", "6", "--budget", budget, "--db", db]
+
+
+def _done(db_path: Path) -> list[tuple[int, int]]:
+    if not db_path.exists():
+        return []
+    with sqlite3.connect(db_path, timeout=30) as conn:
+        try:
+            return conn.execute("SELECT id, experiment_id FROM runs ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # tables not made yet
+            return []
+
+
+def test_kill_9_mid_campaign_loses_no_finished_run_and_the_rerun_finishes_it(model_dir, space, tmp_path):
+    db_path = tmp_path / "pilot.db"
+    command = _profile_command(model_dir, space, _db(db_path))
+    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(_done(db_path)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)  # no handler, no cleanup: as a crash
+    proc.wait()
+    before = _done(db_path)
+    assert len(before) >= 2
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        statuses = dict(conn.execute("SELECT status, count(*) FROM experiments GROUP BY status").fetchall())
+    assert statuses.get("done") == len(before) and statuses.get("done", 0) < 8
+
+    rerun = subprocess.run(command, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = _done(db_path)
+    assert after[:len(before)] == before  # the finished runs, untouched
+    assert len(after) == 8 and len({experiment for _, experiment in after}) == 8  # none redone
+    assert f"{8 - len(before)} new runs ({len(before)} from earlier invocations)" in " ".join(rerun.stderr.split())
+
+
+def test_two_profilers_share_one_campaign_without_corrupting_the_store(model_dir, space, tmp_path):
+    db_path = tmp_path / "pilot.db"
+    command = _profile_command(model_dir, space, _db(db_path))
+    Store(_db(db_path))  # tables made once, before both start
+    procs = [subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    runs = _done(db_path)
+    assert len(runs) == 8 and len({experiment for _, experiment in runs}) == 8
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT count(*) FROM campaigns").fetchone()[0] == 1
+
+
+def test_export_csv_and_parquet(model_dir, space, tmp_path):
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload(num_requests=3)
+    profile(store, plan_campaign(store, model_dir, SearchSpace.from_file(space), workload), workload, 600)
+    records = run_records(store)
+    assert len(records) == 8 and {"ttft_p95", "itl_p50", "throughput_tok_s", "quantization"} <= set(records[0])
+    assert export(store, tmp_path / "runs.csv", "csv") == 8
+    with (tmp_path / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and float(rows[0]["throughput_tok_s"]) > 0
+    assert export(store, tmp_path / "requests.parquet", "parquet", table="requests") == 24
+    table = pq.read_table(tmp_path / "requests.parquet")
+    assert table.num_rows == 24 and "ttft_s" in table.column_names
+    with pytest.raises(ValueError, match="--format must be csv or parquet, got 'xlsx'"):
+        export(store, tmp_path / "x", "xlsx")
+    with pytest.raises(ValueError, match="--table must be one of runs, requests, steps"):
+        export(store, tmp_path / "x.csv", "csv", table="bogus")
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400),
+                                           ("0.5m", 30)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "m"])
+def test_parse_duration_errors_name_the_flag(text):
+    with pytest.raises(ValueError, match="budget"):
+        parse_duration(text)
