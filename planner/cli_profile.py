@@ -33,7 +33,8 @@ def parse_duration(text: str, field: str = "budget") -> float:
 @app.command()
 def profile(
     model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
-    space: str = typer.Option("cpu", "--space", help="search space: a file, or a built-in name (cpu, gpu)"),
+    space: Optional[str] = typer.Option(None, "--space", help="search space: a file, or a built-in "
+                                        "name (cpu, gpu); default: the one for this machine"),
     workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),
     isl: str = typer.Option("32:256", "--isl", help="input lengths: N, LOW:HIGH or normal:MEAN,STD"),
     osl: str = typer.Option("16:128", "--osl", help="output lengths, as --isl"),
@@ -57,7 +58,15 @@ def profile(
         slos = parse_slos(slo) if slo else None
         load = (Workload.from_file(workload) if workload is not None else
                 Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
+        if space is None:
+            from planner.hardware import detect
+
+            space = "gpu" if detect().gpus else "cpu"
         search = SearchSpace.from_file(space)
+        if draft is None and any(search.values("num_speculative_tokens") if "num_speculative_tokens"
+                                 in search.knobs else []):
+            console.print("no --draft: speculative decoding is left out of the space")
+            search = search.without_drafts()
         store = Store(db)
         with console.status("detecting hardware, planning the campaign"):
             campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None)

@@ -112,6 +112,13 @@ class SearchSpace(BaseModel):
                 for e in specific[:3])
             raise SearchSpaceError(f"{path}: {problems}") from err
 
+    def without_drafts(self) -> "SearchSpace":
+        """This space with speculative decoding left out (no draft model to run)."""
+        knobs = {**self.knobs}
+        if "num_speculative_tokens" in knobs:
+            knobs["num_speculative_tokens"] = [0]
+        return self.model_copy(update={"knobs": knobs})
+
     def values(self, knob: str) -> list[Any]:
         spec = self.knobs[knob]
         return spec.values() if isinstance(spec, IntRange) else list(spec)

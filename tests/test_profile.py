@@ -199,3 +199,50 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_errors_name_the_flag(text):
     with pytest.raises(ValueError, match="budget"):
         parse_duration(text)
+
+
+def test_cli_profile_lists_and_exports(model_dir, space, tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    runner = CliRunner()
+    db = _db(tmp_path / "pilot.db")
+    args = ["profile", "--model", model_dir, "--space", str(space), "--isl", "8:32", "--osl", "4",
+            "--num-requests", "2", "--budget", "5m", "--db", db]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "8 new runs (0 from earlier invocations), 0 failed, 0 of 8 experiments left" in " ".join(result.output.split())
+    listed = runner.invoke(app, ["runs", "list", "--db", db])
+    assert listed.exit_code == 0 and "8 runs" in listed.output
+    out = tmp_path / "steps.parquet"
+    exported = runner.invoke(app, ["runs", "export", "--out", str(out), "--format", "parquet",
+                                   "--table", "steps", "--db", db])
+    assert exported.exit_code == 0 and out.is_file(), exported.output
+
+
+def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE.replace("max_num_seqs: [1, 8]", "num_speculative_tokens: [0, 2]"))
+    result = CliRunner().invoke(app, ["profile", "--model", model_dir, "--space", str(space), "--isl", "8",
+                                      "--osl", "4", "--num-requests", "2", "--db", _db(tmp_path / "p.db")])
+    assert result.exit_code == 0, result.output
+    assert "no --draft" in result.output and "4 new runs" in result.output
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--budget", "soon", "budget"), ("--slo", "ttft_p95<=5us", "unit"), ("--isl", "a:b", "isl"),
+    ("--space", "nowhere", "search space not found"), ("--db", "nosuchdialect://x", "--db"),
+])
+def test_cli_profile_bad_input_names_the_field(model_dir, tmp_path, flag, value, field):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    args = ["profile", "--model", model_dir, "--space", "cpu", "--db", _db(tmp_path / "p.db"), flag, value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and field in result.output, result.output
