@@ -195,9 +195,11 @@ def bench_knobs(
 
 @app.command()
 def quickstart(
-    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model is written"),
+    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model and store go"),
+    budget: str = typer.Option("45s", help="time for the profiling step"),
 ) -> None:
-    """End to end on the built-in default: make a small model, then stream a completion."""
+    """End to end on the built-in default: make a small model, generate with it, then profile
+    it over the CPU search space into a SQLite store in WORKDIR."""
     from engine import LLM, EngineConfig, SamplingParams
     from engine.model_zoo import make_checkpoint
 
@@ -210,6 +212,13 @@ def quickstart(
     outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
     tokens = sum(len(o.token_ids) for o in outputs)
     console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
+    llm.close()
+    db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
+    console.print(f"[bold]profiling[/bold] for {budget} into {db} (run again to continue the campaign)")
+    cli_profile.profile(model=model_dir, space="cpu", workload=None, isl="16:64", osl="8:32",
+                        num_requests=8, draft=None, slo="ttft_p95<=1s,itl_p95<=100ms",
+                        budget=budget, db=db)
+    cli_profile.runs_list(db=db, limit=10)
 
 
 # The measurement commands live in their own module; importing it registers them on `app`.

@@ -94,6 +94,34 @@ def profile(
         console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
 
 
+@app.command("hardware")
+def hardware_list(
+    spec_dir: list[Path] = typer.Option([], "--dir", help="extra directory of spec YAML files"),
+) -> None:
+    """The hardware specs and prices pilot knows, and what this machine is."""
+    from planner.hardware import HardwareSpecError, detect, load_specs
+
+    try:
+        specs = load_specs(list(spec_dir) or None)
+    except (HardwareSpecError, FileNotFoundError) as err:
+        _fail(str(err))
+    table = Table(title="hardware specs (profiles/hardware)")
+    for col in ("name", "memory GB", "GB/s", "bf16 TFLOPS", "$/hour"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for name, spec in sorted(specs.items()):
+        table.add_row(name, f"{spec.memory_gb:g}", f"{spec.memory_bandwidth_gbs:g}",
+                      f"{spec.peak_tflops['bf16']:g}", f"{spec.price_per_hour_usd:.2f}")
+    console.print(table)
+    found = detect()
+    if found.gpus:
+        console.print(f"this machine: {len(found.gpus)} x {found.gpus[0].name} "
+                      f"({found.gpus[0].memory_gb:.0f} GB, driver {found.driver_version}) -> {found.spec_name}")
+    else:
+        cpu = found.cpu
+        console.print(f"this machine: {cpu.model}, {cpu.usable_threads} threads, "
+                      f"{cpu.memory_gb:.1f} GB, AVX-512 {'yes' if cpu.avx512 else 'no'} -> cpu-host")
+
+
 @runs_app.command("list")
 def runs_list(
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
@@ -113,7 +141,8 @@ def runs_list(
     for r in records:
         config = f"{r['quantization'] or r['dtype']} seqs={r['max_num_seqs']} tp={r['tensor_parallel_size']} " \
                  f"dp={r['data_parallel_size']}" + (f" k={r['num_speculative_tokens']}" if r['num_speculative_tokens'] else "")
-        table.add_row(str(r["run_id"]), r["model"], config, f"{r['load_kind']} {r['load_value']:g}",
+        load = f"{'c' if r['load_kind'] == 'concurrency' else 'rate '}={r['load_value']:g}"
+        table.add_row(str(r["run_id"]), r["model"], config, load,
                       f"{r['throughput_tok_s']:.1f}", f"{r['ttft_p50'] * 1e3:.0f} ms",
                       f"{r['itl_p50'] * 1e3:.1f} ms", f"{r['e2e_p95']:.2f} s")
     console.print(table)

@@ -75,9 +75,13 @@ def test_generate_missing_model_dir(tmp_path):
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path)])
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--budget", "5s"])
     assert result.exit_code == 0, result.output
     assert "generated 384 tokens for 8 requests" in result.output
+    assert (tmp_path / "pilot.db").is_file() and "new runs" in result.output
+    from planner.store import Store
+
+    assert len(Store(f"sqlite:///{tmp_path / 'pilot.db'}").runs()) >= 1
 
 
 def test_bench_engine_reports_every_metric(tiny, tmp_path):

@@ -246,3 +246,20 @@ def test_cli_profile_bad_input_names_the_field(model_dir, tmp_path, flag, value,
     args = ["profile", "--model", model_dir, "--space", "cpu", "--db", _db(tmp_path / "p.db"), flag, value]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and field in result.output, result.output
+
+
+def test_cli_hardware_lists_specs_and_this_machine(tmp_path):
+    from typer.testing import CliRunner
+
+    from planner.cli import app
+
+    (tmp_path / "my-gpu.yaml").write_text(
+        "name: my-gpu\nvendor: nvidia\nkind: gpu\nmemory_gb: 32\nmemory_bandwidth_gbs: 1000\n"
+        "peak_tflops: {bf16: 100}\ninterconnect: {kind: pcie4, bandwidth_gbs: 64}\n"
+        "max_devices_per_node: 8\nprice_per_hour_usd: 1.5\nsource: test\n")
+    result = CliRunner().invoke(app, ["hardware", "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "h100-sxm" in result.output and "my-gpu" in result.output and "this machine:" in result.output
+    (tmp_path / "bad.yaml").write_text("name: bad\nmemory_gb: -1\n")
+    bad = CliRunner().invoke(app, ["hardware", "--dir", str(tmp_path)])
+    assert bad.exit_code == 2 and "memory_gb" in bad.output
