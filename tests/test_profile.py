@@ -256,7 +256,7 @@ def test_cli_hardware_lists_specs_and_this_machine(tmp_path):
     (tmp_path / "my-gpu.yaml").write_text(
         "name: my-gpu\nvendor: nvidia\nkind: gpu\nmemory_gb: 32\nmemory_bandwidth_gbs: 1000\n"
         "peak_tflops: {bf16: 100}\ninterconnect: {kind: pcie4, bandwidth_gbs: 64}\n"
-        "max_devices_per_node: 8\nprice_per_hour_usd: 1.5\nsource: test\n")
+        "max_devices_per_node: 8\nprice_per_hour_usd: 1.5\nprice_source: test\nsource: test\n")
     result = CliRunner().invoke(app, ["hardware", "--dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "h100-sxm" in result.output and "my-gpu" in result.output and "this machine:" in result.output
