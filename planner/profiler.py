@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine import LLM, EngineConfig, StepStats
@@ -159,7 +160,10 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
                                            engine_config_id=row.id, load_kind=space.load.kind,
                                            load_value=level))
                     position += 1
-            session.commit()
+            try:
+                session.commit()
+            except IntegrityError:  # another profiler planned it first: same plan, keep theirs
+                session.rollback()
     return campaign
 
 

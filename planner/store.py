@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, create_engine,
-                        event, select)
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint,
+                        create_engine, event, select)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -117,6 +117,8 @@ class Experiment(Base):
     """One planned run: an engine config at a load level."""
 
     __tablename__ = "experiments"
+    # Two profilers planning the same campaign at once: the second one's plan is refused.
+    __table_args__ = (UniqueConstraint("campaign_id", "position"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"), index=True)
     position: Mapped[int] = mapped_column(Integer)
