@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,7 @@ class ProfileResult:
     remaining: int = 0
 
 
+@lru_cache(maxsize=1)
 def engine_version() -> str:
     try:
         return metadata.version("pilot")
@@ -58,6 +60,7 @@ def engine_version() -> str:
         return "unknown"
 
 
+@lru_cache(maxsize=1)  # once per process, not a `git` subprocess per run
 def git_revision() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
