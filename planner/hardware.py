@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Sequence
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from planner.files import read_mapping
 
 # Spec files are data beside the code, not package data: this finds them in a source checkout
 # or an editable install.
@@ -77,12 +78,7 @@ def _validate(fields: dict[str, Any], where: object) -> HardwareSpec:
 
 
 def load_spec_file(path: Path) -> HardwareSpec:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise HardwareSpecError(f"{path}: invalid YAML or unreadable: {err}") from err
-    if not isinstance(raw, dict):
-        raise HardwareSpecError(f"{path}: expected a mapping of fields, got {type(raw).__name__}")
+    raw = read_mapping(path, HardwareSpecError, "hardware-spec fields")
     spec = _validate(raw, path)
     if spec.name != path.stem:
         # The file name is the id users type; a mismatch would make two names for one device.

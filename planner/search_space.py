@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import EngineConfig
+from planner.files import read_mapping
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 # Knobs a space may vary (EngineConfig fields); anything else is a fixed setting of the space.
@@ -94,12 +94,7 @@ class SearchSpace(BaseModel):
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
             raise FileNotFoundError(f"search space not found: {path} (built-in: {known})")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise SearchSpaceError(f"{path}: not valid YAML ({err})") from err
-        if not isinstance(data, dict):
-            raise SearchSpaceError(f"{path}: expected a mapping, got {type(data).__name__}")
+        data = read_mapping(path, SearchSpaceError, "search-space fields")
         try:
             return cls.model_validate(data)
         except ValidationError as err:

@@ -3,7 +3,6 @@ and the load generator so that all three see the same traffic for the same seed.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt,
                       SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer,
                       model_validator)
+
+from planner.files import read_mapping
 
 
 class WorkloadError(ValueError):
@@ -267,13 +268,7 @@ class Workload(BaseModel):
             raise FileNotFoundError(f"workload file not found: {path}")
         if path.suffix == ".jsonl":
             return cls.from_trace(path)
-        try:
-            text = path.read_text()
-            data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise WorkloadError(f"{path}: cannot parse ({err})") from None
-        if not isinstance(data, dict):
-            raise WorkloadError(f"{path}: expected a mapping of workload fields, got {type(data).__name__}")
+        data = read_mapping(path, WorkloadError, "workload fields")
         try:
             return cls.model_validate(data)
         except ValidationError as err:

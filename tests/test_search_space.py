@@ -141,7 +141,7 @@ INVALID = {
     "non-mapping list": ("- a\n- b\n", ["expected a mapping", "list"]),
     "non-mapping scalar": ("42\n", ["expected a mapping", "int"]),
     "empty file": ("", ["expected a mapping"]),
-    "invalid YAML": ("name: [unclosed\nknobs: {\n", ["not valid YAML"]),
+    "invalid YAML": ("name: [unclosed\nknobs: {\n", ["not valid YAML or JSON"]),
 }
 
 
