@@ -27,7 +27,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import InvalidRequestError
 from engine.model_config import ModelConfig
 from engine.model_runner import available_host_memory
-from engine.observer import StepObserver, StepStats
+from engine.observer import StepObserver
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
 from engine.tokenizer import load_tokenizer

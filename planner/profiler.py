@@ -74,7 +74,6 @@ def hardware_row(store: Store, measure: bool = True) -> Hardware:
     """This machine's row; the CPU microbenchmark runs once per host and is kept."""
     detected = hw.detect()
     identity = asdict(detected)
-    identity.pop("live", None)
     kind = "gpu" if detected.gpus else "cpu"
     description = detected.gpus[0].name if detected.gpus else detected.cpu.model
     row = store.get_or_create(
@@ -251,7 +250,7 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
             run_id=run.id, position=spec.index, input_tokens=spec.input_tokens,
             output_tokens=len(out.token_ids), arrival_s=arrival - result.start_time,
             ttft_s=lat.ttft_s, tpot_s=lat.tpot_s,
-            itl_mean_s=sum(lat.itl_s) / len(lat.itl_s) if lat.itl_s else 0.0, e2e_s=lat.e2e_s,
+            itl_mean_s=lat.mean_itl_s, e2e_s=lat.e2e_s,
             num_preemptions=out.metrics.num_preemptions,
             num_cached_prompt_tokens=out.metrics.num_cached_prompt_tokens,
             acceptance_rate=out.metrics.acceptance_rate, finish_reason=out.finish_reason)

@@ -20,7 +20,7 @@ from planner.export import export, run_records
 from planner.profiler import plan_campaign, profile
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
-from planner.store import Experiment, Hardware, RequestRow, Run, StepRow, Store
+from planner.store import Experiment, Hardware, RequestRow, StepRow, Store
 from planner.workload import Workload
 
 REPO = Path(__file__).resolve().parents[1]
