@@ -200,8 +200,11 @@ def quickstart(
 ) -> None:
     """End to end on the built-in default: make a small model, generate with it, then profile
     it over the CPU search space into a SQLite store in WORKDIR."""
+    import yaml
+
     from engine import LLM, EngineConfig, SamplingParams
     from engine.model_zoo import make_checkpoint
+    from planner.search_space import SearchSpace
 
     model_dir = workdir / "models" / "tiny"
     with console.status("making the built-in tiny model"):
@@ -215,7 +218,12 @@ def quickstart(
     llm.close()
     db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
     console.print(f"[bold]profiling[/bold] for {budget} into {db} (run again to continue the campaign)")
-    cli_profile.profile(model=model_dir, space="cpu", workload=None, isl="16:64", osl="8:32",
+    # The built-in CPU space, with int4 groups the tiny model's 64 features can hold.
+    space = SearchSpace.from_file("cpu")
+    space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
+    space_file = workdir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
+    cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl="16:64", osl="8:32",
                         num_requests=8, draft=None, slo="ttft_p95<=1s,itl_p95<=100ms",
                         budget=budget, db=db)
     cli_profile.runs_list(db=db, limit=10)

@@ -214,6 +214,20 @@ def claim_next(store: Store, campaign_id: int) -> Experiment | None:
     return None
 
 
+def _fail_config(store: Store, experiment: Experiment, error: str) -> list[int]:
+    """The engine refused this configuration: every load level of it still waiting fails with
+    the same error, rather than loading it again per level. Returns the experiments failed."""
+    waiting = or_(Experiment.id == experiment.id, Experiment.status == "pending")
+    with store.session() as session:
+        ids = list(session.scalars(select(Experiment.id).where(
+            Experiment.campaign_id == experiment.campaign_id,
+            Experiment.engine_config_id == experiment.engine_config_id, waiting)))
+        session.execute(update(Experiment).where(Experiment.id.in_(ids))
+                        .values(status="failed", owner=None, error=error))
+        session.commit()
+    return ids
+
+
 def _release(store: Store, experiment_id: int, status: str = "pending", error: str | None = None) -> None:
     with store.session() as session:
         session.execute(update(Experiment).where(Experiment.id == experiment_id)
@@ -298,20 +312,29 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             label = (f"{_summary(config)} @ {experiment.load_kind} {experiment.load_value:g}")
             if on_progress:
                 on_progress(label, elapsed)
-            try:
-                if llm_config_id != experiment.engine_config_id:
-                    if llm is not None:
-                        llm.close()
-                    llm, llm_config_id = None, None
+            if llm_config_id != experiment.engine_config_id:
+                if llm is not None:
+                    llm.close()
+                llm, llm_config_id = None, None
+                try:
                     llm = LLM(config)
-                    llm_config_id = experiment.engine_config_id
+                except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
+                    # A configuration this model or host cannot run is a finding, not a crash.
+                    error = f"{type(err).__name__}: {err}"[:2000]
+                    result.failed += [(i, str(err)) for i in _fail_config(store, experiment, error)]
+                    durations.append(time.monotonic() - began)
+                    continue
+                except BaseException:
+                    _release(store, experiment.id)
+                    raise
+                llm_config_id = experiment.engine_config_id
+            try:
                 with hw.GpuSampler() as sampler:
                     measured = run_load(llm.engine, workload, experiment.load_kind, experiment.load_value,
                                         llm.engine.model_config.vocab_size, _device_type(config))
                 result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
                                                  sampler.summary()))
             except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
-                # A configuration this model or host cannot run is a finding, not a crash.
                 _release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
                 result.failed.append((experiment.id, str(err)))
             except BaseException:
