@@ -121,6 +121,20 @@ class BlockManager:
         seq.block_hashes = []
         seq.num_computed_tokens = 0
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the contents of every free block, so no later prompt hits them (a benchmark
+        starting cold); blocks in use keep theirs. Returns how many blocks were forgotten."""
+        forgotten = 0
+        for block_id in self.free_blocks:
+            block = self.blocks[block_id]
+            if block.block_hash is None:
+                continue
+            if self.hash_to_block.get(block.block_hash) == block_id:
+                del self.hash_to_block[block.block_hash]
+            block.block_hash, block.token_ids = None, ()
+            forgotten += 1
+        return forgotten
+
     def slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 

@@ -82,6 +82,8 @@ def _serve(config: EngineConfig, conn: Connection, index: int) -> None:
                 output = engine.abort_request(payload)
                 if output is not None:
                     conn.send(("output", output))
+            elif kind == "reset_prefix_cache":
+                conn.send(("reset", engine.reset_prefix_cache()))
             elif kind == "score":
                 try:
                     # As an array: a tensor would travel through torch's shared-memory pickling.
@@ -165,6 +167,12 @@ class DataParallelEngine:
 
     def add_step_observer(self, observer: StepObserver) -> None:
         self.observers.append(observer)
+
+    def reset_prefix_cache(self) -> int:
+        """Every replica's (see `LLMEngine.reset_prefix_cache`); the blocks forgotten in all."""
+        for replica in self._replicas:
+            replica.conn.send(("reset_prefix_cache", None))
+        return sum(self._wait("reset", i, lambda detail: True) for i in range(len(self._replicas)))
 
     def score(self, token_ids: list[int]) -> torch.Tensor:
         self._replicas[0].conn.send(("score", list(token_ids)))

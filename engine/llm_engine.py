@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -65,14 +65,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=self.max_model_len,
-                enable_chunked_prefill=config.enable_chunked_prefill,
-                policy=config.scheduling_policy,
-                num_lookahead_tokens=config.num_speculative_tokens or 0,
-            ),
+            SchedulerConfig.for_engine(config, self.max_model_len),
             self.block_manager,
             eos_token_ids=self.model_config.eos_token_ids,
         )
@@ -189,6 +182,10 @@ class LLMEngine:
     def add_step_observer(self, observer: StepObserver) -> None:
         self.observers.append(observer)
 
+    def reset_prefix_cache(self) -> int:
+        """Drop cached prefixes not in use (see `BlockManager.reset_prefix_cache`)."""
+        return self.block_manager.reset_prefix_cache()
+
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -234,18 +231,13 @@ class LLMEngine:
 
     def _notify(self, out: SchedulerOutput, sampled: list[list[int] | None], start: float,
                 forward_s: float, num_finished: int) -> None:
-        decodes = [s for s in out.scheduled if s.is_decode]
-        prefills = [s for s in out.scheduled if not s.is_decode]
+        composition = out.composition()
         stats = StepStats(
             step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
-            forward_s=forward_s, num_seqs=len(out.scheduled), num_prefill_seqs=len(prefills),
-            num_decode_seqs=len(decodes), num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
-            num_decode_tokens=sum(s.num_new_tokens for s in decodes), context_tokens=sum(s.context_len for s in out.scheduled),
-            num_preempted=len(out.preempted), num_finished=num_finished,
-            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
-            kv_blocks_used=self.block_manager.num_used_blocks,
+            forward_s=forward_s, **asdict(composition), num_preempted=len(out.preempted),
+            num_finished=num_finished, num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running), kv_blocks_used=self.block_manager.num_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,
-            num_draft_tokens=sum(len(s.spec_token_ids) for s in out.scheduled),
             num_accepted_tokens=sum(len(t) - 1 for s, t in zip(out.scheduled, sampled)
                                     if t is not None and s.spec_token_ids))
         for observer in self.observers:

@@ -63,6 +63,28 @@ def available_host_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def num_kv_blocks(config: EngineConfig, bytes_per_block: int, max_len: int, device_type: str,
+                  free_bytes: int, total_bytes: int = 0) -> int:
+    """The KV blocks an engine with `config` allocates, given its device's free memory (after
+    the weights) and, on CUDA, its total; the planner sizes simulated caches with this too."""
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    budget = config.kv_cache_memory_bytes
+    if budget is None:
+        if device_type == "cuda":
+            budget = int(total_bytes * config.gpu_memory_utilization) - (total_bytes - free_bytes)
+        else:
+            # Enough for every sequence at full length, but never more than a quarter of RAM.
+            wanted = config.max_num_seqs * max_len // config.block_size * bytes_per_block
+            budget = min(wanted, free_bytes // 4)
+    blocks = budget // bytes_per_block
+    if blocks < 1:
+        raise ValueError(
+            f"kv cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
+            "raise kv_cache_memory_bytes (or gpu_memory_utilization)")
+    return int(blocks)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_positions: int,
                  tp: TensorParallel = TensorParallel()) -> None:
@@ -116,25 +138,11 @@ class ModelRunner:
         return per_token * self.block_size * torch.tensor([], dtype=self.dtype).element_size()
 
     def _num_kv_blocks(self) -> int:
-        cfg = self.config
-        if cfg.num_kv_blocks is not None:
-            return cfg.num_kv_blocks
-        budget = cfg.kv_cache_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = int(total * cfg.gpu_memory_utilization) - (total - free)
-            else:
-                # Enough for every sequence at full length, but never more than a quarter of RAM.
-                max_len = cfg.max_model_len or self.model_config.max_position_embeddings
-                wanted = cfg.max_num_seqs * max_len // self.block_size * self.kv_bytes_per_block
-                budget = min(wanted, available_host_memory() // 4)
-        blocks = budget // self.kv_bytes_per_block
-        if blocks < 1:
-            raise ValueError(
-                f"kv cache budget of {budget} bytes holds no block of {self.kv_bytes_per_block} bytes; "
-                "raise kv_cache_memory_bytes (or gpu_memory_utilization)")
-        return int(blocks)
+        cuda = self.device.type == "cuda"
+        free, total = torch.cuda.mem_get_info(self.device) if cuda else (available_host_memory(), 0)
+        return num_kv_blocks(self.config, self.kv_bytes_per_block,
+                             self.config.max_model_len or self.model_config.max_position_embeddings,
+                             self.device.type, free, total)
 
     def _allocate_kv_cache(self) -> None:
         self.kv_cache = self._bind_cache(self.model, self.model_config)

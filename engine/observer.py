@@ -7,6 +7,19 @@ from typing import Any, Callable
 
 
 @dataclass(frozen=True)
+class StepComposition:
+    """What went through the model in one step: all a model of step time may depend on."""
+
+    num_seqs: int
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    num_prefill_tokens: int
+    num_decode_tokens: int  # with speculative decoding, the drafts verified too
+    context_tokens: int  # keys/values attention read, summed over sequences
+    num_draft_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class StepStats:
     step: int
     start_time: float  # time.perf_counter() at the start of the step

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.observer import StepComposition
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -66,6 +68,17 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+    def composition(self) -> StepComposition:
+        """The step's shape: the engine reports it, the planner's simulator prices it."""
+        decodes = [s for s in self.scheduled if s.is_decode]
+        prefills = [s for s in self.scheduled if not s.is_decode]
+        return StepComposition(
+            num_seqs=len(self.scheduled), num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes),
+            num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
+            num_decode_tokens=sum(s.num_new_tokens for s in decodes),
+            context_tokens=sum(s.context_len for s in self.scheduled),
+            num_draft_tokens=sum(len(s.spec_token_ids) for s in self.scheduled))
+
 
 @dataclass
 class SchedulerConfig:
@@ -76,6 +89,15 @@ class SchedulerConfig:
     policy: str = "fcfs"
     # Speculative decoding: KV slots reserved past each scheduled token for the draft's proposals.
     num_lookahead_tokens: int = 0
+
+    @classmethod
+    def for_engine(cls, config: EngineConfig, max_model_len: int) -> SchedulerConfig:
+        """The scheduler an engine with `config` runs (the simulator builds the same one)."""
+        return cls(max_num_seqs=config.max_num_seqs,
+                   max_num_batched_tokens=config.max_num_batched_tokens,
+                   max_model_len=max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+                   policy=config.scheduling_policy,
+                   num_lookahead_tokens=config.num_speculative_tokens or 0)
 
 
 class Scheduler:

@@ -116,8 +116,13 @@ class DraftProposer:
                     s.draft_probs = torch.stack(probs[id(s)])
 
     def _budget(self, seq: Sequence) -> int:
-        """Drafts worth proposing: within the context limit and the tokens still wanted."""
-        room = min(self.k, self.max_model_len - seq.num_tokens)
-        if seq.params.max_tokens is not None:
-            room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
-        return max(0, room)
+        return draft_budget(seq, self.k, self.max_model_len)
+
+
+def draft_budget(seq: Sequence, k: int, max_model_len: int) -> int:
+    """Drafts worth proposing: within the context limit and the tokens still wanted (the
+    planner's simulator proposes by the same rule)."""
+    room = min(k, max_model_len - seq.num_tokens)
+    if seq.params.max_tokens is not None:
+        room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
+    return max(0, room)

@@ -229,8 +229,9 @@ def quickstart(
     cli_profile.runs_list(db=db, limit=10)
 
 
-# The measurement commands live in their own module; importing it registers them on `app`.
-from planner import cli_profile  # noqa: E402,F401
+# The measurement and fitting commands live in their own modules; importing them registers
+# them on `app`.
+from planner import cli_fit, cli_profile  # noqa: E402,F401
 
 
 def main() -> None:

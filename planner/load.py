@@ -62,6 +62,9 @@ def run_load(engine, workload: Workload, load_kind: str, load_value: float, voca
         raise ValueError(f"load_kind must be 'concurrency' or 'rate', got {load_kind!r}")
     if load_value <= 0:
         raise ValueError(f"load_value must be > 0, got {load_value}")
+    # Every run starts cold: the profiler sends the same prompts at each load level, and
+    # prefixes cached by the previous level would make the next one look faster than it is.
+    engine.reset_prefix_cache()
     specs = workload.sample()
     rng = np.random.default_rng(workload.seed)
     prompts = [workload.prompt_token_ids(spec, vocab_size, rng) for spec in specs]

@@ -318,6 +318,7 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                 llm, llm_config_id = None, None
                 try:
                     llm = LLM(config)
+                    warm_up(llm, workload)
                 except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
                     # A configuration this model or host cannot run is a finding, not a crash.
                     error = f"{type(err).__name__}: {err}"[:2000]
@@ -349,6 +350,15 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
         with store.session() as session:
             result.remaining = _count(session, campaign.id).get("pending", 0)
     return result
+
+
+def warm_up(llm: LLM, workload: Workload) -> None:
+    """A few of the workload's requests, unmeasured, on a freshly loaded engine: first calls
+    pay for page faults, kernel and allocator caches, and would otherwise be charged to the
+    configuration's first load level (serving benchmarks warm up for the same reason)."""
+    few = workload.model_copy(update={"num_requests": min(4, workload.num_requests)})
+    run_load(llm.engine, few, "concurrency", few.num_requests, llm.engine.model_config.vocab_size,
+             _device_type(llm.engine.config))
 
 
 def _count(session: Session, campaign_id: int) -> dict[str, int]:

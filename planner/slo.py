@@ -100,7 +100,7 @@ class RequestLatency:
     """What one request experienced, in seconds."""
 
     ttft_s: float
-    itl_s: list[float]  # gaps between consecutive output tokens
+    itl_s: list[float]  # gaps between consecutive deliveries of output tokens
     e2e_s: float
     output_tokens: int
 
@@ -115,14 +115,18 @@ class RequestLatency:
 
     @classmethod
     def from_token_times(cls, arrival: float, token_times: Sequence[float]) -> RequestLatency:
-        """From the absolute time each output token appeared (the first is the first token)."""
+        """From the absolute time each output token appeared (the first is the first token).
+
+        Tokens that appear at the same moment (a speculative step's accepted drafts) reach a
+        streaming client in one chunk: ITL is the gap between chunks, as vLLM's benchmark and
+        GuideLLM measure it, never a run of zeros."""
         if not token_times:
             raise SLOError("token_times is empty: a request with no output token has no latency")
         times = [float(t) for t in token_times]
         if times[0] < arrival or any(b < a for a, b in zip(times, times[1:])):
             raise SLOError(f"token_times must be non-decreasing and not before "
                            f"arrival={arrival}, got {times}")
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in zip(times, times[1:]) if b > a]
         return cls(times[0] - arrival, gaps, times[-1] - arrival, len(times))
 
 

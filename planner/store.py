@@ -212,6 +212,21 @@ class StepRow(Base):
     replica: Mapped[int] = mapped_column(Integer)
 
 
+class CostModelRow(Base):
+    """A fitted cost model (`pilot fit`): plain numbers in JSON, never a pickle."""
+
+    __tablename__ = "cost_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    data_version: Mapped[str] = mapped_column(String(32), index=True)  # the runs it was fitted on
+    num_runs: Mapped[int] = mapped_column(Integer)
+    num_steps: Mapped[int] = mapped_column(Integer)
+    hardware: Mapped[list] = mapped_column(JSON)  # spec names it is calibrated for
+    models: Mapped[list] = mapped_column(JSON)
+    payload: Mapped[dict] = mapped_column(JSON)
+    report: Mapped[dict] = mapped_column(JSON)  # cross-validated accuracy
+
+
 T = TypeVar("T", bound=Base)
 
 

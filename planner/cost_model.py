@@ -1,0 +1,219 @@
+"""`pilot fit`: the step-time model fitted on the store's steps, judged by replaying held-out runs
+through the simulator, and saved in the store with the accuracy it earned.
+
+Cross-validation answers two questions: how well does the model predict a run it has not seen
+(by held-out run), and a model it has not seen (leave-one-model-out, as LLM-Pilot evaluates)?
+The out-of-fold errors of each also set the width of the intervals the planner quotes: split
+conformal, so an 80% interval is as wide as 80% of held-out errors were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from sqlalchemy import select
+
+from planner.fit_data import METRICS, RunData, data_version, load_runs
+from planner.step_model import StepTimeModel, feature_matrix
+from planner.store import CostModelRow, Store
+
+COVERAGE = 0.8
+TARGETS = {"median_ape": 0.08, "p90_ape": 0.20, "coverage": (0.75, 0.85)}
+MAX_STEPS_PER_RUN = 400  # steps within a run are alike; more only slows fitting
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class FitError(ValueError):
+    """The store holds too little to fit from."""
+
+
+def training_arrays(runs: list[RunData], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step features, measured step periods and each step's run id."""
+    rng = np.random.default_rng(seed)
+    xs, ys, groups = [], [], []
+    for run in runs:
+        n = len(run.steps["period_s"])
+        keep = np.sort(rng.choice(n, MAX_STEPS_PER_RUN, replace=False)) if n > MAX_STEPS_PER_RUN else slice(None)
+        xs.append(feature_matrix(run.deployment, run.device, {k: v[keep] for k, v in run.steps.items()}))
+        ys.append(run.steps["period_s"][keep])
+        groups.append(np.full(len(ys[-1]), run.run_id))
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
+
+
+def _predict(model: StepTimeModel, run: RunData) -> np.ndarray:
+    metrics = run.replay(model.step_time(run.deployment, run.device))
+    return np.array([metrics[m] for m in METRICS])
+
+
+def cross_validate(runs: list[RunData], fold_of: np.ndarray, stage: str,
+                   on_progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold predictions of every run's METRICS, and of every step's period (each fold's
+    model never saw the runs it predicts)."""
+    predictions = np.zeros((len(runs), len(METRICS)))
+    step_errors: list[np.ndarray] = []
+    folds = np.unique(fold_of)
+    for done, fold in enumerate(folds):
+        if on_progress:
+            on_progress(stage, done, len(folds))
+        train = [r for r, f in zip(runs, fold_of) if f != fold]
+        X, y, groups = training_arrays(train)
+        # Step intervals are not needed here; the runs still give the step jitter.
+        model = StepTimeModel(coverage=COVERAGE).fit(X, y, groups, calibrate=False)
+        for i in np.flatnonzero(fold_of == fold):
+            predictions[i] = _predict(model, runs[i])
+            Xh, yh, _ = training_arrays([runs[i]])
+            step_errors.append(np.abs(model.predict(Xh) / yh - 1))
+    if on_progress:
+        on_progress(stage, len(folds), len(folds))
+    return predictions, np.concatenate(step_errors)
+
+
+def conformal(residuals: np.ndarray, coverage: float = COVERAGE) -> tuple[float, float]:
+    tail = (1 - coverage) / 2
+    return float(np.quantile(residuals, tail)), float(np.quantile(residuals, 1 - tail))
+
+
+def _log_ratio(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """log(measured / predicted), NaN where either is 0: with speculative decoding tokens
+    accepted in one step arrive together, and a median gap of 0 has no percentage error."""
+    valid = (measured > 0) & (predicted > 0)
+    out = np.full(measured.shape, np.nan)
+    out[valid] = np.log(measured[valid]) - np.log(predicted[valid])
+    return out
+
+
+def accuracy(measured: np.ndarray, predicted: np.ndarray, fold_of: np.ndarray,
+             step_errors: np.ndarray) -> dict[str, Any]:
+    """Per metric: median and p90 absolute percentage error, and how often an interval set from
+    the other folds' errors (cross-conformal) covered the measurement."""
+    residual = _log_ratio(measured, predicted)
+    out: dict[str, Any] = {"metrics": {}}
+    all_apes, all_covered = [], []
+    for j, name in enumerate(METRICS):
+        valid = ~np.isnan(residual[:, j])
+        ape = np.abs(predicted[valid, j] / measured[valid, j] - 1)
+        covered = []
+        for fold in np.unique(fold_of):
+            held, rest = valid & (fold_of == fold), valid & (fold_of != fold)
+            if held.any() and rest.any():
+                low, high = conformal(residual[rest, j])
+                covered.extend((residual[held, j] >= low) & (residual[held, j] <= high))
+        all_apes.extend(ape)
+        all_covered.extend(covered)
+        out["metrics"][name] = {
+            "runs": int(valid.sum()), "median_ape": float(np.median(ape)) if len(ape) else None,
+            "p90_ape": float(np.quantile(ape, 0.9)) if len(ape) else None,
+            "coverage": float(np.mean(covered)) if covered else None}
+    out["overall"] = {"median_ape": float(np.median(all_apes)), "p90_ape": float(np.quantile(all_apes, 0.9)),
+                      "coverage": float(np.mean(all_covered)) if all_covered else None}
+    out["steps"] = {"median_ape": float(np.median(step_errors)),
+                    "p90_ape": float(np.quantile(step_errors, 0.9))}
+    return out
+
+
+def run_intervals(measured: np.ndarray, predicted: np.ndarray) -> dict[str, tuple[float, float]]:
+    residual = _log_ratio(measured, predicted)
+    return {m: conformal(residual[~np.isnan(residual[:, j]), j]) for j, m in enumerate(METRICS)}
+
+
+@dataclass
+class CostModel:
+    """The fitted step-time model, the run-level intervals cross-validation earned, and what it
+    was fitted on (hardware it is calibrated for, models it has seen)."""
+
+    step_model: StepTimeModel
+    intervals: dict[str, dict[str, tuple[float, float]]]  # "run" | "model" -> metric -> log-ratios
+    hardware: dict[str, dict[str, Any]]  # spec name -> rates, for the hardware it was measured on
+    models: list[str]  # fingerprints of the models it has seen
+    data_version: str
+    report: dict[str, Any] = field(default_factory=dict)
+    created_at: dt.datetime | None = None
+    id: int | None = None
+
+    def interval(self, metric: str, value: float, seen_model: bool = True) -> tuple[float, float]:
+        kind = "run" if seen_model or "model" not in self.intervals else "model"
+        low, high = self.intervals[kind][metric]
+        return value * float(np.exp(low)), value * float(np.exp(high))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
+                "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()}}
+
+
+def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | None = None) -> CostModel:
+    """Fit from every run in `store`; cross-validate by run and, with two models or more, by model."""
+    runs = load_runs(store)
+    if len(runs) < max(3, folds):
+        raise FitError(f"the store {store.url} holds {len(runs)} usable runs; fitting needs at least "
+                       f"{max(3, folds)} (run `pilot profile` first)")
+    measured = np.array([[r.measured[m] for m in METRICS] for r in runs])
+    rng = np.random.default_rng(seed)
+    by_run_folds = rng.permutation(np.arange(len(runs)) % folds)
+    predicted, step_errors = cross_validate(runs, by_run_folds, "cross-validation by run", on_progress)
+    report: dict[str, Any] = {"by_run": {"folds": folds, **accuracy(measured, predicted, by_run_folds,
+                                                                    step_errors)}}
+    intervals = {"run": run_intervals(measured, predicted)}
+    model_ids = np.array([r.model_id for r in runs])
+    if len(np.unique(model_ids)) >= 2:
+        predicted_m, step_errors_m = cross_validate(runs, model_ids, "leave one model out", on_progress)
+        report["by_model"] = {"folds": int(len(np.unique(model_ids))),
+                              **accuracy(measured, predicted_m, model_ids, step_errors_m)}
+        intervals["model"] = run_intervals(measured, predicted_m)
+    report["runs"] = [
+        {"run_id": r.run_id, "model": r.model_name, "measured": dict(zip(METRICS, measured[i])),
+         "by_run": dict(zip(METRICS, predicted[i])),
+         **({"by_model": dict(zip(METRICS, predicted_m[i]))} if "by_model" in report else {})}
+        for i, r in enumerate(runs)]
+    if on_progress:
+        on_progress("final fit", 0, 1)
+    X, y, groups = training_arrays(runs, seed)
+    step_model = StepTimeModel(coverage=COVERAGE, random_state=seed).fit(X, y, groups)
+    if on_progress:
+        on_progress("final fit", 1, 1)
+    report["data"] = {"runs": len(runs), "steps": int(sum(len(r.steps["period_s"]) for r in runs)),
+                      "models": sorted({r.model_name for r in runs}),
+                      "hardware": sorted({r.spec_name for r in runs})}
+    report["targets"] = {"median_ape": TARGETS["median_ape"], "p90_ape": TARGETS["p90_ape"],
+                         "coverage": list(TARGETS["coverage"])}
+    report["efficiency"] = step_model.efficiency
+    report["overheads_s"] = step_model.overheads_s
+    report["step_interval"] = list(step_model.interval_)
+    hardware = {r.spec_name: r.hardware_rates for r in runs}
+    return CostModel(step_model, intervals, hardware, sorted({r.model_fingerprint for r in runs}),
+                     data_version(runs), report)
+
+
+def save(store: Store, model: CostModel) -> int:
+    with store.session() as session, session.begin():
+        row = CostModelRow(data_version=model.data_version, num_runs=model.report["data"]["runs"],
+                           num_steps=model.report["data"]["steps"], hardware=sorted(model.hardware),
+                           models=model.models, payload=model.to_dict(), report=model.report)
+        session.add(row)
+        session.flush()
+        model.id, model.created_at = row.id, row.created_at
+        return row.id
+
+
+def load(store: Store, model_id: int | None = None) -> CostModel | None:
+    """The newest saved cost model (or the one given); None when nothing was fitted yet."""
+    with store.session() as session:
+        query = select(CostModelRow).order_by(CostModelRow.id.desc())
+        if model_id is not None:
+            query = select(CostModelRow).where(CostModelRow.id == model_id)
+        row = session.scalars(query.limit(1)).first()
+    if row is None:
+        return None
+    payload = row.payload
+    intervals = {k: {m: (float(v[0]), float(v[1])) for m, v in d.items()}
+                 for k, d in payload["intervals"].items()}
+    return CostModel(StepTimeModel.from_dict(payload["step_model"]), intervals, payload["hardware"],
+                     list(row.models), row.data_version, row.report, row.created_at, row.id)
+
+
+def is_current(store: Store, model: CostModel) -> bool:
+    """Whether the store still holds exactly the runs the model was fitted on."""
+    return data_version(load_runs(store)) == model.data_version
+

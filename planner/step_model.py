@@ -1,0 +1,272 @@
+"""`StepTimeModel`: how long one engine step takes, from its composition and the configuration.
+
+Physics first: the roofline terms of the step (planner/roofline.py), plus per-step, per-sequence
+and per-layer overheads, weighed by non-negative coefficients fitted to minimise relative error.
+Their inverses are efficiency factors (what share of bandwidth and FLOP/s the engine gets), the
+part that carries to hardware never measured. A gradient-boosted regressor (scikit-learn) then
+learns what the roofline misses, as a log-ratio, and split-conformal quantiles of held-out steps
+give every prediction an interval.
+
+The fitted model is saved as plain numbers (coefficients and the boosted trees' node arrays), so
+loading one from a store never unpickles anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import sklearn
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import LinearRegression
+
+from engine.observer import StepComposition
+from planner.roofline import TERMS, Deployment, Device, step_terms, weight_bytes_per_param
+
+COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_tokens",
+               "num_decode_tokens", "context_tokens", "num_draft_tokens")
+PHYSICS = ("step", "seq", "layer_pass", *TERMS)
+NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
+FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
+            "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size")
+
+
+def feature_matrix(deployment: Deployment, device: Device,
+                   steps: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[n, len(FEATURES)] for n steps of one deployment on one device."""
+    comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
+    n = len(comp["num_seqs"])
+    terms = step_terms(deployment, device, comp["num_seqs"], comp["num_prefill_seqs"],
+                       comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
+                       comp["num_draft_tokens"])
+    decoding = (comp["num_decode_seqs"] > 0).astype(float)
+    draft_layers = deployment.draft.num_layers if deployment.draft is not None else 0
+    layer_pass = deployment.target.num_layers + decoding * deployment.num_speculative_tokens * draft_layers
+    constants = {
+        "tensor_parallel_size": deployment.tensor_parallel_size,
+        "data_parallel_size": deployment.data_parallel_size,
+        "weight_bytes_per_param": weight_bytes_per_param(deployment.dtype, deployment.quantization,
+                                                         deployment.group_size),
+        "num_speculative_tokens": deployment.num_speculative_tokens,
+        "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
+    }
+    columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
+               **{k: np.full(n, float(v)) for k, v in constants.items()}}
+    return np.column_stack([columns[name] for name in FEATURES])
+
+
+def _physics_columns(X: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.ones(len(X)), X[:, :len(PHYSICS) - 1]])
+
+
+class TreeEnsemble:
+    """A boosted ensemble of regression trees as flat arrays, evaluated with NumPy.
+
+    Built from a fitted `HistGradientBoostingRegressor` (its documented prediction is the
+    baseline plus the sum of one leaf per tree; a test checks the two agree), it predicts a
+    single row in tens of microseconds where scikit-learn takes milliseconds, which is what lets
+    the simulator price thousands of steps a second.
+    """
+
+    def __init__(self, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray,
+                 right: np.ndarray, value: np.ndarray, roots: np.ndarray, baseline: float,
+                 depth: int) -> None:
+        self.feature, self.threshold = feature.astype(np.int64), threshold.astype(float)
+        self.left, self.right = left.astype(np.int64), right.astype(np.int64)
+        self.value, self.roots = value.astype(float), roots.astype(np.int64)
+        self.baseline, self.depth = float(baseline), int(depth)
+
+    @classmethod
+    def from_sklearn(cls, model: HistGradientBoostingRegressor) -> TreeEnsemble:
+        features, thresholds, lefts, rights, values, roots = [], [], [], [], [], []
+        offset, depth = 0, 0
+        for (predictor,) in model._predictors:  # one tree per iteration for a regressor
+            nodes = predictor.nodes
+            leaf = nodes["is_leaf"].astype(bool)
+            index = np.arange(len(nodes)) + offset
+            # A leaf points at itself and compares against +inf, so the walk can run a fixed
+            # number of levels without branching on leaves.
+            features.append(np.where(leaf, 0, nodes["feature_idx"]))
+            thresholds.append(np.where(leaf, np.inf, nodes["num_threshold"]))
+            lefts.append(np.where(leaf, index, nodes["left"] + offset))
+            rights.append(np.where(leaf, index, nodes["right"] + offset))
+            values.append(np.where(leaf, nodes["value"], 0.0))
+            roots.append(offset)
+            depth = max(depth, int(nodes["depth"].max()))
+            offset += len(nodes)
+        baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
+        return cls(np.concatenate(features), np.concatenate(thresholds), np.concatenate(lefts),
+                   np.concatenate(rights), np.concatenate(values), np.array(roots), baseline, depth)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=float)
+        if not np.isfinite(X).all():
+            raise ValueError("features must be finite")
+        rows = np.arange(len(X))[:, None]
+        node = np.broadcast_to(self.roots, (len(X), len(self.roots)))
+        for _ in range(self.depth):
+            go_left = X[rows, self.feature[node]] <= self.threshold[node]
+            node = np.where(go_left, self.left[node], self.right[node])
+        return self.baseline + self.value[node].sum(axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"feature": self.feature.tolist(), "threshold": [float(t) if np.isfinite(t) else None
+                                                                  for t in self.threshold],
+                "left": self.left.tolist(), "right": self.right.tolist(), "value": self.value.tolist(),
+                "roots": self.roots.tolist(), "baseline": self.baseline, "depth": self.depth}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TreeEnsemble:
+        threshold = np.array([np.inf if t is None else t for t in data["threshold"]], dtype=float)
+        return cls(np.array(data["feature"]), threshold, np.array(data["left"]), np.array(data["right"]),
+                   np.array(data["value"]), np.array(data["roots"]), data["baseline"], data["depth"])
+
+
+@dataclass
+class StepTimeModel:
+    """`fit(X, y, groups)` on step features (`feature_matrix`) and measured step periods."""
+
+    coverage: float = 0.8
+    max_iter: int = 150
+    max_depth: int = 6
+    learning_rate: float = 0.1
+    random_state: int = 0
+    physics_coef_: np.ndarray | None = None
+    residual_: TreeEnsemble | None = None
+    interval_: tuple[float, float] = (0.0, 0.0)  # log-ratio quantiles of held-out steps
+    # Quantiles (at NOISE_LEVELS) of how a step's log-time strays from its run's typical
+    # residual: the step-to-step jitter the simulator replays, which sets ITL tails.
+    noise_: np.ndarray | None = None
+
+    def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
+            calibrate: bool = True) -> StepTimeModel:
+        X, y = np.asarray(X, dtype=float), np.asarray(y, dtype=float)
+        if len(X) != len(y) or len(y) == 0:
+            raise ValueError(f"need as many steps as durations, got {len(X)} and {len(y)}")
+        if (y <= 0).any():
+            raise ValueError("step durations must be > 0")
+        groups = np.zeros(len(y)) if groups is None else np.asarray(groups)
+        # Calibrate the interval on whole runs held out (steps within a run are alike).
+        rng = np.random.default_rng(self.random_state)
+        unique = np.unique(groups)
+        self.noise_ = None
+        if calibrate and len(unique) >= 5:
+            held = rng.choice(unique, size=max(1, len(unique) // 5), replace=False)
+            calibration = np.isin(groups, held)
+            self._fit(X[~calibration], y[~calibration])
+            residual = np.log(y[calibration]) - np.log(self.predict(X[calibration]))
+            tail = (1 - self.coverage) / 2
+            self.interval_ = (float(np.quantile(residual, tail)), float(np.quantile(residual, 1 - tail)))
+        self._fit(X, y)
+        self.noise_ = self._jitter(np.log(y) - np.log(self.predict(X)), groups)
+        return self
+
+    @staticmethod
+    def _jitter(residual: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Residuals less their run's median: what varies from step to step, not run to run."""
+        order = np.argsort(groups, kind="stable")
+        residual, groups = residual[order], groups[order]
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        medians = np.array([np.median(part) for part in np.split(residual, starts[1:])])
+        within = residual - np.repeat(medians, np.diff(np.r_[starts, len(residual)]))
+        return np.quantile(within, NOISE_LEVELS)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
+        physics = LinearRegression(fit_intercept=False, positive=True)
+        physics.fit(_physics_columns(X), y, sample_weight=1.0 / y ** 2)  # relative error
+        self.physics_coef_ = physics.coef_.copy()
+        residual = np.log(y) - np.log(self.predict_physics(X))
+        booster = HistGradientBoostingRegressor(
+            max_iter=self.max_iter, max_depth=self.max_depth, learning_rate=self.learning_rate,
+            early_stopping=False, random_state=self.random_state)
+        booster.fit(X, residual)
+        self.residual_ = TreeEnsemble.from_sklearn(booster)
+        return self
+
+    def predict_physics(self, X: np.ndarray) -> np.ndarray:
+        """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
+        if self.physics_coef_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        return np.maximum(_physics_columns(np.asarray(X, dtype=float)) @ self.physics_coef_, 1e-7)
+
+    def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        base = self.predict_physics(X)
+        if not calibrated or self.residual_ is None:
+            return base
+        return base * np.exp(self.residual_.predict(X))
+
+    def predict_interval(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction, low, high): the interval covers `coverage` of held-out steps."""
+        mid = self.predict(X)
+        return mid, mid * np.exp(self.interval_[0]), mid * np.exp(self.interval_[1])
+
+    @property
+    def efficiency(self) -> dict[str, float]:
+        """Share of the roofline throughput each term achieves (1 / its coefficient)."""
+        if self.physics_coef_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        coef = dict(zip(PHYSICS, self.physics_coef_))
+        return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf")) for name in TERMS}
+
+    @property
+    def overheads_s(self) -> dict[str, float]:
+        if self.physics_coef_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        coef = dict(zip(PHYSICS, self.physics_coef_))
+        return {name: float(coef[name]) for name in ("step", "seq", "layer_pass")}
+
+    def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
+                  seed: int | None = 0) -> Callable[[StepComposition], float]:
+        """A fast function of one step's composition for one deployment (the simulator's clock):
+        the typical time times a jitter drawn from the fitted step-to-step spread (`seed`
+        None: no jitter).
+
+        Predictions are memoised by composition, with the context rounded to 1/64 of itself:
+        decode steps repeat with slowly growing contexts."""
+        memo: dict[tuple[int, ...], float] = {}
+        jitter = None
+        if seed is not None and calibrated and self.noise_ is not None:
+            # Drawn in blocks: one NumPy call per 4096 steps rather than one per step.
+            draws = np.random.default_rng(seed)
+            noise, levels = np.exp(self.noise_), NOISE_LEVELS
+            block: list[float] = []
+
+            def jitter() -> float:
+                if not block:
+                    block.extend(np.interp(draws.random(4096), levels, noise).tolist())
+                return block.pop()
+
+        def predict(c: StepComposition) -> float:
+            context = c.context_tokens
+            key = (c.num_seqs, c.num_prefill_seqs, c.num_prefill_tokens, c.num_decode_tokens,
+                   c.num_draft_tokens, context >> max(0, context.bit_length() - 6))
+            seconds = memo.get(key)
+            if seconds is None:
+                row = feature_matrix(deployment, device, {name: np.array([getattr(c, name)])
+                                                          for name in COMPOSITION})
+                seconds = memo[key] = float(self.predict(row, calibrated)[0])
+            return seconds * jitter() if jitter is not None else seconds
+
+        return predict
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.physics_coef_ is None or self.residual_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        return {"features": list(FEATURES), "physics": list(PHYSICS),
+                "physics_coef": self.physics_coef_.tolist(), "residual": self.residual_.to_dict(),
+                "interval": list(self.interval_), "coverage": self.coverage,
+                "noise": None if self.noise_ is None else self.noise_.tolist(),
+                "sklearn_version": sklearn.__version__}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepTimeModel:
+        if list(data.get("features", [])) != list(FEATURES):
+            raise ValueError("the stored step-time model has other features than this version of "
+                             "pilot computes; run `pilot fit` again")
+        model = cls(coverage=float(data["coverage"]))
+        model.physics_coef_ = np.array(data["physics_coef"], dtype=float)
+        model.residual_ = TreeEnsemble.from_dict(data["residual"])
+        model.interval_ = (float(data["interval"][0]), float(data["interval"][1]))
+        model.noise_ = None if data.get("noise") is None else np.array(data["noise"], dtype=float)
+        return model
