@@ -198,8 +198,8 @@ def quickstart(
     workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model and store go"),
     budget: str = typer.Option("45s", help="time for the profiling step"),
 ) -> None:
-    """End to end on the built-in default: make a small model, generate with it, then profile
-    it over the CPU search space into a SQLite store in WORKDIR."""
+    """End to end on the built-in default: make a small model, generate with it, profile it
+    over the CPU search space into a SQLite store in WORKDIR, and fit the cost model."""
     import yaml
 
     from engine import LLM, EngineConfig, SamplingParams
@@ -227,6 +227,8 @@ def quickstart(
                         num_requests=8, draft=None, slo="ttft_p95<=1s,itl_p95<=100ms",
                         budget=budget, db=db)
     cli_profile.runs_list(db=db, limit=10)
+    console.print("[bold]fitting[/bold] the cost model to those runs")
+    cli_fit.fit(db=db, folds=3, as_json=False, plot=None)
 
 
 # The measurement and fitting commands live in their own modules; importing them registers

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli import _fail, app, console
+from planner.cli import _fail, app, bench_app, console
 
 NAMES = {"ttft_p50": "TTFT p50", "ttft_p95": "TTFT p95", "itl_p50": "ITL p50", "itl_p95": "ITL p95",
          "throughput_tok_s": "throughput"}
@@ -101,3 +101,45 @@ def fit(
         return
     print_report(model.report)
     console.print(f"Saved as cost model {model_id} in {store.url}" + (f"; plot in {plot}" if plot else ""))
+
+
+@bench_app.command("sim")
+def bench_sim(
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    model: Optional[Path] = typer.Option(None, "--model", help="model to simulate; default: the "
+                                         "store's most recently profiled one"),
+    num_requests: int = typer.Option(1000, "--requests", help="requests per simulation"),
+) -> None:
+    """Time the simulator: 1,000 requests through the fitted cost model, against 1 s."""
+    from planner import cost_model
+    from planner.bench_sim import TARGET_S, run_sim_benchmark
+    from planner.store import Store
+
+    if num_requests < 1:
+        _fail(f"--requests: must be >= 1, got {num_requests}")
+    try:
+        store = Store(db)
+    except ValueError as err:
+        _fail(str(err))
+    fitted = cost_model.load(store)
+    if fitted is None:
+        _fail(f"no cost model in {store.url}: run `pilot fit` first")
+    runs = store.runs()
+    if model is None and not runs:
+        _fail(f"--model: the store {store.url} has no runs to take a model from")
+    model_dir = str(model) if model is not None else _model_path(store, runs[-1].model_id)
+    hardware = next(iter(fitted.hardware))
+    table = Table(title=f"Simulator speed ({num_requests} requests, {Path(model_dir).name} on {hardware})")
+    for column in ("scenario", "wall s", "vs 1 s target", "simulated s", "simulated tok/s"):
+        table.add_column(column, justify="left" if column == "scenario" else "right")
+    for t in run_sim_benchmark(fitted, model_dir, hardware, num_requests):
+        table.add_row(t.scenario, f"{t.wall_s:.3f}", f"{t.wall_s / TARGET_S:.2f}x",
+                      f"{t.simulated_s:.1f}", f"{t.throughput_tok_s:.0f}")
+    console.print(table)
+
+
+def _model_path(store: Any, model_id: int) -> str:
+    from planner.store import Model
+
+    with store.session() as session:
+        return session.get(Model, model_id).path

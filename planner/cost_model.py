@@ -22,7 +22,7 @@ from planner.store import CostModelRow, Store
 
 COVERAGE = 0.8
 TARGETS = {"median_ape": 0.08, "p90_ape": 0.20, "coverage": (0.75, 0.85)}
-MAX_STEPS_PER_RUN = 400  # steps within a run are alike; more only slows fitting
+MAX_STEPS_PER_RUN = 150  # steps within a run are alike; more only slows fitting
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 

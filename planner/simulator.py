@@ -105,9 +105,14 @@ class Simulator:
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         rng = np.random.default_rng(self.seed)
+        # A cache larger than every block these requests could ever take behaves exactly like
+        # one of that size (never-used blocks go first, so nothing cached is evicted earlier),
+        # and a CPU engine's default cache has 10^5 blocks: cap it, so setting up is cheap.
+        bound = sum(-(-(len(r.prompt_token_ids) + r.output_tokens + self.k) // self.block_size) + 1
+                    for r in requests)
+        blocks = min(self.num_kv_blocks, bound)
         replicas = [_Replica(Scheduler(self.scheduler_config,
-                                       BlockManager(self.num_kv_blocks, self.block_size,
-                                                    self.enable_prefix_caching)))
+                                       BlockManager(blocks, self.block_size, self.enable_prefix_caching)))
                     for _ in range(self.data_parallel_size)]
         seqs: list[Sequence] = []
         home: dict[str, _Replica] = {}
