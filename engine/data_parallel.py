@@ -43,13 +43,16 @@ class _Replica:
     outstanding: set[str]
 
 
-def replica_configs(config: EngineConfig) -> list[EngineConfig]:
-    """Each replica's own config: one replica's share of threads and default KV memory."""
+def replica_configs(config: EngineConfig, host_memory: int | None = None) -> list[EngineConfig]:
+    """Each replica's own config: one replica's share of threads and default KV memory (a
+    quarter of `host_memory`, default this host's available memory; the planner passes
+    another machine's)."""
     n = config.data_parallel_size
     threads = config.num_threads or os.cpu_count() or 1
     update: dict[str, Any] = {"data_parallel_size": 1, "num_threads": max(1, threads // n)}
     if config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
-        update["kv_cache_memory_bytes"] = max(1, available_host_memory() // 4 // n)
+        memory = available_host_memory() if host_memory is None else host_memory
+        update["kv_cache_memory_bytes"] = max(1, memory // 4 // n)
     return [config.model_copy(update={**update, "seed": config.seed + i}) for i in range(n)]
 
 

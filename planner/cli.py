@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, NoReturn, Optional
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from planner.store import Store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pilot: profile, fit, recommend and serve LLM deployments.")
@@ -18,9 +21,19 @@ app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
+
+
+def open_store(db: str | None) -> Store:
+    """The store at `--db`, or exit 2 naming the flag and the URL."""
+    from planner.store import Store
+
+    try:
+        return Store(db)
+    except ValueError as err:
+        _fail(str(err))
 
 
 @models_app.command("make")

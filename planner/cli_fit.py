@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli import _fail, app, bench_app, console
+from planner.cli import _fail, app, bench_app, console, open_store
 
 NAMES = {"ttft_p50": "TTFT p50", "ttft_p95": "TTFT p95", "itl_p50": "ITL p50", "itl_p95": "ITL p95",
          "throughput_tok_s": "throughput"}
@@ -70,14 +70,10 @@ def fit(
 ) -> None:
     """Fit the step-time model from the store, cross-validate the simulator, save both."""
     from planner import cost_model
-    from planner.store import Store
 
     if folds < 2:
         _fail(f"--folds: must be >= 2, got {folds}")
-    try:
-        store = Store(db)
-    except ValueError as err:
-        _fail(str(err))
+    store = open_store(db)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, disable=as_json, transient=True) as progress:
         tasks: dict[str, Any] = {}
@@ -113,14 +109,10 @@ def bench_sim(
     """Time the simulator: 1,000 requests through the fitted cost model, against 1 s."""
     from planner import cost_model
     from planner.bench_sim import TARGET_S, run_sim_benchmark
-    from planner.store import Store
 
     if num_requests < 1:
         _fail(f"--requests: must be >= 1, got {num_requests}")
-    try:
-        store = Store(db)
-    except ValueError as err:
-        _fail(str(err))
+    store = open_store(db)
     fitted = cost_model.load(store)
     if fitted is None:
         _fail(f"no cost model in {store.url}: run `pilot fit` first")

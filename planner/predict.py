@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from engine import EngineConfig
+from engine.data_parallel import replica_configs
 from engine.model_config import ModelConfig
 from engine.model_runner import num_kv_blocks
 from engine.scheduler import SchedulerConfig
@@ -25,10 +26,6 @@ from planner.simulator import SimRequest, SimulationResult, Simulator
 from planner.slo import SLO
 from planner.store import fingerprint
 from planner.workload import ClosedLoopArrival, PoissonArrival, Workload
-
-# Host memory a CPU engine may give its KV cache, as the engine decides (a quarter of RAM).
-CPU_KV_SHARE = 0.25
-
 
 @dataclass
 class Prediction:
@@ -75,10 +72,9 @@ def _kv_blocks(config: EngineConfig, deployment: Deployment, rates: dict[str, An
         free = total - int(deployment.weight_bytes + deployment.draft_weight_bytes)
         return num_kv_blocks(config, bytes_per_block, max_len, "cuda", free, total)
     memory = int((memory_gb or 8) * 1e9)
-    if config.data_parallel_size > 1 and config.kv_cache_memory_bytes is None and config.num_kv_blocks is None:
-        # Each replica gets its share of the quarter of RAM (engine.data_parallel.replica_configs).
-        config = config.model_copy(update={
-            "kv_cache_memory_bytes": max(1, int(memory * CPU_KV_SHARE) // config.data_parallel_size)})
+    if config.data_parallel_size > 1:
+        # Each replica sizes its own cache, as the engine starts it.
+        config = replica_configs(config, host_memory=memory)[0]
     return num_kv_blocks(config, bytes_per_block, max_len, "cpu", memory)
 
 

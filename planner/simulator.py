@@ -115,7 +115,6 @@ class Simulator:
                                        BlockManager(blocks, self.block_size, self.enable_prefix_caching)))
                     for _ in range(self.data_parallel_size)]
         seqs: list[Sequence] = []
-        home: dict[str, _Replica] = {}
         # Open loop: arrivals in time order. Closed loop: a request arrives when one finishes.
         pending = ([] if concurrency is not None else
                    sorted((r.arrival_s, i) for i, r in enumerate(requests)))  # type: ignore[misc]
@@ -135,10 +134,10 @@ class Simulator:
             if pending and (replica is None or pending[0][0] <= replica.clock):
                 arrival, index = heapq.heappop(pending)
                 target = min(replicas, key=lambda r: r.outstanding)
-                target.clock = max(target.clock, arrival) if not target.scheduler.has_unfinished() else target.clock
+                if not target.scheduler.has_unfinished():  # an idle replica waits for it
+                    target.clock = max(target.clock, arrival)
                 seq = _sequence(index, requests[index], arrival)
                 seqs.append(seq)
-                home[seq.request_id] = target
                 target.outstanding += 1
                 target.scheduler.add(seq)
                 continue
@@ -156,7 +155,7 @@ class Simulator:
             preemptions += len(out.preempted)
             used = replica.scheduler.block_manager.num_used_blocks / self.num_kv_blocks
             kv_peak, kv_sum = max(kv_peak, used), kv_sum + used
-            for seq in done:
+            for _ in done:
                 replica.outstanding -= 1
                 finished += 1
                 end = max(end, replica.clock)
