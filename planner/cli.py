@@ -246,7 +246,7 @@ def quickstart(
 
 # The measurement and fitting commands live in their own modules; importing them registers
 # them on `app`.
-from planner import cli_fit, cli_profile  # noqa: E402,F401
+from planner import cli_fit, cli_profile, cli_recommend  # noqa: E402,F401
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ with their measured durations, the requests it served, and what was measured end
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from planner import hardware as hw
 from planner.roofline import Deployment, Device, ModelShape
 from planner.simulator import SimRequest, Simulator, StepTime, unique_prompts
 from planner.step_model import COMPOSITION
-from planner.store import Hardware, Model, RequestRow, Run, StepRow, Store, fingerprint
+from planner.store import EngineConfigRow, Hardware, Model, RequestRow, Run, StepRow, Store, fingerprint
 from planner.workload import Workload, WorkloadError
 
 # What the cost model predicts of a run, and is judged on.
@@ -172,3 +173,19 @@ def data_version(runs: list[RunData]) -> str:
     """Names the training data: the runs and how many steps each held."""
     return fingerprint(sorted((r.run_id, len(r.steps["period_s"])) for r in runs))
 
+
+
+def measured_acceptance(store: Store, model_dir: str, draft_dir: str) -> float | None:
+    """The median acceptance rate the store measured for this target and draft, or None."""
+    from engine.model_config import ModelConfig
+
+    target = fingerprint(ModelConfig.from_dir(model_dir).raw)
+    draft = str(Path(draft_dir).resolve())
+    with store.session() as session:
+        rows = session.execute(
+            select(Run.acceptance_rate, EngineConfigRow.speculative_model)
+            .join(EngineConfigRow, Run.engine_config_id == EngineConfigRow.id)
+            .join(Model, Run.model_id == Model.id)
+            .where(Model.fingerprint == target, Run.acceptance_rate.is_not(None))).all()
+    rates = [rate for rate, path in rows if path and str(Path(path).resolve()) == draft]
+    return float(np.median(rates)) if rates else None

@@ -78,41 +78,84 @@ def _kv_blocks(config: EngineConfig, deployment: Deployment, rates: dict[str, An
     return num_kv_blocks(config, bytes_per_block, max_len, "cpu", memory)
 
 
+class Predictor:
+    """Predictions for one model under one workload, many configurations: what does not depend
+    on the configuration (the model's shapes, the sampled requests) is read once, which is what
+    lets a search score hundreds of configurations in seconds."""
+
+    def __init__(self, model: CostModel, model_dir: str, workload: Workload,
+                 draft_dir: str | None = None, seed: int = 0) -> None:
+        self.model, self.workload, self.seed = model, workload, seed
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.shape = ModelShape.from_config(self.model_config)
+        self.draft_shape = ModelShape.from_dir(draft_dir) if draft_dir else None
+        self.seen_model = fingerprint(self.model_config.raw) in model.models
+        self._requests: dict[tuple[str | None, float | None], tuple[list[SimRequest], int | None]] = {}
+
+    def requests(self, load_kind: str | None, load_value: float | None) -> tuple[list[SimRequest], int | None]:
+        key = (load_kind, load_value)
+        if key not in self._requests:
+            self._requests[key] = workload_requests(self.workload, self.model_config.vocab_size,
+                                                    load_kind, load_value)
+        return self._requests[key]
+
+    def deployment(self, config: EngineConfig) -> Deployment:
+        draft = self.draft_shape if config.speculative_model else None
+        if config.speculative_model and draft is None:
+            draft = ModelShape.from_dir(config.speculative_model)
+        return Deployment.from_engine_config(config.model_dump(), self.shape, draft)
+
+    def rates(self, hardware: str | hw.HardwareSpec, memory_gb: float | None = None
+              ) -> tuple[dict[str, Any], float | None, bool]:
+        """The hardware's rates, memory and whether it was measured (calibrated)."""
+        spec_name = hardware if isinstance(hardware, str) else hardware.name
+        if spec_name in self.model.hardware:
+            return self.model.hardware[spec_name], memory_gb, True
+        spec = hardware if isinstance(hardware, hw.HardwareSpec) else hw.get_spec(hardware)
+        return spec_rates(spec), memory_gb or spec.memory_gb, False
+
+    def kv_blocks(self, config: EngineConfig, hardware: str | hw.HardwareSpec,
+                  memory_gb: float | None = None) -> int:
+        """KV blocks the engine would allocate; ValueError where weights and cache do not fit."""
+        rates, memory_gb, _ = self.rates(hardware, memory_gb)
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        return _kv_blocks(config, self.deployment(config), rates, memory_gb, max_len)
+
+    def predict(self, config: EngineConfig, hardware: str | hw.HardwareSpec,
+                load_kind: str | None = None, load_value: float | None = None,
+                acceptance_rate: float | None = None, slos: list[SLO] | None = None,
+                memory_gb: float | None = None) -> Prediction:
+        spec_name = hardware if isinstance(hardware, str) else hardware.name
+        rates, memory_gb, calibrated = self.rates(hardware, memory_gb)
+        deployment = self.deployment(config)
+        device = device_for(rates, deployment)
+        notes = [] if calibrated else [f"{spec_name} has no measurements: roofline with efficiencies "
+                                       "learned on measured hardware (uncalibrated)"]
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        blocks = _kv_blocks(config, deployment, rates, memory_gb, max_len)
+        max_len = min(max_len, blocks * config.block_size)
+        k = config.num_speculative_tokens or 0
+        if k and acceptance_rate is None:
+            raise ValueError("acceptance_rate: required with a speculative_model (measure the pair "
+                             "with `pilot profile --draft`)")
+        simulator = Simulator(self.model.step_model.step_time(deployment, device, calibrated),
+                              SchedulerConfig.for_engine(config, max_len), blocks, config.block_size,
+                              config.enable_prefix_caching, config.data_parallel_size, k,
+                              acceptance_rate if k else None, self.seed)
+        requests, concurrency = self.requests(load_kind, load_value)
+        result: SimulationResult = simulator.run(requests, concurrency)
+        metrics = result.metrics()
+        intervals = {m: self.model.interval(m, metrics[m], seen_model=self.seen_model) for m in METRICS}
+        if not self.seen_model:
+            notes.append("model not in the store: intervals from leave-one-model-out errors")
+        return Prediction(metrics, intervals, calibrated, self.seen_model, blocks,
+                          result.goodput(slos) if slos else None, notes)
+
+
 def predict(model: CostModel, config: EngineConfig, hardware: str | hw.HardwareSpec,
             workload: Workload, load_kind: str | None = None, load_value: float | None = None,
             acceptance_rate: float | None = None, slos: list[SLO] | None = None,
             memory_gb: float | None = None, seed: int = 0) -> Prediction:
     """Simulate `config` serving `workload` on `hardware` (a spec name or spec)."""
-    spec_name = hardware if isinstance(hardware, str) else hardware.name
-    calibrated = spec_name in model.hardware
-    if calibrated:
-        rates = model.hardware[spec_name]
-    else:
-        spec = hardware if isinstance(hardware, hw.HardwareSpec) else hw.get_spec(hardware)
-        rates, memory_gb = spec_rates(spec), memory_gb or spec.memory_gb
-    cfg = ModelConfig.from_dir(config.model)
-    draft = (ModelShape.from_dir(config.speculative_model) if config.speculative_model else None)
-    deployment = Deployment.from_engine_config(config.model_dump(), ModelShape.from_config(cfg), draft)
-    device = device_for(rates, deployment)
-    notes = [] if calibrated else [f"{spec_name} has no measurements: roofline with efficiencies "
-                                   "learned on measured hardware (uncalibrated)"]
-    max_len = config.max_model_len or cfg.max_position_embeddings
-    blocks = _kv_blocks(config, deployment, rates, memory_gb, max_len)
-    max_len = min(max_len, blocks * config.block_size)
-    k = config.num_speculative_tokens or 0
-    if k and acceptance_rate is None:
-        raise ValueError("acceptance_rate: required with a speculative_model (measure the pair with "
-                         "`pilot profile --draft`)")
-    simulator = Simulator(model.step_model.step_time(deployment, device, calibrated),
-                          SchedulerConfig.for_engine(config, max_len), blocks, config.block_size,
-                          config.enable_prefix_caching, config.data_parallel_size, k,
-                          acceptance_rate if k else None, seed)
-    requests, concurrency = workload_requests(workload, cfg.vocab_size, load_kind, load_value)
-    result: SimulationResult = simulator.run(requests, concurrency)
-    metrics = result.metrics()
-    seen = fingerprint(cfg.raw) in model.models
-    intervals = {m: model.interval(m, metrics[m], seen_model=seen) for m in METRICS}
-    if not seen:
-        notes.append("model not in the store: intervals from leave-one-model-out errors")
-    return Prediction(metrics, intervals, calibrated, seen, blocks,
-                      result.goodput(slos) if slos else None, notes)
+    predictor = Predictor(model, config.model, workload, config.speculative_model, seed)
+    return predictor.predict(config, hardware, load_kind, load_value, acceptance_rate, slos, memory_gb)

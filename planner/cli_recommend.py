@@ -1,0 +1,205 @@
+"""`pilot recommend` and `pilot schema` (registered by cli.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from planner.cli import _fail, app, console, open_store
+
+
+def _ms(seconds: float) -> str:
+    if seconds < 0.01:
+        return f"{seconds * 1000:.2g} ms"
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def candidates_table(title: str, candidates: list[Any], slos: list[Any], best: Any = None) -> Table:
+    table = Table(title=title)
+    for column in ("", "configuration", "replicas", *(s.key for s in slos), "$/M tok", "$/h"):
+        table.add_column(column, justify="left" if column in ("", "configuration") else "right")
+    for c in candidates:
+        cells = []
+        for slo in slos:
+            value = c.prediction.metrics[slo.key] if c.prediction else math.nan
+            ok = c.violations.get(slo.key, 1.0) <= 0
+            cells.append(f"[{'green' if ok else 'red'}]{_ms(value)}[/]")
+        table.add_row("*" if c is best else "", c.describe(short=True), str(c.replicas), *cells,
+                      f"{c.cost_per_million:.3f}", f"{c.cost_per_hour:.2f}")
+    return table
+
+
+def print_result(result: Any, plan: Any) -> None:
+    slos = result.slos
+    console.print(candidates_table("Finalists (simulated on the whole workload)", result.finalists,
+                                   slos, result.best))
+    if result.pareto:
+        console.print(candidates_table(f"Pareto front: cost vs {slos[0].key} (search sample)", result.pareto, slos,
+                                       result.best))
+    console.print(f"Searched {result.trials} trials ({len(result.candidates)} distinct deployments) "
+                  f"of a space of {result.space_size:,} configurations in {result.seconds:.1f} s.")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    if plan.feasible:
+        console.print(f"[bold green]Plan:[/bold green] {result.best.describe()}")
+    else:
+        console.print(f"[bold red]No configuration meets every target.[/bold red] {plan.binding} binds; "
+                      f"the closest: {result.best.describe()}")
+    for check in plan.checks:
+        colour = "green" if check.met else "red"
+        console.print(f"  {check.slo}: predicted {_ms(check.predicted_s)} "
+                      f"(80% interval up to {_ms(check.upper_s)}) [{colour}]{'ok' if check.met else 'missed'}[/]")
+    console.print(f"  cost: ${plan.cost.per_hour_usd:.2f}/h, ${plan.cost.per_million_output_tokens_usd:.3f} "
+                  f"per million output tokens; {'calibrated' if plan.hardware.calibrated else 'UNCALIBRATED'} "
+                  f"on {plan.hardware.name}")
+    if result.default is not None and result.default.prediction is not None:
+        d = result.default
+        console.print(f"  engine defaults: ${d.cost_per_million:.3f}/M tok, "
+                      f"{'meets' if d.feasible else 'misses'} the targets ({d.describe()})")
+    console.print(f"  vLLM:   {plan.launch['vllm']}")
+    console.print(f"  SGLang: {plan.launch['sglang']}")
+
+
+@app.command()
+def recommend(
+    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    slo: str = typer.Option(..., "--slo", help='targets, e.g. "ttft_p95<=500ms,itl_p95<=50ms"'),
+    rate: Optional[float] = typer.Option(None, "--rate", help="required requests per second (Poisson)"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="clients in flight (closed loop)"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace "
+                                            "(lengths; --rate/--concurrency set the load)"),
+    isl: str = typer.Option("32:256", "--isl", help="input lengths without --workload"),
+    osl: str = typer.Option("16:128", "--osl", help="output lengths without --workload"),
+    num_requests: int = typer.Option(300, "--num-requests", help="requests in the workload"),
+    hardware: Optional[str] = typer.Option(None, "--hardware", help="spec names, comma-separated; "
+                                           "default: the hardware the cost model was measured on"),
+    max_devices: int = typer.Option(8, "--max-devices", help="devices (GPUs or hosts) at most"),
+    space: Optional[str] = typer.Option(None, "--space", help="search space file or built-in name; "
+                                        "default: cpu or gpu by hardware kind"),
+    trials: int = typer.Option(100, "--trials", help="Optuna trials"),
+    objective: str = typer.Option("cost", "--objective", help="cost | throughput | latency"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative decoding "
+                                         "(its acceptance rate must be measured: pilot profile --draft)"),
+    out: Path = typer.Option(Path("plan.yaml"), "--out", help="where the plan goes"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the cost-latency front (PNG)"),
+    verify: bool = typer.Option(False, "--verify", help="launch the plan here and measure it"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
+    seed: int = typer.Option(0, "--seed"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+) -> None:
+    """Search for the cheapest configuration that meets the SLOs and write it as a plan."""
+    from engine.model_config import CheckpointError
+    from planner import cost_model as cm
+    from planner.fit_data import measured_acceptance
+    from planner.plan import make_plan
+    from planner.recommend import RecommendError, Requirement, Search, run_search
+    from planner.search_space import SearchSpace, SearchSpaceError
+    from planner.slo import SLOError, parse_slos
+    from planner.workload import Workload, WorkloadError
+
+    if (rate is None) == (concurrency is None):
+        _fail("give exactly one of --rate or --concurrency")
+    store = open_store(db)
+    fitted = cm.load(store)
+    if fitted is None:
+        _fail(f"no cost model in {store.url}: run `pilot profile` and `pilot fit` first")
+    try:
+        requirement = Requirement(parse_slos(slo), "rate" if rate is not None else "concurrency",
+                                  float(rate if rate is not None else concurrency), objective)
+        if num_requests < 1:
+            raise RecommendError(f"--num-requests: must be >= 1, got {num_requests}")
+        load = (Workload.from_file(workload) if workload is not None else
+                Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
+        acceptance = measured_acceptance(store, str(model), str(draft)) if draft else None
+        search = Search(fitted, str(model), load, requirement,
+                        hardware.split(",") if hardware else None,
+                        SearchSpace.from_file(space) if space else None, max_devices,
+                        str(draft) if draft else None, acceptance, seed)
+    except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError,
+            WorkloadError, RecommendError) as err:
+        _fail(str(err))
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("searching", total=trials)
+
+        def on_progress(done: int, total: int, best: Any) -> None:
+            label = f"best ${best.cost_per_million:.3f}/M tok" if best is not None else "no feasible yet"
+            progress.update(task, completed=done, description=f"searching ({label})")
+
+        try:
+            result = run_search(search, trials, storage=store.url, on_progress=on_progress)
+        except (ValueError, RecommendError) as err:
+            _fail(str(err))
+    plan = make_plan(result, search, fitted)
+    plan.write(out)
+    if plot is not None:
+        from planner.plots import pareto_plot
+
+        pareto_plot(result, requirement.slos[0].key, plot)
+    if as_json:
+        print(json.dumps(plan.model_dump(mode="json"), indent=2))
+    else:
+        print_result(result, plan)
+        console.print(f"Wrote {out}" + (f" and {plot}" if plot else "") +
+                      (f"; study {result.study_name} in {store.url} (optuna-dashboard {store.url})"
+                       if result.study_name else ""))
+    if verify:
+        verify_plan(store, out)
+    if not plan.feasible:
+        raise typer.Exit(1)
+
+
+def verify_plan(store: Any, path: Path) -> bool:
+    """Launch the plan at `path`, measure it and print measured against predicted."""
+    from planner.plan import Plan
+    from planner.verify import VerifyError, verify
+
+    plan = Plan.from_file(path)
+    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("verifying: loading the engine")
+
+        def on_progress(label: str, elapsed: float) -> None:
+            progress.update(task, description=f"verifying: {label[:70]}")
+
+        try:
+            result = verify(store, plan, on_progress)
+        except VerifyError as err:
+            _fail(str(err))
+    table = Table(title=f"Verified on this machine (run {result.run_id} in the store)")
+    for column in ("metric", "predicted", "80% interval", "measured", "error", "in interval"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for c in result.comparisons:
+        fmt = (lambda v: f"{v:.1f}") if c.metric.endswith("tok_s") or c.metric == "request_rate" else _ms
+        interval = f"{fmt(c.low)} - {fmt(c.high)}" if c.low is not None else "-"
+        inside = {True: "[green]yes[/]", False: "[red]no[/]", None: "-"}[c.within]
+        table.add_row(c.metric, fmt(c.predicted), interval, fmt(c.measured), f"{c.error:+.0%}", inside)
+    console.print(table)
+    for name, (limit, measured, met) in result.slos.items():
+        console.print(f"  {name}: measured {_ms(measured)} "
+                      f"[{'green' if met else 'red'}]{'held' if met else 'MISSED'}[/]")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print("Every SLO held." if result.all_met else "[red]Some SLO was missed.[/red] "
+                  "The run is in the store: `pilot fit` learns from it.")
+    return result.all_met
+
+
+@app.command()
+def schema(
+    kind: str = typer.Argument("plan", help="plan | engine | workload"),
+) -> None:
+    """Print the JSON Schema of a plan file (or an engine config, or a workload file)."""
+    from planner.plan import PlanError
+    from planner.plan import schema as get_schema
+
+    try:
+        print(json.dumps(get_schema(kind), indent=2))
+    except PlanError as err:
+        _fail(str(err))

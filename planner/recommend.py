@@ -1,0 +1,459 @@
+"""`pilot recommend`: an Optuna search for the cheapest deployment that meets the SLOs.
+
+Each trial picks a hardware type and the engine knobs of that hardware's search space; the
+simulator (the engine's own scheduler, the fitted step-time model) predicts the deployment at the
+required load, and the replicas are as many as the load needs. The constraints go to Optuna
+through `Trial.set_constraint` (Optuna 5), one named constraint per SLO plus the request rate,
+the memory fit and the configuration's validity, so the study in the store shows, trial by trial,
+which limit each configuration broke. An SLO is held to the upper end of the prediction's 80%
+interval rather than its middle: a plan that only meets its targets on average misses them about
+half the time it is launched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+
+from engine import EngineConfig
+from engine.distributed import check_shardable
+from planner import hardware as hw
+from planner.cost_model import CostModel
+from planner.predict import Prediction, Predictor
+from planner.profiler import base_config
+from planner.search_space import SearchSpace, SearchSpaceError
+from planner.slo import SLO
+from planner.workload import ClosedLoopArrival, PoissonArrival, Workload
+
+OBJECTIVES = {"cost": "minimize", "throughput": "maximize", "latency": "minimize"}
+SEARCH_REQUESTS = 100  # per trial; the finalists are simulated again with the whole workload
+FINALISTS = 5
+RATE_SLACK = 1.05  # a run may take this much longer than its arrivals plus a slow request's e2e
+# Which interval stands in for an SLO's own when the cost model has none for that statistic.
+_INTERVAL_FOR = {"ttft": "ttft_p95", "itl": "itl_p95", "tpot": "itl_p95", "e2e": "itl_p95"}
+Progress = Callable[[int, int, "Candidate | None"], None]  # (done, total, best so far)
+
+
+class RecommendError(ValueError):
+    """Inputs the search cannot work with; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What the deployment must do: serve this load within these SLOs."""
+
+    slos: list[SLO]
+    load_kind: str  # "rate" | "concurrency"
+    load_value: float
+    objective: str = "cost"
+
+    def __post_init__(self) -> None:
+        if self.load_kind not in ("rate", "concurrency"):
+            raise RecommendError(f"load: kind must be 'rate' or 'concurrency', got {self.load_kind!r}")
+        if not (math.isfinite(self.load_value) and self.load_value > 0):
+            raise RecommendError(f"--{self.load_kind}: must be > 0, got {self.load_value!r}")
+        if self.objective not in OBJECTIVES:
+            raise RecommendError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+        if not self.slos:
+            raise RecommendError("--slo: at least one SLO is needed, e.g. ttft_p95<=500ms")
+
+
+@dataclass
+class Candidate:
+    """One deployment: a configuration on some hardware, replicated, and what it would do."""
+
+    hardware: hw.HardwareSpec
+    config: EngineConfig
+    params: dict[str, Any]
+    replicas: int = 1
+    devices_per_replica: int = 1
+    prediction: Prediction | None = None  # per replica
+    per_replica_load: float = 0.0
+    violations: dict[str, float] = field(default_factory=dict)  # <= 0 holds
+    cost_per_hour: float = math.inf
+    output_tokens_per_s: float = 0.0
+    trial: int | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return bool(self.violations) and all(v <= 0 for v in self.violations.values())
+
+    @property
+    def valid(self) -> bool:
+        return self.violations.get("valid", 0.0) <= 0 and self.violations.get("memory", 0.0) <= 0
+
+    @property
+    def cost_per_million(self) -> float:
+        if self.output_tokens_per_s <= 0:
+            return math.inf
+        return self.cost_per_hour / (self.output_tokens_per_s * 3600) * 1e6
+
+    @property
+    def total_devices(self) -> int:
+        return self.replicas * self.devices_per_replica
+
+    @property
+    def binding(self) -> str | None:
+        """The constraint nearest its limit (or furthest past it): validity and memory only
+        when broken, since they hold at 0 rather than with room to spare."""
+        shown = {k: v for k, v in self.violations.items() if v > 0 or k not in ("valid", "memory")}
+        return max(shown, key=shown.__getitem__) if shown else None
+
+    def slo_ratio(self, slo: SLO) -> float:
+        return self.violations.get(slo.key, math.inf) + 1.0
+
+    def score(self, objective: str, slos: list[SLO]) -> float:
+        if objective == "cost":
+            return self.cost_per_million
+        if objective == "throughput":  # output tokens per second per device
+            return self.output_tokens_per_s / max(1, self.total_devices)
+        return max(self.slo_ratio(s) for s in slos)
+
+    def describe(self, short: bool = False) -> str:
+        c = self.config
+        if short:
+            where = (f"{self.hardware.name}x{self.total_devices}" if self.hardware.kind == "gpu"
+                     else self.hardware.name + (f"x{self.replicas}" if self.replicas > 1 else ""))
+            spec = f" k{c.num_speculative_tokens}" if c.num_speculative_tokens else ""
+            return (f"{where} {c.quantization or 'bf16'} tp{c.tensor_parallel_size} "
+                    f"dp{c.data_parallel_size} seqs{c.max_num_seqs} tok{c.max_num_batched_tokens}"
+                    f"{'' if c.enable_chunked_prefill else ' nochunk'}"
+                    f"{'' if c.enable_prefix_caching else ' nocache'}{spec}")
+        parts = [f"{self.hardware.name} x{self.total_devices}" if self.hardware.kind == "gpu"
+                 else self.hardware.name, f"replicas={self.replicas}",
+                 f"quant={c.quantization or 'none'}", f"tp={c.tensor_parallel_size}",
+                 f"dp={c.data_parallel_size}", f"max_num_seqs={c.max_num_seqs}",
+                 f"batched_tokens={c.max_num_batched_tokens}",
+                 f"chunked={'on' if c.enable_chunked_prefill else 'off'}",
+                 f"prefix_cache={'on' if c.enable_prefix_caching else 'off'}"]
+        if c.num_speculative_tokens:
+            parts.append(f"draft k={c.num_speculative_tokens}")
+        return " ".join(parts)
+
+
+@dataclass
+class SearchResult:
+    best: Candidate  # the cheapest feasible, or the closest to feasible
+    feasible: bool
+    finalists: list[Candidate]
+    pareto: list[Candidate]  # feasible candidates no other beats on both cost and latency
+    default: Candidate | None  # the engine's default configuration, for comparison
+    candidates: list[Candidate]  # every distinct deployment evaluated
+    space_size: int
+    trials: int
+    seconds: float
+    study_name: str | None
+    notes: list[str]
+    slos: list[SLO] = field(default_factory=list)
+
+
+def interval_upper(prediction: Prediction, key: str, model: CostModel) -> float:
+    """The upper end of the 80% interval of `key` (e.g. "ttft_p95"), borrowing the nearest
+    metric's interval where the cost model has none for that statistic."""
+    value = prediction.metrics[key]
+    if key in prediction.intervals:
+        return prediction.intervals[key][1]
+    kind = "run" if prediction.seen_model or "model" not in model.intervals else "model"
+    proxy = _INTERVAL_FOR[key.split("_")[0]]
+    return value * float(np.exp(model.intervals[kind][proxy][1]))
+
+
+class Search:
+    """The pieces of one search: the predictor, the spaces per hardware type, the requirement."""
+
+    def __init__(self, cost_model: CostModel, model_dir: str, workload: Workload,
+                 requirement: Requirement, hardware: list[str] | None = None,
+                 space: SearchSpace | None = None, max_devices: int = 8,
+                 draft_dir: str | None = None, acceptance_rate: float | None = None,
+                 seed: int = 0) -> None:
+        self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
+        self.max_devices = max_devices
+        if max_devices < 1:
+            raise RecommendError(f"--max-devices: must be >= 1, got {max_devices}")
+        names = hardware or sorted(cost_model.hardware)
+        if not names:
+            raise RecommendError("--hardware: the cost model has no measured hardware; name one")
+        try:
+            self.specs = {name: hw.get_spec(name) for name in names}
+        except hw.HardwareSpecError as err:
+            raise RecommendError(f"--hardware: {err}") from None
+        self.notes: list[str] = []
+        self.acceptance_rate = acceptance_rate
+        self.draft_dir = draft_dir
+        self.base = base_config(model_dir, workload)
+        self.spaces = {name: self._space(spec, space) for name, spec in self.specs.items()}
+        # The plan's workload carries the load it was planned for.
+        arrival = (PoissonArrival(rate=requirement.load_value) if requirement.load_kind == "rate"
+                   else ClosedLoopArrival(concurrency=math.ceil(requirement.load_value)))
+        workload = workload.model_copy(update={"arrival": arrival})
+        self.workload = workload
+        search_workload = workload.model_copy(update={"num_requests": min(workload.num_requests,
+                                                                           SEARCH_REQUESTS)})
+        self.predictor = Predictor(cost_model, model_dir, search_workload, draft_dir, seed)
+        self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed)
+        self.mean_output_tokens = float(np.mean([s.output_tokens for s in workload.sample()]))
+        self._cache: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Candidate] = {}
+        kinds = {spec.kind for spec in self.specs.values()}
+        self._prefix = len(kinds) > 1  # a mixed study names each kind's knobs apart
+
+    def _space(self, spec: hw.HardwareSpec, given: SearchSpace | None) -> SearchSpace:
+        space = given or SearchSpace.from_file(spec.kind)
+        knobs = dict(space.knobs)
+        if "num_speculative_tokens" in knobs and any(space.values("num_speculative_tokens")):
+            if self.draft_dir is None:
+                knobs["num_speculative_tokens"] = [0]
+            elif self.acceptance_rate is None:
+                knobs["num_speculative_tokens"] = [0]
+                self.notes.append("no measured acceptance rate for this draft: speculative decoding "
+                                  "left out (measure the pair with `pilot profile --draft`)")
+        cfg = self.predictor_config()
+        if "tensor_parallel_size" in knobs:  # sizes the model cannot be split into never run
+            sizes = [t for t in space.values("tensor_parallel_size") if _shardable(cfg, t)]
+            knobs["tensor_parallel_size"] = sizes or [1]
+        return space.model_copy(update={"knobs": knobs})
+
+    def predictor_config(self) -> Any:
+        from engine.model_config import ModelConfig
+
+        return ModelConfig.from_dir(self.base.model)
+
+    @property
+    def space_size(self) -> int:
+        return sum(math.prod(len(space.values(k)) for k in space.knobs) for space in self.spaces.values())
+
+    def param(self, hardware: str, knob: str) -> str:
+        return f"{self.specs[hardware].kind}.{knob}" if self._prefix else knob
+
+    def config(self, hardware: str, point: dict[str, Any]) -> EngineConfig | None:
+        """The engine config of `point`, or None where the space rules it out."""
+        spec = self.specs[hardware]
+        max_parallel = spec.max_devices_per_node if spec.kind == "gpu" else (os.cpu_count() or 1)
+        try:
+            config = self.spaces[hardware]._config(self.base, point, self.draft_dir, max_parallel)
+        except SearchSpaceError:
+            return None
+        if config is not None and spec.kind == "gpu":
+            config = config.model_copy(update={"device": "cuda"})
+        return config
+
+    def evaluate(self, hardware: str, point: dict[str, Any], full: bool = False) -> Candidate:
+        """Score one point: cached, since the sampler proposes the same point more than once."""
+        key = (hardware, tuple(sorted(point.items(), key=lambda kv: kv[0])), full)
+        if key not in self._cache:
+            self._cache[key] = self._evaluate(hardware, point, full)
+        return self._cache[key]
+
+    def _evaluate(self, hardware: str, point: dict[str, Any], full: bool) -> Candidate:
+        spec, config = self.specs[hardware], self.config(hardware, point)
+        if config is None:
+            return Candidate(spec, self.base, point, violations={"valid": 1.0})
+        per_replica = (config.tensor_parallel_size * config.data_parallel_size
+                       if spec.kind == "gpu" else 1)
+        candidate = Candidate(spec, config, point, devices_per_replica=per_replica)
+        predictor = self.full_predictor if full else self.predictor
+        try:
+            predictor.kv_blocks(config, spec)
+        except ValueError:
+            candidate.violations = {"valid": 0.0, "memory": 1.0}
+            return candidate
+        max_replicas = self.max_devices // per_replica
+        if max_replicas < 1:
+            candidate.violations = {"valid": 1.0}
+            return candidate
+        return self._replicate(candidate, predictor, max_replicas)
+
+    def _score(self, candidate: Candidate, predictor: Predictor, replicas: int) -> Candidate:
+        req = self.requirement
+        load = (req.load_value / replicas if req.load_kind == "rate"
+                else max(1, math.ceil(req.load_value / replicas)))
+        k = candidate.config.num_speculative_tokens
+        prediction = predictor.predict(candidate.config, candidate.hardware, req.load_kind, load,
+                                       self.acceptance_rate if k else None)
+        out = Candidate(candidate.hardware, candidate.config, candidate.params, replicas,
+                        candidate.devices_per_replica, prediction, load)
+        violations = {"valid": 0.0, "memory": 0.0}
+        for slo in req.slos:
+            violations[slo.key] = interval_upper(prediction, slo.key, self.cost_model) / slo.limit_s - 1
+        if req.load_kind == "rate":
+            requests, _ = predictor.requests("rate", load)
+            span = max(r.arrival_s for r in requests) - min(r.arrival_s for r in requests)
+            duration = len(requests) / max(prediction.metrics["request_rate"], 1e-12)
+            # Sustained: the run ends about one slow request after the last arrival.
+            violations["rate"] = duration / (RATE_SLACK * (span + prediction.metrics["e2e_p95"])) - 1
+            out.output_tokens_per_s = req.load_value * self.mean_output_tokens
+        else:
+            out.output_tokens_per_s = replicas * prediction.metrics["throughput_tok_s"]
+        out.violations = violations
+        out.cost_per_hour = replicas * out.devices_per_replica * candidate.hardware.price_per_hour_usd
+        return out
+
+    def _replicate(self, candidate: Candidate, predictor: Predictor, max_replicas: int) -> Candidate:
+        """The fewest replicas that meet the requirement: double until it holds, then bisect."""
+        scored = {1: self._score(candidate, predictor, 1)}
+        if scored[1].feasible or max_replicas == 1:
+            return scored[1]
+        low, high = 1, None
+        replicas = 1
+        if self.requirement.load_kind == "rate":  # jump to what one replica's capacity implies
+            capacity = scored[1].prediction.metrics["request_rate"]  # type: ignore[union-attr]
+            replicas = math.ceil(self.requirement.load_value / max(capacity, 1e-9))
+        replicas = min(max_replicas, max(2, replicas))
+        while True:
+            scored[replicas] = self._score(candidate, predictor, replicas)
+            if scored[replicas].feasible:
+                high = replicas
+                break
+            low = replicas
+            if replicas >= max_replicas or not _improved(scored[replicas], scored[1]):
+                break  # more replicas do not help: a latency floor, not a load problem
+            replicas = min(max_replicas, replicas * 2)
+        if high is None:
+            return min(scored.values(), key=_total_violation)
+        while high - low > 1:
+            mid = (low + high) // 2
+            scored[mid] = self._score(candidate, predictor, mid)
+            low, high = (low, mid) if scored[mid].feasible else (mid, high)
+        return scored[high]
+
+
+def _improved(more: Candidate, one: Candidate) -> bool:
+    return _total_violation(more) < _total_violation(one) * 0.98
+
+
+def _total_violation(candidate: Candidate) -> float:
+    return sum(max(0.0, v) for v in candidate.violations.values())
+
+
+def _shardable(cfg: Any, size: int) -> bool:
+    try:
+        check_shardable(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, size)
+        return True
+    except ValueError:
+        return False
+
+
+def pareto_front(candidates: list[Candidate], slos: list[SLO]) -> list[Candidate]:
+    """Feasible candidates not beaten on both cost per million tokens and the first SLO's
+    predicted value (the latency axis of the cost-latency plot)."""
+    feasible = [c for c in candidates if c.feasible]
+    key = slos[0].key
+    points = sorted(feasible, key=lambda c: (c.cost_per_million, c.prediction.metrics[key]))  # type: ignore[union-attr]
+    front, best_latency = [], math.inf
+    for c in points:
+        latency = c.prediction.metrics[key]  # type: ignore[union-attr]
+        if latency < best_latency:
+            front.append(c)
+            best_latency = latency
+    return front
+
+
+def _rank(candidates: list[Candidate], requirement: Requirement) -> list[Candidate]:
+    sign = -1.0 if OBJECTIVES[requirement.objective] == "maximize" else 1.0
+    # Ties (a rate every single-host configuration carries costs the same on each) go to the
+    # one with the most headroom under its SLOs, then to the cheaper.
+    return sorted(candidates, key=lambda c: (sign * c.score(requirement.objective, requirement.slos),
+                                             c.score("latency", requirement.slos), c.cost_per_million))
+
+
+def run_search(search: Search, trials: int = 150, storage: str | None = None,
+               study_name: str | None = None, on_progress: Progress | None = None) -> SearchResult:
+    """Run the study, confirm the finalists on the whole workload, and pick the plan."""
+    if trials < 1:
+        raise RecommendError(f"--trials: must be >= 1, got {trials}")
+    start = time.perf_counter()
+    req = search.requirement
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True,
+                                             n_startup_trials=min(20, max(1, trials // 4)))
+    memory = optuna.storages.InMemoryStorage()
+    name = study_name or f"recommend-{time.strftime('%Y%m%d-%H%M%S')}"
+    study = optuna.create_study(storage=memory, study_name=name, sampler=sampler,
+                                direction=OBJECTIVES[req.objective])
+    names = list(search.specs)
+    for hardware in names:  # the engine's defaults are always scored: the baseline to beat
+        study.enqueue_trial(_default_params(search, hardware), skip_if_exists=True)
+    evaluated: dict[int, Candidate] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        hardware = trial.suggest_categorical("hardware", names) if len(names) > 1 else names[0]
+        space = search.spaces[hardware]
+        point = {k: trial.suggest_categorical(search.param(hardware, k), space.values(k))
+                 for k in space.knobs}
+        candidate = search.evaluate(hardware, point)
+        for constraint, value in candidate.violations.items():
+            trial.set_constraint(constraint, float(value))
+        trial.set_user_attr("replicas", candidate.replicas)
+        trial.set_user_attr("cost_per_million_usd", _finite(candidate.cost_per_million))
+        if candidate.prediction is not None:
+            for slo in req.slos:
+                trial.set_user_attr(slo.key, candidate.prediction.metrics[slo.key])
+        candidate.trial = trial.number
+        evaluated[trial.number] = candidate
+        value = candidate.score(req.objective, req.slos)
+        if not math.isfinite(value):
+            value = 1e12 if OBJECTIVES[req.objective] == "minimize" else 0.0
+        return value
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_progress:
+            feasible = [c for c in evaluated.values() if c.feasible]
+            on_progress(len(evaluated), trials, _rank(feasible, req)[0] if feasible else None)
+
+    study.optimize(objective, n_trials=trials, callbacks=[callback])
+    distinct = list({id(c): c for c in evaluated.values()}.values())
+    feasible = _rank([c for c in distinct if c.feasible], req)
+    finalists = _confirm(search, feasible[:FINALISTS]) if feasible else []
+    confirmed = _rank([c for c in finalists if c.feasible], req)
+    if confirmed:
+        best, ok = confirmed[0], True
+    else:
+        pool = finalists or [c for c in distinct if c.prediction is not None] or distinct
+        best, ok = min(pool, key=_total_violation), False
+    default = search.evaluate(names[0], _default_point(search, names[0]), full=True)
+    if storage is not None:
+        optuna.copy_study(from_study_name=name, from_storage=memory, to_storage=storage,
+                          to_study_name=name)
+    return SearchResult(best, ok, finalists, pareto_front(distinct, req.slos), default, distinct,
+                        search.space_size, trials, time.perf_counter() - start,
+                        name if storage is not None else None, list(search.notes), list(req.slos))
+
+
+def _confirm(search: Search, candidates: list[Candidate]) -> list[Candidate]:
+    """The finalists again, on the whole workload rather than the search's sample."""
+    out = []
+    for c in candidates:
+        confirmed = search.evaluate(c.hardware.name, c.params, full=True)
+        confirmed.trial = c.trial
+        out.append(confirmed)
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _default_point(search: Search, hardware: str) -> dict[str, Any]:
+    """The engine's defaults where the space offers them, else the space's first value."""
+    space, default = search.spaces[hardware], EngineConfig(model=search.base.model)
+    point = {}
+    for knob in space.knobs:
+        values = space.values(knob)
+        value = (default.num_speculative_tokens or 0) if knob == "num_speculative_tokens" else getattr(default, knob)
+        if knob == "dtype" and value == "auto" and "bfloat16" in values:
+            value = "bfloat16"
+        point[knob] = value if value in values else values[0]
+    return point
+
+
+def _default_params(search: Search, hardware: str) -> dict[str, Any]:
+    params = {search.param(hardware, k): v for k, v in _default_point(search, hardware).items()}
+    return ({"hardware": hardware} if len(search.specs) > 1 else {}) | params
