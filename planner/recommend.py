@@ -24,6 +24,8 @@ import optuna
 
 from engine import EngineConfig
 from engine.distributed import check_shardable
+from engine.model_config import ModelConfig
+from engine.quantization import check_scheme
 from planner import hardware as hw
 from planner.cost_model import CostModel
 from planner.predict import Prediction, Predictor
@@ -35,7 +37,9 @@ from planner.workload import ClosedLoopArrival, PoissonArrival, Workload
 OBJECTIVES = {"cost": "minimize", "throughput": "maximize", "latency": "minimize"}
 SEARCH_REQUESTS = 100  # per trial; the finalists are simulated again with the whole workload
 FINALISTS = 5
-RATE_SLACK = 1.05  # a run may take this much longer than its arrivals plus a slow request's e2e
+# A replica keeps up with a rate up to this share of its capacity (requests/s with its batch
+# full); past it the queue grows without bound and the SLOs only look met in a short run.
+MAX_UTILISATION = 0.95
 # Which interval stands in for an SLO's own when the cost model has none for that statistic.
 _INTERVAL_FOR = {"ttft": "ttft_p95", "itl": "itl_p95", "tpot": "itl_p95", "e2e": "itl_p95"}
 Progress = Callable[[int, int, "Candidate | None"], None]  # (done, total, best so far)
@@ -188,6 +192,7 @@ class Search:
         self.acceptance_rate = acceptance_rate
         self.draft_dir = draft_dir
         self.base = base_config(model_dir, workload)
+        self.model_config = ModelConfig.from_dir(model_dir)
         self.spaces = {name: self._space(spec, space) for name, spec in self.specs.items()}
         # The plan's workload carries the load it was planned for.
         arrival = (PoissonArrival(rate=requirement.load_value) if requirement.load_kind == "rate"
@@ -200,6 +205,7 @@ class Search:
         self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed)
         self.mean_output_tokens = float(np.mean([s.output_tokens for s in workload.sample()]))
         self._cache: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Candidate] = {}
+        self._capacity: dict[tuple[str, str, int], float] = {}
         kinds = {spec.kind for spec in self.specs.values()}
         self._prefix = len(kinds) > 1  # a mixed study names each kind's knobs apart
 
@@ -213,16 +219,12 @@ class Search:
                 knobs["num_speculative_tokens"] = [0]
                 self.notes.append("no measured acceptance rate for this draft: speculative decoding "
                                   "left out (measure the pair with `pilot profile --draft`)")
-        cfg = self.predictor_config()
+        cfg = self.model_config
         if "tensor_parallel_size" in knobs:  # sizes the model cannot be split into never run
             sizes = [t for t in space.values("tensor_parallel_size") if _shardable(cfg, t)]
             knobs["tensor_parallel_size"] = sizes or [1]
         return space.model_copy(update={"knobs": knobs})
 
-    def predictor_config(self) -> Any:
-        from engine.model_config import ModelConfig
-
-        return ModelConfig.from_dir(self.base.model)
 
     @property
     def space_size(self) -> int:
@@ -239,7 +241,9 @@ class Search:
             config = self.spaces[hardware]._config(self.base, point, self.draft_dir, max_parallel)
         except SearchSpaceError:
             return None
-        if config is not None and spec.kind == "gpu":
+        if config is None or not _quantizable(self.model_config, config):
+            return None
+        if spec.kind == "gpu":
             config = config.model_copy(update={"device": "cuda"})
         return config
 
@@ -282,17 +286,25 @@ class Search:
         for slo in req.slos:
             violations[slo.key] = interval_upper(prediction, slo.key, self.cost_model) / slo.limit_s - 1
         if req.load_kind == "rate":
-            requests, _ = predictor.requests("rate", load)
-            span = max(r.arrival_s for r in requests) - min(r.arrival_s for r in requests)
-            duration = len(requests) / max(prediction.metrics["request_rate"], 1e-12)
-            # Sustained: the run ends about one slow request after the last arrival.
-            violations["rate"] = duration / (RATE_SLACK * (span + prediction.metrics["e2e_p95"])) - 1
+            violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
             out.output_tokens_per_s = req.load_value * self.mean_output_tokens
         else:
             out.output_tokens_per_s = replicas * prediction.metrics["throughput_tok_s"]
         out.violations = violations
         out.cost_per_hour = replicas * out.devices_per_replica * candidate.hardware.price_per_hour_usd
         return out
+
+    def capacity(self, candidate: Candidate, predictor: Predictor) -> float:
+        """Requests per second one replica completes with every batch slot busy (closed loop)."""
+        key = (candidate.hardware.name, candidate.config.model_dump_json(), id(predictor))
+        if key not in self._capacity:
+            c = candidate.config
+            busy = c.max_num_seqs * c.data_parallel_size
+            k = c.num_speculative_tokens
+            full = predictor.predict(c, candidate.hardware, "concurrency", busy,
+                                     self.acceptance_rate if k else None)
+            self._capacity[key] = max(full.metrics["request_rate"], 1e-12)
+        return self._capacity[key]
 
     def _replicate(self, candidate: Candidate, predictor: Predictor, max_replicas: int) -> Candidate:
         """The fewest replicas that meet the requirement: double until it holds, then bisect."""
@@ -302,8 +314,8 @@ class Search:
         low, high = 1, None
         replicas = 1
         if self.requirement.load_kind == "rate":  # jump to what one replica's capacity implies
-            capacity = scored[1].prediction.metrics["request_rate"]  # type: ignore[union-attr]
-            replicas = math.ceil(self.requirement.load_value / max(capacity, 1e-9))
+            capacity = MAX_UTILISATION * self.capacity(candidate, predictor)
+            replicas = math.ceil(self.requirement.load_value / capacity)
         replicas = min(max_replicas, max(2, replicas))
         while True:
             scored[replicas] = self._score(candidate, predictor, replicas)
@@ -329,6 +341,20 @@ def _improved(more: Candidate, one: Candidate) -> bool:
 
 def _total_violation(candidate: Candidate) -> float:
     return sum(max(0.0, v) for v in candidate.violations.values())
+
+
+def _quantizable(cfg: ModelConfig, config: EngineConfig) -> bool:
+    """Whether every linear layer's inputs (one rank's share) fit the quantization scheme."""
+    if config.quantization is None:
+        return True
+    tp = config.tensor_parallel_size
+    inputs = {cfg.hidden_size, cfg.intermediate_size // tp, cfg.num_attention_heads * cfg.head_dim // tp}
+    try:
+        for features in inputs:
+            check_scheme(config.quantization, config.quantization_group_size, features)
+        return True
+    except ValueError:
+        return False
 
 
 def _shardable(cfg: Any, size: int) -> bool:

@@ -47,3 +47,22 @@ def trained_pair(tmp_path_factory):
     target, draft = train_pair(out, seconds=600, max_steps=80, batch_size=8, seq_len=128,
                                corpus_bytes=4 << 20, target_shape=SMALL_TARGET)
     return target.path, draft.path
+
+
+@pytest.fixture(scope="session")
+def profiled(tmp_path_factory, model_dir):
+    """A real profile of two tiny models (16 runs each) in a SQLite store: (store, model dirs)."""
+    from profiled import profile_two_models
+
+    return profile_two_models(tmp_path_factory.mktemp("fit"), model_dir)
+
+
+@pytest.fixture(scope="session")
+def fitted(profiled):
+    """The cost model fitted on `profiled` and saved in its store."""
+    from planner import cost_model
+
+    store, _ = profiled
+    model = cost_model.fit(store, folds=4)
+    cost_model.save(store, model)
+    return model

@@ -4,39 +4,22 @@ real engine runs it never saw."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingRegressor
 
 from engine import LLM, EngineConfig
-from engine.model_zoo import SHAPES, make_checkpoint
+from engine.model_zoo import SHAPES
 from planner import cost_model
 from planner.load import run_load
 from planner.predict import predict
-from planner.profiler import plan_campaign, profile
 from planner.roofline import Deployment, Device, ModelShape
-from planner.search_space import SearchSpace
 from planner.slo import RequestLatency, summarize
-from planner.step_model import COMPOSITION, FEATURES, StepTimeModel, TreeEnsemble, feature_matrix
+from planner.step_model import FEATURES, StepTimeModel, TreeEnsemble, feature_matrix
 from planner.store import Store
-from planner.workload import Workload
+from profiled import small_workload
 
-SPACE = """
-name: fit-test
-knobs:
-  quantization: [null, int8]
-  max_num_seqs: [1, 8]
-  max_num_batched_tokens: [64, 512]
-fixed:
-  dtype: float32
-  num_threads: 1
-load:
-  kind: concurrency
-  levels: [1, 4]
-"""
-WIDER = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3}
 # The simulator's error on held-out real runs of a tiny model in CI, where a step is about a
 # millisecond of mostly Python and any other process on the machine shows up in it. The
 # accuracy targets (median APE <= 8%) are for profiles of real models: README, `pilot fit`.
@@ -44,35 +27,6 @@ HELD_OUT_MEDIAN_APE = {"itl_p50": 0.25, "throughput_tok_s": 0.25,
                        # A tiny model's TTFT is one prefill of about a millisecond plus queueing
                        # behind a few such steps: in a full test session it swings the most.
                        "ttft_p50": 0.75}
-
-
-def _workload() -> Workload:
-    return Workload.from_flags("8:64", "4:16", concurrency=1, num_requests=8)
-
-
-@pytest.fixture(scope="module")
-def profiled(tmp_path_factory, model_dir) -> tuple[Store, list[str]]:
-    """A real profile of two models (16 runs each) in a SQLite store."""
-    tmp = tmp_path_factory.mktemp("fit")
-    wider_shape = tmp / "wider.json"
-    wider_shape.write_text(json.dumps({**SHAPES["tiny"], **WIDER}))
-    wider = str(make_checkpoint(wider_shape, tmp / "wider", seed=1, dtype="float32"))
-    space_file = tmp / "space.yaml"
-    space_file.write_text(SPACE)
-    store = Store(f"sqlite:///{tmp / 'pilot.db'}")
-    for model in (model_dir, wider):
-        campaign = plan_campaign(store, model, SearchSpace.from_file(space_file), _workload())
-        result = profile(store, campaign, _workload(), budget_s=600)
-        assert result.remaining == 0 and not result.failed
-    return store, [model_dir, wider]
-
-
-@pytest.fixture(scope="module")
-def fitted(profiled) -> cost_model.CostModel:
-    store, _ = profiled
-    model = cost_model.fit(store, folds=4)
-    cost_model.save(store, model)
-    return model
 
 
 # -- the pieces -------------------------------------------------------------------------------
@@ -174,8 +128,8 @@ def _measure(model_dir: str, config: dict, concurrency: int) -> dict[str, float]
     engine_config = EngineConfig(model=model_dir, dtype="float32", num_threads=1, **config)
     llm = LLM(engine_config)
     try:
-        run_load(llm.engine, _workload(), "concurrency", 1, 512)  # warm up, as a profile's first run
-        result = run_load(llm.engine, _workload(), "concurrency", concurrency, 512)
+        run_load(llm.engine, small_workload(), "concurrency", 1, 512)  # warm up, as a profile's first run
+        result = run_load(llm.engine, small_workload(), "concurrency", concurrency, 512)
     finally:
         llm.close()
     latencies = [RequestLatency.from_token_times(a, o.metrics.token_times)
@@ -197,7 +151,7 @@ def test_the_simulator_predicts_real_runs_it_never_saw(profiled, fitted):
     for config, concurrency in HELD_OUT:
         measured = _measure(model_dir, config, concurrency)
         engine_config = EngineConfig(model=model_dir, dtype="float32", num_threads=1, **config)
-        predicted = predict(fitted, engine_config, "cpu-host", _workload(), "concurrency", concurrency)
+        predicted = predict(fitted, engine_config, "cpu-host", small_workload(), "concurrency", concurrency)
         assert predicted.calibrated and predicted.seen_model
         for metric in errors:
             errors[metric].append(abs(predicted.metrics[metric] / measured[metric] - 1))
@@ -211,8 +165,8 @@ def test_unmeasured_hardware_is_predicted_from_its_spec_and_says_so(profiled, fi
     model.mkdir()
     (model / "config.json").write_text(json.dumps(SHAPES["llama-110m"]))
     config = EngineConfig(model=str(model), dtype="bfloat16")
-    on_cpu = predict(fitted, config, "cpu-host", _workload(), "concurrency", 1)
-    on_h100 = predict(fitted, config, "h100-sxm", _workload(), "concurrency", 1)
+    on_cpu = predict(fitted, config, "cpu-host", small_workload(), "concurrency", 1)
+    on_h100 = predict(fitted, config, "h100-sxm", small_workload(), "concurrency", 1)
     assert on_cpu.calibrated and not on_h100.calibrated
     assert not on_h100.seen_model and any("uncalibrated" in n for n in on_h100.notes)
     assert on_h100.metrics["itl_p50"] < on_cpu.metrics["itl_p50"] / 2
@@ -225,9 +179,9 @@ def test_speculative_configs_need_an_acceptance_rate(profiled, fitted):
     config = EngineConfig(model=model_dir, dtype="float32", speculative_model=model_dir,
                           num_speculative_tokens=2)
     with pytest.raises(ValueError, match="acceptance_rate"):
-        predict(fitted, config, "cpu-host", _workload(), "concurrency", 1)
-    fast = predict(fitted, config, "cpu-host", _workload(), "concurrency", 1, acceptance_rate=0.9)
-    slow = predict(fitted, config, "cpu-host", _workload(), "concurrency", 1, acceptance_rate=0.1)
+        predict(fitted, config, "cpu-host", small_workload(), "concurrency", 1)
+    fast = predict(fitted, config, "cpu-host", small_workload(), "concurrency", 1, acceptance_rate=0.9)
+    slow = predict(fitted, config, "cpu-host", small_workload(), "concurrency", 1, acceptance_rate=0.1)
     assert fast.metrics["throughput_tok_s"] > slow.metrics["throughput_tok_s"]
 
 

@@ -55,7 +55,8 @@ def test_builtin_spaces_contents():
     assert cpu.values("max_num_seqs") == [1, 2, 4, 8, 16, 32, 64]
     assert gpu.values("max_num_seqs") == [8, 16, 32, 64, 128, 256]
     for space in (cpu, gpu):
-        assert space.fixed == {"dtype": "bfloat16", "enable_prefix_caching": True}
+        assert space.fixed == {"dtype": "bfloat16"}
+        assert space.values("enable_prefix_caching") == [True, False]
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
@@ -67,12 +68,12 @@ def test_builtin_spaces_expand(name):
 
 
 def test_cpu_space_count_with_and_without_parallel_cap():
-    # 3 quant x 7 seqs x 3 tokens x 2 chunked x 2 tp x 2 dp x 3 spec = 1512 points; without
-    # chunking, 256 batched tokens < max_model_len=512 is dropped: 3*7*1*1*2*2*3 = 252.
+    # 3 quant x 7 seqs x 3 tokens x 2 chunked x 2 tp x 2 dp x 3 spec x 2 prefix caching = 3024
+    # points; without chunking, 256 batched tokens < max_model_len=512 is dropped: 3*7*1*1*2*2*3*2.
     space = SearchSpace.from_file("cpu")
-    assert len(space.configs(BASE, speculative_model="d")) == 1512 - 252
+    assert len(space.configs(BASE, speculative_model="d")) == 3024 - 504
     capped = space.configs(BASE, speculative_model="d", max_parallel=1)
-    assert len(capped) == (1512 - 252) // 4
+    assert len(capped) == (3024 - 504) // 4
     assert all(c.tensor_parallel_size == c.data_parallel_size == 1 for c in capped)
 
 

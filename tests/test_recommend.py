@@ -1,0 +1,203 @@
+"""`pilot recommend`: the Optuna search over the simulator, the plan file, and --verify, on a
+cost model fitted to real runs of the engine (tests/profiled.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from engine import EngineConfig
+from engine.model_zoo import SHAPES
+from planner.cli import app
+from planner.fit_data import measured_acceptance
+from planner.hardware import load_specs
+from planner.plan import Plan, PlanError, make_plan, schema
+from planner.recommend import RecommendError, Requirement, Search, run_search
+from planner.slo import parse_slos
+from planner.store import Run
+from planner.workload import Workload
+
+LOOSE = "ttft_p95<=2s,itl_p95<=500ms"
+
+
+def _workload(n: int = 24) -> Workload:
+    return Workload.from_flags("8:64", "4:16", concurrency=1, num_requests=n)
+
+
+def _search(fitted, model_dir: str, slos: str = LOOSE, kind: str = "concurrency", value: float = 4,
+            **kwargs) -> Search:
+    return Search(fitted, model_dir, _workload(kwargs.pop("n", 24)), Requirement(parse_slos(slos), kind, value),
+                  **kwargs)
+
+
+def test_search_meets_the_slos_through_optunas_named_constraints(profiled, fitted):
+    store, (model_dir, _) = profiled
+    search = _search(fitted, model_dir)
+    result = run_search(search, trials=30, storage=store.url, study_name="t-feasible")
+    assert result.feasible and result.best.feasible
+    best = result.best
+    for slo in parse_slos(LOOSE):
+        assert best.prediction.metrics[slo.key] <= slo.limit_s
+        assert best.violations[slo.key] <= 0
+    # The study is in the store, trial by trial, with one named constraint per limit.
+    study = optuna.load_study(study_name="t-feasible", storage=store.url)
+    assert len(study.trials) == 30
+    assert set(study.best_trial.constraints) >= {"ttft_p95", "itl_p95", "memory", "valid"}
+    assert all(v <= 0 for v in study.best_trial.constraints.values())
+    # The engine's defaults were scored first, as the baseline.
+    assert result.default is not None and result.default.prediction is not None
+    assert study.trials[0].params["max_num_seqs"] == EngineConfig(model=model_dir).max_num_seqs
+    # The finalists are ranked by cost; the plan is the cheapest of them that holds.
+    feasible = [c for c in result.finalists if c.feasible]
+    assert best.cost_per_million == min(c.cost_per_million for c in feasible)
+    assert result.space_size == math.prod(len(search.spaces["cpu-host"].values(k))
+                                          for k in search.spaces["cpu-host"].knobs)
+    assert result.pareto and all(c.feasible for c in result.pareto)
+
+
+def test_an_impossible_target_names_the_binding_slo_and_the_closest_configuration(profiled, fitted):
+    _, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, slos="ttft_p95<=0.001ms,itl_p95<=10s")
+    result = run_search(search, trials=12)
+    assert not result.feasible
+    assert result.best.binding == "ttft_p95"
+    assert result.best.prediction is not None  # a real configuration, not an empty answer
+    plan = make_plan(result, search, fitted)
+    assert not plan.feasible and plan.binding == "ttft_p95"
+    assert "ttft_p95 binds" in plan.notes[0]
+    assert [c.met for c in plan.checks] == [False, True]
+
+
+def test_replicas_are_the_fewest_the_rate_needs(profiled, fitted):
+    _, (model_dir, _) = profiled
+    # Past one replica's capacity the queue grows: the rate constraint breaks, whatever the SLOs.
+    search = _search(fitted, model_dir, slos="ttft_p95<=1000s", kind="rate", value=1000.0, max_devices=1)
+    one = search.evaluate("cpu-host", {k: search.spaces["cpu-host"].values(k)[0]
+                                       for k in search.spaces["cpu-host"].knobs})
+    capacity = search.capacity(one, search.predictor)
+    assert not one.feasible and one.violations["rate"] > 0 and one.violations["ttft_p95"] < 0
+    heavy = _search(fitted, model_dir, slos="ttft_p95<=5s", kind="rate", value=capacity * 4,
+                    max_devices=64)
+    point = {k: heavy.spaces["cpu-host"].values(k)[0] for k in heavy.spaces["cpu-host"].knobs}
+    chosen = heavy.evaluate("cpu-host", point)
+    assert chosen.feasible and chosen.replicas > 1
+    assert chosen.per_replica_load == pytest.approx(capacity * 4 / chosen.replicas)
+    fewer = heavy._score(chosen, heavy.predictor, chosen.replicas - 1)
+    assert not fewer.feasible
+    assert chosen.cost_per_hour == pytest.approx(chosen.replicas * chosen.hardware.price_per_hour_usd)
+
+
+def test_weights_that_do_not_fit_break_the_memory_constraint(profiled, fitted, tmp_path):
+    _, (model_dir, _) = profiled
+    big = tmp_path / "big"  # a config.json is all a prediction reads: a 70B-class shape
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({**SHAPES["llama-110m"], "hidden_size": 8192,
+                                                 "intermediate_size": 28672, "num_hidden_layers": 80,
+                                                 "num_attention_heads": 64, "num_key_value_heads": 8,
+                                                 "max_position_embeddings": 4096}))
+    gpus = [name for name, spec in load_specs().items() if spec.kind == "gpu"]
+    search = Search(fitted, str(big), _workload(), Requirement(parse_slos(LOOSE), "concurrency", 1),
+                    hardware=gpus)
+    assert search.space_size >= 10_000  # every GPU type of the gpu space, every tensor size valid
+    point = {k: search.spaces["l4"].values(k)[0] for k in search.spaces["l4"].knobs}
+    point.update(quantization=None, tensor_parallel_size=1, data_parallel_size=1)
+    on_l4 = search.evaluate("l4", point)
+    assert on_l4.violations["memory"] > 0 and not on_l4.valid
+    point.update(tensor_parallel_size=8)
+    on_h100s = search.evaluate("h100-sxm", point)
+    assert on_h100s.violations["memory"] <= 0
+    assert on_h100s.devices_per_replica == 8 and not on_h100s.prediction.calibrated
+
+
+def test_speculative_knobs_need_a_measured_acceptance_rate(profiled, fitted, tmp_path):
+    store, (model_dir, wider) = profiled
+    assert measured_acceptance(store, model_dir, wider) is None
+    search = _search(fitted, model_dir, draft_dir=wider, acceptance_rate=None,
+                     space=None)
+    assert search.spaces["cpu-host"].values("num_speculative_tokens") == [0]
+    assert any("acceptance" in note for note in search.notes)
+
+
+def test_bad_requirements_name_the_field(profiled, fitted):
+    _, (model_dir, _) = profiled
+    with pytest.raises(RecommendError, match="--rate"):
+        Requirement(parse_slos(LOOSE), "rate", -1)
+    with pytest.raises(RecommendError, match="--objective"):
+        Requirement(parse_slos(LOOSE), "rate", 1, objective="cheapest")
+    with pytest.raises(RecommendError, match="--hardware"):
+        _search(fitted, model_dir, hardware=["no-such-gpu"])
+    with pytest.raises(RecommendError, match="--max-devices"):
+        _search(fitted, model_dir, max_devices=0)
+
+
+def test_the_plan_file_round_trips_and_is_what_serve_reads(profiled, fitted, tmp_path):
+    _, (model_dir, _) = profiled
+    search = _search(fitted, model_dir)
+    plan = make_plan(run_search(search, trials=10), search, fitted)
+    path = plan.write(tmp_path / "plan.yaml")
+    again = Plan.from_file(path)
+    assert again == plan
+    assert EngineConfig.from_file(path) == plan.engine  # `pilot serve --config plan.yaml`
+    assert again.workload.arrival.kind == "closed_loop" and again.workload.arrival.concurrency == 4
+    assert again.launch["vllm"].startswith(f"vllm serve {model_dir}")
+    assert "--max-running-requests" in again.launch["sglang"]
+    data = yaml.safe_load(path.read_text())
+    data["replicas"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match="replicas"):
+        Plan.from_file(tmp_path / "bad.yaml")
+    data["replicas"], data["slos"] = 1, ["ttft_p95<=fast"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PlanError, match="slos"):
+        Plan.from_file(tmp_path / "bad.yaml")
+    assert "engine" in schema("plan")["properties"]
+    with pytest.raises(PlanError, match="unknown kind"):
+        schema("nope")
+
+
+def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profiled, fitted, tmp_path):
+    store, (model_dir, _) = profiled
+    runs_before = len(store.runs())
+    out = tmp_path / "plan.yaml"
+    result = CliRunner().invoke(app, [
+        "recommend", "--model", model_dir, "--slo", LOOSE, "--concurrency", "2", "--isl", "8:64",
+        "--osl", "4:16", "--num-requests", "12", "--trials", "12", "--out", str(out),
+        "--plot", str(tmp_path / "front.png"), "--verify", "--db", store.url])
+    assert result.exit_code == 0, result.output
+    plan = Plan.from_file(out)
+    assert plan.feasible and plan.hardware.calibrated
+    assert (tmp_path / "front.png").stat().st_size > 0
+    assert "Verified on this machine" in result.output and "Every SLO held" in result.output
+    runs = store.runs()
+    assert len(runs) == runs_before + 1
+    with store.session() as session:
+        run = session.get(Run, runs[-1].id)
+        assert run.load_kind == "concurrency" and run.load_value == 2
+        assert run.engine_config.config["max_num_seqs"] == plan.engine.max_num_seqs
+
+
+def test_cli_recommend_json_and_bad_input(profiled, tmp_path):
+    store, (model_dir, _) = profiled
+    base = ["recommend", "--model", model_dir, "--db", store.url, "--out", str(tmp_path / "p.yaml")]
+    ok = CliRunner().invoke(app, [*base, "--slo", LOOSE, "--rate", "0.5", "--trials", "8",
+                                  "--num-requests", "12", "--json"])
+    assert ok.exit_code == 0, ok.output
+    plan = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert plan["load"] == {"kind": "rate", "value": 0.5, "per_replica": 0.5 / plan["replicas"]}
+    for args, field in ((["--slo", "ttft_p95<=fast", "--rate", "1"], "fast"),
+                        (["--slo", LOOSE], "--rate or --concurrency"),
+                        (["--slo", LOOSE, "--rate", "1", "--concurrency", "2"], "--rate or --concurrency"),
+                        (["--slo", LOOSE, "--rate", "1", "--objective", "speed"], "--objective"),
+                        (["--slo", LOOSE, "--rate", "1", "--hardware", "tpu9"], "tpu9")):
+        bad = CliRunner().invoke(app, [*base, *args])
+        assert bad.exit_code == 2 and field in bad.output, bad.output
+    empty = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", LOOSE, "--rate", "1",
+                                     "--db", f"sqlite:///{tmp_path / 'empty.db'}"])
+    assert empty.exit_code == 2 and "pilot fit" in empty.output
+    shown = CliRunner().invoke(app, ["schema", "plan"])
+    assert shown.exit_code == 0 and "replicas" in json.loads(shown.stdout)["properties"]
