@@ -208,11 +208,14 @@ def bench_knobs(
 
 @app.command()
 def quickstart(
-    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model and store go"),
+    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model, store and plan go"),
     budget: str = typer.Option("45s", help="time for the profiling step"),
+    slo: str = typer.Option("ttft_p95<=1s,itl_p95<=200ms", help="targets the plan must meet"),
+    concurrency: int = typer.Option(4, help="clients in flight the plan must serve"),
 ) -> None:
-    """End to end on the built-in default: make a small model, generate with it, profile it
-    over the CPU search space into a SQLite store in WORKDIR, and fit the cost model."""
+    """The main job end to end on the built-in default: make a small model, profile it into a
+    SQLite store in WORKDIR, fit the cost model, recommend a plan under example SLOs, launch the
+    plan and verify it."""
     import yaml
 
     from engine import LLM, EngineConfig, SamplingParams
@@ -220,33 +223,69 @@ def quickstart(
     from planner.search_space import SearchSpace
 
     model_dir = workdir / "models" / "tiny"
+    console.rule("[bold]1/5 model")
     with console.status("making the built-in tiny model"):
         make_checkpoint("tiny", model_dir, seed=0, dtype="float32")
     llm = LLM(EngineConfig(model=str(model_dir), dtype="float32"))
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=48, ignore_eos=True)
-    console.print(f"[bold]model[/bold] {model_dir} (random weights: the text is noise)")
+    console.print(f"{model_dir}: a Llama-shaped model with random weights (its text is noise)")
     outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
     tokens = sum(len(o.token_ids) for o in outputs)
     console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
     llm.close()
     db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
-    console.print(f"[bold]profiling[/bold] for {budget} into {db} (run again to continue the campaign)")
+    console.rule("[bold]2/5 profile")
+    console.print(f"measuring engine configurations for {budget} into {db} (run again to continue)")
     # The built-in CPU space, with int4 groups the tiny model's 64 features can hold.
     space = SearchSpace.from_file("cpu")
     space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
-    cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl="16:64", osl="8:32",
-                        num_requests=8, draft=None, slo="ttft_p95<=1s,itl_p95<=100ms",
-                        budget=budget, db=db)
+    isl, osl = "16:64", "8:32"
+    cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
+                        num_requests=8, draft=None, slo=slo, budget=budget, db=db)
     cli_profile.runs_list(db=db, limit=10)
-    console.print("[bold]fitting[/bold] the cost model to those runs")
+    console.rule("[bold]3/5 fit")
     cli_fit.fit(db=db, folds=3, as_json=False, plot=None)
+    console.rule("[bold]4/5 recommend, 5/5 verify")
+    plan_file = workdir / "plan.yaml"
+    try:
+        cli_recommend.recommend(
+            model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
+            osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
+            objective="cost", draft=None, out=plan_file, plot=workdir / "pareto.png", verify=True,
+            as_json=False, seed=0, db=db)
+    except typer.Exit as stop:
+        if stop.exit_code:
+            console.print("[red]no plan met the example targets[/red]; try looser --slo")
+            raise
+    _quickstart_summary(workdir, plan_file, db)
+
+
+def _quickstart_summary(workdir: Path, plan_file: Path, db: str) -> None:
+    from planner.plan import Plan
+    from planner.store import Store
+
+    plan, store = Plan.from_file(plan_file), Store(db)
+    run = store.runs()[-1]
+    held = all(run.latency[c.slo.split("<=")[0]] <= c.limit_s for c in plan.checks)
+    console.rule("[bold]summary")
+    console.print(
+        f"pilot measured {len(store.runs()) - 1} runs of the engine on this machine, learned how long "
+        f"its steps take, and searched for the cheapest configuration that serves {plan.load.value:g} "
+        f"clients at once within {', '.join(plan.slos)}.\n"
+        f"  plan:      {plan_file} (quantization={plan.engine.quantization or 'none'}, "
+        f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
+        f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
+        f"${plan.cost.per_hour_usd:.2f}/h\n"
+        f"  verified:  launched and measured here; every SLO {'held' if held else 'did NOT hold'}\n"
+        f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
+        f"  next:      pilot serve --config {plan_file}; optuna-dashboard {db}")
 
 
 # The measurement and fitting commands live in their own modules; importing them registers
 # them on `app`.
-from planner import cli_fit, cli_profile, cli_recommend  # noqa: E402,F401
+from planner import cli_fit, cli_profile, cli_recommend  # noqa: E402
 
 
 def main() -> None:
