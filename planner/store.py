@@ -243,7 +243,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 class Store:
     def __init__(self, url: str | None = None) -> None:
-        self.url = url or DEFAULT_URL
+        url = url or DEFAULT_URL
+        if "://" not in url and url.endswith((".db", ".sqlite", ".sqlite3")):
+            url = f"sqlite:///{Path(url).expanduser().resolve()}"  # a bare file path means SQLite
+        self.url = url
         try:
             self.engine = create_engine(self.url)
         except Exception as err:  # a malformed URL or a missing driver

@@ -197,7 +197,8 @@ def test_cli_recommend_json_and_bad_input(profiled, tmp_path):
         bad = CliRunner().invoke(app, [*base, *args])
         assert bad.exit_code == 2 and field in bad.output, bad.output
     empty = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", LOOSE, "--rate", "1",
-                                     "--db", f"sqlite:///{tmp_path / 'empty.db'}"])
+                                     "--db", str(tmp_path / "empty.db")])  # a bare path is SQLite
     assert empty.exit_code == 2 and "pilot fit" in empty.output
+    assert (tmp_path / "empty.db").is_file()
     shown = CliRunner().invoke(app, ["schema", "plan"])
     assert shown.exit_code == 0 and "replicas" in json.loads(shown.stdout)["properties"]
