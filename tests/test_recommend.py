@@ -181,7 +181,7 @@ def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profi
         assert run.engine_config.config["max_num_seqs"] == plan.engine.max_num_seqs
 
 
-def test_cli_recommend_json_and_bad_input(profiled, tmp_path):
+def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
     store, (model_dir, _) = profiled
     base = ["recommend", "--model", model_dir, "--db", store.url, "--out", str(tmp_path / "p.yaml")]
     ok = CliRunner().invoke(app, [*base, "--slo", LOOSE, "--rate", "0.5", "--trials", "8",
