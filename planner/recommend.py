@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,13 +30,14 @@ from engine.model_config import ModelConfig
 from engine.quantization import check_scheme
 from planner import hardware as hw
 from planner.cost_model import CostModel
+from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, improved, rank,
+                               total_violation, pareto_front)
 from planner.predict import Prediction, Predictor
 from planner.profiler import base_config
 from planner.search_space import SearchSpace, SearchSpaceError
 from planner.slo import SLO
 from planner.workload import ClosedLoopArrival, PoissonArrival, Workload
 
-OBJECTIVES = {"cost": "minimize", "throughput": "maximize", "latency": "minimize"}
 SEARCH_REQUESTS = 100  # per trial; the finalists are simulated again with the whole workload
 FINALISTS = 5
 # A replica keeps up with a rate up to this share of its capacity (requests/s with its batch
@@ -43,103 +46,6 @@ MAX_UTILISATION = 0.95
 # Which interval stands in for an SLO's own when the cost model has none for that statistic.
 _INTERVAL_FOR = {"ttft": "ttft_p95", "itl": "itl_p95", "tpot": "itl_p95", "e2e": "itl_p95"}
 Progress = Callable[[int, int, "Candidate | None"], None]  # (done, total, best so far)
-
-
-class RecommendError(ValueError):
-    """Inputs the search cannot work with; the message names the field."""
-
-
-@dataclass(frozen=True)
-class Requirement:
-    """What the deployment must do: serve this load within these SLOs."""
-
-    slos: list[SLO]
-    load_kind: str  # "rate" | "concurrency"
-    load_value: float
-    objective: str = "cost"
-
-    def __post_init__(self) -> None:
-        if self.load_kind not in ("rate", "concurrency"):
-            raise RecommendError(f"load: kind must be 'rate' or 'concurrency', got {self.load_kind!r}")
-        if not (math.isfinite(self.load_value) and self.load_value > 0):
-            raise RecommendError(f"--{self.load_kind}: must be > 0, got {self.load_value!r}")
-        if self.objective not in OBJECTIVES:
-            raise RecommendError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if not self.slos:
-            raise RecommendError("--slo: at least one SLO is needed, e.g. ttft_p95<=500ms")
-
-
-@dataclass
-class Candidate:
-    """One deployment: a configuration on some hardware, replicated, and what it would do."""
-
-    hardware: hw.HardwareSpec
-    config: EngineConfig
-    params: dict[str, Any]
-    replicas: int = 1
-    devices_per_replica: int = 1
-    prediction: Prediction | None = None  # per replica
-    per_replica_load: float = 0.0
-    violations: dict[str, float] = field(default_factory=dict)  # <= 0 holds
-    cost_per_hour: float = math.inf
-    output_tokens_per_s: float = 0.0
-    trial: int | None = None
-
-    @property
-    def feasible(self) -> bool:
-        return bool(self.violations) and all(v <= 0 for v in self.violations.values())
-
-    @property
-    def valid(self) -> bool:
-        return self.violations.get("valid", 0.0) <= 0 and self.violations.get("memory", 0.0) <= 0
-
-    @property
-    def cost_per_million(self) -> float:
-        if self.output_tokens_per_s <= 0:
-            return math.inf
-        return self.cost_per_hour / (self.output_tokens_per_s * 3600) * 1e6
-
-    @property
-    def total_devices(self) -> int:
-        return self.replicas * self.devices_per_replica
-
-    @property
-    def binding(self) -> str | None:
-        """The constraint nearest its limit (or furthest past it): validity and memory only
-        when broken, since they hold at 0 rather than with room to spare."""
-        shown = {k: v for k, v in self.violations.items() if v > 0 or k not in ("valid", "memory")}
-        return max(shown, key=shown.__getitem__) if shown else None
-
-    def slo_ratio(self, slo: SLO) -> float:
-        return self.violations.get(slo.key, math.inf) + 1.0
-
-    def score(self, objective: str, slos: list[SLO]) -> float:
-        if objective == "cost":
-            return self.cost_per_million
-        if objective == "throughput":  # output tokens per second per device
-            return self.output_tokens_per_s / max(1, self.total_devices)
-        return max(self.slo_ratio(s) for s in slos)
-
-    def describe(self, short: bool = False) -> str:
-        c = self.config
-        if short:
-            where = (f"{self.hardware.name}x{self.total_devices}" if self.hardware.kind == "gpu"
-                     else self.hardware.name + (f"x{self.replicas}" if self.replicas > 1 else ""))
-            spec = f" k{c.num_speculative_tokens}" if c.num_speculative_tokens else ""
-            return (f"{where} {c.quantization or 'bf16'} tp{c.tensor_parallel_size} "
-                    f"dp{c.data_parallel_size} seqs{c.max_num_seqs} tok{c.max_num_batched_tokens}"
-                    f"{'' if c.enable_chunked_prefill else ' nochunk'}"
-                    f"{'' if c.enable_prefix_caching else ' nocache'}{spec}")
-        parts = [f"{self.hardware.name} x{self.total_devices}" if self.hardware.kind == "gpu"
-                 else self.hardware.name, f"replicas={self.replicas}",
-                 f"quant={c.quantization or 'none'}", f"tp={c.tensor_parallel_size}",
-                 f"dp={c.data_parallel_size}", f"max_num_seqs={c.max_num_seqs}",
-                 f"batched_tokens={c.max_num_batched_tokens}",
-                 f"chunked={'on' if c.enable_chunked_prefill else 'off'}",
-                 f"prefix_cache={'on' if c.enable_prefix_caching else 'off'}"]
-        if c.num_speculative_tokens:
-            parts.append(f"draft k={c.num_speculative_tokens}")
-        return " ".join(parts)
 
 
 @dataclass
@@ -323,24 +229,16 @@ class Search:
                 high = replicas
                 break
             low = replicas
-            if replicas >= max_replicas or not _improved(scored[replicas], scored[1]):
+            if replicas >= max_replicas or not improved(scored[replicas], scored[1]):
                 break  # more replicas do not help: a latency floor, not a load problem
             replicas = min(max_replicas, replicas * 2)
         if high is None:
-            return min(scored.values(), key=_total_violation)
+            return min(scored.values(), key=total_violation)
         while high - low > 1:
             mid = (low + high) // 2
             scored[mid] = self._score(candidate, predictor, mid)
             low, high = (low, mid) if scored[mid].feasible else (mid, high)
         return scored[high]
-
-
-def _improved(more: Candidate, one: Candidate) -> bool:
-    return _total_violation(more) < _total_violation(one) * 0.98
-
-
-def _total_violation(candidate: Candidate) -> float:
-    return sum(max(0.0, v) for v in candidate.violations.values())
 
 
 def _quantizable(cfg: ModelConfig, config: EngineConfig) -> bool:
@@ -365,29 +263,6 @@ def _shardable(cfg: Any, size: int) -> bool:
         return False
 
 
-def pareto_front(candidates: list[Candidate], slos: list[SLO]) -> list[Candidate]:
-    """Feasible candidates not beaten on both cost per million tokens and the first SLO's
-    predicted value (the latency axis of the cost-latency plot)."""
-    feasible = [c for c in candidates if c.feasible]
-    key = slos[0].key
-    points = sorted(feasible, key=lambda c: (c.cost_per_million, c.prediction.metrics[key]))  # type: ignore[union-attr]
-    front, best_latency = [], math.inf
-    for c in points:
-        latency = c.prediction.metrics[key]  # type: ignore[union-attr]
-        if latency < best_latency:
-            front.append(c)
-            best_latency = latency
-    return front
-
-
-def _rank(candidates: list[Candidate], requirement: Requirement) -> list[Candidate]:
-    sign = -1.0 if OBJECTIVES[requirement.objective] == "maximize" else 1.0
-    # Ties (a rate every single-host configuration carries costs the same on each) go to the
-    # one with the most headroom under its SLOs, then to the cheaper.
-    return sorted(candidates, key=lambda c: (sign * c.score(requirement.objective, requirement.slos),
-                                             c.score("latency", requirement.slos), c.cost_per_million))
-
-
 def run_search(search: Search, trials: int = 150, storage: str | None = None,
                study_name: str | None = None, on_progress: Progress | None = None) -> SearchResult:
     """Run the study, confirm the finalists on the whole workload, and pick the plan."""
@@ -401,7 +276,9 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
         sampler = optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True,
                                              n_startup_trials=min(20, max(1, trials // 4)))
     memory = optuna.storages.InMemoryStorage()
-    name = study_name or f"recommend-{time.strftime('%Y%m%d-%H%M%S')}"
+    # Named by model and time, with a random tail: two searches in one second must not collide.
+    name = study_name or (f"recommend-{Path(search.base.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                          f"-{uuid.uuid4().hex[:6]}")
     study = optuna.create_study(storage=memory, study_name=name, sampler=sampler,
                                 direction=OBJECTIVES[req.objective])
     names = list(search.specs)
@@ -432,18 +309,18 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if on_progress:
             feasible = [c for c in evaluated.values() if c.feasible]
-            on_progress(len(evaluated), trials, _rank(feasible, req)[0] if feasible else None)
+            on_progress(len(evaluated), trials, rank(feasible, req)[0] if feasible else None)
 
     study.optimize(objective, n_trials=trials, callbacks=[callback])
     distinct = list({id(c): c for c in evaluated.values()}.values())
-    feasible = _rank([c for c in distinct if c.feasible], req)
+    feasible = rank([c for c in distinct if c.feasible], req)
     finalists = _confirm(search, feasible[:FINALISTS]) if feasible else []
-    confirmed = _rank([c for c in finalists if c.feasible], req)
+    confirmed = rank([c for c in finalists if c.feasible], req)
     if confirmed:
         best, ok = confirmed[0], True
     else:
         pool = finalists or [c for c in distinct if c.prediction is not None] or distinct
-        best, ok = min(pool, key=_total_violation), False
+        best, ok = min(pool, key=total_violation), False
     default = search.evaluate(names[0], _default_point(search, names[0]), full=True)
     if storage is not None:
         optuna.copy_study(from_study_name=name, from_storage=memory, to_storage=storage,
