@@ -203,3 +203,49 @@ def schema(
         print(json.dumps(get_schema(kind), indent=2))
     except PlanError as err:
         _fail(str(err))
+
+
+# `pilot bench recommend`: registered on the bench group like `pilot bench sim` (cli_fit.py).
+from planner.cli import bench_app  # noqa: E402
+
+
+@bench_app.command("recommend")
+def bench_recommend(
+    preset: str = typer.Option("default", "--preset", help="quick (about 2 min: a smoke run) or "
+                               "default (about 12-15 min on 2 cores: the measurement)"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="an empty folder for the models, "
+                                           "stores and plans; default: a new temporary one"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="calibration profiling per model "
+                                         "(e.g. 150s); default: the preset's"),
+    grid: Optional[int] = typer.Option(None, "--grid", help="configurations measured per scenario "
+                                       "for the ground truth; default: the preset's"),
+    num_requests: Optional[int] = typer.Option(None, "--requests", help="requests per scenario run"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Optuna trials per recommendation"),
+    models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
+) -> None:
+    """Recommendations on held-out workloads, launched and measured: how often they meet their
+    SLOs and what they overspend against the cheapest configuration measured to meet them."""
+    from rich.console import Console
+
+    from planner.bench_recommend import print_results, run_recommend_benchmark
+    from planner.cli_profile import parse_duration
+
+    try:
+        budget_s = parse_duration(budget) if budget is not None else None
+        names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("starting", total=None)
+
+            def on_progress(text: str, done: int, total: int) -> None:
+                progress.update(task, description=text[:90], completed=done, total=total)
+
+            result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
+                                             names, seed, out, on_progress)
+    except ValueError as err:
+        _fail(str(err))
+    print_results(result, Console())
+    if out is not None:
+        console.print(f"Wrote {out}")
