@@ -280,7 +280,8 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str) -> None:
         f"${plan.cost.per_hour_usd:.2f}/h\n"
         f"  verified:  launched and measured here; every SLO {'held' if held else 'did NOT hold'}\n"
         f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
-        f"  next:      pilot serve --config {plan_file}; optuna-dashboard {db}")
+        f"  next:      optuna-dashboard {db} browses the search; {plan_file} also holds the "
+        f"plan's vLLM and SGLang launch commands")
 
 
 # The measurement and fitting commands live in their own modules; importing them registers
