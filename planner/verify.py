@@ -61,9 +61,7 @@ class VerifyResult:
 
 
 def check_launchable(plan: Plan) -> None:
-    wants_gpu = plan.hardware.kind == "gpu"
-    device = resolve_device(plan.engine.device if not wants_gpu else "auto")
-    if wants_gpu and device.type != "cuda":
+    if plan.hardware.kind == "gpu" and resolve_device("auto").type != "cuda":
         raise VerifyError(f"hardware: the plan is for {plan.hardware.name} (a GPU) and this machine has "
                           "none; verify it where it will run")
 
