@@ -105,6 +105,9 @@ def recommend(
 
     if (rate is None) == (concurrency is None):
         _fail("give exactly one of --rate or --concurrency")
+    for flag, path in (("--model", model), ("--draft", draft)):
+        if path is not None and not path.is_dir():
+            _fail(f"{flag}: model directory not found: {path}")
     store = open_store(db)
     fitted = cm.load(store)
     if fitted is None:

@@ -128,8 +128,11 @@ class Plan(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
-                                 f"(got {e.get('input')!r})"[:300] for e in err.errors()[:3])
+            # A missing field's "input" is the whole enclosing mapping: not worth echoing.
+            problems = "; ".join(
+                (f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 + ("" if e["type"] == "missing" else f" (got {e.get('input')!r})"))[:300]
+                for e in err.errors()[:3])
             raise PlanError(f"{path}: {problems}") from None
 
 

@@ -155,6 +155,10 @@ def test_the_plan_file_round_trips_and_is_what_serve_reads(profiled, fitted, tmp
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(PlanError, match="slos"):
         Plan.from_file(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("replicas: 1\n")
+    with pytest.raises(PlanError, match="engine: Field required") as missing:
+        Plan.from_file(tmp_path / "bad.yaml")
+    assert "got" not in str(missing.value)
     assert "engine" in schema("plan")["properties"]
     with pytest.raises(PlanError, match="unknown kind"):
         schema("nope")
@@ -193,7 +197,8 @@ def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
                         (["--slo", LOOSE], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--concurrency", "2"], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--objective", "speed"], "--objective"),
-                        (["--slo", LOOSE, "--rate", "1", "--hardware", "tpu9"], "tpu9")):
+                        (["--slo", LOOSE, "--rate", "1", "--hardware", "tpu9"], "tpu9"),
+                        (["--slo", LOOSE, "--rate", "1", "--draft", str(tmp_path / "none")], "--draft")):
         bad = CliRunner().invoke(app, [*base, *args])
         assert bad.exit_code == 2 and field in bad.output, bad.output
     empty = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", LOOSE, "--rate", "1",
