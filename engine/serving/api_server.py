@@ -10,11 +10,12 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -215,29 +216,44 @@ def start_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 0,
                  api_key: str | None = None, **settings: Any) -> RunningServer:
     """Load the engine, and serve it on a background thread; `port=0` picks a free port."""
     settings.setdefault("log_level", "warning")
-    options = ServerSettings(host=host, port=port, api_key=api_key, **settings)
-    engine = AsyncLLMEngine.from_config(config, options.max_waiting_requests)
+    return launch(config, ServerSettings(host=host, port=port, api_key=api_key, **settings))
+
+
+def launch(config: EngineConfig, settings: ServerSettings) -> RunningServer:
+    engine = AsyncLLMEngine.from_config(config, settings.max_waiting_requests)
     try:
-        server = _uvicorn(build_app(engine, options), options)
+        server = _uvicorn(build_app(engine, settings), settings)
         thread = threading.Thread(target=server.run, name="http-server", daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start on {host}:{port} (is the port in use?)")
+                raise RuntimeError(f"the server could not listen on {settings.host}:{settings.port} "
+                                   "(is the port in use?)")
             time.sleep(0.01)
     except BaseException:
         engine.shutdown()
         raise
     bound = server.servers[0].sockets[0].getsockname()[1]
-    return RunningServer(engine, server, thread, host, bound)
+    return RunningServer(engine, server, thread, settings.host, bound)
 
 
-def serve(config: EngineConfig, settings: ServerSettings) -> None:
-    """Load the engine and serve in the foreground until interrupted (`pilot serve`)."""
-    engine = AsyncLLMEngine.from_config(config, settings.max_waiting_requests)
+def serve(config: EngineConfig, settings: ServerSettings,
+          on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve in the foreground until SIGINT or SIGTERM (`pilot serve`): in-flight requests get
+    a few seconds to finish. Raises RuntimeError if the engine dies, so that a supervisor
+    restarts the process rather than leave it answering 503."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _uvicorn(build_app(engine, settings), settings).run()
+        with launch(config, settings) as running:
+            if on_ready is not None:
+                on_ready(running.url)
+            while not stop.wait(0.2):
+                if not running.engine.is_running:
+                    raise RuntimeError(running.engine._dead_reason())
+                if not running._thread.is_alive():
+                    raise RuntimeError("the HTTP server stopped")
     finally:
-        if engine.is_running:
-            engine.shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -213,6 +213,11 @@ class AsyncLLMEngine:
                 "num_waiting": sum(s.num_waiting for s in latest),
                 "kv_cache_usage": sum(s.kv_blocks_used for s in latest) / total if total else 0.0}
 
+    def kv_blocks_used(self) -> int | None:
+        """Blocks held right now by one engine (None behind a data-parallel front)."""
+        manager = getattr(self.engine, "block_manager", None)
+        return None if manager is None else manager.num_used_blocks
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop, fail whatever is in flight, and release the engine's processes."""
         self._stopping.set()

@@ -94,7 +94,7 @@ class OpenAIServing:
 
     def _tokens(self, prompt: str | list[int], field: str) -> list[int]:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
+        if not prompt or not token_ids:
             raise invalid(field, "must not be empty")
         if len(token_ids) > self.max_prompt_tokens:
             raise invalid(field, f"has {len(token_ids)} tokens, more than this server's limit of "
@@ -108,6 +108,9 @@ class OpenAIServing:
         for p, token_ids in enumerate(prompts):
             room = limit - len(token_ids)
             wanted = max_tokens if max_tokens is not None else room
+            if max_tokens is None and room < 1:
+                raise invalid("prompt", f"has {len(token_ids)} tokens, the model's whole context; "
+                                        "no room is left for output")
             if wanted > room:
                 raise invalid("max_tokens", f"{wanted} output tokens after a prompt of "
                                             f"{len(token_ids)} exceed the model's context of {limit}")
@@ -118,7 +121,7 @@ class OpenAIServing:
                         temperature=1.0 if request.temperature is None else request.temperature,
                         top_p=1.0 if request.top_p is None else request.top_p,
                         top_k=-1 if request.top_k is None else request.top_k, seed=seed,
-                        max_tokens=max(wanted, 1), stop_token_ids=request.stop_token_ids or [],
+                        max_tokens=wanted, stop_token_ids=request.stop_token_ids or [],
                         ignore_eos=request.ignore_eos)
                 except (TypeError, ValueError) as err:
                     raise invalid(str(err).split(" ", 1)[0], str(err)) from None
@@ -128,6 +131,9 @@ class OpenAIServing:
     async def _start(self, jobs: list[_Job], priority: int, request_id: str,
                      arrival: float) -> list[RequestStream]:
         """Admit every job or none: one refused job releases those already admitted."""
+        if priority and self.engine.config.scheduling_policy != "priority":
+            raise invalid("priority", f"{priority} asks for priority scheduling, which this server "
+                                      "does not run; set scheduling_policy: priority in its config")
         streams: list[RequestStream] = []
         try:
             for job in jobs:
