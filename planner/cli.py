@@ -286,7 +286,7 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str) -> None:
 
 # The measurement and fitting commands live in their own modules; importing them registers
 # them on `app`.
-from planner import cli_fit, cli_profile, cli_recommend  # noqa: E402
+from planner import cli_fit, cli_profile, cli_recommend, cli_serve  # noqa: E402
 
 
 def main() -> None:
