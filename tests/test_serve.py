@@ -226,6 +226,7 @@ def test_the_api_key_guards_v1_but_not_health(model_dir):
         assert client.completions.create(model=model_dir, prompt="a", max_tokens=2).choices
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{running.url}/v1", api_key="nope", max_retries=0).models.list()
+        assert httpx.get(f"{running.url}/pilot/steps").status_code == 401
         assert httpx.get(f"{running.url}/health").status_code == 200
         assert 'status="401"' in httpx.get(f"{running.url}/metrics").text
 
@@ -376,3 +377,29 @@ def test_pilot_serve_bad_config_names_the_field(tmp_path, model_dir):
     assert result.exit_code == 2 and "missing.yaml" in result.output
     result = CliRunner().invoke(app, ["serve", "--config", str(bad), "--port", "70000"])
     assert result.exit_code == 2 and "--port" in result.output
+
+
+def test_the_step_log_hands_a_profiler_every_step_once(server, client, model_dir):
+    start = httpx.get(f"{server.url}/pilot/steps", params={"since": 10**9}).json()["next"]
+    client.completions.create(model=model_dir, prompt="abcdef", max_tokens=9, extra_body={"ignore_eos": True})
+    log = httpx.get(f"{server.url}/pilot/steps", params={"since": start}).json()
+    assert log["next"] - start == len(log["steps"]) == 9 and log["dropped"] == 0
+    assert sum(s["num_prefill_tokens"] for s in log["steps"]) == 7  # BOS + 6 bytes
+    assert httpx.get(f"{server.url}/pilot/steps", params={"since": log["next"]}).json()["steps"] == []
+
+
+def test_a_data_parallel_plan_serves_through_its_replicas(model_dir):
+    with start_server(_config(model_dir, data_parallel_size=2)) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0)
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(client.completions.create(
+            model=model_dir, prompt="abc", max_tokens=20, extra_body={"ignore_eos": True}
+        ).usage.completion_tokens)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [20] * 4
+        steps = httpx.get(f"{running.url}/pilot/steps").json()["steps"]
+        assert {s["replica"] for s in steps} == {0, 1}
+        assert _scrape(running)["pilot:generation_tokens_total"] == 80

@@ -13,6 +13,7 @@ import secrets
 import signal
 import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from engine.config import EngineConfig
+from engine.observer import StepStats
 from engine.serving.async_engine import AsyncLLMEngine
 from engine.serving.chat_template import ChatTemplate
 from engine.serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -95,6 +97,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    steps = StepLog(engine)
+
+    @app.get("/pilot/steps")
+    async def step_log(since: int = 0) -> dict[str, Any]:
+        """The engine's recent steps (`engine.observer.StepStats`), for a profiler measuring over
+        HTTP: those numbered `since` and later, and the number to ask for next."""
+        return steps.since(since)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
@@ -118,15 +128,37 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     return app
 
 
+class StepLog:
+    """The last `capacity` engine steps, numbered from the server's start."""
+
+    def __init__(self, engine: AsyncLLMEngine, capacity: int = 200_000) -> None:
+        self.entries: deque[StepStats] = deque(maxlen=capacity)
+        self.count = 0
+        self._lock = threading.Lock()
+        engine.observers.append(self._append)
+
+    def _append(self, stats: StepStats) -> None:
+        with self._lock:
+            self.entries.append(stats)
+            self.count += 1
+
+    def since(self, first: int) -> dict[str, Any]:
+        with self._lock:
+            entries, count = list(self.entries), self.count
+        start = count - len(entries)
+        return {"next": count, "dropped": max(0, start - first),
+                "steps": [s.to_dict() for s in entries[max(0, first - start):]]}
+
+
 class BearerAuth:
     """Pure ASGI middleware (Starlette's `BaseHTTPMiddleware` would wrap `receive`, and with it
-    the disconnect watch): `/v1/*` needs `Authorization: Bearer KEY`."""
+    the disconnect watch): `/v1/*` and `/pilot/*` need `Authorization: Bearer KEY`."""
 
     def __init__(self, app: Any, api_key: str, on_reject) -> None:
         self.app, self.api_key, self.on_reject = app, api_key.encode(), on_reject
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(("/v1", "/pilot")):
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.api_key):
