@@ -156,8 +156,9 @@ class OpenAIServing:
                 async for output in stream:
                     delta, stopped = watch.update(output.text, output.finished)
                     reason = "stop" if stopped else _finish_reason(output)
-                    if delta or reason:
-                        queue.put_nowait(Event(job.index, delta, reason, len(output.token_ids)))
+                    # Every step's output is an event, text or not: a completions stream sends
+                    # one chunk per step, which is what a client measures inter-token time by.
+                    queue.put_nowait(Event(job.index, delta, reason, len(output.token_ids)))
                     if stopped:
                         return
             except BaseException as err:  # noqa: BLE001 - reported through the queue
