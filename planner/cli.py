@@ -243,7 +243,7 @@ def quickstart(
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
     isl, osl = "16:64", "8:32"
     cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
-                        num_requests=8, draft=None, slo=slo, budget=budget, db=db)
+                        num_requests=8, draft=None, slo=slo, budget=budget, via="engine", db=db)
     cli_profile.runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
     cli_fit.fit(db=db, folds=3, as_json=False, plot=None)
@@ -254,7 +254,7 @@ def quickstart(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", draft=None, out=plan_file, plot=workdir / "pareto.png", verify=True,
-            as_json=False, seed=0, db=db)
+            via="http", as_json=False, seed=0, db=db)
     except typer.Exit as stop:
         if stop.exit_code:
             console.print("[red]no plan met the example targets[/red]; try looser --slo")
@@ -278,15 +278,17 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str) -> None:
         f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
         f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
         f"${plan.cost.per_hour_usd:.2f}/h\n"
-        f"  verified:  launched and measured here; every SLO {'held' if held else 'did NOT hold'}\n"
+        f"  verified:  launched with pilot serve and measured over HTTP here; every SLO "
+        f"{'held' if held else 'did NOT hold'}\n"
         f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
-        f"  next:      optuna-dashboard {db} browses the search; {plan_file} also holds the "
-        f"plan's vLLM and SGLang launch commands")
+        f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
+        f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "
+        f"optuna-dashboard {db} browses the search")
 
 
 # The measurement and fitting commands live in their own modules; importing them registers
 # them on `app`.
-from planner import cli_fit, cli_profile, cli_recommend, cli_serve  # noqa: E402
+from planner import cli_bench_serve, cli_fit, cli_profile, cli_recommend, cli_serve  # noqa: E402
 
 
 def main() -> None:

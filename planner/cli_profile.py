@@ -42,6 +42,8 @@ def profile(
     draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative knobs"),
     slo: Optional[str] = typer.Option(None, "--slo", help="also record goodput under these SLOs"),
     budget: str = typer.Option("10m", "--budget", help="wall-clock budget of this invocation"),
+    via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
+                                                     "through pilot serve and the OpenAI API (http)"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
@@ -53,6 +55,8 @@ def profile(
     from planner.store import Store
     from planner.workload import Workload, WorkloadError
 
+    if via not in ("engine", "http"):
+        _fail(f"--via must be engine or http, got {via!r}")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
@@ -81,7 +85,7 @@ def profile(
             progress.update(task, completed=min(elapsed, seconds), description=label[:60])
 
         try:
-            result = run_profile(store, campaign, load, seconds, slos, on_progress)
+            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via)
         except KeyboardInterrupt:
             progress.stop()
             console.print("interrupted: finished runs are kept; run the same command to continue")

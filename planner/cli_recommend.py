@@ -89,6 +89,8 @@ def recommend(
     out: Path = typer.Option(Path("plan.yaml"), "--out", help="where the plan goes"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the cost-latency front (PNG)"),
     verify: bool = typer.Option(False, "--verify", help="launch the plan here and measure it"),
+    via: str = typer.Option("engine", "--via", help="--verify measures the engine in process "
+                                                     "(engine) or through pilot serve (http)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
@@ -105,6 +107,8 @@ def recommend(
 
     if (rate is None) == (concurrency is None):
         _fail("give exactly one of --rate or --concurrency")
+    if via not in ("engine", "http"):
+        _fail(f"--via must be engine or http, got {via!r}")
     for flag, path in (("--model", model), ("--draft", draft)):
         if path is not None and not path.is_dir():
             _fail(f"{flag}: model directory not found: {path}")
@@ -153,12 +157,12 @@ def recommend(
                       (f"; study {result.study_name} in {store.url} (optuna-dashboard {store.url})"
                        if result.study_name else ""))
     if verify:
-        verify_plan(store, out)
+        verify_plan(store, out, via)
     if not plan.feasible:
         raise typer.Exit(1)
 
 
-def verify_plan(store: Any, path: Path) -> bool:
+def verify_plan(store: Any, path: Path, via: str = "engine") -> bool:
     """Launch the plan at `path`, measure it and print measured against predicted."""
     from planner.plan import Plan
     from planner.verify import VerifyError, verify
@@ -172,9 +176,9 @@ def verify_plan(store: Any, path: Path) -> bool:
             progress.update(task, description=f"verifying: {label[:70]}")
 
         try:
-            result = verify(store, plan, on_progress)
-        except VerifyError as err:
-            _fail(str(err))
+            result = verify(store, plan, on_progress, via)
+        except (VerifyError, ValueError) as err:
+            _fail(str(err).replace("via must", "--via must"))
     table = Table(title=f"Verified on this machine (run {result.run_id} in the store)")
     for column in ("metric", "predicted", "80% interval", "measured", "error", "in interval"):
         table.add_column(column, justify="left" if column == "metric" else "right")

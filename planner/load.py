@@ -16,18 +16,51 @@ import torch
 
 from engine import SamplingParams, StepStats
 from engine.sequence import RequestOutput
+from planner.slo import RequestLatency
 from planner.workload import PoissonArrival, RequestSpec, Workload
+
+
+@dataclass
+class MeasuredRequest:
+    """One request as a run saw it, measured in process or by an HTTP client."""
+
+    spec: RequestSpec
+    arrival: float  # perf_counter time it arrived (or was sent)
+    latency: RequestLatency
+    output_tokens: int
+    finish_reason: str | None
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @classmethod
+    def from_output(cls, spec: RequestSpec, arrival: float, output: RequestOutput) -> MeasuredRequest:
+        m = output.metrics
+        return cls(spec, arrival, RequestLatency.from_token_times(arrival, m.token_times),
+                   len(output.token_ids), output.finish_reason, m.num_preemptions,
+                   m.num_cached_prompt_tokens, m.num_draft_tokens, m.num_accepted_tokens)
 
 
 @dataclass
 class LoadResult:
     duration_s: float
     specs: list[RequestSpec]
-    outputs: list[RequestOutput]  # in spec order
+    outputs: list[RequestOutput]  # in spec order; empty when measured over HTTP
     arrivals: list[float]  # perf_counter time each request arrived
     steps: list[StepStats] = field(default_factory=list)
     start_time: float = 0.0
     peak_memory_bytes: int | None = None
+    requests: list[MeasuredRequest] = field(default_factory=list)  # in spec order
+
+    def __post_init__(self) -> None:
+        if not self.requests and self.outputs:
+            self.requests = [MeasuredRequest.from_output(spec, arrival, output) for spec, arrival, output
+                             in zip(self.specs, self.arrivals, self.outputs)]
 
 
 def _reset_peak_memory(device_type: str) -> None:

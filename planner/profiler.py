@@ -32,7 +32,7 @@ from engine.models.llama import checkpoint_shapes
 from planner import hardware as hw
 from planner.load import LoadResult, run_load
 from planner.search_space import SearchSpace
-from planner.slo import SLO, RequestLatency, goodput, summarize
+from planner.slo import SLO, goodput, summarize
 from planner.store import (Campaign, EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run,
                            StepRow, Store, WorkloadRow, fingerprint, utcnow)
 from planner.workload import Workload
@@ -238,20 +238,21 @@ def _release(store: Store, experiment_id: int, status: str = "pending", error: s
 def record_run(store: Store, experiment: Experiment, campaign: Campaign, result: LoadResult,
                slos: list[SLO] | None, gpu: dict | None) -> int:
     """The run, its requests and its steps, and the experiment marked done: one transaction."""
-    latencies = [RequestLatency.from_token_times(a, o.metrics.token_times)
-                 for a, o in zip(result.arrivals, result.outputs)]
-    output_tokens = sum(len(o.token_ids) for o in result.outputs)
-    drafted = sum(o.metrics.num_draft_tokens for o in result.outputs)
-    accepted = sum(o.metrics.num_accepted_tokens for o in result.outputs)
+    requests = result.requests
+    latencies = [r.latency for r in requests]
+    output_tokens = sum(r.output_tokens for r in requests)
+    drafted = sum(r.num_draft_tokens for r in requests) or sum(s.num_draft_tokens for s in result.steps)
+    accepted = (sum(r.num_accepted_tokens for r in requests)
+                or sum(s.num_accepted_tokens for s in result.steps))
     with store.session() as session, session.begin():
         run = Run(
             experiment_id=experiment.id, hardware_id=campaign.hardware_id, model_id=campaign.model_id,
             engine_config_id=experiment.engine_config_id, workload_id=campaign.workload_id,
             load_kind=experiment.load_kind, load_value=experiment.load_value,
             started_at=utcnow() - dt.timedelta(seconds=result.duration_s), duration_s=result.duration_s,
-            num_requests=len(result.outputs), output_tokens=output_tokens,
+            num_requests=len(requests), output_tokens=output_tokens,
             throughput_tok_s=output_tokens / result.duration_s,
-            request_rate=len(result.outputs) / result.duration_s,
+            request_rate=len(requests) / result.duration_s,
             goodput=goodput(latencies, slos, result.duration_s) if slos else None,
             slos=",".join(str(s) for s in slos) if slos else None, latency=summarize(latencies),
             peak_memory_bytes=result.peak_memory_bytes,
@@ -261,14 +262,13 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
         session.add(run)
         session.flush()
         session.add_all(RequestRow(
-            run_id=run.id, position=spec.index, input_tokens=spec.input_tokens,
-            output_tokens=len(out.token_ids), arrival_s=arrival - result.start_time,
-            ttft_s=lat.ttft_s, tpot_s=lat.tpot_s,
-            itl_mean_s=lat.mean_itl_s, e2e_s=lat.e2e_s,
-            num_preemptions=out.metrics.num_preemptions,
-            num_cached_prompt_tokens=out.metrics.num_cached_prompt_tokens,
-            acceptance_rate=out.metrics.acceptance_rate, finish_reason=out.finish_reason)
-            for spec, out, arrival, lat in zip(result.specs, result.outputs, result.arrivals, latencies))
+            run_id=run.id, position=r.spec.index, input_tokens=r.spec.input_tokens,
+            output_tokens=r.output_tokens, arrival_s=r.arrival - result.start_time,
+            ttft_s=r.latency.ttft_s, tpot_s=r.latency.tpot_s,
+            itl_mean_s=r.latency.mean_itl_s, e2e_s=r.latency.e2e_s,
+            num_preemptions=r.num_preemptions, num_cached_prompt_tokens=r.num_cached_prompt_tokens,
+            acceptance_rate=r.acceptance_rate, finish_reason=r.finish_reason)
+            for r in requests)
         session.add_all(StepRow(run_id=run.id, start_s=s.start_time - result.start_time,
                                 **_step_fields(s)) for s in result.steps)
         session.execute(update(Experiment).where(Experiment.id == experiment.id)
@@ -282,18 +282,51 @@ def _step_fields(stats: StepStats) -> dict:
     return data
 
 
+class InProcess:
+    """Measures a configuration by driving its engine in this process (`--via engine`)."""
+
+    def __init__(self, config: EngineConfig, workload: Workload) -> None:
+        self.llm = LLM(config)
+        try:
+            warm_up(self.llm, workload)
+        except BaseException:
+            self.llm.close()
+            raise
+
+    def measure(self, workload: Workload, load_kind: str, load_value: float) -> LoadResult:
+        engine = self.llm.engine
+        return run_load(engine, workload, load_kind, load_value, engine.model_config.vocab_size,
+                        _device_type(engine.config))
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+VIA = ("engine", "http")
+
+
 def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: float,
             slos: list[SLO] | None = None,
-            on_progress: Callable[[str, float], None] | None = None) -> ProfileResult:
+            on_progress: Callable[[str, float], None] | None = None,
+            via: str = "engine") -> ProfileResult:
     """Run the campaign's experiments in order until they are done or `budget_s` is spent.
-    `on_progress(description, elapsed_s)` is called as experiments start and finish."""
+    `on_progress(description, elapsed_s)` is called as experiments start and finish.
+
+    `via="engine"` drives the engine in this process; `via="http"` launches `pilot serve` for
+    each configuration and measures it as a client does, through the OpenAI API on loopback."""
+    if via not in VIA:
+        raise ValueError(f"via must be one of {', '.join(VIA)}, got {via!r}")
+    if via == "http":
+        from planner.http_measure import OverHTTP as Measurer
+    else:
+        Measurer = InProcess
     with store.session() as session:
         counts = _count(session, campaign.id)
     result = ProfileResult(campaign.id, sum(counts.values()), counts.get("done", 0))
     start = time.monotonic()
     durations: list[float] = []
-    llm: LLM | None = None
-    llm_config_id: int | None = None
+    measurer: InProcess | None = None
+    measurer_config_id: int | None = None
     try:
         while True:
             elapsed = time.monotonic() - start
@@ -312,13 +345,12 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             label = (f"{_summary(config)} @ {experiment.load_kind} {experiment.load_value:g}")
             if on_progress:
                 on_progress(label, elapsed)
-            if llm_config_id != experiment.engine_config_id:
-                if llm is not None:
-                    llm.close()
-                llm, llm_config_id = None, None
+            if measurer_config_id != experiment.engine_config_id:
+                if measurer is not None:
+                    measurer.close()
+                measurer, measurer_config_id = None, None
                 try:
-                    llm = LLM(config)
-                    warm_up(llm, workload)
+                    measurer = Measurer(config, workload)
                 except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
                     # A configuration this model or host cannot run is a finding, not a crash.
                     error = f"{type(err).__name__}: {err}"[:2000]
@@ -328,11 +360,10 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                 except BaseException:
                     _release(store, experiment.id)
                     raise
-                llm_config_id = experiment.engine_config_id
+                measurer_config_id = experiment.engine_config_id
             try:
                 with hw.GpuSampler() as sampler:
-                    measured = run_load(llm.engine, workload, experiment.load_kind, experiment.load_value,
-                                        llm.engine.model_config.vocab_size, _device_type(config))
+                    measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
                 result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
                                                  sampler.summary()))
             except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
@@ -345,8 +376,8 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             if on_progress:
                 on_progress(label, time.monotonic() - start)
     finally:
-        if llm is not None:
-            llm.close()
+        if measurer is not None:
+            measurer.close()
         with store.session() as session:
             result.remaining = _count(session, campaign.id).get("pending", 0)
     return result

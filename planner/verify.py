@@ -66,8 +66,10 @@ def check_launchable(plan: Plan) -> None:
                           "none; verify it where it will run")
 
 
-def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] | None = None) -> VerifyResult:
-    """Launch `plan.engine`, run the plan's workload at one replica's load, store and compare."""
+def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] | None = None,
+           via: str = "engine") -> VerifyResult:
+    """Launch `plan.engine`, run the plan's workload at one replica's load, store and compare;
+    `via="http"` measures through `pilot serve` and the OpenAI API, as a client would."""
     check_launchable(plan)
     model_dir = plan.engine.model
     config = plan.engine
@@ -82,7 +84,7 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
                                load_kind=plan.load.kind, load_value=plan.load.per_replica))
     slos = parse_slos(",".join(plan.slos))
     result = profiler.profile(store, campaign, plan.workload, budget_s=math.inf, slos=slos,
-                              on_progress=on_progress)
+                              on_progress=on_progress, via=via)
     if not result.run_ids:
         error = result.failed[0][1] if result.failed else "no run was recorded"
         raise VerifyError(f"the plan did not run: {error}")
@@ -97,6 +99,8 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
     if plan.replicas > 1:
         notes.append(f"measured one replica of {plan.replicas} at its share of the load "
                      f"({plan.load.kind} {plan.load.per_replica:g})")
+    if via == "http":
+        notes.append("measured through pilot serve over HTTP on loopback")
     if not plan.hardware.calibrated:
         notes.append(f"the plan's prediction for {plan.hardware.name} was uncalibrated")
     return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes)

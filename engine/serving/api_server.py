@@ -105,6 +105,11 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         HTTP: those numbered `since` and later, and the number to ask for next."""
         return steps.since(since)
 
+    @app.post("/pilot/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict[str, Any]:
+        """Forget cached prefixes, so that a profiler's next load level starts cold."""
+        return {"blocks_dropped": await engine.call(lambda e: e.reset_prefix_cache())}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.data_parallel import DataParallelEngine
@@ -100,6 +100,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    function: Callable[[LLMEngine | DataParallelEngine], Any]
+    done: Future
+
+
 class AsyncLLMEngine:
     """`add_request()` admits a request and returns the stream of its outputs; closing the stream
     early (a client that went away) aborts the request and frees its KV blocks before the next
@@ -120,7 +126,7 @@ class AsyncLLMEngine:
         self.output_listeners: list[Callable[[RequestOutput], None]] = []
         self.abort_listeners: list[Callable[[str], None]] = []
         self.error: BaseException | None = None
-        self._commands: queue.Queue[_Add | _Abort | None] = queue.Queue()
+        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # touched by the engine thread only
         self._in_flight = 0  # admitted and not yet finished; touched by the event loop only
         self._finished_times: deque[float] = deque()
@@ -181,6 +187,14 @@ class AsyncLLMEngine:
             stream.close()
             raise
         return stream
+
+    async def call(self, function: Callable[[LLMEngine | DataParallelEngine], Any]) -> Any:
+        """Run `function(engine)` on the engine thread, between steps, and return its result."""
+        if not self.is_running:
+            raise EngineDeadError(self._dead_reason())
+        done: Future = Future()
+        self._commands.put(_Call(function, done))
+        return await asyncio.wrap_future(done)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, priority: int = 0,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -258,6 +272,11 @@ class AsyncLLMEngine:
         while command is not None:
             if isinstance(command, _Add):
                 self._add(command)
+            elif isinstance(command, _Call):
+                try:
+                    command.done.set_result(command.function(self.engine))
+                except Exception as err:  # the caller's to handle
+                    command.done.set_exception(err)
             else:
                 self._abort(command.request_id)
             try:
@@ -304,3 +323,5 @@ class AsyncLLMEngine:
                 return
             if isinstance(command, _Add) and not command.accepted.done():
                 command.accepted.set_exception(error)
+            elif isinstance(command, _Call) and not command.done.done():
+                command.done.set_exception(error)
