@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from engine.llm_engine import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -199,7 +199,10 @@ class OpenAIServing:
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": model}
         if request.stream:
-            return self._stream_completion(head, events, echoes, prompt_tokens, request.include_usage)
+            opening = [_text_choice(i, echo, None) for i, echo in enumerate(echoes) if echo]
+            return _sse_stream(head, events, opening,
+                               lambda e: [_text_choice(e.index, e.text, e.finish_reason)],
+                               prompt_tokens, request.include_usage)
         texts, reasons, tokens = await _collect(events, len(jobs), disconnected)
         return {**head, "choices": [
             {"index": i, "text": echoes[i] + texts[i], "logprobs": None, "finish_reason": reasons[i]}
@@ -207,24 +210,6 @@ class OpenAIServing:
 
     def _echo(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
-
-    async def _stream_completion(self, head: dict, events: AsyncIterator[Event], echoes: list[str],
-                                 prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        tokens: dict[int, int] = {}
-        async with _closing(events):
-            for index, echo in enumerate(echoes):
-                if echo:
-                    yield _sse({**head, "choices": [_text_choice(index, echo, None)]})
-            try:
-                async for event in events:
-                    tokens[event.index] = event.num_output_tokens
-                    yield _sse({**head, "choices": [_text_choice(event.index, event.text,
-                                                                 event.finish_reason)]})
-            except APIError as err:
-                yield _sse(err.body())
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(tokens.values()))})
-        yield "data: [DONE]\n\n"
 
     # -- chat --------------------------------------------------------------------------------------
 
@@ -246,35 +231,43 @@ class OpenAIServing:
         head = {"id": request_id, "object": "chat.completion", "created": int(time.time()),
                 "model": model}
         if request.stream:
-            return self._stream_chat({**head, "object": "chat.completion.chunk"}, events, len(jobs),
-                                     len(prompts[0]), request.include_usage)
+            opening = [_delta_choice(i, {"role": "assistant", "content": ""}, None)
+                       for i in range(len(jobs))]
+            return _sse_stream({**head, "object": "chat.completion.chunk"}, events, opening,
+                               _chat_deltas, len(prompts[0]), request.include_usage)
         texts, reasons, tokens = await _collect(events, len(jobs), disconnected)
         return {**head, "choices": [
             {"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
              "finish_reason": reasons[i]} for i in range(len(jobs))],
             "usage": _usage(len(prompts[0]), sum(tokens))}
 
-    async def _stream_chat(self, head: dict, events: AsyncIterator[Event], num_choices: int,
-                           prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        tokens: dict[int, int] = {}
-        async with _closing(events):
-            for index in range(num_choices):
-                yield _sse({**head, "choices": [_delta_choice(index, {"role": "assistant",
-                                                                      "content": ""}, None)]})
-            try:
-                async for event in events:
-                    tokens[event.index] = event.num_output_tokens
-                    if event.text:
-                        yield _sse({**head, "choices": [_delta_choice(event.index,
-                                                                      {"content": event.text}, None)]})
-                    if event.finish_reason:
-                        yield _sse({**head, "choices": [_delta_choice(event.index, {},
-                                                                      event.finish_reason)]})
-            except APIError as err:
-                yield _sse(err.body())
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(tokens.values()))})
-        yield "data: [DONE]\n\n"
+async def _sse_stream(head: dict, events: AsyncIterator[Event], opening: list[dict],
+                      choices: Callable[[Event], list[dict]], prompt_tokens: int,
+                      include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: the `opening` choices, then `choices(event)` for each event, an error
+    that ends generation early, the usage if asked for, and `[DONE]`."""
+    tokens: dict[int, int] = {}
+    async with _closing(events):
+        for choice in opening:
+            yield _sse({**head, "choices": [choice]})
+        try:
+            async for event in events:
+                tokens[event.index] = event.num_output_tokens
+                for choice in choices(event):
+                    yield _sse({**head, "choices": [choice]})
+        except APIError as err:
+            yield _sse(err.body())
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(tokens.values()))})
+    yield "data: [DONE]\n\n"
+
+
+def _chat_deltas(event: Event) -> list[dict]:
+    """A chat stream's chunks for one event: its text (if any), then its finish on its own."""
+    chunks = [_delta_choice(event.index, {"content": event.text}, None)] if event.text else []
+    if event.finish_reason:
+        chunks.append(_delta_choice(event.index, {}, event.finish_reason))
+    return chunks
 
 
 async def _collect(events: AsyncIterator[Event], n: int, disconnected: asyncio.Event
