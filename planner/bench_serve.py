@@ -175,17 +175,11 @@ def resolve_load(workload: Workload, profile: str | None, rate: float | None,
     return ("poisson" if isinstance(arrival, PoissonArrival) else "constant"), workload, "rate", arrival.rate
 
 
-def run_bench_serve(url: str, workload: Workload, profile: str | None = None, *,
-                    rate: float | None = None, concurrency: int | None = None,
-                    requests: int | None = None, duration_s: float | None = None,
-                    slos: Sequence[SLO] | None = None, endpoint: str = "completions",
-                    model: str | None = None, api_key: str | None = None,
-                    vocab_size: int | None = None, timeout_s: float = 600.0, seed: int | None = None,
-                    sweep_steps: int = 5, server: ServerInfo | None = None,
-                    on_progress: Callable[[str, Progress], None] | None = None) -> BenchResult:
-    """Measure `url` under `workload` at one load, or sweep (`profile="sweep"`, SLOs needed).
-    Without `requests` or `duration_s`, each run sends the workload's num_requests."""
-    slos = list(slos or [])
+def check_flags(workload: Workload, profile: str | None, rate: float | None,
+                concurrency: int | None, requests: int | None, duration_s: float | None,
+                slos: Sequence[SLO], endpoint: str, timeout_s: float | None,
+                vocab_size: int | None, sweep_steps: int) -> None:
+    """Raise BenchError naming the first bad flag: all that can be checked without the server."""
     if endpoint not in ENDPOINTS:
         raise BenchError(f"--endpoint: unknown endpoint {endpoint!r} — expected one of {', '.join(ENDPOINTS)}")
     if requests is not None and duration_s is not None:
@@ -208,6 +202,21 @@ def run_bench_serve(url: str, workload: Workload, profile: str | None = None, *,
             raise BenchError(f"--sweep-steps: must be >= 1, got {sweep_steps}")
     else:
         resolve_load(workload, profile, rate, concurrency)  # bad flags fail before any request
+
+
+def run_bench_serve(url: str, workload: Workload, profile: str | None = None, *,
+                    rate: float | None = None, concurrency: int | None = None,
+                    requests: int | None = None, duration_s: float | None = None,
+                    slos: Sequence[SLO] | None = None, endpoint: str = "completions",
+                    model: str | None = None, api_key: str | None = None,
+                    vocab_size: int | None = None, timeout_s: float = 600.0, seed: int | None = None,
+                    sweep_steps: int = 5, server: ServerInfo | None = None,
+                    on_progress: Callable[[str, Progress], None] | None = None) -> BenchResult:
+    """Measure `url` under `workload` at one load, or sweep (`profile="sweep"`, SLOs needed).
+    Without `requests` or `duration_s`, each run sends the workload's num_requests."""
+    slos = list(slos or [])
+    check_flags(workload, profile, rate, concurrency, requests, duration_s, slos, endpoint,
+                timeout_s, vocab_size, sweep_steps)
     if seed is not None:
         workload = workload.model_copy(update={"seed": seed})
     if requests is None and duration_s is None:

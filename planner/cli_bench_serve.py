@@ -118,7 +118,8 @@ def bench_serve(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take"),
 ) -> None:
     """Replay a workload against an OpenAI-compatible server and measure latency and goodput."""
-    from planner.bench_serve import engine_config_for_record, fetch_server_info, record_http_run, run_bench_serve
+    from planner.bench_serve import (check_flags, engine_config_for_record, fetch_server_info,
+                                     record_http_run, run_bench_serve)
     from planner.http_load import BenchError, parse_duration
     from planner.slo import SLOError, parse_slos
     from planner.workload import Workload, WorkloadError
@@ -126,8 +127,6 @@ def bench_serve(
     try:
         seconds = parse_duration(duration) if duration is not None else None
         slos = parse_slos(slo) if slo else None
-        if requests is not None and requests < 1:
-            raise BenchError(f"--requests: must be >= 1, got {requests}")
         if workload is not None:
             load = Workload.from_file(workload)
         else:
@@ -137,8 +136,8 @@ def bench_serve(
             load = Workload.from_flags(isl, osl, concurrency=1, num_requests=requests or 100)
         if urlparse(url).scheme not in ("http", "https"):
             raise BenchError(f"--url: expected http://HOST:PORT, got {url!r}")
-        if not timeout > 0:
-            raise BenchError(f"--timeout: must be > 0 seconds, got {timeout:g}")
+        check_flags(load, profile, rate, concurrency, requests, seconds, slos or [], endpoint,
+                    timeout, vocab_size, sweep_steps)  # before asking the server anything
         server = fetch_server_info(url, api_key, min(timeout, 30.0))
         engine = engine_config_for_record(server, config) if record else None
         store = open_store(db) if record else None

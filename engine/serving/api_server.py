@@ -266,7 +266,7 @@ def launch(config: EngineConfig, settings: ServerSettings) -> RunningServer:
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"the server could not listen on {settings.host}:{settings.port} "
-                                   "(is the port in use?)")
+                                   "(the port is in use, or the address is not one of this machine's)")
             time.sleep(0.01)
     except BaseException:
         engine.shutdown()
