@@ -55,8 +55,10 @@ def profile(
     from planner.store import Store
     from planner.workload import Workload, WorkloadError
 
-    if via not in ("engine", "http"):
-        _fail(f"--via must be engine or http, got {via!r}")
+    from planner.profiler import VIA
+
+    if via not in VIA:
+        _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None

@@ -107,8 +107,10 @@ def recommend(
 
     if (rate is None) == (concurrency is None):
         _fail("give exactly one of --rate or --concurrency")
-    if via not in ("engine", "http"):
-        _fail(f"--via must be engine or http, got {via!r}")
+    from planner.profiler import VIA
+
+    if via not in VIA:
+        _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
     for flag, path in (("--model", model), ("--draft", draft)):
         if path is not None and not path.is_dir():
             _fail(f"{flag}: model directory not found: {path}")
@@ -177,8 +179,8 @@ def verify_plan(store: Any, path: Path, via: str = "engine") -> bool:
 
         try:
             result = verify(store, plan, on_progress, via)
-        except (VerifyError, ValueError) as err:
-            _fail(str(err).replace("via must", "--via must"))
+        except VerifyError as err:
+            _fail(str(err))
     table = Table(title=f"Verified on this machine (run {result.run_id} in the store)")
     for column in ("metric", "predicted", "80% interval", "measured", "error", "in interval"):
         table.add_column(column, justify="left" if column == "metric" else "right")
