@@ -91,7 +91,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def health() -> Response:
         if engine.is_running:
             return JSONResponse({"status": "ok", "in_flight": engine.num_in_flight})
-        return JSONResponse({"status": "unavailable", "reason": engine._dead_reason()}, status_code=503)
+        return JSONResponse({"status": "unavailable", "reason": engine.dead_reason()}, status_code=503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -288,7 +288,7 @@ def serve(config: EngineConfig, settings: ServerSettings,
                 on_ready(running.url)
             while not stop.wait(0.2):
                 if not running.engine.is_running:
-                    raise RuntimeError(running.engine._dead_reason())
+                    raise RuntimeError(running.engine.dead_reason())
                 if not running._thread.is_alive():
                     raise RuntimeError("the HTTP server stopped")
     finally:

@@ -155,9 +155,7 @@ class AsyncLLMEngine:
     def retry_after_s(self) -> int:
         """Seconds until about one request's worth of room frees up, from the recent
         completion rate: at least 1, at most 60."""
-        now = time.monotonic()
-        while self._finished_times and self._finished_times[0] < now - RATE_WINDOW_S:
-            self._finished_times.popleft()
+        self._forget_old_finishes(time.monotonic())
         if not self._finished_times:
             return 1
         rate = len(self._finished_times) / RATE_WINDOW_S
@@ -171,7 +169,7 @@ class AsyncLLMEngine:
         `InvalidRequestError` (bad prompt or parameters), `EngineOverloadedError` or
         `EngineDeadError`, so a server can answer with an error before sending anything."""
         if not self.is_running:
-            raise EngineDeadError(self._dead_reason())
+            raise EngineDeadError(self.dead_reason())
         if self._in_flight >= self.max_in_flight:
             raise EngineOverloadedError(self._in_flight, self.max_in_flight, self.retry_after_s())
         request_id = request_id or f"req-{next(self._ids)}"
@@ -191,7 +189,7 @@ class AsyncLLMEngine:
     async def call(self, function: Callable[[LLMEngine | DataParallelEngine], Any]) -> Any:
         """Run `function(engine)` on the engine thread, between steps, and return its result."""
         if not self.is_running:
-            raise EngineDeadError(self._dead_reason())
+            raise EngineDeadError(self.dead_reason())
         done: Future = Future()
         self._commands.put(_Call(function, done))
         return await asyncio.wrap_future(done)
@@ -209,7 +207,9 @@ class AsyncLLMEngine:
     def _release(self, request_id: str, finished: bool) -> None:
         """A stream is done with: count it out and, unless it finished, abort it."""
         self._in_flight -= 1
-        self._finished_times.append(time.monotonic())
+        now = time.monotonic()
+        self._finished_times.append(now)
+        self._forget_old_finishes(now)  # a long-running server keeps only the window
         if not finished:
             self._commands.put(_Abort(request_id))
 
@@ -239,7 +239,11 @@ class AsyncLLMEngine:
         self._thread.join(timeout)
         self.engine.close()
 
-    def _dead_reason(self) -> str:
+    def _forget_old_finishes(self, now: float) -> None:
+        while self._finished_times and self._finished_times[0] < now - RATE_WINDOW_S:
+            self._finished_times.popleft()
+
+    def dead_reason(self) -> str:
         if self.error is not None:
             return f"the engine stopped after an error: {type(self.error).__name__}: {self.error}"
         return "the engine is shutting down"
@@ -258,7 +262,7 @@ class AsyncLLMEngine:
             logger.exception("engine loop failed")
             self.error = err
         finally:
-            dead = EngineDeadError(self._dead_reason())
+            dead = EngineDeadError(self.dead_reason())
             for stream in self._streams.values():
                 stream.put(dead)
             self._streams.clear()
