@@ -23,6 +23,7 @@ LLM-Pilot's evaluation, on this machine (issue 6, "How we know it works"):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -67,8 +68,10 @@ DTYPE = "float32"  # of the checkpoint; the space runs it in bfloat16
 CALIBRATION = ("16:128", "8:64")
 SLO_METRICS = ("ttft_p95", "itl_p95")
 # The SLO rule's percentile range over the grid's measurements (see derive_slos).
-SLO_QUANTILES = (0.30, 0.60)
+SLO_QUANTILES = (0.25, 0.75)
 MIN_FEASIBLE = 0.25  # share of the grid the rule aims to leave feasible
+# A limit closer than this (log-ratio, about 8%) to a measurement is within run-to-run noise.
+MIN_MARGIN = 0.08
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Preset:
     # Tensor and data parallelism in the space (calibration, grid and search alike). Each such
     # configuration starts worker processes, seconds apiece on a small machine.
     parallel: bool = True
+    confidence: float = 0.8  # `pilot recommend --confidence`
 
 
 PRESETS = {
@@ -151,44 +155,56 @@ def _gap_above(values: np.ndarray, value: float) -> float:
     return math.sqrt(value * float(larger.min())) if larger.size else value * 1.1
 
 
+def _margin(values: np.ndarray, limit: float) -> float:
+    """How far (as a log-ratio) `limit` sits from the nearest measurement."""
+    return float(np.min(np.abs(np.log(values / limit))))
+
+
 def derive_slos(grid: Sequence[dict[str, float]], metrics: Sequence[str] = SLO_METRICS,
-                quantiles: tuple[float, float] = SLO_QUANTILES, step: float = 0.05,
-                min_feasible: float = MIN_FEASIBLE) -> list[SLO]:
+                quantiles: tuple[float, float] = SLO_QUANTILES,
+                min_feasible: float = MIN_FEASIBLE, min_margin: float = MIN_MARGIN) -> list[SLO]:
     """SLOs that bind on this grid of measurements (one dict of metrics per configuration).
 
     The rule, fixed before any recommendation is made (it reads only the ground-truth grid):
-    every metric's limit sits at the same percentile q of the grid's measurements of it: in the
-    gap just above the measurement at that rank (`_gap_above`, the measurement at rank
-    floor(q * (n - 1)) of n), rounded up to 3 significant digits. q starts at the low end of
-    `quantiles` and rises by `step` until a `min_feasible` share of the configurations (at
-    least one) meets every limit; the latencies of a configuration pull in opposite directions
-    (big batches: short queues, slow tokens), so a low q for all of them at once may leave
-    almost nobody. At the high end q stops rising: if that leaves nobody at all, each limit the
-    configuration nearest to meeting them all (the smallest worst ratio of measured to limit)
-    misses is moved into the gap above its measurement. So a truly feasible configuration
-    exists, and with every limit at most in the gap above the 60th percentile, a part of the
-    grid misses.
+    each metric's limit goes into the gap just above one of its measurements whose rank lies in
+    the `quantiles` band (ranks floor(q * (n - 1)) of n), at the gap's geometric middle
+    (`_gap_above`), rounded up to 3 significant digits. Of those combinations of limits that
+    leave a `min_feasible` share of the configurations (at least one) meeting every limit, the
+    rule takes the one whose limits sit furthest from any measurement (the largest smallest
+    margin): a configuration a hair under its limit would pass or fail on run-to-run noise
+    alone, which would judge the noise and not the planner. Where no combination leaves anyone
+    feasible, each limit that the configuration nearest to meeting them all (the smallest worst
+    ratio of measured to limit) misses moves into the gap above its measurement. So a truly
+    feasible configuration exists, and a part of the grid misses.
     """
     rows = [g for g in grid if all(math.isfinite(g.get(m, math.nan)) for m in metrics)]
     if not rows:
         raise ValueError("derive_slos: no grid configuration was measured")
     values = {m: np.sort(np.array([g[m] for g in rows])) for m in metrics}
     wanted = max(1, math.ceil(min_feasible * len(rows) - 1e-9))
-    low, high = quantiles
-    q = low
-    while True:
-        rank = math.floor(q * (len(rows) - 1) + 1e-9)
-        limits = {m: _round_up(_gap_above(values[m], float(values[m][rank]))) for m in metrics}
+    ranks = sorted({math.floor(q * (len(rows) - 1) + 1e-9) for q in quantiles})
+    ranks = list(range(ranks[0], ranks[-1] + 1))
+    options = {m: sorted({_round_up(_gap_above(values[m], float(values[m][r]))) for r in ranks})
+               for m in metrics}
+    best: tuple[tuple[bool, int, float], dict[str, float]] | None = None
+    for chosen in itertools.product(*(options[m] for m in metrics)):
+        limits = dict(zip(metrics, chosen))
         feasible = sum(all(g[m] <= limits[m] for m in metrics) for g in rows)
-        if feasible >= wanted:
-            break
-        if q >= high - 1e-9:
-            if feasible == 0:
-                nearest = min(rows, key=lambda g: max(g[m] / limits[m] for m in metrics))
-                limits = {m: limits[m] if nearest[m] <= limits[m] else
-                          _round_up(_gap_above(values[m], nearest[m])) for m in metrics}
-            break
-        q = min(high, q + step)
+        if not feasible:
+            continue
+        # Clear of noise first, then as many feasible as wanted, then the widest margin; ties
+        # go to the tighter limits.
+        margin = min(_margin(values[m], limits[m]) for m in metrics)
+        score = (margin >= min_margin, min(feasible, wanted), margin)
+        if best is None or score > best[0]:
+            best = (score, limits)
+    if best is not None:
+        limits = best[1]
+    else:
+        limits = {m: options[m][-1] for m in metrics}
+        nearest = min(rows, key=lambda g: max(g[m] / limits[m] for m in metrics))
+        limits = {m: limits[m] if nearest[m] <= limits[m] else
+                  _round_up(_gap_above(values[m], nearest[m])) for m in metrics}
     out = []
     for m in metrics:
         metric, _, stat = m.partition("_")
@@ -237,6 +253,7 @@ class ScenarioResult:
     workload: str
     concurrency: int
     slos: list[str]
+    slo_margin: float  # how far (log-ratio) the nearest limit sits from a grid measurement
     grid: list[GridPoint]
     grid_feasible: int  # grid configurations that meet every SLO
     best_config: str | None  # the cheapest of those
@@ -472,7 +489,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
 
     # 3. The recommendation, launched and measured.
     tell(f"{label}: searching ({preset.trials} trials)")
-    requirement = Requirement(slos, "concurrency", float(w.concurrency))
+    requirement = Requirement(slos, "concurrency", float(w.concurrency), confidence=preset.confidence)
     search = Search(fitted, model_dir, workload, requirement, hardware=[hardware], space=space,
                     max_devices=1, seed=seed)
     result = run_search(search, preset.trials)
@@ -496,6 +513,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     raw = overspend(measured_cost, best_cost)
     return ScenarioResult(
         model=model_name, workload=w.name, concurrency=w.concurrency, slos=[str(s) for s in slos],
+        slo_margin=min(_margin(np.array([g.measured[s.key] for g in grid if g.error is None]), s.limit_s)
+                       for s in slos),
         grid=grid, grid_feasible=len(feasible), best_config=best.config if best else None,
         best_cost=best_cost, default_cost=default.cost_per_million, default_feasible=default.feasible,
         default_ratio=(default.cost_per_million / best_cost if math.isfinite(best_cost) else math.nan),
@@ -512,7 +531,8 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
                             num_requests: int | None = None, trials: int | None = None,
                             models: Sequence[str] | None = None, seed: int = 0,
                             json_out: str | Path | None = None,
-                            on_progress: Progress | None = None) -> BenchResult:
+                            on_progress: Progress | None = None,
+                            confidence: float | None = None) -> BenchResult:
     """Calibrate, then per scenario measure the grid, derive SLOs, recommend, launch and measure.
     Explicit sizes override the preset's. `workdir` gets the models, the two stores and the
     plans; it must not hold the stores of an earlier run (a fresh temporary folder by default)."""
@@ -520,13 +540,16 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
         raise ValueError(f"preset: unknown {preset!r}; choose from {', '.join(PRESETS)}")
     p = PRESETS[preset]
     overrides = {"budget_s": budget_s, "grid_size": grid_size, "num_requests": num_requests,
-                 "trials": trials, "models": tuple(models) if models is not None else None}
+                 "trials": trials, "models": tuple(models) if models is not None else None,
+                 "confidence": confidence}
     p = Preset(**{**asdict(p), **{k: v for k, v in overrides.items() if v is not None}})
     if not p.budget_s > 0:
         raise ValueError(f"budget: must be > 0, got {p.budget_s}")
     for name in ("grid_size", "num_requests", "trials"):
         if getattr(p, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(p, name)}")
+    if not 0.0 < p.confidence < 1.0:
+        raise ValueError(f"confidence: must be between 0 and 1 (exclusive), got {p.confidence}")
     if not p.models:
         raise ValueError("models: name at least one")
     unknown = [m for m in p.models if m not in MODELS]
@@ -601,7 +624,8 @@ def results_table(result: BenchResult) -> Table:
             over = f"[{colour}]{over}[/]"
         default = (f"{s.default_ratio:.2f}x" if math.isfinite(s.default_ratio) else "-") + \
             ("" if s.default_feasible else " (misses)")
-        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos),
+        clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
+        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear,
                       s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]"),
                       f"{s.binding}: {_ms(predicted)} / {_ms(measured)}", met, over, default,
                       f"{s.grid_feasible}/{len(s.grid)}")

@@ -27,6 +27,9 @@ class Requirement:
     load_kind: str  # "rate" | "concurrency"
     load_value: float
     objective: str = "cost"
+    # The chance the plan meets every SLO when launched; each of n SLOs is held to the level
+    # confidence ** (1 / n), as if their errors were independent.
+    confidence: float = 0.8
 
     def __post_init__(self) -> None:
         if self.load_kind not in ("rate", "concurrency"):
@@ -37,6 +40,13 @@ class Requirement:
             raise RecommendError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not self.slos:
             raise RecommendError("--slo: at least one SLO is needed, e.g. ttft_p95<=500ms")
+        if not (math.isfinite(self.confidence) and 0.0 < self.confidence < 1.0):
+            raise RecommendError(f"--confidence: must be between 0 and 1 (exclusive), got {self.confidence!r}")
+
+    @property
+    def slo_level(self) -> float:
+        """The probability each SLO is held to."""
+        return self.confidence ** (1 / len(self.slos))
 
 
 @dataclass

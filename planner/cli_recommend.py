@@ -51,10 +51,11 @@ def print_result(result: Any, plan: Any) -> None:
     else:
         console.print(f"[bold red]No configuration meets every target.[/bold red] {plan.binding} binds; "
                       f"the closest: {result.best.describe()}")
+    level = plan.confidence ** (1 / len(plan.checks)) if plan.checks else plan.confidence
     for check in plan.checks:
         colour = "green" if check.met else "red"
         console.print(f"  {check.slo}: predicted {_ms(check.predicted_s)} "
-                      f"(80% interval up to {_ms(check.upper_s)}) [{colour}]{'ok' if check.met else 'missed'}[/]")
+                      f"({level:.0%} sure under {_ms(check.upper_s)}) [{colour}]{'ok' if check.met else 'missed'}[/]")
     console.print(f"  cost: ${plan.cost.per_hour_usd:.2f}/h, ${plan.cost.per_million_output_tokens_usd:.3f} "
                   f"per million output tokens; {'calibrated' if plan.hardware.calibrated else 'UNCALIBRATED'} "
                   f"on {plan.hardware.name}")
@@ -84,6 +85,8 @@ def recommend(
                                         "default: cpu or gpu by hardware kind"),
     trials: int = typer.Option(100, "--trials", help="Optuna trials"),
     objective: str = typer.Option("cost", "--objective", help="cost | throughput | latency"),
+    confidence: float = typer.Option(0.8, "--confidence", help="the chance the plan meets every SLO "
+                                     "when launched, by the cost model's held-out errors (0-1)"),
     draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative decoding "
                                          "(its acceptance rate must be measured: pilot profile --draft)"),
     out: Path = typer.Option(Path("plan.yaml"), "--out", help="where the plan goes"),
@@ -120,7 +123,8 @@ def recommend(
         _fail(f"no cost model in {store.url}: run `pilot profile` and `pilot fit` first")
     try:
         requirement = Requirement(parse_slos(slo), "rate" if rate is not None else "concurrency",
-                                  float(rate if rate is not None else concurrency), objective)
+                                  float(rate if rate is not None else concurrency), objective,
+                                  confidence)
         if num_requests < 1:
             raise RecommendError(f"--num-requests: must be >= 1, got {num_requests}")
         load = (Workload.from_file(workload) if workload is not None else
@@ -231,6 +235,8 @@ def bench_recommend(
     num_requests: Optional[int] = typer.Option(None, "--requests", help="requests per scenario run"),
     trials: Optional[int] = typer.Option(None, "--trials", help="Optuna trials per recommendation"),
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
+    confidence: Optional[float] = typer.Option(None, "--confidence", help="as pilot recommend's; "
+                                               "default: the preset's"),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
 ) -> None:
@@ -252,7 +258,7 @@ def bench_recommend(
                 progress.update(task, description=text[:90], completed=done, total=total)
 
             result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
-                                             names, seed, out, on_progress)
+                                             names, seed, out, on_progress, confidence)
     except ValueError as err:
         _fail(str(err))
     print_results(result, Console())

@@ -10,6 +10,7 @@ conformal, so an 80% interval is as wide as 80% of held-out errors were.
 from __future__ import annotations
 
 import datetime as dt
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ from planner.step_model import StepTimeModel, feature_matrix
 from planner.store import CostModelRow, Store
 
 COVERAGE = 0.8
+# The levels at which out-of-fold errors are kept, so an SLO can be held to any confidence.
+QUANTILE_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
 TARGETS = {"median_ape": 0.08, "p90_ape": 0.20, "coverage": (0.75, 0.85)}
 MAX_STEPS_PER_RUN = 150  # steps within a run are alike; more only slows fitting
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -119,6 +122,13 @@ def run_intervals(measured: np.ndarray, predicted: np.ndarray) -> dict[str, tupl
     return {m: conformal(residual[~np.isnan(residual[:, j]), j]) for j, m in enumerate(METRICS)}
 
 
+def run_quantiles(measured: np.ndarray, predicted: np.ndarray) -> dict[str, list[float]]:
+    """Per metric, log(measured / predicted) of held-out runs at every QUANTILE_LEVELS."""
+    residual = _log_ratio(measured, predicted)
+    return {m: np.quantile(residual[~np.isnan(residual[:, j]), j], QUANTILE_LEVELS).tolist()
+            for j, m in enumerate(METRICS)}
+
+
 @dataclass
 class CostModel:
     """The fitted step-time model, the run-level intervals cross-validation earned, and what it
@@ -132,15 +142,35 @@ class CostModel:
     report: dict[str, Any] = field(default_factory=dict)
     created_at: dt.datetime | None = None
     id: int | None = None
+    # "run" | "model" -> metric -> log-ratios at QUANTILE_LEVELS (empty in models saved before)
+    quantiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def _kind(self, seen_model: bool) -> str:
+        return "run" if seen_model or "model" not in self.intervals else "model"
 
     def interval(self, metric: str, value: float, seen_model: bool = True) -> tuple[float, float]:
-        kind = "run" if seen_model or "model" not in self.intervals else "model"
-        low, high = self.intervals[kind][metric]
+        low, high = self.intervals[self._kind(seen_model)][metric]
         return value * float(np.exp(low)), value * float(np.exp(high))
+
+    def bound(self, metric: str, value: float, confidence: float, seen_model: bool = True) -> float:
+        """What `metric` (one of METRICS) stays under with probability `confidence`, given the
+        prediction `value`: as often as the held-out runs' errors did."""
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        kind = self._kind(seen_model)
+        levels = self.quantiles.get(kind, {}).get(metric)
+        if levels is None:  # a model saved before the quantiles were: a normal in log space
+            low, high = self.intervals[kind][metric]
+            z = statistics.NormalDist().inv_cdf
+            log_ratio = (low + high) / 2 + (high - low) / 2 / z(0.5 + COVERAGE / 2) * z(confidence)
+        else:
+            log_ratio = float(np.interp(confidence, QUANTILE_LEVELS, levels))
+        return value * float(np.exp(log_ratio))
 
     def to_dict(self) -> dict[str, Any]:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
-                "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()}}
+                "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},
+                "quantiles": self.quantiles}
 
 
 def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | None = None) -> CostModel:
@@ -156,12 +186,14 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     report: dict[str, Any] = {"by_run": {"folds": folds, **accuracy(measured, predicted, by_run_folds,
                                                                     step_errors)}}
     intervals = {"run": run_intervals(measured, predicted)}
+    quantiles = {"run": run_quantiles(measured, predicted)}
     model_ids = np.array([r.model_id for r in runs])
     if len(np.unique(model_ids)) >= 2:
         predicted_m, step_errors_m = cross_validate(runs, model_ids, "leave one model out", on_progress)
         report["by_model"] = {"folds": int(len(np.unique(model_ids))),
                               **accuracy(measured, predicted_m, model_ids, step_errors_m)}
         intervals["model"] = run_intervals(measured, predicted_m)
+        quantiles["model"] = run_quantiles(measured, predicted_m)
     report["runs"] = [
         {"run_id": r.run_id, "model": r.model_name, "measured": dict(zip(METRICS, measured[i])),
          "by_run": dict(zip(METRICS, predicted[i])),
@@ -183,7 +215,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     report["step_interval"] = list(step_model.interval_)
     hardware = {r.spec_name: r.hardware_rates for r in runs}
     return CostModel(step_model, intervals, hardware, sorted({r.model_fingerprint for r in runs}),
-                     data_version(runs), report)
+                     data_version(runs), report, quantiles=quantiles)
 
 
 def save(store: Store, model: CostModel) -> int:
@@ -210,7 +242,8 @@ def load(store: Store, model_id: int | None = None) -> CostModel | None:
     intervals = {k: {m: (float(v[0]), float(v[1])) for m, v in d.items()}
                  for k, d in payload["intervals"].items()}
     return CostModel(StepTimeModel.from_dict(payload["step_model"]), intervals, payload["hardware"],
-                     list(row.models), row.data_version, row.report, row.created_at, row.id)
+                     list(row.models), row.data_version, row.report, row.created_at, row.id,
+                     payload.get("quantiles", {}))
 
 
 def is_current(store: Store, model: CostModel) -> bool:

@@ -69,7 +69,8 @@ class PlanCheck(_Strict):
     slo: str
     limit_s: float
     predicted_s: float
-    upper_s: float = Field(description="the interval's upper end: what the plan is held to")
+    upper_s: float = Field(description="what the metric stays under with the plan's confidence "
+                                       "(per SLO): what the plan is held to")
     met: bool
 
 
@@ -83,6 +84,8 @@ class Plan(_Strict):
     load: PlanLoad
     slos: list[str] = Field(min_length=1)
     objective: Literal["cost", "throughput", "latency"] = "cost"
+    confidence: float = Field(0.8, gt=0, lt=1, description="the chance of meeting every SLO it was "
+                                                          "planned for")
     feasible: bool = Field(description="every SLO, the rate and the memory fit are predicted to hold")
     binding: str | None = Field(None, description="the constraint closest to (or past) its limit")
     checks: list[PlanCheck]
@@ -147,7 +150,7 @@ def schema(kind: str = "plan") -> dict[str, Any]:
 def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Plan:
     """The plan file of a search's choice."""
     from planner.launch_args import as_shell, export_notes, sglang_args, vllm_args
-    from planner.recommend import interval_upper
+    from planner.recommend import slo_bound
 
     best: Candidate = result.best
     req = search.requirement
@@ -156,7 +159,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
     if prediction is not None:
         for slo in req.slos:
             value = prediction.metrics[slo.key]
-            upper = interval_upper(prediction, slo.key, cost_model)
+            upper = slo_bound(prediction, slo.key, cost_model, req.slo_level)
             checks.append(PlanCheck(slo=str(slo), limit_s=slo.limit_s, predicted_s=value,
                                     upper_s=upper, met=upper <= slo.limit_s))
         keys = list(dict.fromkeys([*prediction.intervals, *(s.key for s in req.slos),
@@ -179,7 +182,8 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
                               calibrated=bool(prediction and prediction.calibrated)),
         workload=search.workload,
         load=PlanLoad(kind=req.load_kind, value=req.load_value, per_replica=best.per_replica_load or req.load_value),
-        slos=[str(s) for s in req.slos], objective=req.objective, feasible=result.feasible,
+        slos=[str(s) for s in req.slos], objective=req.objective, confidence=req.confidence,
+        feasible=result.feasible,
         binding=best.binding, checks=checks, predicted=predicted,
         cost=PlanCost(per_hour_usd=best.cost_per_hour,
                       per_million_output_tokens_usd=(best.cost_per_million

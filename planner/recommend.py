@@ -5,9 +5,9 @@ simulator (the engine's own scheduler, the fitted step-time model) predicts the 
 required load, and the replicas are as many as the load needs. The constraints go to Optuna
 through `Trial.set_constraint` (Optuna 5), one named constraint per SLO plus the request rate,
 the memory fit and the configuration's validity, so the study in the store shows, trial by trial,
-which limit each configuration broke. An SLO is held to the upper end of the prediction's 80%
-interval rather than its middle: a plan that only meets its targets on average misses them about
-half the time it is launched.
+which limit each configuration broke. An SLO is held not to the prediction's middle (a plan that
+only meets its targets on average misses them about half the time it is launched) but to what
+the metric stays under with the requirement's confidence, by the cost model's held-out errors.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from engine.model_config import ModelConfig
 from engine.quantization import check_scheme
 from planner import hardware as hw
 from planner.cost_model import CostModel
+from planner.fit_data import METRICS
 from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, improved, rank,
                                total_violation, pareto_front)
 from planner.predict import Prediction, Predictor
@@ -64,15 +65,12 @@ class SearchResult:
     slos: list[SLO] = field(default_factory=list)
 
 
-def interval_upper(prediction: Prediction, key: str, model: CostModel) -> float:
-    """The upper end of the 80% interval of `key` (e.g. "ttft_p95"), borrowing the nearest
-    metric's interval where the cost model has none for that statistic."""
+def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) -> float:
+    """What `key` (e.g. "ttft_p95") stays under with probability `level`, by the held-out errors
+    of the cost model; a statistic the cost model was not judged on borrows the nearest one's."""
     value = prediction.metrics[key]
-    if key in prediction.intervals:
-        return prediction.intervals[key][1]
-    kind = "run" if prediction.seen_model or "model" not in model.intervals else "model"
-    proxy = _INTERVAL_FOR[key.split("_")[0]]
-    return value * float(np.exp(model.intervals[kind][proxy][1]))
+    metric = key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
+    return model.bound(metric, value, level, seen_model=prediction.seen_model)
 
 
 class Search:
@@ -190,7 +188,8 @@ class Search:
                         candidate.devices_per_replica, prediction, load)
         violations = {"valid": 0.0, "memory": 0.0}
         for slo in req.slos:
-            violations[slo.key] = interval_upper(prediction, slo.key, self.cost_model) / slo.limit_s - 1
+            violations[slo.key] = slo_bound(prediction, slo.key, self.cost_model,
+                                            req.slo_level) / slo.limit_s - 1
         if req.load_kind == "rate":
             violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
             out.output_tokens_per_s = req.load_value * self.mean_output_tokens

@@ -3,6 +3,8 @@ real engine runs it never saw."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -117,6 +119,27 @@ def test_fit_cross_validates_by_run_and_by_model_and_saves(profiled, fitted):
     X = np.abs(np.random.default_rng(0).normal(size=(50, len(FEATURES)))) * 1e-3
     np.testing.assert_allclose(loaded.step_model.predict(X), fitted.step_model.predict(X))
     assert loaded.intervals == fitted.intervals
+    assert loaded.quantiles == fitted.quantiles
+
+
+def test_bounds_hold_a_metric_to_any_confidence_as_held_out_errors_did(profiled, fitted):
+    for metric in cost_model.METRICS:
+        levels = [fitted.bound(metric, 0.01, c) for c in (0.1, 0.5, 0.8, 0.9, 0.99)]
+        assert levels == sorted(levels) and levels[0] < levels[-1]
+        # The 90% bound is the 80% interval's upper end: both are the same quantile of the
+        # out-of-fold errors.
+        assert fitted.bound(metric, 0.01, 0.9) == pytest.approx(fitted.interval(metric, 0.01)[1])
+        # A model never seen is held to the leave-one-model-out errors.
+        assert fitted.bound(metric, 0.01, 0.9, seen_model=False) == pytest.approx(
+            fitted.interval(metric, 0.01, seen_model=False)[1])
+    # A model saved before quantiles were kept: a normal in log space through its interval.
+    old = dataclasses.replace(fitted, quantiles={})
+    low, high = old.interval("ttft_p95", 0.01)
+    assert old.bound("ttft_p95", 0.01, 0.9) == pytest.approx(high)
+    assert old.bound("ttft_p95", 0.01, 0.1) == pytest.approx(low)
+    for bad in (0.0, 1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="confidence"):
+            fitted.bound("ttft_p95", 0.01, bad)
 
 
 def test_fit_needs_runs(tmp_path):

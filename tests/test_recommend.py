@@ -60,6 +60,24 @@ def test_search_meets_the_slos_through_optunas_named_constraints(profiled, fitte
     assert result.pareto and all(c.feasible for c in result.pareto)
 
 
+def test_a_higher_confidence_holds_each_slo_to_a_higher_bound(profiled, fitted):
+    _, (model_dir, _) = profiled
+    slos = parse_slos(LOOSE)
+    scored = {}
+    for confidence in (0.5, 0.8, 0.99):
+        search = Search(fitted, model_dir, _workload(), Requirement(slos, "concurrency", 4,
+                                                                    confidence=confidence))
+        point = {k: search.spaces["cpu-host"].values(k)[0] for k in search.spaces["cpu-host"].knobs}
+        scored[confidence] = search.evaluate("cpu-host", point)
+        # Each of the two SLOs is held to the level whose square is the confidence.
+        assert search.requirement.slo_level == pytest.approx(confidence ** 0.5)
+    for slo in slos:
+        violations = [scored[c].violations[slo.key] for c in (0.5, 0.8, 0.99)]
+        assert violations[0] < violations[1] < violations[2]
+        # The same prediction: only the bound it is held to moves.
+        assert len({scored[c].prediction.metrics[slo.key] for c in scored}) == 1
+
+
 def test_an_impossible_target_names_the_binding_slo_and_the_closest_configuration(profiled, fitted):
     _, (model_dir, _) = profiled
     search = _search(fitted, model_dir, slos="ttft_p95<=0.001ms,itl_p95<=10s")
@@ -129,6 +147,9 @@ def test_bad_requirements_name_the_field(profiled, fitted):
         Requirement(parse_slos(LOOSE), "rate", -1)
     with pytest.raises(RecommendError, match="--objective"):
         Requirement(parse_slos(LOOSE), "rate", 1, objective="cheapest")
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(RecommendError, match="--confidence"):
+            Requirement(parse_slos(LOOSE), "rate", 1, confidence=bad)
     with pytest.raises(RecommendError, match="--hardware"):
         _search(fitted, model_dir, hardware=["no-such-gpu"])
     with pytest.raises(RecommendError, match="--max-devices"):
@@ -193,10 +214,12 @@ def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
     assert ok.exit_code == 0, ok.output
     plan = json.loads(ok.stdout[ok.stdout.index("{"):])
     assert plan["load"] == {"kind": "rate", "value": 0.5, "per_replica": 0.5 / plan["replicas"]}
+    assert plan["confidence"] == 0.8  # the default
     for args, field in ((["--slo", "ttft_p95<=fast", "--rate", "1"], "fast"),
                         (["--slo", LOOSE], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--concurrency", "2"], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--objective", "speed"], "--objective"),
+                        (["--slo", LOOSE, "--rate", "1", "--confidence", "95"], "--confidence"),
                         (["--slo", LOOSE, "--rate", "1", "--hardware", "tpu9"], "tpu9"),
                         (["--slo", LOOSE, "--rate", "1", "--draft", str(tmp_path / "none")], "--draft")):
         bad = CliRunner().invoke(app, [*base, *args])
