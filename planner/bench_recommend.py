@@ -10,7 +10,7 @@ LLM-Pilot's evaluation, on this machine (issue 6, "How we know it works"):
    first N configurations in coverage order (always including the engine's defaults) is
    measured at the scenario's workload and load into a SEPARATE store the cost model never
    reads. Cost per million output tokens = host price per hour / measured output tokens/s.
-   The scenario's SLOs are derived from the grid's measurements (`derive_slos`) before anything
+   The scenario's SLOs are derived from the grid's measurements (`bench_truth.derive_slos`) before anything
    is recommended; the truly feasible set is the grid configurations that meet them, and the
    best is the cheapest of those.
 3. Recommendation. `pilot recommend`'s search (one host) picks a plan, which is launched and
@@ -23,10 +23,8 @@ LLM-Pilot's evaluation, on this machine (issue 6, "How we know it works"):
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -35,20 +33,18 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from rich.table import Table
-from sqlalchemy import select
 
 from engine import EngineConfig
 from engine.model_zoo import SHAPES, make_checkpoint
 from planner import cost_model as cm
 from planner import hardware as hw
+from planner.bench_truth import (SLO_QUANTILES, GridPoint, limit_margin, bench_space, cost_per_million,
+                                 derive_slos, describe_config, grid_configs, judge_grid,
+                                 measure_grid, overspend)
 from planner.plan import make_plan
-from planner.profiler import (base_config, config_row, hardware_row, model_row, plan_campaign,
-                              profile, workload_row)
+from planner.profiler import base_config, plan_campaign, profile
 from planner.recommend import Requirement, Search, run_search
-from planner.search_space import SearchSpace
-from planner.slo import SLO
-from planner.store import Campaign, Experiment, Run, Store, fingerprint
+from planner.store import Store
 from planner.verify import VerifyError, verify
 from planner.workload import Workload
 
@@ -61,17 +57,9 @@ MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(SHAPES["tiny"]),
     "wide": {**SHAPES["tiny"], "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4},
 }
-# int4 groups the models' smallest input dimension (64 features) can hold, as the quickstart sets.
-GROUP_SIZE = 32
 DTYPE = "float32"  # of the checkpoint; the space runs it in bfloat16
 # The one workload the cost model is calibrated on (at the cpu space's levels 1, 4, 16).
 CALIBRATION = ("16:128", "8:64")
-SLO_METRICS = ("ttft_p95", "itl_p95")
-# The SLO rule's percentile range over the grid's measurements (see derive_slos).
-SLO_QUANTILES = (0.25, 0.75)
-MIN_FEASIBLE = 0.25  # share of the grid the rule aims to leave feasible
-# A limit closer than this (log-ratio, about 8%) to a measurement is within run-to-run noise.
-MIN_MARGIN = 0.08
 
 
 @dataclass(frozen=True)
@@ -121,101 +109,6 @@ PRESETS = {
 Progress = Callable[[str, int, int], None]  # (description, steps done, steps in all)
 
 
-# ---------------------------------------------------------------- pure pieces (unit-tested)
-
-def cost_per_million(price_per_hour: float, output_tokens_per_s: float) -> float:
-    """USD per million output tokens of a deployment costing `price_per_hour` that produces
-    `output_tokens_per_s`; infinite when it produces nothing."""
-    if not (output_tokens_per_s > 0 and math.isfinite(output_tokens_per_s)):
-        return math.inf
-    return price_per_hour / (output_tokens_per_s * 3600) * 1e6
-
-
-def overspend(recommended_cost: float, best_cost: float) -> float:
-    """How much more the recommendation costs than the best truly feasible configuration (0.2:
-    20% more; negative where it is cheaper). NaN when there is no finite best to compare with."""
-    if not (math.isfinite(best_cost) and best_cost > 0):
-        return math.nan
-    return recommended_cost / best_cost - 1
-
-
-def _round_up(value: float, digits: int = 3) -> float:
-    """`value` rounded up to `digits` significant digits (an SLO a person would write)."""
-    if value <= 0:
-        return value
-    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
-    return math.ceil(value * scale - 1e-9) / scale
-
-
-def _gap_above(values: np.ndarray, value: float) -> float:
-    """The geometric middle of the gap between `value` and the next larger of `values` (10%
-    above `value` when none is larger): a limit as far from both measurements as it can be, so
-    that measurement noise alone does not decide which side a configuration falls on."""
-    larger = values[values > value * (1 + 1e-9)]
-    return math.sqrt(value * float(larger.min())) if larger.size else value * 1.1
-
-
-def _margin(values: np.ndarray, limit: float) -> float:
-    """How far (as a log-ratio) `limit` sits from the nearest measurement."""
-    return float(np.min(np.abs(np.log(values / limit))))
-
-
-def derive_slos(grid: Sequence[dict[str, float]], metrics: Sequence[str] = SLO_METRICS,
-                quantiles: tuple[float, float] = SLO_QUANTILES,
-                min_feasible: float = MIN_FEASIBLE, min_margin: float = MIN_MARGIN) -> list[SLO]:
-    """SLOs that bind on this grid of measurements (one dict of metrics per configuration).
-
-    The rule, fixed before any recommendation is made (it reads only the ground-truth grid):
-    each metric's limit goes into the gap just above one of its measurements whose rank lies in
-    the `quantiles` band (ranks floor(q * (n - 1)) of n), at the gap's geometric middle
-    (`_gap_above`), rounded up to 3 significant digits. Of those combinations of limits that
-    leave a `min_feasible` share of the configurations (at least one) meeting every limit, the
-    rule takes the one whose limits sit furthest from any measurement (the largest smallest
-    margin): a configuration a hair under its limit would pass or fail on run-to-run noise
-    alone, which would judge the noise and not the planner. Where no combination leaves anyone
-    feasible, each limit that the configuration nearest to meeting them all (the smallest worst
-    ratio of measured to limit) misses moves into the gap above its measurement. So a truly
-    feasible configuration exists, and a part of the grid misses.
-    """
-    rows = [g for g in grid if all(math.isfinite(g.get(m, math.nan)) for m in metrics)]
-    if not rows:
-        raise ValueError("derive_slos: no grid configuration was measured")
-    values = {m: np.sort(np.array([g[m] for g in rows])) for m in metrics}
-    wanted = max(1, math.ceil(min_feasible * len(rows) - 1e-9))
-    ranks = sorted({math.floor(q * (len(rows) - 1) + 1e-9) for q in quantiles})
-    ranks = list(range(ranks[0], ranks[-1] + 1))
-    options = {m: sorted({_round_up(_gap_above(values[m], float(values[m][r]))) for r in ranks})
-               for m in metrics}
-    best: tuple[tuple[bool, int, float], dict[str, float]] | None = None
-    for chosen in itertools.product(*(options[m] for m in metrics)):
-        limits = dict(zip(metrics, chosen))
-        feasible = sum(all(g[m] <= limits[m] for m in metrics) for g in rows)
-        if not feasible:
-            continue
-        # Clear of noise first, then as many feasible as wanted, then the widest margin; ties
-        # go to the tighter limits.
-        margin = min(_margin(values[m], limits[m]) for m in metrics)
-        score = (margin >= min_margin, min(feasible, wanted), margin)
-        if best is None or score > best[0]:
-            best = (score, limits)
-    if best is not None:
-        limits = best[1]
-    else:
-        limits = {m: options[m][-1] for m in metrics}
-        nearest = min(rows, key=lambda g: max(g[m] / limits[m] for m in metrics))
-        limits = {m: limits[m] if nearest[m] <= limits[m] else
-                  _round_up(_gap_above(values[m], nearest[m])) for m in metrics}
-    out = []
-    for m in metrics:
-        metric, _, stat = m.partition("_")
-        out.append(SLO(metric, stat, limits[m]))
-    return out
-
-
-def meets(measured: dict[str, float], slos: Sequence[SLO]) -> bool:
-    return all(measured.get(s.key, math.inf) <= s.limit_s for s in slos)
-
-
 def _median(values: Sequence[float]) -> float:
     values = [v for v in values if math.isfinite(v)]
     return statistics.median(values) if values else math.nan
@@ -227,25 +120,6 @@ def _mean(values: Sequence[float]) -> float:
 
 
 # ---------------------------------------------------------------- results
-
-@dataclass
-class GridPoint:
-    config: str  # short description
-    measured: dict[str, float]  # ttft_p95, itl_p95, throughput_tok_s, ...
-    cost_per_million: float
-    feasible: bool = False
-    default: bool = False
-    error: str | None = None  # the engine refused it
-
-
-def judge_grid(grid: Sequence[GridPoint], slos: Sequence[SLO]) -> GridPoint | None:
-    """Mark the grid configurations measured to meet every SLO (the truly feasible set) and
-    return the cheapest of them, None when there is none."""
-    for g in grid:
-        g.feasible = g.error is None and meets(g.measured, slos)
-    feasible = [g for g in grid if g.feasible]
-    return min(feasible, key=lambda g: g.cost_per_million) if feasible else None
-
 
 @dataclass
 class ScenarioResult:
@@ -327,55 +201,6 @@ def summarize(preset: str, settings: dict[str, Any], scenarios: list[ScenarioRes
 
 # ---------------------------------------------------------------- the measurement
 
-def describe_config(config: EngineConfig) -> str:
-    parts = [config.quantization or ("bf16" if config.dtype == "bfloat16" else config.dtype),
-             f"seqs{config.max_num_seqs}", f"tok{config.max_num_batched_tokens}"]
-    if config.tensor_parallel_size > 1:
-        parts.append(f"tp{config.tensor_parallel_size}")
-    if config.data_parallel_size > 1:
-        parts.append(f"dp{config.data_parallel_size}")
-    if not config.enable_chunked_prefill:
-        parts.append("nochunk")
-    if not config.enable_prefix_caching:
-        parts.append("nocache")
-    if config.num_speculative_tokens:
-        parts.append(f"k{config.num_speculative_tokens}")
-    return " ".join(parts)
-
-
-def bench_space(parallel: bool = True) -> SearchSpace:
-    """The built-in cpu space, with int4 groups the tiny models allow and no draft model (and
-    without tensor and data parallelism unless `parallel`)."""
-    space = SearchSpace.from_file("cpu").without_drafts()
-    knobs = dict(space.knobs)
-    if not parallel:
-        knobs.update(tensor_parallel_size=[1], data_parallel_size=[1])
-    return space.model_copy(update={"knobs": knobs, "fixed": {**space.fixed,
-                                                              "quantization_group_size": GROUP_SIZE}})
-
-
-def default_config(space: SearchSpace, base: EngineConfig) -> EngineConfig:
-    """The engine's default configuration (max_num_seqs 64, no quantization, no draft, chunked
-    prefill, prefix caching), with the space's fixed settings (dtype) and the base's model."""
-    defaults = EngineConfig(model=base.model)
-    update = {k: getattr(defaults, k) for k in ("quantization", "max_num_seqs", "max_num_batched_tokens",
-                                                "enable_chunked_prefill", "enable_prefix_caching",
-                                                "tensor_parallel_size", "data_parallel_size")}
-    return EngineConfig.model_validate({**base.model_dump(), **space.fixed, **update,
-                                        "speculative_model": None, "num_speculative_tokens": None})
-
-
-def grid_configs(space: SearchSpace, base: EngineConfig, size: int) -> tuple[list[EngineConfig], int]:
-    """The space's first `size` configurations in coverage order, the default among them
-    (first, if coverage order did not already start there); returns (configs, default index)."""
-    configs = space.configs(base, max_parallel=os.cpu_count() or 1)
-    default = default_config(space, base)
-    same = [i for i, c in enumerate(configs) if c == default]
-    if same and same[0] < size:
-        return configs[:size], same[0]
-    return [default, *[c for c in configs if c != default][:size - 1]], 0
-
-
 def make_models(workdir: Path, names: Sequence[str]) -> dict[str, str]:
     out = {}
     for seed, name in enumerate(names):
@@ -391,38 +216,6 @@ def make_models(workdir: Path, names: Sequence[str]) -> dict[str, str]:
 def scenario_workload(w: ScenarioWorkload, num_requests: int) -> Workload:
     return Workload.from_flags(w.isl, w.osl, concurrency=w.concurrency,
                                num_requests=num_requests).model_copy(update={"name": w.name})
-
-
-def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: int,
-                 configs: list[EngineConfig],
-                 on_progress: Callable[[str, float], None] | None = None) -> list[tuple[dict[str, float] | None, str | None]]:
-    """Measure every configuration at `concurrency` into `store` (a campaign of exactly these
-    experiments, so it resumes like any profile); (measured metrics or None, error) each."""
-    hardware, model, load = hardware_row(store), model_row(store, model_dir), workload_row(store, workload)
-    rows = [config_row(store, c) for c in configs]
-    key = fingerprint({"bench-recommend-grid": [r.fingerprint for r in rows], "model": model.fingerprint,
-                       "workload": load.fingerprint, "hardware": hardware.fingerprint,
-                       "concurrency": concurrency})
-    campaign = store.get_or_create(Campaign, key, hardware_id=hardware.id, model_id=model.id,
-                                   workload_id=load.id, space={"bench_recommend_grid": len(rows)})
-    with store.session() as session, session.begin():
-        if session.scalar(select(Experiment.id).where(Experiment.campaign_id == campaign.id).limit(1)) is None:
-            session.add_all(Experiment(campaign_id=campaign.id, position=i, engine_config_id=row.id,
-                                       load_kind="concurrency", load_value=concurrency)
-                            for i, row in enumerate(rows))
-    profile(store, campaign, workload, budget_s=math.inf, on_progress=on_progress)
-    out: list[tuple[dict[str, float] | None, str | None]] = []
-    with store.session() as session:
-        experiments = list(session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)
-                                           .order_by(Experiment.position)))
-        for exp in experiments:
-            run = session.scalar(select(Run).where(Run.experiment_id == exp.id))
-            if run is None:
-                out.append((None, exp.error or exp.status))
-            else:
-                out.append(({**run.latency, "throughput_tok_s": run.throughput_tok_s,
-                             "request_rate": run.request_rate}, None))
-    return out
 
 
 def _warm_process(model_dir: str) -> None:
@@ -513,7 +306,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     raw = overspend(measured_cost, best_cost)
     return ScenarioResult(
         model=model_name, workload=w.name, concurrency=w.concurrency, slos=[str(s) for s in slos],
-        slo_margin=min(_margin(np.array([g.measured[s.key] for g in grid if g.error is None]), s.limit_s)
+        slo_margin=min(limit_margin(np.array([g.measured[s.key] for g in grid if g.error is None]), s.limit_s)
                        for s in slos),
         grid=grid, grid_feasible=len(feasible), best_config=best.config if best else None,
         best_cost=best_cost, default_cost=default.cost_per_million, default_feasible=default.feasible,
@@ -594,67 +387,3 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     if json_out is not None:
         Path(json_out).write_text(json.dumps(out.to_json(), indent=2))
     return out
-
-
-# ---------------------------------------------------------------- the printed table
-
-def _ms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "-"
-    return f"{seconds * 1000:.3g} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-def _pct(value: float) -> str:
-    return f"{value:+.1%}" if math.isfinite(value) else "-"
-
-
-def results_table(result: BenchResult) -> Table:
-    table = Table(title=f"Recommendations on held-out scenarios, launched and measured "
-                        f"({result.preset} preset, grid of {result.settings['grid_size']} per scenario)")
-    for column in ("model", "workload", "SLOs", "recommended", "binding SLO: predicted / measured",
-                   "met", "overspend", "default / best", "grid feasible"):
-        table.add_column(column, justify="right" if column in ("overspend", "default / best",
-                                                               "grid feasible") else "left")
-    for s in result.scenarios:
-        predicted, measured = s.predicted.get(s.binding, math.nan), s.measured.get(s.binding, math.nan)
-        met = "[green]yes[/]" if s.met else ("[red]no[/]" + (" (did not run)" if s.error else ""))
-        over = _pct(s.overspend)
-        if math.isfinite(s.overspend):
-            colour = "green" if s.overspend <= TARGET_OVERSPEND else "red"
-            over = f"[{colour}]{over}[/]"
-        default = (f"{s.default_ratio:.2f}x" if math.isfinite(s.default_ratio) else "-") + \
-            ("" if s.default_feasible else " (misses)")
-        clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
-        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear,
-                      s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]"),
-                      f"{s.binding}: {_ms(predicted)} / {_ms(measured)}", met, over, default,
-                      f"{s.grid_feasible}/{len(s.grid)}")
-    return table
-
-
-def summary_line(result: BenchResult) -> str:
-    ok = result.success_rate >= TARGET_SUCCESS
-    cheap = math.isfinite(result.median_overspend) and result.median_overspend <= TARGET_OVERSPEND
-    predicted = sum(s.predicted_feasible for s in result.scenarios)
-    return (f"Met every SLO when launched: [{'green' if ok else 'red'}]{result.success_rate:.0%}[/] of "
-            f"{len(result.scenarios)} scenarios (LLM-Pilot {ANCHOR_SUCCESS:.0%}, target >= {TARGET_SUCCESS:.0%}; "
-            f"the search predicted a feasible plan in {predicted}). "
-            f"Overspend vs the cheapest truly feasible grid configuration, over the plans that met: "
-            f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
-            f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "
-            f"{_pct(result.median_overspend_raw)}, mean {_pct(result.mean_overspend_raw)}; LLM-Pilot "
-            f"{ANCHOR_OVERSPEND:.1%}, target <= {TARGET_OVERSPEND:.0%}). Engine defaults cost "
-            f"{result.median_default_ratio:.2f}x the best (median). {result.seconds:.0f} s; work in "
-            f"{result.workdir}.")
-
-
-def print_results(result: BenchResult, console: Any) -> None:
-    """The table, the calibration it rests on, and the summary line."""
-    console.print(results_table(result))
-    cal = result.calibration
-    ape = cal.get("median_ape", {})
-    held = ", ".join(f"{section.replace('by_', 'held-out ')}: {', '.join(f'{m} {v:.0%}' for m, v in metrics.items() if v is not None)}"
-                     for section, metrics in ape.items())
-    console.print(f"Cost model calibrated on {', '.join(f'{n} {k} runs' for n, k in cal.get('runs', {}).items())} "
-                  f"of one workload ({cal.get('workload', '?')}); median APE {held}.")
-    console.print(summary_line(result))

@@ -244,7 +244,8 @@ def bench_recommend(
     SLOs and what they overspend against the cheapest configuration measured to meet them."""
     from rich.console import Console
 
-    from planner.bench_recommend import print_results, run_recommend_benchmark
+    from planner.bench_recommend import run_recommend_benchmark
+    from planner.bench_report import print_results
     from planner.cli_profile import parse_duration
 
     try:

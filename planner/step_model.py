@@ -32,6 +32,14 @@ FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_s
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size")
 
 
+MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
+
+
+def jitter_class(data_parallel_size: float, tensor_parallel_size: float) -> str:
+    """Which step-to-step jitter a deployment replays: by how its processes share the machine."""
+    return f"dp{int(data_parallel_size)}-tp{int(tensor_parallel_size)}"
+
+
 def feature_matrix(deployment: Deployment, device: Device,
                    steps: Mapping[str, np.ndarray]) -> np.ndarray:
     """[n, len(FEATURES)] for n steps of one deployment on one device."""
@@ -136,8 +144,9 @@ class StepTimeModel:
     residual_: TreeEnsemble | None = None
     interval_: tuple[float, float] = (0.0, 0.0)  # log-ratio quantiles of held-out steps
     # Quantiles (at NOISE_LEVELS) of how a step's log-time strays from its run's typical
-    # residual: the step-to-step jitter the simulator replays, which sets ITL tails.
-    noise_: np.ndarray | None = None
+    # residual: the step-to-step jitter the simulator replays, which sets ITL tails. Kept per
+    # process layout (`jitter_class`): processes sharing the machine disturb each other's steps.
+    noise_: dict[str, np.ndarray] | None = None
 
     def fit(self, X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
             calibrate: bool = True) -> StepTimeModel:
@@ -159,18 +168,27 @@ class StepTimeModel:
             tail = (1 - self.coverage) / 2
             self.interval_ = (float(np.quantile(residual, tail)), float(np.quantile(residual, 1 - tail)))
         self._fit(X, y)
-        self.noise_ = self._jitter(np.log(y) - np.log(self.predict(X)), groups)
+        self.noise_ = self._jitter(np.log(y) - np.log(self.predict(X)), groups, X)
         return self
 
     @staticmethod
-    def _jitter(residual: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """Residuals less their run's median: what varies from step to step, not run to run."""
+    def _jitter(residual: np.ndarray, groups: np.ndarray, X: np.ndarray) -> dict[str, np.ndarray]:
+        """Residuals less their run's median (what varies from step to step, not run to run),
+        for all runs and per process layout with enough runs of its own."""
         order = np.argsort(groups, kind="stable")
         residual, groups = residual[order], groups[order]
+        layout = np.array([jitter_class(dp, tp) for dp, tp in
+                           X[order][:, [FEATURES.index("data_parallel_size"),
+                                        FEATURES.index("tensor_parallel_size")]]])
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
         medians = np.array([np.median(part) for part in np.split(residual, starts[1:])])
         within = residual - np.repeat(medians, np.diff(np.r_[starts, len(residual)]))
-        return np.quantile(within, NOISE_LEVELS)
+        noise = {"all": np.quantile(within, NOISE_LEVELS)}
+        run_layouts = layout[starts]
+        for name in np.unique(run_layouts):
+            if (run_layouts == name).sum() >= MIN_JITTER_RUNS:
+                noise[str(name)] = np.quantile(within[layout == name], NOISE_LEVELS)
+        return noise
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
         physics = LinearRegression(fit_intercept=False, positive=True)
@@ -229,7 +247,8 @@ class StepTimeModel:
         if seed is not None and calibrated and self.noise_ is not None:
             # Drawn in blocks: one NumPy call per 4096 steps rather than one per step.
             draws = np.random.default_rng(seed)
-            noise, levels = np.exp(self.noise_), NOISE_LEVELS
+            layout = jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)
+            noise, levels = np.exp(self.noise_.get(layout, self.noise_["all"])), NOISE_LEVELS
             block: list[float] = []
 
             def jitter() -> float:
@@ -256,7 +275,7 @@ class StepTimeModel:
         return {"features": list(FEATURES), "physics": list(PHYSICS),
                 "physics_coef": self.physics_coef_.tolist(), "residual": self.residual_.to_dict(),
                 "interval": list(self.interval_), "coverage": self.coverage,
-                "noise": None if self.noise_ is None else self.noise_.tolist(),
+                "noise": None if self.noise_ is None else {k: v.tolist() for k, v in self.noise_.items()},
                 "sklearn_version": sklearn.__version__}
 
     @classmethod
@@ -268,5 +287,8 @@ class StepTimeModel:
         model.physics_coef_ = np.array(data["physics_coef"], dtype=float)
         model.residual_ = TreeEnsemble.from_dict(data["residual"])
         model.interval_ = (float(data["interval"][0]), float(data["interval"][1]))
-        model.noise_ = None if data.get("noise") is None else np.array(data["noise"], dtype=float)
+        noise = data.get("noise")
+        if isinstance(noise, list):  # saved before jitter was kept per process layout
+            noise = {"all": noise}
+        model.noise_ = None if noise is None else {k: np.array(v, dtype=float) for k, v in noise.items()}
         return model

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from engine import EngineConfig
-from planner.bench_recommend import (PRESETS, WORKLOADS, BenchResult, GridPoint, ScenarioResult,
-                                     _round_up, bench_space, cost_per_million, derive_slos,
-                                     grid_configs, judge_grid, meets, overspend,
+from planner.bench_recommend import (PRESETS, WORKLOADS, BenchResult, ScenarioResult,
                                      run_recommend_benchmark, scenario_workload, summarize)
+from planner.bench_truth import (GridPoint, _round_up, bench_space, cost_per_million, derive_slos,
+                                 grid_configs, judge_grid, meets, overspend)
 from planner.hardware import get_spec
 from planner.profiler import base_config
 from planner.slo import parse_slos
@@ -173,6 +173,21 @@ def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
     assert nobody.to_json()["median_overspend"] is None  # JSON has no NaN
 
 
+def test_the_report_shows_every_scenario_against_the_targets():
+    from rich.console import Console
+
+    from planner.bench_report import print_results
+
+    result = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.10), _scenario(False, -0.5)],
+                       {"runs": {"tiny": 9}, "workload": "x"}, 1.0, "/tmp/x")
+    console = Console(record=True, width=250)
+    print_results(result, console)
+    text = console.export_text()
+    assert text.count("chat @8") == 2 and "clear by 11%" in text  # a margin of 0.1 (log)
+    assert "+10.0%" in text and "-50.0%" in text
+    assert "50% of 2 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
+
+
 def test_bad_sizes_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         run_recommend_benchmark("huge", tmp_path)
@@ -180,6 +195,8 @@ def test_bad_sizes_name_the_setting(tmp_path):
         run_recommend_benchmark("quick", tmp_path, grid_size=0)
     with pytest.raises(ValueError, match="models"):
         run_recommend_benchmark("quick", tmp_path, models=["giant"])
+    with pytest.raises(ValueError, match="confidence"):
+        run_recommend_benchmark("quick", tmp_path, confidence=1.0)
     (tmp_path / "truth.db").write_text("")
     with pytest.raises(ValueError, match="earlier run"):
         run_recommend_benchmark("quick", tmp_path)
@@ -192,7 +209,8 @@ def test_cli_bad_input_names_the_flag(tmp_path):
     from planner.cli import app
 
     for args, words in ((["--preset", "huge"], "preset"), (["--budget", "soon"], "budget"),
-                        (["--grid", "0"], "grid"), (["--models", "tiny,giant"], "giant")):
+                        (["--grid", "0"], "grid"), (["--models", "tiny,giant"], "giant"),
+                        (["--confidence", "2"], "confidence")):
         result = CliRunner().invoke(app, ["bench", "recommend", "--workdir", str(tmp_path), *args])
         assert result.exit_code == 2 and words in result.output, result.output
     assert not (tmp_path / "calibration.db").exists()

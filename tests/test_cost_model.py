@@ -90,6 +90,25 @@ def test_step_time_model_learns_a_roofline_and_round_trips_without_pickle():
         StepTimeModel.from_dict(stored)
 
 
+def test_step_jitter_is_kept_per_process_layout():
+    rng = np.random.default_rng(3)
+    X, y = _synthetic_steps(rng, 1500)
+    # The tensor-parallel third of the steps (two processes on one machine) jitters 10x more.
+    tp2 = X[:, FEATURES.index("tensor_parallel_size")] == 2
+    y = y * np.exp(rng.normal(0, np.where(tp2, 0.3, 0.03)))
+    groups = np.repeat(np.arange(60), len(y) // 60)  # 20 runs of each deployment
+    model = StepTimeModel().fit(X, y, groups)
+    spread = {k: v[89] - v[10] for k, v in model.noise_.items()}  # 90th - 10th percentile
+    assert set(spread) == {"all", "dp1-tp1", "dp1-tp2"}
+    assert spread["dp1-tp2"] > 5 * spread["dp1-tp1"]
+    assert spread["dp1-tp1"] < spread["all"] < spread["dp1-tp2"]
+    # Stored as JSON per layout; a model saved before (one list for all) still loads.
+    stored = json.loads(json.dumps(model.to_dict()))
+    assert StepTimeModel.from_dict(stored).noise_.keys() == model.noise_.keys()
+    stored["noise"] = stored["noise"]["all"]
+    assert list(StepTimeModel.from_dict(stored).noise_) == ["all"]
+
+
 def test_step_time_model_rejects_bad_training_data():
     X = np.ones((4, len(FEATURES)))
     with pytest.raises(ValueError, match="durations"):

@@ -1,0 +1,74 @@
+"""The printed results of `pilot bench recommend`: a table per scenario and the summary line
+that sets success and overspend against LLM-Pilot's figures and the targets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+from planner.bench_recommend import (ANCHOR_OVERSPEND, ANCHOR_SUCCESS, TARGET_OVERSPEND,
+                                     TARGET_SUCCESS, BenchResult)
+
+
+def _ms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    return f"{seconds * 1000:.3g} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _pct(value: float) -> str:
+    return f"{value:+.1%}" if math.isfinite(value) else "-"
+
+
+def results_table(result: BenchResult) -> Table:
+    table = Table(title=f"Recommendations on held-out scenarios, launched and measured "
+                        f"({result.preset} preset, grid of {result.settings['grid_size']} per scenario)")
+    for column in ("model", "workload", "SLOs", "recommended", "binding SLO: predicted / measured",
+                   "met", "overspend", "default / best", "grid feasible"):
+        table.add_column(column, justify="right" if column in ("overspend", "default / best",
+                                                               "grid feasible") else "left")
+    for s in result.scenarios:
+        predicted, measured = s.predicted.get(s.binding, math.nan), s.measured.get(s.binding, math.nan)
+        met = "[green]yes[/]" if s.met else ("[red]no[/]" + (" (did not run)" if s.error else ""))
+        over = _pct(s.overspend)
+        if math.isfinite(s.overspend):
+            colour = "green" if s.overspend <= TARGET_OVERSPEND else "red"
+            over = f"[{colour}]{over}[/]"
+        default = (f"{s.default_ratio:.2f}x" if math.isfinite(s.default_ratio) else "-") + \
+            ("" if s.default_feasible else " (misses)")
+        clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
+        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear,
+                      s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]"),
+                      f"{s.binding}: {_ms(predicted)} / {_ms(measured)}", met, over, default,
+                      f"{s.grid_feasible}/{len(s.grid)}")
+    return table
+
+
+def summary_line(result: BenchResult) -> str:
+    ok = result.success_rate >= TARGET_SUCCESS
+    cheap = math.isfinite(result.median_overspend) and result.median_overspend <= TARGET_OVERSPEND
+    predicted = sum(s.predicted_feasible for s in result.scenarios)
+    return (f"Met every SLO when launched: [{'green' if ok else 'red'}]{result.success_rate:.0%}[/] of "
+            f"{len(result.scenarios)} scenarios (LLM-Pilot {ANCHOR_SUCCESS:.0%}, target >= {TARGET_SUCCESS:.0%}; "
+            f"the search predicted a feasible plan in {predicted}). "
+            f"Overspend vs the cheapest truly feasible grid configuration, over the plans that met: "
+            f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
+            f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "
+            f"{_pct(result.median_overspend_raw)}, mean {_pct(result.mean_overspend_raw)}; LLM-Pilot "
+            f"{ANCHOR_OVERSPEND:.1%}, target <= {TARGET_OVERSPEND:.0%}). Engine defaults cost "
+            f"{result.median_default_ratio:.2f}x the best (median). {result.seconds:.0f} s; work in "
+            f"{result.workdir}.")
+
+
+def print_results(result: BenchResult, console: Any) -> None:
+    """The table, the calibration it rests on, and the summary line."""
+    console.print(results_table(result))
+    cal = result.calibration
+    ape = cal.get("median_ape", {})
+    held = ", ".join(f"{section.replace('by_', 'held-out ')}: {', '.join(f'{m} {v:.0%}' for m, v in metrics.items() if v is not None)}"
+                     for section, metrics in ape.items())
+    console.print(f"Cost model calibrated on {', '.join(f'{n} {k} runs' for n, k in cal.get('runs', {}).items())} "
+                  f"of one workload ({cal.get('workload', '?')}); median APE {held}.")
+    console.print(summary_line(result))
