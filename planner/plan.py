@@ -69,8 +69,10 @@ class PlanCheck(_Strict):
     slo: str
     limit_s: float
     predicted_s: float
-    upper_s: float = Field(description="what the metric stays under with the plan's confidence "
-                                       "(per SLO): what the plan is held to")
+    upper_s: float = Field(description="what the metric stays under with probability `level`: "
+                                       "what the plan is held to")
+    level: float = Field(0.9, gt=0, lt=1, description="the probability this SLO is held to: the "
+                                                      "plan's confidence ** (1 / number of SLOs)")
     met: bool
 
 
@@ -161,7 +163,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
             value = prediction.metrics[slo.key]
             upper = slo_bound(prediction, slo.key, cost_model, req.slo_level)
             checks.append(PlanCheck(slo=str(slo), limit_s=slo.limit_s, predicted_s=value,
-                                    upper_s=upper, met=upper <= slo.limit_s))
+                                    upper_s=upper, level=req.slo_level, met=upper <= slo.limit_s))
         keys = list(dict.fromkeys([*prediction.intervals, *(s.key for s in req.slos),
                                    "e2e_p50", "tpot_p50", "request_rate"]))
         for key in keys:

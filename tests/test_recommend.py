@@ -215,6 +215,7 @@ def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
     plan = json.loads(ok.stdout[ok.stdout.index("{"):])
     assert plan["load"] == {"kind": "rate", "value": 0.5, "per_replica": 0.5 / plan["replicas"]}
     assert plan["confidence"] == 0.8  # the default
+    assert [c["level"] for c in plan["checks"]] == [pytest.approx(0.8 ** 0.5)] * 2
     for args, field in ((["--slo", "ttft_p95<=fast", "--rate", "1"], "fast"),
                         (["--slo", LOOSE], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--concurrency", "2"], "--rate or --concurrency"),
