@@ -177,17 +177,19 @@ class StepTimeModel:
         for all runs and per process layout with enough runs of its own."""
         order = np.argsort(groups, kind="stable")
         residual, groups = residual[order], groups[order]
-        layout = np.array([jitter_class(dp, tp) for dp, tp in
-                           X[order][:, [FEATURES.index("data_parallel_size"),
-                                        FEATURES.index("tensor_parallel_size")]]])
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        lengths = np.diff(np.r_[starts, len(residual)])
         medians = np.array([np.median(part) for part in np.split(residual, starts[1:])])
-        within = residual - np.repeat(medians, np.diff(np.r_[starts, len(residual)]))
+        within = residual - np.repeat(medians, lengths)
         noise = {"all": np.quantile(within, NOISE_LEVELS)}
-        run_layouts = layout[starts]
+        # A run has one layout: name it once per run, not once per step.
+        parallel = X[order[starts]][:, [FEATURES.index("data_parallel_size"),
+                                         FEATURES.index("tensor_parallel_size")]]
+        run_layouts = np.array([jitter_class(dp, tp) for dp, tp in parallel])
+        step_layouts = np.repeat(run_layouts, lengths)
         for name in np.unique(run_layouts):
             if (run_layouts == name).sum() >= MIN_JITTER_RUNS:
-                noise[str(name)] = np.quantile(within[layout == name], NOISE_LEVELS)
+                noise[str(name)] = np.quantile(within[step_layouts == name], NOISE_LEVELS)
         return noise
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
