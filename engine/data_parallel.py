@@ -5,13 +5,15 @@ budget divided between replicas. Replicas are started as `python -m engine.dp_wo
 connect back over a local authenticated socket: unlike multiprocessing's spawn, this never
 re-imports the caller's main module, so scripts need no `if __name__ == "__main__"` guard. The front
 has the `LLMEngine` interface the `LLM` class and the server use (`add_request`, `step`,
-`abort_request`, `score`, step observers); it sends each new request to the replica with the
-fewest outstanding ones, and `step()` returns whatever outputs the replicas have produced.
+`abort_request`, `score`, step observers); it validates each new request itself and sends it to
+the replica with the fewest outstanding ones without waiting for a reply (a busy replica reads it
+between steps), and `step()` returns whatever outputs the replicas have produced.
 Replicas step on their own, so N of them overlap where one engine would run serially.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import subprocess
@@ -24,13 +26,15 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.llm_engine import InvalidRequestError
+from engine.llm_engine import InvalidRequestError, validate_request
 from engine.model_config import ModelConfig
 from engine.model_runner import available_host_memory
 from engine.observer import StepObserver
 from engine.sampling_params import SamplingParams
-from engine.sequence import RequestOutput
+from engine.sequence import RequestMetrics, RequestOutput
 from engine.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 # How long one `step()` waits for the replicas before returning nothing.
 POLL_S = 0.05
@@ -66,7 +70,7 @@ def _serve(config: EngineConfig, conn: Connection, index: int) -> None:
         conn.send(("failed", repr(err)))
         return
     engine.add_step_observer(lambda stats: conn.send(("stats", replace(stats, replica=index))))
-    conn.send(("ready", None))
+    conn.send(("ready", engine.max_model_len))
     while True:
         # Block for a command only when idle; between steps just look.
         while conn.poll(0 if engine.has_unfinished_requests() else None):
@@ -75,12 +79,13 @@ def _serve(config: EngineConfig, conn: Connection, index: int) -> None:
                 engine.close()
                 return
             if kind == "add":
-                request_id, prompt, params, priority = payload
+                # No acknowledgement: the front validated the request already, and waiting for
+                # one would hold the front for a whole step whenever this replica is busy.
+                request_id, prompt, params, arrival_time, priority = payload
                 try:
-                    engine.add_request(request_id, prompt, params, priority=priority)
-                    conn.send(("added", (request_id, None)))
+                    engine.add_request(request_id, prompt, params, arrival_time, priority)
                 except InvalidRequestError as err:
-                    conn.send(("added", (request_id, (err.field, err.message))))
+                    conn.send(("rejected", (request_id, err.field, err.message)))
             elif kind == "abort":
                 output = engine.abort_request(payload)
                 if output is not None:
@@ -130,12 +135,15 @@ class DataParallelEngine:
                 conn = listener.accept()
                 conn.send(replica_config)
                 self._replicas.append(_Replica(process, conn, set()))
+        limits = []
         for i, replica in enumerate(self._replicas):
             kind, detail = replica.conn.recv()
             if kind == "failed":
                 self.close()
                 raise RuntimeError(f"data-parallel replica {i} failed to start: {detail}")
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+            limits.append(detail)
+        # What every replica's KV cache holds, so the front refuses what a replica would.
+        self.max_model_len: int = min(limits)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -148,12 +156,14 @@ class DataParallelEngine:
         request_id = str(request_id)
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        params = params if params is not None else SamplingParams()
+        validate_request(prompt, params, priority, self.tokenizer, self.model_config.vocab_size,
+                         self.max_model_len)
+        arrival_time = arrival_time if arrival_time is not None else time.perf_counter()
         index = min(range(len(self._replicas)), key=lambda i: len(self._replicas[i].outstanding))
         replica = self._replicas[index]
-        replica.conn.send(("add", (request_id, prompt, params or SamplingParams(), priority)))
-        _, error = self._wait("added", index, lambda detail: detail[0] == request_id)
-        if error is not None:
-            raise InvalidRequestError(*error)
+        # perf_counter is the system-wide monotonic clock on Linux, so the replica can keep it.
+        replica.conn.send(("add", (request_id, prompt, params, arrival_time, priority)))
         replica.outstanding.add(request_id)
         self.requests[request_id] = index
         return request_id
@@ -200,6 +210,14 @@ class DataParallelEngine:
             elif kind == "stats":
                 for observer in self.observers:
                     observer(detail)
+            elif kind == "rejected":  # validated here first, so a replica refusing is a bug
+                request_id, field, message = detail
+                logger.error("data-parallel replica %d refused request %s: %s: %s", index, request_id,
+                             field, message)
+                self.requests.pop(request_id, None)
+                self._replicas[index].outstanding.discard(request_id)
+                outputs.append(RequestOutput(request_id, None, [], [], "", True, "abort",
+                                             RequestMetrics(arrival_time=time.perf_counter())))
             else:
                 self._pending.append((kind, index, detail))
         return outputs

@@ -9,6 +9,7 @@ import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +35,41 @@ class InvalidRequestError(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+def validate_request(prompt: str | list[int], params: SamplingParams, priority: int, tokenizer: Any,
+                     vocab_size: int, max_model_len: int) -> list[int]:
+    """The prompt's token ids, or an `InvalidRequestError` naming what is wrong. One function for
+    every front that takes requests, so a data-parallel front refuses exactly what a replica would."""
+    token_ids = validate_prompt(prompt, tokenizer, vocab_size, max_model_len)
+    try:
+        params.validate()
+    except (TypeError, ValueError) as err:
+        field = str(err).split(" ", 1)[0]
+        raise InvalidRequestError(field, str(err)) from err
+    if not isinstance(priority, int):
+        raise InvalidRequestError("priority", f"must be an integer, got {priority!r}")
+    return token_ids
+
+
+def validate_prompt(prompt: str | list[int], tokenizer: Any, vocab_size: int, max_model_len: int) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise InvalidRequestError("prompt", "must not be empty")
+        token_ids = tokenizer.encode(prompt)
+        field = "prompt"
+    else:
+        token_ids = list(prompt)
+        field = "prompt_token_ids"
+        if not token_ids:
+            raise InvalidRequestError(field, "must not be empty")
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+                raise InvalidRequestError(
+                    f"{field}[{i}]", f"token id {t!r} is outside the vocabulary (0..{vocab_size - 1})")
+    if len(token_ids) > max_model_len:
+        raise InvalidRequestError(field, f"has {len(token_ids)} tokens, more than max_model_len={max_model_len}")
+    return token_ids
 
 
 @dataclass
@@ -131,14 +167,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         params = params if params is not None else SamplingParams()
-        token_ids = self._validate_prompt(prompt)
-        try:
-            params.validate()
-        except (TypeError, ValueError) as err:
-            field = str(err).split(" ", 1)[0]
-            raise InvalidRequestError(field, str(err)) from err
-        if not isinstance(priority, int):
-            raise InvalidRequestError("priority", f"must be an integer, got {priority!r}")
+        token_ids = validate_request(prompt, params, priority, self.tokenizer,
+                                     self.model_config.vocab_size, self.max_model_len)
         seq = Sequence(request_id, token_ids, params,
                        arrival_time if arrival_time is not None else time.perf_counter(),
                        priority=priority, prompt=prompt if isinstance(prompt, str) else None)
@@ -147,27 +177,6 @@ class LLMEngine:
         self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
         self.scheduler.add(seq)
         return request_id
-
-    def _validate_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-            field = "prompt"
-        else:
-            token_ids = list(prompt)
-            field = "prompt_token_ids"
-            if not token_ids:
-                raise InvalidRequestError(field, "must not be empty")
-            vocab = self.model_config.vocab_size
-            for i, t in enumerate(token_ids):
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                    raise InvalidRequestError(
-                        f"{field}[{i}]", f"token id {t!r} is outside the vocabulary (0..{vocab - 1})")
-        if len(token_ids) > self.max_model_len:
-            raise InvalidRequestError(
-                field, f"has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
-        return token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self.scheduler.abort(request_id, now=time.perf_counter())
@@ -250,7 +259,8 @@ class LLMEngine:
 
         Uses free KV blocks and returns them; it may evict cached prefixes, never running requests.
         """
-        token_ids = self._validate_prompt(list(token_ids))
+        token_ids = validate_prompt(list(token_ids), self.tokenizer, self.model_config.vocab_size,
+                                    self.max_model_len)
         seq = Sequence(f"score-{next(self._ids)}", token_ids, SamplingParams(max_tokens=1), 0.0)
         if not self.block_manager.can_allocate(seq, len(token_ids)):
             raise RuntimeError(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from engine import EngineConfig, LLM, SamplingParams
@@ -36,6 +40,51 @@ def test_bad_input_is_refused_by_name_and_the_front_keeps_serving(dp):
     with pytest.raises(InvalidRequestError, match="max_model_len"):
         dp.generate(["x" * 5000], GREEDY)
     assert len(dp.generate(["still here"], GREEDY)[0].token_ids) == 12
+
+
+def test_adding_a_request_never_waits_for_a_busy_replica(dp):
+    """A replica reads new requests between steps; a front that waited for its reply would stall
+    every other replica (and the server) for a step per request, and trickle prefills in one by
+    one, which the planner's simulator does not do. A stopped replica is the busiest there is."""
+    engine = dp.engine
+    stopped = engine._replicas[0].process.pid
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        start = time.perf_counter()
+        ids = [engine.add_request(None, [5, 6, 7, i + 10], GREEDY) for i in range(4)]
+        assert time.perf_counter() - start < 1.0
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    finished = set()
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+    assert finished == set(ids)
+
+
+def test_the_front_refuses_what_a_replica_would(model_dir):
+    """A replica whose KV cache holds fewer tokens than the model's positions lowers its
+    max_model_len; the front takes the replicas' limit, so it refuses such a prompt itself."""
+    config = EngineConfig(model=model_dir, dtype="float32", data_parallel_size=2, num_threads=2,
+                          num_kv_blocks=8)
+    with LLM(config) as llm:
+        assert llm.engine.max_model_len == 8 * config.block_size < llm.engine.model_config.max_position_embeddings
+        with pytest.raises(InvalidRequestError, match="max_model_len=128") as err:
+            llm.engine.add_request(None, list(range(1, 140)), GREEDY)
+        assert err.value.field == "prompt_token_ids"
+        assert len(llm.generate([[1, 2, 3]], GREEDY)[0].token_ids) == 12
+
+
+def test_a_replica_refusing_a_request_finishes_it_rather_than_the_front(dp):
+    """The front validates first, so this takes a request sent around the front."""
+    engine = dp.engine
+    engine._replicas[1].conn.send(("add", ("around", [99999], GREEDY, time.perf_counter(), 0)))
+    engine.requests["around"] = 1
+    engine._replicas[1].outstanding.add("around")
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("around", "abort")]
+    assert len(dp.generate(["still serving"], GREEDY)[0].token_ids) == 12
 
 
 def test_abort_stream_and_score(dp):
