@@ -148,6 +148,7 @@ class ScenarioResult:
     overspend_clipped: float
     search_s: float
     error: str | None = None  # the plan did not run
+    predicted_chance: float | None = None  # the plan's estimated chance of meeting every SLO
 
 
 @dataclass
@@ -157,6 +158,7 @@ class BenchResult:
     scenarios: list[ScenarioResult]
     calibration: dict[str, Any]  # runs per model, the fit's held-out accuracy
     success_rate: float
+    expected_success: float  # the plans' estimated chances, averaged: what success should be
     # Over the scenarios whose plan met its SLOs (a plan that missed has no overspend to speak
     # of): clipped at 0 (the headline) and as measured.
     median_overspend: float
@@ -191,6 +193,7 @@ def summarize(preset: str, settings: dict[str, Any], scenarios: list[ScenarioRes
     return BenchResult(
         preset=preset, settings=settings, scenarios=scenarios, calibration=calibration,
         success_rate=len(met) / len(scenarios) if scenarios else math.nan,
+        expected_success=_mean([s.predicted_chance for s in scenarios if s.predicted_chance is not None]),
         median_overspend=_median([s.overspend_clipped for s in met]),
         mean_overspend=_mean([s.overspend_clipped for s in met]),
         median_overspend_raw=_median([s.overspend for s in met]),
@@ -316,7 +319,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         measured={k: v for k, v in got.items() if k in (*keys, "throughput_tok_s", "request_rate")},
         predicted_cost=chosen.cost_per_million, measured_cost=measured_cost, met=met,
         overspend=raw, overspend_clipped=max(0.0, raw) if math.isfinite(raw) else raw,
-        search_s=result.seconds, error=error)
+        search_s=result.seconds, error=error, predicted_chance=plan.chance)
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,

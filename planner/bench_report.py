@@ -52,7 +52,8 @@ def summary_line(result: BenchResult) -> str:
     predicted = sum(s.predicted_feasible for s in result.scenarios)
     return (f"Met every SLO when launched: [{'green' if ok else 'red'}]{result.success_rate:.0%}[/] of "
             f"{len(result.scenarios)} scenarios (LLM-Pilot {ANCHOR_SUCCESS:.0%}, target >= {TARGET_SUCCESS:.0%}; "
-            f"the search predicted a feasible plan in {predicted}). "
+            f"the search predicted a feasible plan in {predicted}, and put the chance of success at "
+            f"{result.expected_success:.0%} on average). "
             f"Overspend vs the cheapest truly feasible grid configuration, over the plans that met: "
             f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
             f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "

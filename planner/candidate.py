@@ -64,6 +64,9 @@ class Candidate:
     cost_per_hour: float = math.inf
     output_tokens_per_s: float = 0.0
     trial: int | None = None
+    # The estimated chance every SLO holds when launched (the cost model's held-out errors,
+    # SLOs taken as independent); what picks the closest plan when none is predicted feasible.
+    slo_chance: float = 0.0
 
     @property
     def feasible(self) -> bool:
@@ -129,6 +132,14 @@ def improved(more: Candidate, one: Candidate) -> bool:
 
 def total_violation(candidate: Candidate) -> float:
     return sum(max(0.0, v) for v in candidate.violations.values())
+
+
+def closest(candidates: list[Candidate], slos: list[SLO]) -> Candidate:
+    """When none is predicted feasible: the one that runs and serves the load, most likely to
+    meet every SLO; then the least total violation."""
+    keys = {s.key for s in slos}
+    return min(candidates, key=lambda c: (sum(max(0.0, v) for k, v in c.violations.items() if k not in keys),
+                                          -c.slo_chance, total_violation(c)))
 
 
 

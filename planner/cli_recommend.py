@@ -46,11 +46,12 @@ def print_result(result: Any, plan: Any) -> None:
                   f"of a space of {result.space_size:,} configurations in {result.seconds:.1f} s.")
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
+    chance = f" (an estimated {plan.chance:.0%} chance of meeting every SLO)" if plan.chance is not None else ""
     if plan.feasible:
-        console.print(f"[bold green]Plan:[/bold green] {result.best.describe()}")
+        console.print(f"[bold green]Plan:[/bold green] {result.best.describe()}{chance}")
     else:
         console.print(f"[bold red]No configuration meets every target.[/bold red] {plan.binding} binds; "
-                      f"the closest: {result.best.describe()}")
+                      f"the one most likely to: {result.best.describe()}{chance}")
     for check in plan.checks:
         colour = "green" if check.met else "red"
         console.print(f"  {check.slo}: predicted {_ms(check.predicted_s)} "

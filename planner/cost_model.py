@@ -167,6 +167,20 @@ class CostModel:
             log_ratio = float(np.interp(confidence, QUANTILE_LEVELS, levels))
         return value * float(np.exp(log_ratio))
 
+    def chance_under(self, metric: str, value: float, limit: float, seen_model: bool = True) -> float:
+        """The chance `metric` stays under `limit` given the prediction `value` (the inverse of
+        `bound`): 0 or 1 beyond the 1st and 99th percentiles of the held-out errors."""
+        if not (value > 0 and limit > 0):
+            return 1.0 if value <= limit else 0.0
+        kind = self._kind(seen_model)
+        levels = self.quantiles.get(kind, {}).get(metric)
+        log_ratio = float(np.log(limit / value))
+        if levels is None:
+            low, high = self.intervals[kind][metric]
+            sigma = (high - low) / 2 / statistics.NormalDist().inv_cdf(0.5 + COVERAGE / 2)
+            return statistics.NormalDist((low + high) / 2, max(sigma, 1e-9)).cdf(log_ratio)
+        return float(np.interp(log_ratio, np.maximum.accumulate(levels), QUANTILE_LEVELS, left=0.0, right=1.0))
+
     def to_dict(self) -> dict[str, Any]:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
                 "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},

@@ -89,6 +89,9 @@ class Plan(_Strict):
     confidence: float = Field(0.8, gt=0, lt=1, description="the chance of meeting every SLO it was "
                                                           "planned for")
     feasible: bool = Field(description="every SLO, the rate and the memory fit are predicted to hold")
+    chance: float | None = Field(None, ge=0, le=1, description="the estimated chance it meets every "
+                                                              "SLO when launched (the cost model's "
+                                                              "held-out errors)")
     binding: str | None = Field(None, description="the constraint closest to (or past) its limit")
     checks: list[PlanCheck]
     predicted: dict[str, PredictedMetric] = Field(description="per replica, in seconds and tokens/s")
@@ -171,7 +174,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
             predicted[key] = PredictedMetric(value=prediction.metrics[key], low=low, high=high)
     notes = [*result.notes, *(prediction.notes if prediction else [])]
     if not result.feasible:
-        notes.insert(0, f"no configuration tried meets every target; this is the closest, and "
+        notes.insert(0, f"no configuration tried meets every target; this is the one most likely to, and "
                         f"{best.binding} binds")
     launch = {"vllm": as_shell(vllm_args(best.config)), "sglang": as_shell(sglang_args(best.config))}
     notes += [f"launch: {n}" for n in export_notes(best.config)]
@@ -185,7 +188,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
         workload=search.workload,
         load=PlanLoad(kind=req.load_kind, value=req.load_value, per_replica=best.per_replica_load or req.load_value),
         slos=[str(s) for s in req.slos], objective=req.objective, confidence=req.confidence,
-        feasible=result.feasible,
+        feasible=result.feasible, chance=best.slo_chance if prediction is not None else None,
         binding=best.binding, checks=checks, predicted=predicted,
         cost=PlanCost(per_hour_usd=best.cost_per_hour,
                       per_million_output_tokens_usd=(best.cost_per_million

@@ -31,8 +31,8 @@ from engine.quantization import check_scheme
 from planner import hardware as hw
 from planner.cost_model import CostModel
 from planner.fit_data import METRICS
-from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, improved, rank,
-                               total_violation, pareto_front)
+from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, closest, improved,
+                               pareto_front, rank)
 from planner.predict import Prediction, Predictor
 from planner.profiler import base_config
 from planner.search_space import SearchSpace, SearchSpaceError
@@ -71,6 +71,12 @@ def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) 
     value = prediction.metrics[key]
     metric = key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
     return model.bound(metric, value, level, seen_model=prediction.seen_model)
+
+
+def slo_chance(prediction: Prediction, key: str, model: CostModel, limit_s: float) -> float:
+    """The chance `key` stays under `limit_s` (the inverse of `slo_bound`)."""
+    metric = key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
+    return model.chance_under(metric, prediction.metrics[key], limit_s, seen_model=prediction.seen_model)
 
 
 class Search:
@@ -187,9 +193,11 @@ class Search:
         out = Candidate(candidate.hardware, candidate.config, candidate.params, replicas,
                         candidate.devices_per_replica, prediction, load)
         violations = {"valid": 0.0, "memory": 0.0}
+        out.slo_chance = 1.0
         for slo in req.slos:
             violations[slo.key] = slo_bound(prediction, slo.key, self.cost_model,
                                             req.slo_level) / slo.limit_s - 1
+            out.slo_chance *= slo_chance(prediction, slo.key, self.cost_model, slo.limit_s)
         if req.load_kind == "rate":
             violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
             out.output_tokens_per_s = req.load_value * self.mean_output_tokens
@@ -232,7 +240,7 @@ class Search:
                 break  # more replicas do not help: a latency floor, not a load problem
             replicas = min(max_replicas, replicas * 2)
         if high is None:
-            return min(scored.values(), key=total_violation)
+            return closest(list(scored.values()), self.requirement.slos)
         while high - low > 1:
             mid = (low + high) // 2
             scored[mid] = self._score(candidate, predictor, mid)
@@ -319,7 +327,7 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
         best, ok = confirmed[0], True
     else:
         pool = finalists or [c for c in distinct if c.prediction is not None] or distinct
-        best, ok = min(pool, key=total_violation), False
+        best, ok = closest(pool, req.slos), False
     default = search.evaluate(names[0], _default_point(search, names[0]), full=True)
     if storage is not None:
         optuna.copy_study(from_study_name=name, from_storage=memory, to_storage=storage,

@@ -153,7 +153,7 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0) -> ScenarioRes
         default_feasible=True, default_ratio=default_ratio, recommended="int8 seqs8 tok512",
         replicas=1, predicted_feasible=True, binding="itl_p95", predicted={"itl_p95": 0.004},
         measured={"itl_p95": 0.0045}, predicted_cost=1.0, measured_cost=1.0 + over, met=met,
-        overspend=over, overspend_clipped=max(0.0, over), search_s=1.0)
+        overspend=over, overspend_clipped=max(0.0, over), search_s=1.0, predicted_chance=0.6 if met else 0.2)
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
@@ -161,6 +161,7 @@ def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
                  _scenario(False, -0.50, default_ratio=4.0)]
     result = summarize("quick", {}, scenarios, {}, 1.0, "/tmp/x")
     assert result.success_rate == pytest.approx(0.75)
+    assert result.expected_success == pytest.approx((0.6 * 3 + 0.2) / 4)
     assert result.median_overspend == pytest.approx(0.10)  # clipped: 0.10, 0, 0.30
     assert result.mean_overspend == pytest.approx(0.40 / 3)
     assert result.median_overspend_raw == pytest.approx(0.10)

@@ -161,6 +161,19 @@ def test_bounds_hold_a_metric_to_any_confidence_as_held_out_errors_did(profiled,
             fitted.bound("ttft_p95", 0.01, bad)
 
 
+def test_the_chance_of_staying_under_a_limit_inverts_the_bound(profiled, fitted):
+    for metric in cost_model.METRICS:
+        for seen in (True, False):
+            for confidence in (0.2, 0.5, 0.9):
+                limit = fitted.bound(metric, 0.01, confidence, seen_model=seen)
+                assert fitted.chance_under(metric, 0.01, limit, seen_model=seen) == pytest.approx(confidence, abs=0.011)
+            # Far past the held-out errors either way: certain, and hopeless.
+            assert fitted.chance_under(metric, 0.01, 1000.0, seen) == 1.0
+            assert fitted.chance_under(metric, 0.01, 1e-6, seen) == 0.0
+    old = dataclasses.replace(fitted, quantiles={})
+    assert old.chance_under("ttft_p95", 0.01, old.bound("ttft_p95", 0.01, 0.7)) == pytest.approx(0.7)
+
+
 def test_fit_needs_runs(tmp_path):
     with pytest.raises(cost_model.FitError, match="0 usable runs"):
         cost_model.fit(Store(f"sqlite:///{tmp_path / 'empty.db'}"))

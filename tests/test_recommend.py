@@ -89,6 +89,22 @@ def test_an_impossible_target_names_the_binding_slo_and_the_closest_configuratio
     assert not plan.feasible and plan.binding == "ttft_p95"
     assert "ttft_p95 binds" in plan.notes[0]
     assert [c.met for c in plan.checks] == [False, True]
+    assert plan.chance == result.best.slo_chance
+
+
+def test_with_nothing_feasible_the_plan_is_the_one_most_likely_to_meet_the_slos(profiled, fitted):
+    _, (model_dir, _) = profiled
+    # Within reach of some configurations at a low chance, none at the plan's 80%.
+    probe = run_search(_search(fitted, model_dir), trials=16)
+    ttft = min(c.prediction.metrics["ttft_p95"] for c in probe.candidates if c.prediction is not None)
+    search = _search(fitted, model_dir, slos=f"ttft_p95<={ttft * 0.85 * 1000:.4f}ms,itl_p95<=10s")
+    result = run_search(search, trials=16)
+    assert not result.feasible
+    pool = result.finalists or [c for c in result.candidates if c.prediction is not None]
+    runnable = [c for c in pool if c.valid]
+    assert result.best.slo_chance == max(c.slo_chance for c in runnable)
+    assert 0.0 < result.best.slo_chance < 0.8
+    assert len({round(c.slo_chance, 3) for c in runnable}) > 1  # the choice was a real one
 
 
 def test_replicas_are_the_fewest_the_rate_needs(profiled, fitted):
