@@ -103,7 +103,8 @@ def test_with_nothing_feasible_the_plan_is_the_one_most_likely_to_meet_the_slos(
     pool = result.finalists or [c for c in result.candidates if c.prediction is not None]
     runnable = [c for c in pool if c.valid]
     assert result.best.slo_chance == max(c.slo_chance for c in runnable)
-    assert 0.0 < result.best.slo_chance < 0.8
+    # ITL is all but certain, so the chance is TTFT's, below the level each SLO is held to.
+    assert 0.0 < result.best.slo_chance < search.requirement.slo_level
     assert len({round(c.slo_chance, 3) for c in runnable}) > 1  # the choice was a real one
 
 
