@@ -142,7 +142,6 @@ def closest(candidates: list[Candidate], slos: list[SLO]) -> Candidate:
                                           -c.slo_chance, total_violation(c)))
 
 
-
 def pareto_front(candidates: list[Candidate], slos: list[SLO]) -> list[Candidate]:
     """Feasible candidates not beaten on both cost per million tokens and the first SLO's
     predicted value (the latency axis of the cost-latency plot)."""

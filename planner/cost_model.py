@@ -148,6 +148,13 @@ class CostModel:
     def _kind(self, seen_model: bool) -> str:
         return "run" if seen_model or "model" not in self.intervals else "model"
 
+    def _log_normal(self, kind: str, metric: str) -> statistics.NormalDist:
+        """For a model saved before the quantiles were: the errors as a normal in log space,
+        through its stored interval."""
+        low, high = self.intervals[kind][metric]
+        sigma = (high - low) / 2 / statistics.NormalDist().inv_cdf(0.5 + COVERAGE / 2)
+        return statistics.NormalDist((low + high) / 2, max(sigma, 1e-9))
+
     def interval(self, metric: str, value: float, seen_model: bool = True) -> tuple[float, float]:
         low, high = self.intervals[self._kind(seen_model)][metric]
         return value * float(np.exp(low)), value * float(np.exp(high))
@@ -159,10 +166,8 @@ class CostModel:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
         kind = self._kind(seen_model)
         levels = self.quantiles.get(kind, {}).get(metric)
-        if levels is None:  # a model saved before the quantiles were: a normal in log space
-            low, high = self.intervals[kind][metric]
-            z = statistics.NormalDist().inv_cdf
-            log_ratio = (low + high) / 2 + (high - low) / 2 / z(0.5 + COVERAGE / 2) * z(confidence)
+        if levels is None:
+            log_ratio = self._log_normal(kind, metric).inv_cdf(confidence)
         else:
             log_ratio = float(np.interp(confidence, QUANTILE_LEVELS, levels))
         return value * float(np.exp(log_ratio))
@@ -176,9 +181,7 @@ class CostModel:
         levels = self.quantiles.get(kind, {}).get(metric)
         log_ratio = float(np.log(limit / value))
         if levels is None:
-            low, high = self.intervals[kind][metric]
-            sigma = (high - low) / 2 / statistics.NormalDist().inv_cdf(0.5 + COVERAGE / 2)
-            return statistics.NormalDist((low + high) / 2, max(sigma, 1e-9)).cdf(log_ratio)
+            return self._log_normal(kind, metric).cdf(log_ratio)
         return float(np.interp(log_ratio, np.maximum.accumulate(levels), QUANTILE_LEVELS, left=0.0, right=1.0))
 
     def to_dict(self) -> dict[str, Any]:

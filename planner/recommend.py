@@ -68,15 +68,18 @@ class SearchResult:
 def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) -> float:
     """What `key` (e.g. "ttft_p95") stays under with probability `level`, by the held-out errors
     of the cost model; a statistic the cost model was not judged on borrows the nearest one's."""
-    value = prediction.metrics[key]
-    metric = key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
-    return model.bound(metric, value, level, seen_model=prediction.seen_model)
+    return model.bound(_judged_as(key), prediction.metrics[key], level, seen_model=prediction.seen_model)
 
 
 def slo_chance(prediction: Prediction, key: str, model: CostModel, limit_s: float) -> float:
     """The chance `key` stays under `limit_s` (the inverse of `slo_bound`)."""
-    metric = key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
-    return model.chance_under(metric, prediction.metrics[key], limit_s, seen_model=prediction.seen_model)
+    return model.chance_under(_judged_as(key), prediction.metrics[key], limit_s,
+                              seen_model=prediction.seen_model)
+
+
+def _judged_as(key: str) -> str:
+    """The metric whose held-out errors stand for `key`'s: itself, or the nearest judged one."""
+    return key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
 
 
 class Search:
