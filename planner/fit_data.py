@@ -39,7 +39,7 @@ class RunData:
     load_value: float
     requests: list[SimRequest]
     measured: dict[str, float]
-    steps: dict[str, np.ndarray]  # COMPOSITION columns and "period_s"
+    steps: dict[str, np.ndarray]  # COMPOSITION columns, "busy_peers" and "period_s"
     num_kv_blocks: int
     max_model_len: int
     acceptance_rate: float | None
@@ -94,6 +94,26 @@ def step_periods(start_s: np.ndarray, duration_s: np.ndarray, replica: np.ndarra
         period[index[:-1]] = np.where(busy, np.maximum(gaps, duration_s[index[:-1]]),
                                       duration_s[index[:-1]])
     return period
+
+
+def busy_peers(start_s: np.ndarray, period_s: np.ndarray, replica: np.ndarray) -> np.ndarray:
+    """How many other replicas were mid-step during each step, averaged over the step: replica
+    processes share the machine's cores and memory bandwidth, so a step is slower while its
+    peers are working than while they wait (about 15% on a 2-core host)."""
+    peers = np.zeros(len(start_s))
+    for r in np.unique(replica):
+        mine = np.flatnonzero(replica == r)
+        mine = mine[np.argsort(start_s[mine], kind="stable")]
+        begins = start_s[mine]
+        ends = np.minimum(begins + period_s[mine], np.r_[begins[1:], np.inf])
+        # Replica r's busy time up to t, as a piecewise-linear function through its step edges.
+        knots = np.column_stack([begins, ends]).ravel()
+        worked = np.column_stack([np.r_[0.0, np.cumsum(ends - begins)[:-1]],
+                                  np.cumsum(ends - begins)]).ravel()
+        others = replica != r
+        a, b = start_s[others], start_s[others] + period_s[others]
+        peers[others] += (np.interp(b, knots, worked) - np.interp(a, knots, worked)) / np.maximum(b - a, 1e-12)
+    return np.clip(peers, 0.0, max(len(np.unique(replica)) - 1, 0))
 
 
 def _prompts(run: Run, vocab_size: int, rows: list[RequestRow]) -> list[tuple[int, ...]]:
@@ -165,6 +185,7 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
     # Open loop: with nothing left in the engine, the gap to the next step is waiting, not work.
     idle = (running + waiting == 0) if load_kind == "rate" else np.zeros(len(rows), dtype=bool)
     steps["period_s"] = step_periods(start, duration, replica, idle)
+    steps["busy_peers"] = busy_peers(start, steps["period_s"], replica)
     steps["kv_blocks_total"] = blocks
     return steps
 

@@ -24,7 +24,8 @@ from engine.sequence import Sequence
 from engine.spec_decode import draft_budget
 from planner.slo import SLO, RequestLatency, goodput, summarize
 
-StepTime = Callable[[StepComposition], float]
+# (a step's composition, how many other replicas are working meanwhile) -> seconds
+StepTime = Callable[[StepComposition, int], float]
 PLACEHOLDER_TOKEN = 0
 
 
@@ -148,7 +149,11 @@ class Simulator:
             composition = out.composition()
             if record:
                 compositions.append(composition)
-            replica.clock += self.step_time(composition)
+            # Peers working during this step: those with work, and those whose last step ran
+            # past this replica's clock (finished "later", so busy for part of this step).
+            peers = sum(1 for r in replicas if r is not replica
+                        and (r.clock > replica.clock or r.scheduler.has_unfinished()))
+            replica.clock += self.step_time(composition, peers)
             done = replica.scheduler.update(out, self._sample(out, rng), replica.clock)
             self._propose(replica.scheduler)
             steps += 1

@@ -29,7 +29,10 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 PHYSICS = ("step", "seq", "layer_pass", *TERMS)
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
 FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
-            "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size")
+            "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
+            # Last, so that trees saved before it existed index the same columns (and never
+            # split on it: they predict as if the other replicas were idle).
+            "busy_peers")
 
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
@@ -42,9 +45,12 @@ def jitter_class(data_parallel_size: float, tensor_parallel_size: float) -> str:
 
 def feature_matrix(deployment: Deployment, device: Device,
                    steps: Mapping[str, np.ndarray]) -> np.ndarray:
-    """[n, len(FEATURES)] for n steps of one deployment on one device."""
+    """[n, len(FEATURES)] for n steps of one deployment on one device. `steps` holds the
+    COMPOSITION columns and, for data-parallel deployments, "busy_peers" (`fit_data.busy_peers`:
+    how many other replicas were mid-step meanwhile; none if absent)."""
     comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
     n = len(comp["num_seqs"])
+    peers = np.asarray(steps["busy_peers"], dtype=float) if "busy_peers" in steps else np.zeros(n)
     terms = step_terms(deployment, device, comp["num_seqs"], comp["num_prefill_seqs"],
                        comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
                        comp["num_draft_tokens"])
@@ -60,7 +66,7 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
-               **{k: np.full(n, float(v)) for k, v in constants.items()}}
+               **{k: np.full(n, float(v)) for k, v in constants.items()}, "busy_peers": peers}
     return np.column_stack([columns[name] for name in FEATURES])
 
 
@@ -237,8 +243,9 @@ class StepTimeModel:
         return {name: float(coef[name]) for name in ("step", "seq", "layer_pass")}
 
     def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
-                  seed: int | None = 0) -> Callable[[StepComposition], float]:
-        """A fast function of one step's composition for one deployment (the simulator's clock):
+                  seed: int | None = 0) -> Callable[[StepComposition, int], float]:
+        """A fast function of one step's composition, and of how many other replicas are
+        working meanwhile, for one deployment (the simulator's clock):
         the typical time times a jitter drawn from the fitted step-to-step spread (`seed`
         None: no jitter).
 
@@ -258,14 +265,15 @@ class StepTimeModel:
                     block.extend(np.interp(draws.random(4096), levels, noise).tolist())
                 return block.pop()
 
-        def predict(c: StepComposition) -> float:
+        def predict(c: StepComposition, busy_peers: int = 0) -> float:
             context = c.context_tokens
             key = (c.num_seqs, c.num_prefill_seqs, c.num_prefill_tokens, c.num_decode_tokens,
-                   c.num_draft_tokens, context >> max(0, context.bit_length() - 6))
+                   c.num_draft_tokens, context >> max(0, context.bit_length() - 6), busy_peers)
             seconds = memo.get(key)
             if seconds is None:
-                row = feature_matrix(deployment, device, {name: np.array([getattr(c, name)])
-                                                          for name in COMPOSITION})
+                row = feature_matrix(deployment, device, {
+                    **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
+                    "busy_peers": np.array([busy_peers])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
             return seconds * jitter() if jitter is not None else seconds
 

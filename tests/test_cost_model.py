@@ -14,6 +14,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from engine import LLM, EngineConfig
 from engine.model_zoo import SHAPES
 from planner import cost_model
+from planner.fit_data import busy_peers
 from planner.load import run_load
 from planner.predict import predict
 from planner.roofline import Deployment, Device, ModelShape
@@ -107,6 +108,28 @@ def test_step_jitter_is_kept_per_process_layout():
     assert StepTimeModel.from_dict(stored).noise_.keys() == model.noise_.keys()
     stored["noise"] = stored["noise"]["all"]
     assert list(StepTimeModel.from_dict(stored).noise_) == ["all"]
+
+
+def test_busy_peers_is_the_other_replicas_work_during_each_step():
+    # Replica 0 steps over [0, 4) in 1 s steps; replica 1 over [1.5, 2.5) and [3.5, 5.5).
+    start = np.array([0.0, 1.0, 2.0, 3.0, 1.5, 3.5])
+    period = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    replica = np.array([0, 0, 0, 0, 1, 1])
+    peers = busy_peers(start, period, replica)
+    assert peers == pytest.approx([0.0, 0.5, 0.5, 0.5, 1.0, 0.25])
+    assert busy_peers(start[:4], period[:4], replica[:4]) == pytest.approx(np.zeros(4))
+
+
+def test_step_time_model_learns_that_working_peers_slow_a_step():
+    rng = np.random.default_rng(5)
+    X, y = _synthetic_steps(rng, 1500)
+    column = FEATURES.index("busy_peers")
+    X[:, column] = rng.integers(0, 2, len(X))
+    y = y * np.where(X[:, column] == 1, 1.2, 1.0)
+    model = StepTimeModel().fit(X, y)
+    alone, shared = X.copy(), X.copy()
+    alone[:, column], shared[:, column] = 0, 1
+    assert np.median(model.predict(shared) / model.predict(alone)) == pytest.approx(1.2, rel=0.05)
 
 
 def test_step_time_model_rejects_bad_training_data():

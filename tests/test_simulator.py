@@ -24,7 +24,7 @@ def _real_and_simulated(model_dir: str, config: dict, concurrency: int) -> tuple
     try:
         result = run_load(llm.engine, workload, "concurrency", concurrency, llm.engine.model_config.vocab_size)
         engine = llm.engine
-        simulator = Simulator(lambda c: 1e-3, SchedulerConfig.for_engine(engine_config, engine.max_model_len),
+        simulator = Simulator(lambda c, peers: 1e-3, SchedulerConfig.for_engine(engine_config, engine.max_model_len),
                               engine.block_manager.num_blocks, engine_config.block_size,
                               engine_config.enable_prefix_caching)
     finally:
@@ -73,7 +73,7 @@ def _simulator(step_s: float = 0.01, **kwargs) -> Simulator:
     config = SchedulerConfig(max_num_seqs=kwargs.pop("max_num_seqs", 8), max_num_batched_tokens=256,
                              max_model_len=512,
                              num_lookahead_tokens=kwargs.get("num_speculative_tokens", 0))
-    return Simulator(lambda c: step_s, config, num_kv_blocks=256, **kwargs)
+    return Simulator(lambda c, peers: step_s, config, num_kv_blocks=256, **kwargs)
 
 
 def test_latencies_on_a_constant_step_time():
@@ -106,6 +106,22 @@ def test_data_parallel_replicas_serve_side_by_side():
     assert two.duration_s == pytest.approx(0.1)  # one on each replica
 
 
+def test_a_replica_step_is_timed_knowing_how_many_peers_work_meanwhile():
+    # Replicas share the machine: the step-time model is told how many other replicas are busy.
+    peers_seen: list[int] = []
+    sim = _simulator(max_num_seqs=1, data_parallel_size=2)
+    sim.step_time = lambda c, peers: peers_seen.append(peers) or 0.01
+    requests = [SimRequest(tuple(range(i, i + 16)), 10 * (i + 1)) for i in range(2)]
+    sim.run(requests, concurrency=2)
+    # Both work for the first request's 10 steps, then the second's replica is alone for 10.
+    assert peers_seen.count(1) == 20 and peers_seen.count(0) == 10
+    alone = _simulator(max_num_seqs=1, data_parallel_size=2)
+    alone.step_time = lambda c, peers: peers_seen.append(peers) or 0.01
+    peers_seen.clear()
+    alone.run(requests, concurrency=1)  # one request at a time: a peer is never busy
+    assert set(peers_seen) == {0}
+
+
 @pytest.mark.parametrize("rate, tokens_per_step", [(1.0, 5), (0.0, 1)])
 def test_speculative_decoding_accepts_at_the_given_rate(rate, tokens_per_step):
     sim = _simulator(num_speculative_tokens=4, acceptance_rate=rate)
@@ -136,7 +152,7 @@ def test_per_position_acceptance_inverts_the_mean():
 
 def test_kv_pressure_is_reported():
     config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512)
-    sim = Simulator(lambda c: 0.001, config, num_kv_blocks=12, block_size=16)
+    sim = Simulator(lambda c, peers: 0.001, config, num_kv_blocks=12, block_size=16)
     result = sim.run([SimRequest(p, 40) for p in unique_prompts([60] * 6)], concurrency=6)
     assert result.kv_peak_fraction == pytest.approx(1.0, abs=0.1)
     assert result.num_preemptions > 0
@@ -160,7 +176,7 @@ def test_open_loop_needs_arrival_times():
 
 def test_step_time_sees_the_step_composition():
     seen: list[StepComposition] = []
-    sim = Simulator(lambda c: seen.append(c) or 0.001,
+    sim = Simulator(lambda c, peers: seen.append(c) or 0.001,
                     SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256), 64)
     sim.run([SimRequest(tuple(range(100)), 2)], concurrency=1)
     # 100 prompt tokens in chunks of 64: a partial prefill, the rest (first token), one decode.
