@@ -94,13 +94,16 @@ class Preset:
     # configuration starts worker processes, seconds apiece on a small machine.
     parallel: bool = True
     confidence: float = 0.8  # `pilot recommend --confidence`
+    # Runs per grid configuration and per plan, judged on each metric's median (`pilot recommend
+    # --repeats`): a single run on a shared host moves 10-20% with the host's slow spells.
+    repeats: int = 3
 
 
 PRESETS = {
     # About 2 minutes on a 2-core machine: a smoke run of the whole procedure on a space without
     # parallelism; its numbers are noisy.
     "quick": Preset(budget_s=15, grid_size=5, num_requests=48, trials=20, calibration_requests=24,
-                    folds=3, parallel=False),
+                    folds=3, parallel=False, repeats=1),
     # The real measurement, about 12-15 minutes on a 2-core machine.
     "default": Preset(budget_s=150, grid_size=12, num_requests=192, trials=100,
                       calibration_requests=48, folds=5),
@@ -272,7 +275,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
 
     # 1. Ground truth: the grid, measured at the scenario's workload and load.
     measured = measure_grid(truth, model_dir, workload, w.concurrency, configs,
-                            lambda text, _e: tell(f"{label}: grid {text}"))
+                            lambda text, _e: tell(f"{label}: grid {text}"), preset.repeats)
     grid = [GridPoint(describe_config(c), m or {}, cost_per_million(price, m["throughput_tok_s"]) if m else math.inf,
                       default=i == default_at, error=err)
             for i, (c, (m, err)) in enumerate(zip(configs, measured))]
@@ -300,7 +303,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     tell(f"{label}: verifying {describe_config(plan.engine)}")
     error, got = None, {}
     try:
-        verified = verify(truth, plan, lambda text, _e: tell(f"{label}: verify {text}"))
+        verified = verify(truth, plan, lambda text, _e: tell(f"{label}: verify {text}"),
+                          repeats=preset.repeats)
         got, met = verified.measured, verified.all_met
     except VerifyError as err:
         error, met = str(err), False
@@ -328,7 +332,8 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
                             models: Sequence[str] | None = None, seed: int = 0,
                             json_out: str | Path | None = None,
                             on_progress: Progress | None = None,
-                            confidence: float | None = None) -> BenchResult:
+                            confidence: float | None = None,
+                            repeats: int | None = None) -> BenchResult:
     """Calibrate, then per scenario measure the grid, derive SLOs, recommend, launch and measure.
     Explicit sizes override the preset's. `workdir` gets the models, the two stores and the
     plans; it must not hold the stores of an earlier run (a fresh temporary folder by default)."""
@@ -337,11 +342,11 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     p = PRESETS[preset]
     overrides = {"budget_s": budget_s, "grid_size": grid_size, "num_requests": num_requests,
                  "trials": trials, "models": tuple(models) if models is not None else None,
-                 "confidence": confidence}
+                 "confidence": confidence, "repeats": repeats}
     p = Preset(**{**asdict(p), **{k: v for k, v in overrides.items() if v is not None}})
     if not p.budget_s > 0:
         raise ValueError(f"budget: must be > 0, got {p.budget_s}")
-    for name in ("grid_size", "num_requests", "trials"):
+    for name in ("grid_size", "num_requests", "trials", "repeats"):
         if getattr(p, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(p, name)}")
     if not 0.0 < p.confidence < 1.0:

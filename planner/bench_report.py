@@ -24,7 +24,8 @@ def _pct(value: float) -> str:
 
 def results_table(result: BenchResult) -> Table:
     table = Table(title=f"Recommendations on held-out scenarios, launched and measured "
-                        f"({result.preset} preset, grid of {result.settings['grid_size']} per scenario)")
+                        f"({result.preset} preset, grid of {result.settings['grid_size']} per scenario, "
+                        f"medians of {result.settings.get('repeats', 1)} runs each)")
     for column in ("model", "workload", "SLOs", "recommended", "binding SLO: predicted / measured",
                    "met", "overspend", "default / best", "grid feasible"):
         table.add_column(column, justify="right" if column in ("overspend", "default / best",

@@ -22,6 +22,7 @@ from planner.profiler import config_row, hardware_row, model_row, profile, workl
 from planner.search_space import SearchSpace
 from planner.slo import SLO
 from planner.store import Campaign, Experiment, Run, Store, fingerprint
+from planner.verify import median_metrics, run_metrics
 from planner.workload import Workload
 
 # int4 groups the models' smallest input dimension (64 features) can hold, as the quickstart sets.
@@ -197,31 +198,37 @@ def grid_configs(space: SearchSpace, base: EngineConfig, size: int) -> tuple[lis
 
 def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: int,
                  configs: list[EngineConfig],
-                 on_progress: Callable[[str, float], None] | None = None) -> list[tuple[dict[str, float] | None, str | None]]:
-    """Measure every configuration at `concurrency` into `store` (a campaign of exactly these
-    experiments, so it resumes like any profile); (measured metrics or None, error) each."""
+                 on_progress: Callable[[str, float], None] | None = None,
+                 repeats: int = 1) -> list[tuple[dict[str, float] | None, str | None]]:
+    """Measure every configuration at `concurrency` `repeats` times back to back into `store` (a
+    campaign of exactly these experiments, so it resumes like any profile); (each metric's
+    median over the repeats or None, error) per configuration, as `verify` judges a plan."""
+    if repeats < 1:
+        raise ValueError(f"repeats: must be >= 1, got {repeats}")
     hardware, model, load = hardware_row(store), model_row(store, model_dir), workload_row(store, workload)
     rows = [config_row(store, c) for c in configs]
     key = fingerprint({"bench-recommend-grid": [r.fingerprint for r in rows], "model": model.fingerprint,
                        "workload": load.fingerprint, "hardware": hardware.fingerprint,
-                       "concurrency": concurrency})
+                       "concurrency": concurrency, "repeats": repeats})
     campaign = store.get_or_create(Campaign, key, hardware_id=hardware.id, model_id=model.id,
                                    workload_id=load.id, space={"bench_recommend_grid": len(rows)})
     with store.session() as session, session.begin():
         if session.scalar(select(Experiment.id).where(Experiment.campaign_id == campaign.id).limit(1)) is None:
-            session.add_all(Experiment(campaign_id=campaign.id, position=i, engine_config_id=row.id,
-                                       load_kind="concurrency", load_value=concurrency)
-                            for i, row in enumerate(rows))
+            session.add_all(Experiment(campaign_id=campaign.id, position=i * repeats + r,
+                                       engine_config_id=row.id, load_kind="concurrency",
+                                       load_value=concurrency)
+                            for i, row in enumerate(rows) for r in range(repeats))
     profile(store, campaign, workload, budget_s=math.inf, on_progress=on_progress)
     out: list[tuple[dict[str, float] | None, str | None]] = []
     with store.session() as session:
         experiments = list(session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)
                                            .order_by(Experiment.position)))
-        for exp in experiments:
-            run = session.scalar(select(Run).where(Run.experiment_id == exp.id))
-            if run is None:
-                out.append((None, exp.error or exp.status))
+        for i in range(len(rows)):
+            repeated = experiments[i * repeats:(i + 1) * repeats]
+            runs = [session.scalar(select(Run).where(Run.experiment_id == exp.id)) for exp in repeated]
+            missing = [exp for exp, run in zip(repeated, runs) if run is None]
+            if missing:
+                out.append((None, missing[0].error or missing[0].status))
             else:
-                out.append(({**run.latency, "throughput_tok_s": run.throughput_tok_s,
-                             "request_rate": run.request_rate}, None))
+                out.append((median_metrics([run_metrics(run) for run in runs]), None))
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -249,37 +249,38 @@ def quickstart(
     cli_fit.fit(db=db, folds=3, as_json=False, plot=None)
     console.rule("[bold]4/5 recommend, 5/5 verify")
     plan_file = workdir / "plan.yaml"
+    verified = None
     try:
-        cli_recommend.recommend(
+        verified = cli_recommend.recommend(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
-            verify=True, via="http", as_json=False, seed=0, db=db)
+            verify=True, via="http", repeats=3, as_json=False, seed=0, db=db)
     except typer.Exit as stop:
         if stop.exit_code:
             console.print("[red]no plan met the example targets[/red]; try looser --slo")
             raise
-    _quickstart_summary(workdir, plan_file, db)
+    if verified is not None:
+        _quickstart_summary(workdir, plan_file, db, verified)
 
 
-def _quickstart_summary(workdir: Path, plan_file: Path, db: str) -> None:
+def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: Any) -> None:
     from planner.plan import Plan
     from planner.store import Store
 
     plan, store = Plan.from_file(plan_file), Store(db)
-    run = store.runs()[-1]
-    held = all(run.latency[c.slo.split("<=")[0]] <= c.limit_s for c in plan.checks)
+    held, profiled = verified.all_met, len(store.runs()) - len(verified.run_ids)
     console.rule("[bold]summary")
     console.print(
-        f"pilot measured {len(store.runs()) - 1} runs of the engine on this machine, learned how long "
+        f"pilot measured {profiled} runs of the engine on this machine, learned how long "
         f"its steps take, and searched for the cheapest configuration that serves {plan.load.value:g} "
         f"clients at once within {', '.join(plan.slos)}.\n"
         f"  plan:      {plan_file} (quantization={plan.engine.quantization or 'none'}, "
         f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
         f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
         f"${plan.cost.per_hour_usd:.2f}/h\n"
-        f"  verified:  launched with pilot serve and measured over HTTP here; every SLO "
-        f"{'held' if held else 'did NOT hold'}\n"
+        f"  verified:  launched with pilot serve and measured over HTTP here, {len(verified.run_ids)} "
+        f"runs; every SLO {'held' if held else 'did NOT hold'} (medians of the runs)\n"
         f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
         f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
         f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "

@@ -94,6 +94,8 @@ def recommend(
     verify: bool = typer.Option(False, "--verify", help="launch the plan here and measure it"),
     via: str = typer.Option("engine", "--via", help="--verify measures the engine in process "
                                                      "(engine) or through pilot serve (http)"),
+    repeats: int = typer.Option(3, "--repeats", help="--verify runs the workload this many times "
+                                "back to back and judges each metric's median"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
@@ -114,6 +116,8 @@ def recommend(
 
     if via not in VIA:
         _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
+    if repeats < 1:
+        _fail(f"--repeats: must be >= 1, got {repeats}")
     for flag, path in (("--model", model), ("--draft", draft)):
         if path is not None and not path.is_dir():
             _fail(f"{flag}: model directory not found: {path}")
@@ -162,14 +166,15 @@ def recommend(
         console.print(f"Wrote {out}" + (f" and {plot}" if plot else "") +
                       (f"; study {result.study_name} in {store.url} (optuna-dashboard {store.url})"
                        if result.study_name else ""))
-    if verify:
-        verify_plan(store, out, via)
+    verified = verify_plan(store, out, via, repeats) if verify else None
     if not plan.feasible:
         raise typer.Exit(1)
+    return verified
 
 
-def verify_plan(store: Any, path: Path, via: str = "engine") -> bool:
-    """Launch the plan at `path`, measure it and print measured against predicted."""
+def verify_plan(store: Any, path: Path, via: str = "engine", repeats: int = 3) -> Any:
+    """Launch the plan at `path`, measure it and print measured against predicted; returns the
+    `VerifyResult`."""
     from planner.plan import Plan
     from planner.verify import VerifyError, verify
 
@@ -182,10 +187,12 @@ def verify_plan(store: Any, path: Path, via: str = "engine") -> bool:
             progress.update(task, description=f"verifying: {label[:70]}")
 
         try:
-            result = verify(store, plan, on_progress, via)
+            result = verify(store, plan, on_progress, via, repeats)
         except VerifyError as err:
             _fail(str(err))
-    table = Table(title=f"Verified on this machine (run {result.run_id} in the store)")
+    runs = (f"run {result.run_id}" if len(result.run_ids) <= 1
+            else f"runs {', '.join(str(i) for i in result.run_ids)}, medians shown")
+    table = Table(title=f"Verified on this machine ({runs} in the store)")
     for column in ("metric", "predicted", "80% interval", "measured", "error", "in interval"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for c in result.comparisons:
@@ -201,7 +208,7 @@ def verify_plan(store: Any, path: Path, via: str = "engine") -> bool:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print("Every SLO held." if result.all_met else "[red]Some SLO was missed.[/red] "
                   "The run is in the store: `pilot fit` learns from it.")
-    return result.all_met
+    return result
 
 
 @app.command()
@@ -237,6 +244,8 @@ def bench_recommend(
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="as pilot recommend's; "
                                                "default: the preset's"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per grid configuration and "
+                                          "per plan, judged on medians; default: the preset's"),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
 ) -> None:
@@ -259,7 +268,7 @@ def bench_recommend(
                 progress.update(task, description=text[:90], completed=done, total=total)
 
             result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
-                                             names, seed, out, on_progress, confidence)
+                                             names, seed, out, on_progress, confidence, repeats)
     except ValueError as err:
         _fail(str(err))
     print_results(result, Console())

@@ -10,6 +10,7 @@ conformal, so an 80% interval is as wide as 80% of held-out errors were.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -190,6 +191,21 @@ class CostModel:
                 "quantiles": self.quantiles}
 
 
+def run_folds(runs: list[RunData], folds: int, seed: int = 0) -> np.ndarray:
+    """Each run's cross-validation fold. Repeats of one measurement (same model, hardware,
+    configuration, load and requests: `pilot recommend --verify --repeats`) share a fold, or the
+    held-out error would be one repeat predicted from its twin, not a run the model never saw."""
+    index: dict[str, int] = {}
+    group = np.array([index.setdefault(_measurement_key(r), len(index)) for r in runs])
+    return np.random.default_rng(seed).permutation(np.arange(len(index)) % folds)[group]
+
+
+def _measurement_key(run: RunData) -> str:
+    lengths = [(len(q.prompt_token_ids), q.output_tokens) for q in run.requests]
+    return json.dumps([run.model_fingerprint, run.spec_name, run.config, run.deployment, run.load_kind,
+                       run.load_value, lengths], sort_keys=True, default=str)
+
+
 def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | None = None) -> CostModel:
     """Fit from every run in `store`; cross-validate by run and, with two models or more, by model."""
     runs = load_runs(store)
@@ -197,8 +213,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         raise FitError(f"the store {store.url} holds {len(runs)} usable runs; fitting needs at least "
                        f"{max(3, folds)} (run `pilot profile` first)")
     measured = np.array([[r.measured[m] for m in METRICS] for r in runs])
-    rng = np.random.default_rng(seed)
-    by_run_folds = rng.permutation(np.arange(len(runs)) % folds)
+    by_run_folds = run_folds(runs, folds, seed)
     predicted, step_errors = cross_validate(runs, by_run_folds, "cross-validation by run", on_progress)
     report: dict[str, Any] = {"by_run": {"folds": folds, **accuracy(measured, predicted, by_run_folds,
                                                                     step_errors)}}

@@ -1,7 +1,10 @@
 """`pilot recommend --verify`: launch a plan on this machine, replay its workload, and compare.
 
-The measurement is a profiling run like any other (a campaign of one experiment), so it lands in
-the store with its requests and steps and the next `pilot fit` learns from it. A plan of several
+The measurement is profiling runs like any other (a campaign of one experiment per repeat), so
+they land in the store with their requests and steps and the next `pilot fit` learns from them.
+The plan is run `repeats` times back to back on one engine and judged on each metric's median
+over the runs: on a shared host one slow spell (seconds long, a run is about that) moves a single
+run's percentiles by 20% or more, and would otherwise decide the verdict. A plan of several
 replicas is measured as one replica at its share of the load: replicas do not share anything, and
 this machine is one of them.
 """
@@ -9,6 +12,7 @@ this machine is one of them.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,16 +52,29 @@ class Comparison:
 
 @dataclass
 class VerifyResult:
-    run_id: int
+    run_id: int  # the first run
     campaign_id: int
-    measured: dict[str, float]
+    measured: dict[str, float]  # each metric's median over the runs
     comparisons: list[Comparison]
     slos: dict[str, tuple[float, float, bool]]  # slo -> (limit, measured, met)
     notes: list[str] = field(default_factory=list)
+    run_ids: list[int] = field(default_factory=list)
 
     @property
     def all_met(self) -> bool:
         return all(met for _, _, met in self.slos.values())
+
+
+def run_metrics(run: Run) -> dict[str, float]:
+    return {**run.latency, "throughput_tok_s": run.throughput_tok_s, "request_rate": run.request_rate}
+
+
+def median_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's median over repeated runs of one configuration (metrics every run has)."""
+    if not runs:
+        raise ValueError("median_metrics: no runs")
+    keys = set(runs[0]).intersection(*runs[1:])
+    return {k: statistics.median(r[k] for r in runs) for k in sorted(keys)}
 
 
 def check_launchable(plan: Plan) -> None:
@@ -67,9 +84,12 @@ def check_launchable(plan: Plan) -> None:
 
 
 def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] | None = None,
-           via: str = "engine") -> VerifyResult:
-    """Launch `plan.engine`, run the plan's workload at one replica's load, store and compare;
-    `via="http"` measures through `pilot serve` and the OpenAI API, as a client would."""
+           via: str = "engine", repeats: int = 3) -> VerifyResult:
+    """Launch `plan.engine`, run the plan's workload at one replica's load `repeats` times, store
+    and compare the medians; `via="http"` measures through `pilot serve` and the OpenAI API, as a
+    client would."""
+    if repeats < 1:
+        raise VerifyError(f"repeats: must be >= 1, got {repeats}")
     check_launchable(plan)
     model_dir = plan.engine.model
     config = plan.engine
@@ -80,22 +100,24 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
                                    space={"verify": True, "plan_created_at": plan.created_at.isoformat()})
     row = config_row(store, config)
     with store.session() as session, session.begin():
-        session.add(Experiment(campaign_id=campaign.id, position=0, engine_config_id=row.id,
-                               load_kind=plan.load.kind, load_value=plan.load.per_replica))
+        session.add_all(Experiment(campaign_id=campaign.id, position=i, engine_config_id=row.id,
+                                   load_kind=plan.load.kind, load_value=plan.load.per_replica)
+                        for i in range(repeats))
     slos = parse_slos(",".join(plan.slos))
     result = profiler.profile(store, campaign, plan.workload, budget_s=math.inf, slos=slos,
                               on_progress=on_progress, via=via)
-    if not result.run_ids:
+    if result.failed or not result.run_ids:
         error = result.failed[0][1] if result.failed else "no run was recorded"
         raise VerifyError(f"the plan did not run: {error}")
     with store.session() as session:
-        run = session.scalar(select(Run).where(Run.id == result.run_ids[0]))
-        measured = {**run.latency, "throughput_tok_s": run.throughput_tok_s,
-                    "request_rate": run.request_rate}
+        runs = list(session.scalars(select(Run).where(Run.id.in_(result.run_ids))))
+        measured = median_metrics([run_metrics(run) for run in runs])
     comparisons = [Comparison(k, p.value, p.low, p.high, measured[k])
                    for k, p in plan.predicted.items() if k in measured]
     checks = {str(s): (s.limit_s, measured[s.key], measured[s.key] <= s.limit_s) for s in slos}
     notes = []
+    if len(runs) > 1:
+        notes.append(f"measured {len(runs)} times back to back; each metric is the median of the runs")
     if plan.replicas > 1:
         notes.append(f"measured one replica of {plan.replicas} at its share of the load "
                      f"({plan.load.kind} {plan.load.per_replica:g})")
@@ -103,4 +125,5 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
         notes.append("measured through pilot serve over HTTP on loopback")
     if not plan.hardware.calibrated:
         notes.append(f"the plan's prediction for {plan.hardware.name} was uncalibrated")
-    return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes)
+    return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes,
+                        list(result.run_ids))

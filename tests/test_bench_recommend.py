@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from engine import EngineConfig
 from planner.bench_recommend import (PRESETS, WORKLOADS, BenchResult, ScenarioResult,
                                      run_recommend_benchmark, scenario_workload, summarize)
 from planner.bench_truth import (GridPoint, _round_up, bench_space, cost_per_million, derive_slos,
-                                 grid_configs, judge_grid, meets, overspend)
+                                 grid_configs, judge_grid, measure_grid, meets, overspend)
 from planner.hardware import get_spec
 from planner.profiler import base_config
 from planner.slo import parse_slos
+from planner.store import Run, Store
 
 
 def test_cost_per_million_is_price_over_tokens_produced_in_an_hour():
@@ -143,6 +146,28 @@ def test_the_grid_is_the_spaces_coverage_order_and_holds_the_engine_default(mode
     assert configs == space.configs(base, max_parallel=2)[:5]
     one, at = grid_configs(space, base, 1)
     assert at == 0 and len(one) == 1 and one[0] == default
+
+
+def test_the_grid_is_measured_repeatedly_and_judged_on_medians(model_dir, tmp_path):
+    workload = scenario_workload(WORKLOADS[0], 6)
+    base = base_config(model_dir, workload)
+    configs, _ = grid_configs(bench_space(parallel=False), base, 2)
+    store = Store(f"sqlite:///{tmp_path / 'truth.db'}")
+    measured = measure_grid(store, model_dir, workload, 2, configs, repeats=3)
+    assert [err for _, err in measured] == [None, None]
+    with store.session() as session:
+        runs = list(session.scalars(select(Run).order_by(Run.id)))
+        assert len(runs) == 6
+        for i, (metrics, _) in enumerate(measured):
+            mine = runs[3 * i:3 * i + 3]
+            assert {r.engine_config_id for r in mine} == {mine[0].engine_config_id}
+            assert metrics["itl_p95"] == statistics.median(r.latency["itl_p95"] for r in mine)
+            assert metrics["throughput_tok_s"] == statistics.median(r.throughput_tok_s for r in mine)
+    # Measured again, the campaign is found done: nothing runs twice.
+    assert measure_grid(store, model_dir, workload, 2, configs, repeats=3) == measured
+    assert len(store.runs()) == 6
+    with pytest.raises(ValueError, match="repeats: must be >= 1, got 0"):
+        measure_grid(store, model_dir, workload, 2, configs, repeats=0)
 
 
 def _scenario(met: bool, over: float, default_ratio: float = 2.0) -> ScenarioResult:

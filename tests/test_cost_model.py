@@ -14,7 +14,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from engine import LLM, EngineConfig
 from engine.model_zoo import SHAPES
 from planner import cost_model
-from planner.fit_data import busy_peers
+from planner.fit_data import busy_peers, load_runs
 from planner.load import run_load
 from planner.predict import predict
 from planner.roofline import Deployment, Device, ModelShape
@@ -207,6 +207,19 @@ def test_the_chance_of_staying_under_a_limit_inverts_the_bound(profiled, fitted)
             assert fitted.chance_under(metric, 0.01, 1e-6, seen) == 0.0
     old = dataclasses.replace(fitted, quantiles={})
     assert old.chance_under("ttft_p95", 0.01, old.bound("ttft_p95", 0.01, 0.7)) == pytest.approx(0.7)
+
+
+def test_repeats_of_one_measurement_are_held_out_together(profiled):
+    runs = load_runs(profiled[0])
+    twin = dataclasses.replace(runs[0], run_id=-1)  # a repeat: same config, load and requests
+    folds = cost_model.run_folds([*runs, twin], folds=3)
+    assert folds[-1] == folds[0]
+    # Distinct measurements are spread over the folds as a shuffled run index would be.
+    alone = cost_model.run_folds(runs, folds=3)
+    assert np.array_equal(alone, np.random.default_rng(0).permutation(np.arange(len(runs)) % 3))
+    assert np.array_equal(folds[:-1], alone)
+    other_load = dataclasses.replace(runs[0], run_id=-2, load_value=runs[0].load_value + 1)
+    assert len(set(cost_model.run_folds([runs[0], other_load], folds=2))) == 2
 
 
 def test_fit_needs_runs(tmp_path):

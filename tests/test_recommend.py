@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import optuna
 import pytest
@@ -20,6 +21,7 @@ from planner.plan import Plan, PlanError, make_plan, schema
 from planner.recommend import RecommendError, Requirement, Search, run_search
 from planner.slo import parse_slos
 from planner.store import Run
+from planner.verify import VerifyError, verify
 from planner.workload import Workload
 
 LOOSE = "ttft_p95<=2s,itl_p95<=500ms"
@@ -222,12 +224,31 @@ def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profi
     assert plan.feasible and plan.hardware.calibrated
     assert (tmp_path / "front.png").stat().st_size > 0
     assert "Verified on this machine" in result.output and "Every SLO held" in result.output
+    assert "medians shown" in result.output
     runs = store.runs()
-    assert len(runs) == runs_before + 1
+    assert len(runs) == runs_before + 3  # --repeats defaults to 3
     with store.session() as session:
-        run = session.get(Run, runs[-1].id)
-        assert run.load_kind == "concurrency" and run.load_value == 2
-        assert run.engine_config.config["max_num_seqs"] == plan.engine.max_num_seqs
+        for row in runs[-3:]:
+            run = session.get(Run, row.id)
+            assert run.load_kind == "concurrency" and run.load_value == 2
+            assert run.engine_config.config["max_num_seqs"] == plan.engine.max_num_seqs
+
+    # Called directly: the verdict is on each metric's median over the repeats.
+    checked = verify(store, plan, repeats=2)
+    assert len(set(checked.run_ids)) == 2 and checked.run_id == checked.run_ids[0]
+    with store.session() as session:
+        repeated = [session.get(Run, i) for i in checked.run_ids]
+        for key in ("ttft_p95", "itl_p95"):
+            assert checked.measured[key] == pytest.approx(statistics.median(r.latency[key] for r in repeated))
+        assert checked.measured["throughput_tok_s"] == pytest.approx(
+            statistics.median(r.throughput_tok_s for r in repeated))
+    for slo, (limit, measured, met) in checked.slos.items():
+        assert met == (measured <= limit) and measured == checked.measured[slo.split("<=")[0]]
+    with pytest.raises(VerifyError, match="repeats: must be >= 1, got 0"):
+        verify(store, plan, repeats=0)
+    bad = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", LOOSE, "--concurrency", "2",
+                                   "--verify", "--repeats", "0", "--db", store.url, "--out", str(out)])
+    assert bad.exit_code == 2 and "--repeats" in bad.output, bad.output
 
 
 def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
