@@ -25,6 +25,8 @@ from planner.store import CostModelRow, Store
 COVERAGE = 0.8
 # The levels at which out-of-fold errors are kept, so an SLO can be held to any confidence.
 QUANTILE_LEVELS = tuple(round(0.01 * i, 2) for i in range(1, 100))
+# Held-out runs a process layout needs before its own errors set its bounds (else: all runs').
+MIN_LAYOUT_RUNS = 20
 TARGETS = {"median_ape": 0.08, "p90_ape": 0.20, "coverage": (0.75, 0.85)}
 MAX_STEPS_PER_RUN = 150  # steps within a run are alike; more only slows fitting
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -146,8 +148,11 @@ class CostModel:
     # "run" | "model" -> metric -> log-ratios at QUANTILE_LEVELS (empty in models saved before)
     quantiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
-    def _kind(self, seen_model: bool) -> str:
-        return "run" if seen_model or "model" not in self.intervals else "model"
+    def _kind(self, seen_model: bool, layout: str | None = None) -> str:
+        if not seen_model and "model" in self.intervals:
+            return "model"
+        grouped = f"run/{layout}"
+        return grouped if layout is not None and grouped in self.intervals else "run"
 
     def _log_normal(self, kind: str, metric: str) -> statistics.NormalDist:
         """For a model saved before the quantiles were: the errors as a normal in log space,
@@ -156,16 +161,19 @@ class CostModel:
         sigma = (high - low) / 2 / statistics.NormalDist().inv_cdf(0.5 + COVERAGE / 2)
         return statistics.NormalDist((low + high) / 2, max(sigma, 1e-9))
 
-    def interval(self, metric: str, value: float, seen_model: bool = True) -> tuple[float, float]:
-        low, high = self.intervals[self._kind(seen_model)][metric]
+    def interval(self, metric: str, value: float, seen_model: bool = True,
+                 layout: str | None = None) -> tuple[float, float]:
+        low, high = self.intervals[self._kind(seen_model, layout)][metric]
         return value * float(np.exp(low)), value * float(np.exp(high))
 
-    def bound(self, metric: str, value: float, confidence: float, seen_model: bool = True) -> float:
+    def bound(self, metric: str, value: float, confidence: float, seen_model: bool = True,
+              layout: str | None = None) -> float:
         """What `metric` (one of METRICS) stays under with probability `confidence`, given the
-        prediction `value`: as often as the held-out runs' errors did."""
+        prediction `value`: as often as the held-out runs' errors did (those of the same
+        `layout_of` the configuration, where the store had enough of them)."""
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-        kind = self._kind(seen_model)
+        kind = self._kind(seen_model, layout)
         levels = self.quantiles.get(kind, {}).get(metric)
         if levels is None:
             log_ratio = self._log_normal(kind, metric).inv_cdf(confidence)
@@ -173,12 +181,13 @@ class CostModel:
             log_ratio = float(np.interp(confidence, QUANTILE_LEVELS, levels))
         return value * float(np.exp(log_ratio))
 
-    def chance_under(self, metric: str, value: float, limit: float, seen_model: bool = True) -> float:
+    def chance_under(self, metric: str, value: float, limit: float, seen_model: bool = True,
+                     layout: str | None = None) -> float:
         """The chance `metric` stays under `limit` given the prediction `value` (the inverse of
         `bound`): 0 or 1 beyond the 1st and 99th percentiles of the held-out errors."""
         if not (value > 0 and limit > 0):
             return 1.0 if value <= limit else 0.0
-        kind = self._kind(seen_model)
+        kind = self._kind(seen_model, layout)
         levels = self.quantiles.get(kind, {}).get(metric)
         log_ratio = float(np.log(limit / value))
         if levels is None:
@@ -189,6 +198,34 @@ class CostModel:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
                 "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},
                 "quantiles": self.quantiles}
+
+
+def layout_of(config: dict[str, Any]) -> str:
+    """The process layout a configuration runs as, the group its held-out errors are pooled in."""
+    if config.get("num_speculative_tokens"):
+        return "speculative"
+    if (config.get("data_parallel_size") or 1) > 1:
+        return "data-parallel"
+    if (config.get("tensor_parallel_size") or 1) > 1:
+        return "tensor-parallel"
+    return "single"
+
+
+def layout_groups(runs: list[RunData], measured: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
+    """The runs of each process layout that has its own held-out errors (a mask per layout).
+
+    Group-conditional (Mondrian) errors: a data-parallel front or a tensor-parallel all-reduce on
+    a busy host errs more, and more one-sidedly, than one process does, and a bound from the
+    pooled errors would promise those layouts a chance they do not have. A layout needs
+    MIN_LAYOUT_RUNS valid errors per metric; with one layout only, the pooled errors are its own."""
+    layouts = np.array([layout_of(r.config) for r in runs])
+    out = {}
+    for layout in np.unique(layouts):
+        mine = layouts == layout
+        valid = ~np.isnan(_log_ratio(measured[mine], predicted[mine]))
+        if mine.sum() < len(runs) and valid.sum(axis=0).min() >= MIN_LAYOUT_RUNS:
+            out[str(layout)] = mine
+    return out
 
 
 def run_folds(runs: list[RunData], folds: int, seed: int = 0) -> np.ndarray:
@@ -219,6 +256,9 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
                                                                     step_errors)}}
     intervals = {"run": run_intervals(measured, predicted)}
     quantiles = {"run": run_quantiles(measured, predicted)}
+    for layout, mine in layout_groups(runs, measured, predicted).items():
+        intervals[f"run/{layout}"] = run_intervals(measured[mine], predicted[mine])
+        quantiles[f"run/{layout}"] = run_quantiles(measured[mine], predicted[mine])
     model_ids = np.array([r.model_id for r in runs])
     if len(np.unique(model_ids)) >= 2:
         predicted_m, step_errors_m = cross_validate(runs, model_ids, "leave one model out", on_progress)

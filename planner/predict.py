@@ -19,7 +19,7 @@ from engine.model_config import ModelConfig
 from engine.model_runner import num_kv_blocks
 from engine.scheduler import SchedulerConfig
 from planner import hardware as hw
-from planner.cost_model import CostModel
+from planner.cost_model import CostModel, layout_of
 from planner.fit_data import METRICS, device_for, spec_rates
 from planner.roofline import Deployment, ModelShape
 from planner.simulator import SimRequest, SimulationResult, Simulator
@@ -36,6 +36,7 @@ class Prediction:
     num_kv_blocks: int
     goodput: float | None = None
     notes: list[str] = field(default_factory=list)
+    layout: str = "single"  # cost_model.layout_of the configuration: whose errors bound it
 
 
 def workload_requests(workload: Workload, vocab_size: int, load_kind: str | None = None,
@@ -145,11 +146,12 @@ class Predictor:
         requests, concurrency = self.requests(load_kind, load_value)
         result: SimulationResult = simulator.run(requests, concurrency)
         metrics = result.metrics()
-        intervals = {m: self.model.interval(m, metrics[m], seen_model=self.seen_model) for m in METRICS}
+        layout = layout_of(config.model_dump())
+        intervals = {m: self.model.interval(m, metrics[m], self.seen_model, layout) for m in METRICS}
         if not self.seen_model:
             notes.append("model not in the store: intervals from leave-one-model-out errors")
         return Prediction(metrics, intervals, calibrated, self.seen_model, blocks,
-                          result.goodput(slos) if slos else None, notes)
+                          result.goodput(slos) if slos else None, notes, layout)
 
 
 def predict(model: CostModel, config: EngineConfig, hardware: str | hw.HardwareSpec,

@@ -68,13 +68,14 @@ class SearchResult:
 def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) -> float:
     """What `key` (e.g. "ttft_p95") stays under with probability `level`, by the held-out errors
     of the cost model; a statistic the cost model was not judged on borrows the nearest one's."""
-    return model.bound(_judged_as(key), prediction.metrics[key], level, seen_model=prediction.seen_model)
+    return model.bound(_judged_as(key), prediction.metrics[key], level, prediction.seen_model,
+                       prediction.layout)
 
 
 def slo_chance(prediction: Prediction, key: str, model: CostModel, limit_s: float) -> float:
     """The chance `key` stays under `limit_s` (the inverse of `slo_bound`)."""
     return model.chance_under(_judged_as(key), prediction.metrics[key], limit_s,
-                              seen_model=prediction.seen_model)
+                              prediction.seen_model, prediction.layout)
 
 
 def _judged_as(key: str) -> str:

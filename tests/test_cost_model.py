@@ -222,6 +222,35 @@ def test_repeats_of_one_measurement_are_held_out_together(profiled):
     assert len(set(cost_model.run_folds([runs[0], other_load], folds=2))) == 2
 
 
+def test_each_process_layout_is_bounded_by_its_own_held_out_errors(profiled, fitted):
+    runs = load_runs(profiled[0])
+    assert {cost_model.layout_of(r.config) for r in runs} == {"single"}
+    n = cost_model.MIN_LAYOUT_RUNS
+    parallel = [dataclasses.replace(r, config={**r.config, "data_parallel_size": 2}) for r in runs[:n]]
+    mixed = [*parallel, *runs[n:]]
+    predicted = np.full((len(mixed), len(cost_model.METRICS)), 0.01)
+    # Data-parallel runs measured 1.3-1.8x their predictions, single ones within 10%.
+    spread = np.random.default_rng(0).uniform(size=predicted.shape)
+    measured = predicted * np.where(np.arange(len(mixed))[:, None] < n, 1.3 + 0.5 * spread, 0.95 + 0.1 * spread)
+    groups = cost_model.layout_groups(mixed, measured, predicted)
+    # The single layout has too few runs for its own errors, and with one layout there are no groups.
+    assert list(groups) == ["data-parallel"] and groups["data-parallel"].sum() == n
+    assert cost_model.layout_groups(runs, measured[:len(runs)], predicted[:len(runs)]) == {}
+    model = dataclasses.replace(fitted, quantiles={
+        "run": cost_model.run_quantiles(measured, predicted),
+        "run/data-parallel": cost_model.run_quantiles(measured[:n], predicted[:n])},
+        intervals={**fitted.intervals, "run": cost_model.run_intervals(measured, predicted),
+                   "run/data-parallel": cost_model.run_intervals(measured[:n], predicted[:n])})
+    dp = model.bound("itl_p95", 1.0, 0.9, layout="data-parallel")
+    assert 1.7 < dp < 1.8 and model.interval("itl_p95", 1.0, layout="data-parallel")[0] > 1.3
+    assert model.bound("itl_p95", 1.0, 0.9, layout="single") == model.bound("itl_p95", 1.0, 0.9) < dp
+    assert model.chance_under("itl_p95", 1.0, 1.25, layout="data-parallel") == 0.0
+    # Pooled, the chance is the share of all runs under the limit: the single ones.
+    assert model.chance_under("itl_p95", 1.0, 1.25) == pytest.approx((len(mixed) - n) / len(mixed), abs=0.03)
+    # A model the store never saw is held to the leave-one-model-out errors, whatever its layout.
+    assert model.bound("itl_p95", 1.0, 0.9, False, "data-parallel") == model.bound("itl_p95", 1.0, 0.9, False)
+
+
 def test_fit_needs_runs(tmp_path):
     with pytest.raises(cost_model.FitError, match="0 usable runs"):
         cost_model.fit(Store(f"sqlite:///{tmp_path / 'empty.db'}"))
