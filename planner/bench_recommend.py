@@ -152,6 +152,9 @@ class ScenarioResult:
     search_s: float
     error: str | None = None  # the plan did not run
     predicted_chance: float | None = None  # the plan's estimated chance of meeting every SLO
+    # The grid's best measured again right after the plan, per SLO metric (again / in the grid):
+    # how far the host itself moved between the ground truth and the verdict.
+    host_drift: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +174,7 @@ class BenchResult:
     median_default_ratio: float
     seconds: float
     workdir: str
+    median_host_drift: float = math.nan  # of the scenarios' largest SLO-metric drift
     anchors: dict[str, float] = field(default_factory=lambda: {
         "llm_pilot_success": ANCHOR_SUCCESS, "target_success": TARGET_SUCCESS,
         "llm_pilot_overspend": ANCHOR_OVERSPEND, "target_overspend": TARGET_OVERSPEND})
@@ -202,7 +206,8 @@ def summarize(preset: str, settings: dict[str, Any], scenarios: list[ScenarioRes
         median_overspend_raw=_median([s.overspend for s in met]),
         mean_overspend_raw=_mean([s.overspend for s in met]),
         median_default_ratio=_median([s.default_ratio for s in scenarios]),
-        seconds=seconds, workdir=workdir)
+        seconds=seconds, workdir=workdir,
+        median_host_drift=_median([max(s.host_drift.values()) for s in scenarios if s.host_drift]))
 
 
 # ---------------------------------------------------------------- the measurement
@@ -310,6 +315,12 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         error, met = str(err), False
     measured_cost = (cost_per_million(plan.cost.per_hour_usd, got["throughput_tok_s"] * plan.replicas)
                      if got else math.inf)
+    drift: dict[str, float] = {}
+    if best is not None:
+        tell(f"{label}: measuring the grid's best again")
+        again, _ = measure_grid(truth, model_dir, workload, w.concurrency, [configs[grid.index(best)]],
+                                repeats=preset.repeats)[0]
+        drift = {k: again[k] / best.measured[k] for k in keys} if again else {}
     raw = overspend(measured_cost, best_cost)
     return ScenarioResult(
         model=model_name, workload=w.name, concurrency=w.concurrency, slos=[str(s) for s in slos],
@@ -323,7 +334,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         measured={k: v for k, v in got.items() if k in (*keys, "throughput_tok_s", "request_rate")},
         predicted_cost=chosen.cost_per_million, measured_cost=measured_cost, met=met,
         overspend=raw, overspend_clipped=max(0.0, raw) if math.isfinite(raw) else raw,
-        search_s=result.seconds, error=error, predicted_chance=plan.chance)
+        search_s=result.seconds, error=error, predicted_chance=plan.chance, host_drift=drift)
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,

@@ -33,6 +33,8 @@ def results_table(result: BenchResult) -> Table:
     for s in result.scenarios:
         predicted, measured = s.predicted.get(s.binding, math.nan), s.measured.get(s.binding, math.nan)
         met = "[green]yes[/]" if s.met else ("[red]no[/]" + (" (did not run)" if s.error else ""))
+        if s.host_drift:
+            met += f"\n(host {max(s.host_drift.values()):.2f}x)"
         over = _pct(s.overspend)
         if math.isfinite(s.overspend):
             colour = "green" if s.overspend <= TARGET_OVERSPEND else "red"
@@ -60,7 +62,9 @@ def summary_line(result: BenchResult) -> str:
             f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "
             f"{_pct(result.median_overspend_raw)}, mean {_pct(result.mean_overspend_raw)}; LLM-Pilot "
             f"{ANCHOR_OVERSPEND:.1%}, target <= {TARGET_OVERSPEND:.0%}). Engine defaults cost "
-            f"{result.median_default_ratio:.2f}x the best (median). {result.seconds:.0f} s; work in "
+            f"{result.median_default_ratio:.2f}x the best (median). The grid's best, measured again "
+            f"after each plan, was {result.median_host_drift:.2f}x as slow as in the grid (median of "
+            f"the slowest SLO metric: the host's own drift). {result.seconds:.0f} s; work in "
             f"{result.workdir}.")
 
 

@@ -170,7 +170,8 @@ def test_the_grid_is_measured_repeatedly_and_judged_on_medians(model_dir, tmp_pa
         measure_grid(store, model_dir, workload, 2, configs, repeats=0)
 
 
-def _scenario(met: bool, over: float, default_ratio: float = 2.0) -> ScenarioResult:
+def _scenario(met: bool, over: float, default_ratio: float = 2.0,
+              drift: dict[str, float] | None = None) -> ScenarioResult:
     return ScenarioResult(
         model="tiny", workload="chat", concurrency=8, slos=["ttft_p95<=100ms", "itl_p95<=5ms"], slo_margin=0.1,
         grid=[GridPoint("bf16 seqs64 tok2048", {"ttft_p95": 0.01}, 1.0, True, True)], grid_feasible=1,
@@ -178,13 +179,17 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0) -> ScenarioRes
         default_feasible=True, default_ratio=default_ratio, recommended="int8 seqs8 tok512",
         replicas=1, predicted_feasible=True, binding="itl_p95", predicted={"itl_p95": 0.004},
         measured={"itl_p95": 0.0045}, predicted_cost=1.0, measured_cost=1.0 + over, met=met,
-        overspend=over, overspend_clipped=max(0.0, over), search_s=1.0, predicted_chance=0.6 if met else 0.2)
+        overspend=over, overspend_clipped=max(0.0, over), search_s=1.0, predicted_chance=0.6 if met else 0.2,
+        host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1})
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
     scenarios = [_scenario(True, 0.10), _scenario(True, -0.20), _scenario(True, 0.30),
-                 _scenario(False, -0.50, default_ratio=4.0)]
-    result = summarize("quick", {}, scenarios, {}, 1.0, "/tmp/x")
+                 _scenario(False, -0.50, default_ratio=4.0, drift={"ttft_p95": 1.4, "itl_p95": 1.3}),
+                 _scenario(True, 0.0, drift={})]  # no feasible grid configuration to measure again
+    result = summarize("quick", {}, scenarios[:4], {}, 1.0, "/tmp/x")
+    # The host's drift: each scenario's slowest SLO metric, the median over those measured.
+    assert summarize("quick", {}, scenarios, {}, 1.0, "/tmp/x").median_host_drift == pytest.approx(1.1)
     assert result.success_rate == pytest.approx(0.75)
     assert result.expected_success == pytest.approx((0.6 * 3 + 0.2) / 4)
     assert result.median_overspend == pytest.approx(0.10)  # clipped: 0.10, 0, 0.30
@@ -211,6 +216,7 @@ def test_the_report_shows_every_scenario_against_the_targets():
     text = console.export_text()
     assert text.count("chat @8") == 2 and "clear by 11%" in text  # a margin of 0.1 (log)
     assert "+10.0%" in text and "-50.0%" in text
+    assert text.count("(host 1.10x)") == 2 and "was 1.10x as slow as in the" in " ".join(text.split())
     assert "50% of 2 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
 
 
