@@ -104,7 +104,7 @@ PRESETS = {
     # parallelism; its numbers are noisy.
     "quick": Preset(budget_s=15, grid_size=5, num_requests=48, trials=20, calibration_requests=24,
                     folds=3, parallel=False, repeats=1),
-    # The real measurement, about 12-15 minutes on a 2-core machine.
+    # The real measurement, about 20 minutes on a 2-core machine.
     "default": Preset(budget_s=150, grid_size=12, num_requests=192, trials=100,
                       calibration_requests=48, folds=5),
 }
