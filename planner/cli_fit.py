@@ -50,6 +50,14 @@ def print_report(report: dict[str, Any]) -> None:
                                    report["by_model"], targets))
     else:
         console.print("Leave-one-model-out needs runs of two models or more; profile another model.")
+    if "noise_floor" in report:
+        floor, single = report["noise_floor"], report["by_run"]["single_runs"]
+        console.print(
+            f"Judged against the median of each measurement's repeats ({report['measurements']} "
+            f"measurements of {data['runs']} runs). Against single runs, held-out runs err "
+            f"{single['median_ape']:.1%} median, {single['p90_ape']:.1%} p90 ({single['coverage']:.0%} "
+            f"covered); one run strays from its repeats' median by {floor['overall']['median_ape']:.1%} "
+            f"median, {floor['overall']['p90_ape']:.1%} p90 (the noise floor of single runs here).")
     low, high = targets["coverage"]
     console.print(f"Targets: median APE <= {targets['median_ape']:.0%}, p90 <= {targets['p90_ape']:.0%}, "
                   f"80% intervals covering {low:.0%}-{high:.0%}.")

@@ -42,6 +42,8 @@ def profile(
     draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative knobs"),
     slo: Optional[str] = typer.Option(None, "--slo", help="also record goodput under these SLOs"),
     budget: str = typer.Option("10m", "--budget", help="wall-clock budget of this invocation"),
+    repeats: int = typer.Option(1, "--repeats", help="runs of each configuration and load level, back "
+                                "to back; `pilot fit` judges predictions against their median"),
     via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
                                                      "through pilot serve and the OpenAI API (http)"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
@@ -59,6 +61,8 @@ def profile(
 
     if via not in VIA:
         _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
+    if repeats < 1:
+        _fail(f"--repeats: must be >= 1, got {repeats}")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
@@ -75,7 +79,8 @@ def profile(
             search = search.without_drafts()
         store = Store(db)
         with console.status("detecting hardware, planning the campaign"):
-            campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None)
+            campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None,
+                                     repeats=repeats)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
         _fail(str(err))
     columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),

@@ -228,13 +228,46 @@ def layout_groups(runs: list[RunData], measured: np.ndarray, predicted: np.ndarr
     return out
 
 
-def run_folds(runs: list[RunData], folds: int, seed: int = 0) -> np.ndarray:
-    """Each run's cross-validation fold. Repeats of one measurement (same model, hardware,
-    configuration, load and requests: `pilot recommend --verify --repeats`) share a fold, or the
-    held-out error would be one repeat predicted from its twin, not a run the model never saw."""
+def measurement_groups(runs: list[RunData]) -> np.ndarray:
+    """Each run's measurement: repeats of one (same model, hardware, configuration, load and
+    requests: `pilot profile --repeats`, `pilot recommend --verify --repeats`) share an index."""
     index: dict[str, int] = {}
-    group = np.array([index.setdefault(_measurement_key(r), len(index)) for r in runs])
-    return np.random.default_rng(seed).permutation(np.arange(len(index)) % folds)[group]
+    return np.array([index.setdefault(_measurement_key(r), len(index)) for r in runs], dtype=int)
+
+
+def run_folds(runs: list[RunData], folds: int, seed: int = 0) -> np.ndarray:
+    """Each run's cross-validation fold. Repeats of one measurement share a fold, or the
+    held-out error would be one repeat predicted from its twin, not a run the model never saw."""
+    group = measurement_groups(runs)
+    return np.random.default_rng(seed).permutation(np.arange(group.max() + 1) % folds)[group]
+
+
+def by_measurement(values: np.ndarray, groups: np.ndarray, how: Callable[..., np.ndarray] = np.median) -> np.ndarray:
+    """[groups, metrics] from [runs, metrics]: `how` over each measurement's repeats."""
+    return np.array([how(values[groups == g], axis=0) for g in range(groups.max() + 1)])
+
+
+def noise_floor(measured: np.ndarray, groups: np.ndarray) -> dict[str, Any] | None:
+    """How far one run strays from the median of its repeats' other runs, per metric: the error
+    a perfect model would still show against single runs on this machine. None without repeats."""
+    apes: dict[str, list[float]] = {m: [] for m in METRICS}
+    sizes = np.bincount(groups)
+    for i, g in enumerate(groups):
+        if sizes[g] < 2:
+            continue
+        others = np.median(measured[(groups == g) & (np.arange(len(groups)) != i)], axis=0)
+        for j, m in enumerate(METRICS):
+            if measured[i, j] > 0 and others[j] > 0:
+                apes[m].append(abs(measured[i, j] / others[j] - 1))
+    every = [a for values in apes.values() for a in values]
+    if not every:
+        return None
+
+    def summary(a: list[float]) -> dict[str, float]:
+        return {"median_ape": float(np.median(a)), "p90_ape": float(np.quantile(a, 0.9))}
+
+    return {"measurements": int((sizes >= 2).sum()), "runs": int(sizes[sizes >= 2].sum()),
+            "metrics": {m: summary(a) for m, a in apes.items() if a}, "overall": summary(every)}
 
 
 def _measurement_key(run: RunData) -> str:
@@ -250,24 +283,38 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         raise FitError(f"the store {store.url} holds {len(runs)} usable runs; fitting needs at least "
                        f"{max(3, folds)} (run `pilot profile` first)")
     measured = np.array([[r.measured[m] for m in METRICS] for r in runs])
+    # Predictions are judged against each measurement's median over its repeats (a single run
+    # where there are none): on a shared host one run strays from the next by tens of percent.
+    groups = measurement_groups(runs)
+    first = np.array([np.flatnonzero(groups == g)[0] for g in range(groups.max() + 1)])
+    truth = by_measurement(measured, groups)
+    repeated = len(first) < len(runs)
     by_run_folds = run_folds(runs, folds, seed)
     predicted, step_errors = cross_validate(runs, by_run_folds, "cross-validation by run", on_progress)
-    report: dict[str, Any] = {"by_run": {"folds": folds, **accuracy(measured, predicted, by_run_folds,
+    predicted_g = by_measurement(predicted, groups, np.mean)
+    report: dict[str, Any] = {"by_run": {"folds": folds, **accuracy(truth, predicted_g, by_run_folds[first],
                                                                     step_errors)}}
-    intervals = {"run": run_intervals(measured, predicted)}
-    quantiles = {"run": run_quantiles(measured, predicted)}
-    for layout, mine in layout_groups(runs, measured, predicted).items():
-        intervals[f"run/{layout}"] = run_intervals(measured[mine], predicted[mine])
-        quantiles[f"run/{layout}"] = run_quantiles(measured[mine], predicted[mine])
+    if repeated:
+        report["by_run"]["single_runs"] = accuracy(measured, predicted, by_run_folds, step_errors)["overall"]
+        report["noise_floor"] = noise_floor(measured, groups)
+    report["measurements"] = len(first)
+    intervals = {"run": run_intervals(truth, predicted_g)}
+    quantiles = {"run": run_quantiles(truth, predicted_g)}
+    for layout, mine in layout_groups([runs[i] for i in first], truth, predicted_g).items():
+        intervals[f"run/{layout}"] = run_intervals(truth[mine], predicted_g[mine])
+        quantiles[f"run/{layout}"] = run_quantiles(truth[mine], predicted_g[mine])
     model_ids = np.array([r.model_id for r in runs])
     if len(np.unique(model_ids)) >= 2:
         predicted_m, step_errors_m = cross_validate(runs, model_ids, "leave one model out", on_progress)
+        predicted_m_g = by_measurement(predicted_m, groups, np.mean)
         report["by_model"] = {"folds": int(len(np.unique(model_ids))),
-                              **accuracy(measured, predicted_m, model_ids, step_errors_m)}
-        intervals["model"] = run_intervals(measured, predicted_m)
-        quantiles["model"] = run_quantiles(measured, predicted_m)
+                              **accuracy(truth, predicted_m_g, model_ids[first], step_errors_m)}
+        if repeated:
+            report["by_model"]["single_runs"] = accuracy(measured, predicted_m, model_ids, step_errors_m)["overall"]
+        intervals["model"] = run_intervals(truth, predicted_m_g)
+        quantiles["model"] = run_quantiles(truth, predicted_m_g)
     report["runs"] = [
-        {"run_id": r.run_id, "model": r.model_name, "measured": dict(zip(METRICS, measured[i])),
+        {"run_id": r.run_id, "model": r.model_name, "measurement": int(groups[i]), "measured": dict(zip(METRICS, measured[i])),
          "by_run": dict(zip(METRICS, predicted[i])),
          **({"by_model": dict(zip(METRICS, predicted_m[i]))} if "by_model" in report else {})}
         for i, r in enumerate(runs)]

@@ -138,12 +138,19 @@ def base_config(model_dir: str, workload: Workload) -> EngineConfig:
 
 def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Workload,
                   draft: str | None = None, max_parallel: int | None = None,
-                  measure_hardware: bool = True) -> Campaign:
-    """The campaign for these inputs: found if it exists (resume), else planned and stored."""
+                  measure_hardware: bool = True, repeats: int = 1) -> Campaign:
+    """The campaign for these inputs: found if it exists (resume), else planned and stored.
+
+    `repeats` > 1 measures every (configuration, load level) that many times back to back on one
+    engine: on a shared host one run's metrics stray from the next run's by tens of percent, and
+    `pilot fit` judges its predictions against the median of the repeats."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     hardware, model, load = hardware_row(store, measure_hardware), model_row(store, model_dir), workload_row(store, workload)
-    key = fingerprint({"hardware": hardware.fingerprint, "model": model.fingerprint,
-                       "workload": load.fingerprint, "space": space.model_dump(mode="json"),
-                       "draft": draft})
+    identity = {"hardware": hardware.fingerprint, "model": model.fingerprint,
+                "workload": load.fingerprint, "space": space.model_dump(mode="json"), "draft": draft}
+    # Only when repeating, so campaigns planned before repeats existed keep their key (resume).
+    key = fingerprint(identity | ({"repeats": repeats} if repeats > 1 else {}))
     with store.session() as session:
         existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
         if existing is not None:
@@ -158,10 +165,11 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
             position = 0
             for row in rows:
                 for level in space.load.levels:
-                    session.add(Experiment(campaign_id=campaign.id, position=position,
-                                           engine_config_id=row.id, load_kind=space.load.kind,
-                                           load_value=level))
-                    position += 1
+                    for _ in range(repeats):
+                        session.add(Experiment(campaign_id=campaign.id, position=position,
+                                               engine_config_id=row.id, load_kind=space.load.kind,
+                                               load_value=level))
+                        position += 1
             try:
                 session.commit()
             except IntegrityError:  # another profiler planned it first: same plan, keep theirs

@@ -222,6 +222,22 @@ def test_repeats_of_one_measurement_are_held_out_together(profiled):
     assert len(set(cost_model.run_folds([runs[0], other_load], folds=2))) == 2
 
 
+def test_repeats_are_judged_by_their_median_and_show_the_noise_floor():
+    groups = np.array([0, 0, 0, 1, 2, 2])
+    m = len(cost_model.METRICS)
+    measured = np.array([1.0, 1.2, 0.9, 5.0, 2.0, 3.0])[:, None] * np.ones((1, m))
+    truth = cost_model.by_measurement(measured, groups)
+    np.testing.assert_allclose(truth[:, 0], [1.0, 5.0, 2.5])
+    np.testing.assert_allclose(cost_model.by_measurement(measured, groups, np.mean)[:, 0], [31 / 30, 5.0, 2.5])
+    floor = cost_model.noise_floor(measured, groups)
+    # Each repeated run against the median of its group's others; the single run has none.
+    ape = [abs(1.0 / 1.05 - 1), abs(1.2 / 0.95 - 1), abs(0.9 / 1.1 - 1), 1 / 3, 0.5]
+    assert floor["measurements"] == 2 and floor["runs"] == 5
+    assert floor["overall"]["median_ape"] == pytest.approx(np.median(ape))
+    assert floor["metrics"]["itl_p50"]["p90_ape"] == pytest.approx(np.quantile(ape, 0.9))
+    assert cost_model.noise_floor(measured, np.arange(6)) is None
+
+
 def test_each_process_layout_is_bounded_by_its_own_held_out_errors(profiled, fitted):
     runs = load_runs(profiled[0])
     assert {cost_model.layout_of(r.config) for r in runs} == {"single"}

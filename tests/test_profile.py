@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select
@@ -94,6 +95,36 @@ def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp
     second = profile(store, again, workload, budget_s=600)
     assert second.done_before == 1 and len(second.run_ids) == 7 and second.remaining == 0
     assert first.run_ids[0] not in second.run_ids
+
+
+def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, space, tmp_path):
+    from planner.cost_model import fit, measurement_groups
+    from planner.fit_data import load_runs
+
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload(num_requests=3, osl="4:8")
+    search = SearchSpace.from_file(space).model_copy(update={"knobs": {"quantization": [None],
+                                                                        "max_num_seqs": [1, 8]}})
+    single = plan_campaign(store, model_dir, search, workload)
+    campaign = plan_campaign(store, model_dir, search, workload, repeats=3)
+    assert campaign.id != single.id  # another plan, not a resume of the single-run one
+    assert plan_campaign(store, model_dir, search, workload, repeats=3).id == campaign.id
+    result = profile(store, campaign, workload, budget_s=600)
+    assert result.planned == 2 * 2 * 3 and len(result.run_ids) == 12 and not result.failed
+    runs = store.runs()
+    for i in range(0, 12, 3):  # positions run in order: each triple is one config and level
+        triple = runs[i:i + 3]
+        assert len({(r.engine_config_id, r.load_value) for r in triple}) == 1
+    groups = measurement_groups(load_runs(store))
+    assert sorted(np.bincount(groups).tolist()) == [3, 3, 3, 3]
+    report = fit(store, folds=2).report
+    # Predictions are judged per measurement, against the median of its three runs.
+    assert report["measurements"] == 4 and report["data"]["runs"] == 12
+    assert all(m["runs"] <= 4 for m in report["by_run"]["metrics"].values())
+    assert report["noise_floor"]["runs"] == 12 and report["noise_floor"]["overall"]["p90_ape"] > 0
+    assert set(report["by_run"]["single_runs"]) == {"median_ape", "p90_ape", "coverage"}
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        plan_campaign(store, model_dir, search, workload, repeats=0)
 
 
 def test_a_configuration_the_model_cannot_run_is_recorded_as_failed(model_dir, tmp_path):
