@@ -88,6 +88,9 @@ class Preset:
     num_requests: int  # requests per scenario run (grid and verify)
     trials: int  # Optuna trials per recommendation
     calibration_requests: int = 48  # requests per calibration run
+    # Runs per calibration measurement (`pilot profile --repeats`): the cost model's bounds are
+    # then set on medians, as the plans are judged.
+    calibration_repeats: int = 3
     folds: int = 5  # cost-model cross-validation
     models: tuple[str, ...] = ("tiny", "wide")
     # Tensor and data parallelism in the space (calibration, grid and search alike). Each such
@@ -103,7 +106,7 @@ PRESETS = {
     # About 2 minutes on a 2-core machine: a smoke run of the whole procedure on a space without
     # parallelism; its numbers are noisy.
     "quick": Preset(budget_s=15, grid_size=5, num_requests=48, trials=20, calibration_requests=24,
-                    folds=3, parallel=False, repeats=1),
+                    folds=3, parallel=False, repeats=1, calibration_repeats=1),
     # The real measurement, about 20 minutes on a 2-core machine.
     "default": Preset(budget_s=150, grid_size=12, num_requests=192, trials=100,
                       calibration_requests=48, folds=5),
@@ -251,7 +254,7 @@ def calibrate(store: Store, models: dict[str, str], preset: Preset,
     _warm_process(next(iter(models.values())))
     runs = {}
     for name, model_dir in models.items():
-        campaign = plan_campaign(store, model_dir, space, workload)
+        campaign = plan_campaign(store, model_dir, space, workload, repeats=preset.calibration_repeats)
         result = profile(store, campaign, workload, budget_s=preset.budget_s,
                          on_progress=(lambda label, _e, n=name: on_progress(f"calibrating {n}: {label}"))
                          if on_progress else None)
@@ -353,7 +356,7 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     p = PRESETS[preset]
     overrides = {"budget_s": budget_s, "grid_size": grid_size, "num_requests": num_requests,
                  "trials": trials, "models": tuple(models) if models is not None else None,
-                 "confidence": confidence, "repeats": repeats}
+                 "confidence": confidence, "repeats": repeats, "calibration_repeats": repeats}
     p = Preset(**{**asdict(p), **{k: v for k, v in overrides.items() if v is not None}})
     if not p.budget_s > 0:
         raise ValueError(f"budget: must be > 0, got {p.budget_s}")

@@ -244,8 +244,9 @@ def bench_recommend(
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="as pilot recommend's; "
                                                "default: the preset's"),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per grid configuration and "
-                                          "per plan, judged on medians; default: the preset's"),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per calibration measurement, "
+                                          "grid configuration and plan, judged on medians; default: "
+                                          "the preset's"),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
 ) -> None:

@@ -170,6 +170,22 @@ def test_the_grid_is_measured_repeatedly_and_judged_on_medians(model_dir, tmp_pa
         measure_grid(store, model_dir, workload, 2, configs, repeats=0)
 
 
+def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_dir, tmp_path):
+    from dataclasses import replace
+
+    from planner.bench_recommend import calibrate
+    from planner.cost_model import measurement_groups
+    from planner.fit_data import load_runs
+
+    preset = replace(PRESETS["quick"], budget_s=6, calibration_requests=6, folds=2, calibration_repeats=2)
+    store = Store(f"sqlite:///{tmp_path / 'calibration.db'}")
+    fitted, info = calibrate(store, {"tiny": model_dir}, preset)
+    sizes = np.bincount(measurement_groups(load_runs(store)))
+    # Back to back in pairs; the budget may stop between the two runs of the last one.
+    assert info["runs"]["tiny"] == sizes.sum() >= 4 and set(sizes) <= {1, 2} and (sizes == 2).sum() >= 2
+    assert fitted.report["measurements"] == len(sizes) and "noise_floor" in fitted.report
+
+
 def _scenario(met: bool, over: float, default_ratio: float = 2.0,
               drift: dict[str, float] | None = None) -> ScenarioResult:
     return ScenarioResult(
