@@ -374,12 +374,18 @@ async def _run(target: Target, source: RequestSource, concurrency: int | None,
                 on_progress(Progress(len(records), counts["done"], counts["failed"],
                                      time.perf_counter() - start))
 
-        def prepare(i: int) -> tuple[RequestRecord, bytes]:
+        def body_of(i: int) -> bytes:
+            return request_body(target, source.spec(i), source.prompt(i), source.vocab_size)
+
+        def record_of(i: int) -> RequestRecord:
             spec = source.spec(i)
             record = RequestRecord(i, spec.input_tokens, spec.output_tokens,
                                    None if concurrency else spec.arrival_time)
             records.append(record)
-            return record, request_body(target, spec, source.prompt(i), source.vocab_size)
+            return record
+
+        def prepare(i: int) -> tuple[RequestRecord, bytes]:
+            return record_of(i), body_of(i)
 
         async def fire(record: RequestRecord, body: bytes) -> None:
             await send_request(client, target, record, body)
@@ -396,8 +402,16 @@ async def _run(target: Target, source: RequestSource, concurrency: int | None,
             counter = itertools.count()
 
             async def worker() -> None:
-                while more(i := next(counter)):
-                    await fire(*prepare(i))
+                while True:
+                    i = next(counter)
+                    if max_requests is not None and i >= max_requests:
+                        return
+                    body = body_of(i)
+                    # The deadline is checked once the body is built: a request is sent before
+                    # it or not at all, however long building took.
+                    if not more(i):
+                        return
+                    await fire(record_of(i), body)
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         else:  # open loop: on the schedule, whether or not earlier requests have answered
