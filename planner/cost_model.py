@@ -242,7 +242,8 @@ def run_folds(runs: list[RunData], folds: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.arange(group.max() + 1) % folds)[group]
 
 
-def by_measurement(values: np.ndarray, groups: np.ndarray, how: Callable[..., np.ndarray] = np.median) -> np.ndarray:
+def by_measurement(values: np.ndarray, groups: np.ndarray,
+                   how: Callable[..., np.ndarray] = np.median) -> np.ndarray:
     """[groups, metrics] from [runs, metrics]: `how` over each measurement's repeats."""
     return np.array([how(values[groups == g], axis=0) for g in range(groups.max() + 1)])
 
@@ -310,11 +311,13 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         report["by_model"] = {"folds": int(len(np.unique(model_ids))),
                               **accuracy(truth, predicted_m_g, model_ids[first], step_errors_m)}
         if repeated:
-            report["by_model"]["single_runs"] = accuracy(measured, predicted_m, model_ids, step_errors_m)["overall"]
+            report["by_model"]["single_runs"] = accuracy(measured, predicted_m, model_ids,
+                                                         step_errors_m)["overall"]
         intervals["model"] = run_intervals(truth, predicted_m_g)
         quantiles["model"] = run_quantiles(truth, predicted_m_g)
     report["runs"] = [
-        {"run_id": r.run_id, "model": r.model_name, "measurement": int(groups[i]), "measured": dict(zip(METRICS, measured[i])),
+        {"run_id": r.run_id, "model": r.model_name, "measurement": int(groups[i]),
+         "measured": dict(zip(METRICS, measured[i])),
          "by_run": dict(zip(METRICS, predicted[i])),
          **({"by_model": dict(zip(METRICS, predicted_m[i]))} if "by_model" in report else {})}
         for i, r in enumerate(runs)]
