@@ -268,6 +268,7 @@ def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path)
 @pytest.mark.parametrize("flag, value, field", [
     ("--budget", "soon", "budget"), ("--slo", "ttft_p95<=5us", "unit"), ("--isl", "a:b", "isl"),
     ("--space", "nowhere", "search space not found"), ("--db", "nosuchdialect://x", "--db"),
+    ("--repeats", "0", "--repeats: must be >= 1, got 0"),
 ])
 def test_cli_profile_bad_input_names_the_field(model_dir, tmp_path, flag, value, field):
     from typer.testing import CliRunner
