@@ -96,15 +96,17 @@ def test_an_impossible_target_names_the_binding_slo_and_the_closest_configuratio
 
 def test_with_nothing_feasible_the_plan_is_the_one_most_likely_to_meet_the_slos(profiled, fitted):
     _, (model_dir, _) = profiled
-    # Within reach of some configurations at a low chance, none at the plan's 80%.
-    # A limit below the fastest TTFT any search met so far: the sampler follows the SLOs, so a
-    # search under a tighter limit can find a faster configuration than the one before did.
+    # Within reach of some configurations at a low chance, none at the plan's 80%: the limit
+    # the fastest TTFT any search predicted so far meets 30% of the time (by the fitted
+    # held-out errors, whichever way this session's profile leaned). The sampler follows the
+    # SLOs, so a search under a tighter limit can find a faster configuration than the one before.
     result = run_search(_search(fitted, model_dir), trials=16)
     seen: list = []
     for _ in range(4):
         seen += [c for c in result.candidates if c.prediction is not None]
         ttft = min(c.prediction.metrics["ttft_p95"] for c in seen)
-        search = _search(fitted, model_dir, slos=f"ttft_p95<={ttft * 0.85 * 1000:.4f}ms,itl_p95<=10s")
+        limit = fitted.bound("ttft_p95", ttft, 0.3)
+        search = _search(fitted, model_dir, slos=f"ttft_p95<={limit * 1000:.4f}ms,itl_p95<=10s")
         result = run_search(search, trials=16)
         if not result.feasible:
             break
