@@ -287,7 +287,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     # Predictions are judged against each measurement's median over its repeats (a single run
     # where there are none): on a shared host one run strays from the next by tens of percent.
     groups = measurement_groups(runs)
-    first = np.array([np.flatnonzero(groups == g)[0] for g in range(groups.max() + 1)])
+    first = np.unique(groups, return_index=True)[1]  # each measurement's first run
     truth = by_measurement(measured, groups)
     repeated = len(first) < len(runs)
     by_run_folds = run_folds(runs, folds, seed)

@@ -384,9 +384,6 @@ async def _run(target: Target, source: RequestSource, concurrency: int | None,
             records.append(record)
             return record
 
-        def prepare(i: int) -> tuple[RequestRecord, bytes]:
-            return record_of(i), body_of(i)
-
         async def fire(record: RequestRecord, body: bytes) -> None:
             await send_request(client, target, record, body)
             counts["done"] += 1
@@ -420,7 +417,7 @@ async def _run(target: Target, source: RequestSource, concurrency: int | None,
                 offset = source.spec(i).arrival_time or 0.0
                 if not more(i) or (duration_s is not None and offset >= duration_s):
                     break
-                ready = prepare(i)  # the body is built before its time, not charged to it
+                ready = record_of(i), body_of(i)  # built before its time, not charged to it
                 delay = start + offset - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
