@@ -38,6 +38,7 @@ from engine import EngineConfig
 from engine.model_zoo import SHAPES, make_checkpoint
 from planner import cost_model as cm
 from planner import hardware as hw
+from planner import host_speed
 from planner.bench_truth import (SLO_QUANTILES, GridPoint, limit_margin, bench_space, cost_per_million,
                                  derive_slos, describe_config, grid_configs, judge_grid,
                                  measure_grid, overspend)
@@ -158,6 +159,9 @@ class ScenarioResult:
     # The grid's best measured again right after the plan, per SLO metric (again / in the grid):
     # how far the host itself moved between the ground truth and the verdict.
     host_drift: dict[str, float] = field(default_factory=dict)
+    # The host's speed when the plan was made (planner.host_speed), which the plan was predicted
+    # at: 1.0 a typical moment of the calibration runs.
+    host_slowdown: float = 1.0
 
 
 @dataclass
@@ -297,8 +301,10 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     # 3. The recommendation, launched and measured.
     tell(f"{label}: searching ({preset.trials} trials)")
     requirement = Requirement(slos, "concurrency", float(w.concurrency), confidence=preset.confidence)
+    # Planned for the host as it runs now: the plan is launched and judged right after.
+    slowdown = fitted.host_slowdown(hardware, host_speed.probe(host_speed.PLANNING_SECONDS))
     search = Search(fitted, model_dir, workload, requirement, hardware=[hardware], space=space,
-                    max_devices=1, seed=seed)
+                    max_devices=1, seed=seed, host_slowdowns={hardware: slowdown})
     result = run_search(search, preset.trials)
     plan = make_plan(result, search, fitted)
     plan.write(workdir / "plans" / f"{model_name}-{w.name}.yaml")
@@ -337,7 +343,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         measured={k: v for k, v in got.items() if k in (*keys, "throughput_tok_s", "request_rate")},
         predicted_cost=chosen.cost_per_million, measured_cost=measured_cost, met=met,
         overspend=raw, overspend_clipped=max(0.0, raw) if math.isfinite(raw) else raw,
-        search_s=result.seconds, error=error, predicted_chance=plan.chance, host_drift=drift)
+        search_s=result.seconds, error=error, predicted_chance=plan.chance, host_drift=drift,
+        host_slowdown=slowdown)
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,

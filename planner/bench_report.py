@@ -35,6 +35,7 @@ def results_table(result: BenchResult) -> Table:
         met = "[green]yes[/]" if s.met else ("[red]no[/]" + (" (did not run)" if s.error else ""))
         if s.host_drift:
             met += f"\n(host {max(s.host_drift.values()):.2f}x)"
+        met += f"\n(planned at {s.host_slowdown:.2f}x)"
         over = _pct(s.overspend)
         if math.isfinite(s.overspend):
             colour = "green" if s.overspend <= TARGET_OVERSPEND else "red"

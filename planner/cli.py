@@ -256,7 +256,7 @@ def quickstart(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
-            verify=True, via="http", repeats=3, as_json=False, seed=0, db=db)
+            verify=True, via="http", repeats=3, host="now", as_json=False, seed=0, db=db)
     except typer.Exit as stop:
         if stop.exit_code:
             console.print("[red]no plan met the example targets[/red]; try looser --slo")

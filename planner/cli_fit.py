@@ -58,6 +58,14 @@ def print_report(report: dict[str, Any]) -> None:
             f"{single['median_ape']:.1%} median, {single['p90_ape']:.1%} p90 ({single['coverage']:.0%} "
             f"covered); one run strays from its repeats' median by {floor['overall']['median_ape']:.1%} "
             f"median, {floor['overall']['p90_ape']:.1%} p90 (the noise floor of single runs here).")
+    if "host_speed" in report:
+        host = report["host_speed"]
+        p10, _, p90 = host["slowdown_p10_p50_p90"]
+        console.print(
+            f"Host speed: {host['runs']} of {data['runs']} runs carry a probe reading; the host ran "
+            f"{p10:.2f}x-{p90:.2f}x its typical probe time (p10-p90). Each held-out run is "
+            f"predicted at its own reading; `pilot recommend --host-speed now` plans at the "
+            f"reading taken then.")
     low, high = targets["coverage"]
     console.print(f"Targets: median APE <= {targets['median_ape']:.0%}, p90 <= {targets['p90_ape']:.0%}, "
                   f"80% intervals covering {low:.0%}-{high:.0%}.")

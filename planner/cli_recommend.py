@@ -96,6 +96,8 @@ def recommend(
                                                      "(engine) or through pilot serve (http)"),
     repeats: int = typer.Option(3, "--repeats", help="--verify runs the workload this many times "
                                 "back to back and judges each metric's median"),
+    host: str = typer.Option("typical", "--host-speed", help="predict this machine at a typical "
+                             "moment (typical) or as fast as a probe finds it now (now)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
@@ -118,6 +120,8 @@ def recommend(
         _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
     if repeats < 1:
         _fail(f"--repeats: must be >= 1, got {repeats}")
+    if host not in ("typical", "now"):
+        _fail(f"--host-speed must be typical or now, got {host!r}")
     for flag, path in (("--model", model), ("--draft", draft)):
         if path is not None and not path.is_dir():
             _fail(f"{flag}: model directory not found: {path}")
@@ -137,7 +141,8 @@ def recommend(
         search = Search(fitted, str(model), load, requirement,
                         hardware.split(",") if hardware else None,
                         SearchSpace.from_file(space) if space else None, max_devices,
-                        str(draft) if draft else None, acceptance, seed)
+                        str(draft) if draft else None, acceptance, seed,
+                        host_slowdowns_now(fitted) if host == "now" else None)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError,
             WorkloadError, RecommendError) as err:
         _fail(str(err))
@@ -170,6 +175,18 @@ def recommend(
     if not plan.feasible:
         raise typer.Exit(1)
     return verified
+
+
+def host_slowdowns_now(fitted: Any) -> dict[str, float]:
+    """This machine's speed now against its typical moment in the cost model's runs, keyed by
+    its spec name; empty when the cost model has no probe readings of this machine."""
+    from planner import hardware as hw
+    from planner import host_speed
+
+    spec = hw.detect().spec_name or "cpu-host"
+    if not any(key.startswith(f"{spec}/") for key in fitted.host_reference):
+        return {}
+    return {spec: fitted.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}
 
 
 def verify_plan(store: Any, path: Path, via: str = "engine", repeats: int = 3) -> Any:

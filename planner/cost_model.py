@@ -18,8 +18,9 @@ from typing import Any, Callable
 import numpy as np
 from sqlalchemy import select
 
-from planner.fit_data import METRICS, RunData, data_version, load_runs
-from planner.step_model import StepTimeModel, feature_matrix
+from planner import host_speed
+from planner.fit_data import METRICS, RunData, data_version, host_references, load_runs, set_host_slowdown
+from planner.step_model import StepTimeModel, feature_matrix, jitter_class
 from planner.store import CostModelRow, Store
 
 COVERAGE = 0.8
@@ -43,14 +44,15 @@ def training_arrays(runs: list[RunData], seed: int = 0) -> tuple[np.ndarray, np.
     for run in runs:
         n = len(run.steps["period_s"])
         keep = np.sort(rng.choice(n, MAX_STEPS_PER_RUN, replace=False)) if n > MAX_STEPS_PER_RUN else slice(None)
-        xs.append(feature_matrix(run.deployment, run.device, {k: v[keep] for k, v in run.steps.items()}))
+        xs.append(feature_matrix(run.deployment, run.device,
+                                 {k: v[keep] for k, v in run.step_features().items()}))
         ys.append(run.steps["period_s"][keep])
         groups.append(np.full(len(ys[-1]), run.run_id))
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
 
 
 def _predict(model: StepTimeModel, run: RunData) -> np.ndarray:
-    metrics = run.replay(model.step_time(run.deployment, run.device))
+    metrics = run.replay(model.step_time(run.deployment, run.device, host_slowdown=run.host_slowdown))
     return np.array([metrics[m] for m in METRICS])
 
 
@@ -147,6 +149,15 @@ class CostModel:
     id: int | None = None
     # "run" | "model" -> metric -> log-ratios at QUANTILE_LEVELS (empty in models saved before)
     quantiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # fit_data.host_key -> the typical planner.host_speed reading of the runs it was fitted on
+    host_reference: dict[str, float] = field(default_factory=dict)
+
+    def host_slowdown(self, spec_name: str, reading: float | None) -> float:
+        """A probe reading taken on `spec_name` with no engine running (when planning) as the
+        step model's host_slowdown feature: against the readings around one-process runs, the
+        layout whose engine sits idle while the probe runs. 1.0, a typical moment, where the
+        model has no such readings or there is no reading."""
+        return host_speed.slowdown(reading, self.host_reference.get(f"{spec_name}/{jitter_class(1, 1)}"))
 
     def _kind(self, seen_model: bool, layout: str | None = None) -> str:
         if not seen_model and "model" in self.intervals:
@@ -197,7 +208,7 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
                 "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},
-                "quantiles": self.quantiles}
+                "quantiles": self.quantiles, "host_reference": self.host_reference}
 
 
 def layout_of(config: dict[str, Any]) -> str:
@@ -283,6 +294,8 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     if len(runs) < max(3, folds):
         raise FitError(f"the store {store.url} holds {len(runs)} usable runs; fitting needs at least "
                        f"{max(3, folds)} (run `pilot profile` first)")
+    host_reference = host_references(runs)
+    set_host_slowdown(runs, host_reference)
     measured = np.array([[r.measured[m] for m in METRICS] for r in runs])
     # Predictions are judged against each measurement's median over its repeats (a single run
     # where there are none): on a shared host one run strays from the next by tens of percent.
@@ -299,6 +312,11 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         report["by_run"]["single_runs"] = accuracy(measured, predicted, by_run_folds, step_errors)["overall"]
         report["noise_floor"] = noise_floor(measured, groups)
     report["measurements"] = len(first)
+    read = [r.host_slowdown for r in runs if r.host_probe_s is not None]
+    if read:
+        # How far the host's speed moved over the runs: the swing the host_slowdown feature absorbs.
+        report["host_speed"] = {"runs": len(read), "typical_probe_s": host_reference,
+                                "slowdown_p10_p50_p90": np.quantile(read, [0.1, 0.5, 0.9]).tolist()}
     intervals = {"run": run_intervals(truth, predicted_g)}
     quantiles = {"run": run_quantiles(truth, predicted_g)}
     for layout, mine in layout_groups([runs[i] for i in first], truth, predicted_g).items():
@@ -337,7 +355,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     report["step_interval"] = list(step_model.interval_)
     hardware = {r.spec_name: r.hardware_rates for r in runs}
     return CostModel(step_model, intervals, hardware, sorted({r.model_fingerprint for r in runs}),
-                     data_version(runs), report, quantiles=quantiles)
+                     data_version(runs), report, quantiles=quantiles, host_reference=host_reference)
 
 
 def save(store: Store, model: CostModel) -> int:
@@ -365,7 +383,7 @@ def load(store: Store, model_id: int | None = None) -> CostModel | None:
                  for k, d in payload["intervals"].items()}
     return CostModel(StepTimeModel.from_dict(payload["step_model"]), intervals, payload["hardware"],
                      list(row.models), row.data_version, row.report, row.created_at, row.id,
-                     payload.get("quantiles", {}))
+                     payload.get("quantiles", {}), payload.get("host_reference", {}))
 
 
 def is_current(store: Store, model: CostModel) -> bool:

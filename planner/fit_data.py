@@ -13,9 +13,10 @@ from sqlalchemy import select
 from engine import EngineConfig
 from engine.scheduler import SchedulerConfig
 from planner import hardware as hw
+from planner import host_speed
 from planner.roofline import Deployment, Device, ModelShape
 from planner.simulator import SimRequest, Simulator, StepTime, unique_prompts
-from planner.step_model import COMPOSITION
+from planner.step_model import COMPOSITION, jitter_class
 from planner.store import EngineConfigRow, Hardware, Model, RequestRow, Run, StepRow, Store, fingerprint
 from planner.workload import Workload, WorkloadError
 
@@ -43,6 +44,14 @@ class RunData:
     num_kv_blocks: int
     max_model_len: int
     acceptance_rate: float | None
+    host_probe_s: float | None = None  # planner.host_speed reading around the run
+    # That reading against the host's typical one (set by the fit that judges the run; 1.0 when
+    # either is unknown): a step feature, so a slow moment is not mistaken for a slow config.
+    host_slowdown: float = 1.0
+
+    def step_features(self) -> dict[str, np.ndarray]:
+        """The steps' columns `step_model.feature_matrix` reads, the run's host slowdown included."""
+        return {**self.steps, "host_slowdown": np.full(len(self.steps["period_s"]), self.host_slowdown)}
 
     def simulator(self, step_time: StepTime, seed: int = 0) -> Simulator:
         config = EngineConfig.model_validate(self.config)
@@ -169,7 +178,8 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
                 run.id, model.id, model.name, model.fingerprint, run.hardware_id, run.hardware.spec_name,
                 rates, config, deployment, device_for(rates, deployment), run.load_kind, run.load_value,
                 requests, {**run.latency, "throughput_tok_s": run.throughput_tok_s},
-                steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate))
+                steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate,
+                run.host_probe_s))
     return out
 
 
@@ -188,6 +198,30 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
     steps["busy_peers"] = busy_peers(start, steps["period_s"], replica)
     steps["kv_blocks_total"] = blocks
     return steps
+
+
+def host_key(spec_name: str, deployment: Deployment) -> str:
+    """Whose readings a run's is compared with: the same hardware, and the same process layout,
+    since a loaded engine's other processes share the cores the probe runs on (a tensor-parallel
+    pair reads about 1.5x slower than one process on a 2-core host, at any moment)."""
+    return f"{spec_name}/{jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)}"
+
+
+def host_references(runs: list[RunData]) -> dict[str, float]:
+    """The typical probe reading of each hardware and process layout (`host_key`) over `runs`."""
+    keys = [host_key(r.spec_name, r.deployment) for r in runs]
+    out = {}
+    for key in sorted(set(keys)):
+        reading = host_speed.typical(r.host_probe_s for r, k in zip(runs, keys) if k == key)
+        if reading is not None:
+            out[key] = reading
+    return out
+
+
+def set_host_slowdown(runs: list[RunData], references: dict[str, float]) -> None:
+    for run in runs:
+        reference = references.get(host_key(run.spec_name, run.deployment))
+        run.host_slowdown = host_speed.slowdown(run.host_probe_s, reference)
 
 
 def data_version(runs: list[RunData]) -> str:

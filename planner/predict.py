@@ -85,8 +85,12 @@ class Predictor:
     lets a search score hundreds of configurations in seconds."""
 
     def __init__(self, model: CostModel, model_dir: str, workload: Workload,
-                 draft_dir: str | None = None, seed: int = 0) -> None:
+                 draft_dir: str | None = None, seed: int = 0,
+                 host_slowdowns: dict[str, float] | None = None) -> None:
         self.model, self.workload, self.seed = model, workload, seed
+        # spec name -> how slow that (measured) host runs now against its typical moment
+        # (`CostModel.host_slowdown`); hardware not named is predicted at a typical moment.
+        self.host_slowdowns = dict(host_slowdowns or {})
         self.model_config = ModelConfig.from_dir(model_dir)
         self.shape = ModelShape.from_config(self.model_config)
         self.draft_shape = ModelShape.from_dir(draft_dir) if draft_dir else None
@@ -139,7 +143,10 @@ class Predictor:
         if k and acceptance_rate is None:
             raise ValueError("acceptance_rate: required with a speculative_model (measure the pair "
                              "with `pilot profile --draft`)")
-        simulator = Simulator(self.model.step_model.step_time(deployment, device, calibrated),
+        slowdown = self.host_slowdowns.get(spec_name, 1.0) if calibrated else 1.0
+        step_time = self.model.step_model.step_time(deployment, device, calibrated,
+                                                    host_slowdown=slowdown)
+        simulator = Simulator(step_time,
                               SchedulerConfig.for_engine(config, max_len), blocks, config.block_size,
                               config.enable_prefix_caching, config.data_parallel_size, k,
                               acceptance_rate if k else None, self.seed)

@@ -30,6 +30,7 @@ from engine import LLM, EngineConfig, StepStats
 from engine.model_config import ModelConfig
 from engine.models.llama import checkpoint_shapes
 from planner import hardware as hw
+from planner import host_speed
 from planner.load import LoadResult, run_load
 from planner.search_space import SearchSpace
 from planner.slo import SLO, goodput, summarize
@@ -244,7 +245,7 @@ def _release(store: Store, experiment_id: int, status: str = "pending", error: s
 
 
 def record_run(store: Store, experiment: Experiment, campaign: Campaign, result: LoadResult,
-               slos: list[SLO] | None, gpu: dict | None) -> int:
+               slos: list[SLO] | None, gpu: dict | None, host_probe_s: float | None = None) -> int:
     """The run, its requests and its steps, and the experiment marked done: one transaction."""
     requests = result.requests
     latencies = [r.latency for r in requests]
@@ -266,7 +267,7 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
             peak_memory_bytes=result.peak_memory_bytes,
             acceptance_rate=accepted / drafted if drafted else None,
             energy_j=(gpu or {}).get("energy_j"), gpu=gpu or None,
-            engine_version=engine_version(), git_revision=git_revision())
+            engine_version=engine_version(), git_revision=git_revision(), host_probe_s=host_probe_s)
         session.add(run)
         session.flush()
         session.add_all(RequestRow(
@@ -370,10 +371,12 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                     raise
                 measurer_config_id = experiment.engine_config_id
             try:
+                before = host_speed.probe()
                 with hw.GpuSampler() as sampler:
                     measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
+                reading = host_speed.around(before, host_speed.probe())
                 result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
-                                                 sampler.summary()))
+                                                 sampler.summary(), reading))
             except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
                 _release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
                 result.failed.append((experiment.id, str(err)))

@@ -90,7 +90,7 @@ class Search:
                  requirement: Requirement, hardware: list[str] | None = None,
                  space: SearchSpace | None = None, max_devices: int = 8,
                  draft_dir: str | None = None, acceptance_rate: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, host_slowdowns: dict[str, float] | None = None) -> None:
         self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
         self.max_devices = max_devices
         if max_devices < 1:
@@ -115,8 +115,14 @@ class Search:
         self.workload = workload
         search_workload = workload.model_copy(update={"num_requests": min(workload.num_requests,
                                                                            SEARCH_REQUESTS)})
-        self.predictor = Predictor(cost_model, model_dir, search_workload, draft_dir, seed)
-        self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed)
+        self.host_slowdowns = dict(host_slowdowns or {})
+        for name, slowdown in self.host_slowdowns.items():
+            self.notes.append(f"predicted for {name} running {slowdown:.2f}x its typical probe time "
+                              f"(a host_speed reading taken when planning)")
+        self.predictor = Predictor(cost_model, model_dir, search_workload, draft_dir, seed,
+                                   self.host_slowdowns)
+        self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed,
+                                        self.host_slowdowns)
         self.mean_output_tokens = float(np.mean([s.output_tokens for s in workload.sample()]))
         self._cache: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Candidate] = {}
         self._capacity: dict[tuple[str, str, int], float] = {}

@@ -30,9 +30,9 @@ PHYSICS = ("step", "seq", "layer_pass", *TERMS)
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
 FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
-            # Last, so that trees saved before it existed index the same columns (and never
-            # split on it: they predict as if the other replicas were idle).
-            "busy_peers")
+            "busy_peers",
+            # How slow the host ran meanwhile against its typical moment (planner.host_speed).
+            "host_slowdown")
 
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
@@ -47,10 +47,12 @@ def feature_matrix(deployment: Deployment, device: Device,
                    steps: Mapping[str, np.ndarray]) -> np.ndarray:
     """[n, len(FEATURES)] for n steps of one deployment on one device. `steps` holds the
     COMPOSITION columns and, for data-parallel deployments, "busy_peers" (`fit_data.busy_peers`:
-    how many other replicas were mid-step meanwhile; none if absent)."""
+    how many other replicas were mid-step meanwhile; none if absent), and "host_slowdown"
+    (`planner.host_speed.slowdown`; 1.0, a typical moment, if absent)."""
     comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
     n = len(comp["num_seqs"])
     peers = np.asarray(steps["busy_peers"], dtype=float) if "busy_peers" in steps else np.zeros(n)
+    slowdown = np.asarray(steps["host_slowdown"], dtype=float) if "host_slowdown" in steps else np.ones(n)
     terms = step_terms(deployment, device, comp["num_seqs"], comp["num_prefill_seqs"],
                        comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
                        comp["num_draft_tokens"])
@@ -66,7 +68,8 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
-               **{k: np.full(n, float(v)) for k, v in constants.items()}, "busy_peers": peers}
+               **{k: np.full(n, float(v)) for k, v in constants.items()}, "busy_peers": peers,
+               "host_slowdown": slowdown}
     return np.column_stack([columns[name] for name in FEATURES])
 
 
@@ -247,9 +250,10 @@ class StepTimeModel:
         return {name: float(coef[name]) for name in ("step", "seq", "layer_pass")}
 
     def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
-                  seed: int | None = 0) -> Callable[[StepComposition, int], float]:
+                  seed: int | None = 0, host_slowdown: float = 1.0) -> Callable[[StepComposition, int], float]:
         """A fast function of one step's composition, and of how many other replicas are
-        working meanwhile, for one deployment (the simulator's clock):
+        working meanwhile, for one deployment (the simulator's clock) on a host running
+        `host_slowdown` times its typical probe time:
         the typical time times a jitter drawn from the fitted step-to-step spread (`seed`
         None: no jitter).
 
@@ -277,7 +281,7 @@ class StepTimeModel:
             if seconds is None:
                 row = feature_matrix(deployment, device, {
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
-                    "busy_peers": np.array([busy_peers])})
+                    "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
             return seconds * jitter() if jitter is not None else seconds
 
@@ -294,7 +298,11 @@ class StepTimeModel:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepTimeModel:
-        if list(data.get("features", [])) != list(FEATURES):
+        stored = list(data.get("features", []))
+        # Features are only ever appended, and a tree saved before one existed never splits on
+        # it: such a model predicts as if at the feature's neutral value (idle peers, a typical
+        # host moment).
+        if not stored or stored != list(FEATURES[:len(stored)]):
             raise ValueError("the stored step-time model has other features than this version of "
                              "pilot computes; run `pilot fit` again")
         model = cls(coverage=float(data["coverage"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint,
-                        create_engine, event, select)
+                        create_engine, event, inspect, select, text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -161,6 +161,8 @@ class Run(Base):
     gpu: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # utilization/power samples
     engine_version: Mapped[str] = mapped_column(String(32))
     git_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # planner.host_speed.probe around the run: how fast the host was meanwhile (None: not read).
+    host_probe_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     engine_config: Mapped[EngineConfigRow] = relationship()
     model: Mapped[Model] = relationship()
     workload: Mapped[WorkloadRow] = relationship()
@@ -241,6 +243,22 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _add_missing_columns(engine: Any) -> None:
+    """Columns added to a table since a store was made (all nullable), added to that store so an
+    older store keeps working; its rows read them as NULL."""
+    existing = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have:
+                    if not column.nullable:
+                        raise ValueError(f"the store's table {table.name!r} lacks the column "
+                                         f"{column.name!r}, which cannot be added to existing rows")
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
+
+
 class Store:
     def __init__(self, url: str | None = None) -> None:
         url = url or DEFAULT_URL
@@ -257,6 +275,7 @@ class Store:
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def session(self) -> Session:

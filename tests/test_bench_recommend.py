@@ -292,6 +292,8 @@ def test_quick_preset_end_to_end(tmp_path):
         assert math.isfinite(s.predicted[s.binding]) and math.isfinite(s.measured[s.binding])
         assert s.met == meets(s.measured, slos)
         assert s.overspend == pytest.approx(s.measured_cost / s.best_cost - 1)
+        # Planned at the host's speed when planning, read against the calibration runs'.
+        assert 0.2 < s.host_slowdown < 5 and s.host_slowdown != 1.0
     assert math.isfinite(result.median_default_ratio)
     data = json.loads(out.read_text())
     assert len(data["scenarios"]) == len(result.scenarios)

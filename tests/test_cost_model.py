@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_step_time_model_learns_a_roofline_and_round_trips_without_pickle():
     assert 0.7 <= np.mean((y_test >= low) & (y_test <= high)) <= 0.95
     stored = json.loads(json.dumps(model.to_dict()))  # plain JSON: nothing to unpickle
     np.testing.assert_allclose(StepTimeModel.from_dict(stored).predict(X_test), mid)
-    stored["features"] = stored["features"][:-1]
+    stored["features"] = ["something_else", *stored["features"][1:]]
     with pytest.raises(ValueError, match="pilot fit"):
         StepTimeModel.from_dict(stored)
 
@@ -386,6 +387,8 @@ def test_cli_fit_prints_the_report_and_json(profiled, tmp_path):
     result = runner.invoke(app, ["fit", "--db", store.url, "--folds", "3", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert "Held-out runs" in result.output and "Held-out models" in result.output
+    # Every profiled run carries a reading (the store may hold other tests' runs by now).
+    assert re.search(r"Host speed: (\d+) of \1 runs carry a probe reading", " ".join(result.output.split()))
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -263,12 +263,20 @@ def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
     assert plan["load"] == {"kind": "rate", "value": 0.5, "per_replica": 0.5 / plan["replicas"]}
     assert plan["confidence"] == 0.8  # the default
     assert [c["level"] for c in plan["checks"]] == [pytest.approx(0.8 ** 0.5)] * 2
+    assert not any("probe time" in note for note in plan["notes"])
+    # Planned for this host as fast as it runs now, which the plan says.
+    now = CliRunner().invoke(app, [*base, "--slo", LOOSE, "--rate", "0.5", "--trials", "8",
+                                   "--num-requests", "12", "--json", "--host-speed", "now"])
+    assert now.exit_code == 0, now.output
+    notes = json.loads(now.stdout[now.stdout.index("{"):])["notes"]
+    assert any("typical probe time" in note for note in notes), notes
     for args, field in ((["--slo", "ttft_p95<=fast", "--rate", "1"], "fast"),
                         (["--slo", LOOSE], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--concurrency", "2"], "--rate or --concurrency"),
                         (["--slo", LOOSE, "--rate", "1", "--objective", "speed"], "--objective"),
                         (["--slo", LOOSE, "--rate", "1", "--confidence", "95"], "--confidence"),
                         (["--slo", LOOSE, "--rate", "1", "--hardware", "tpu9"], "tpu9"),
+                        (["--slo", LOOSE, "--rate", "1", "--host-speed", "slow"], "--host-speed"),
                         (["--slo", LOOSE, "--rate", "1", "--draft", str(tmp_path / "none")], "--draft")):
         bad = CliRunner().invoke(app, [*base, *args])
         assert bad.exit_code == 2 and field in bad.output, bad.output

@@ -1,0 +1,69 @@
+"""How fast this host is right now: a 50 ms probe read around every profiled run and at plan time.
+
+A shared host's speed swings: other tenants take cores, caches and memory bandwidth, and on the
+2-core machines pilot is tested on one run of a configuration can take 1.3x as long as the same run
+a minute later. The probe times a fixed piece of work shaped like an engine step (a small bf16
+matmul and a streaming read of 16 MiB); its reading, stored with each run, lets the step-time
+model tell a slow configuration from a slow moment, and a reading taken when planning lets a
+prediction say what the host will do now.
+
+A reading is the median time of one piece of work, in seconds; a `slowdown` divides it by the
+host's typical reading (the median over the runs a cost model was fitted on), so 1.0 is a
+typical moment and 1.3 a host running 30% slow.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+from typing import Iterable
+
+import numpy as np
+import torch
+
+PROBE_SECONDS = 0.05
+PLANNING_SECONDS = 0.2  # a reading to plan on: four probes' worth, so one disturbed moment weighs less
+MIN_REPEATS = 5
+
+
+@lru_cache(maxsize=1)
+def _operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 256, generator=generator).bfloat16()
+    b = torch.randn(256, 256, generator=generator).bfloat16()
+    return a, b, torch.ones(4 << 20)  # 16 MiB of fp32: more than a core's share of cache
+
+
+def probe(seconds: float = PROBE_SECONDS) -> float:
+    """The median time of one piece of probe work over about `seconds` (at least MIN_REPEATS)."""
+    if seconds <= 0:
+        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    a, b, stream = _operands()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    with torch.inference_mode():
+        torch.mm(a, b), stream.sum()  # untimed: a first call pays for allocation and dispatch set-up
+        while time.perf_counter() < end or len(times) < MIN_REPEATS:
+            began = time.perf_counter()
+            torch.mm(a, b)
+            stream.sum()
+            times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+
+def around(before: float, after: float) -> float:
+    """One reading for a run from the probes before and after it (their geometric mean)."""
+    return float(np.sqrt(before * after))
+
+
+def typical(readings: Iterable[float | None]) -> float | None:
+    """The host's typical reading: the median of those taken, None when none was."""
+    taken = [r for r in readings if r is not None and r > 0]
+    return float(np.median(taken)) if taken else None
+
+
+def slowdown(reading: float | None, reference: float | None) -> float:
+    """`reading` relative to the typical one; 1.0 when either is unknown."""
+    if reading is None or reference is None or reading <= 0 or reference <= 0:
+        return 1.0
+    return float(reading / reference)

@@ -1,0 +1,123 @@
+"""The host-speed probe: read around every profiled run, a feature of the step-time model, and
+read again when planning, so a slow moment is not mistaken for a slow configuration."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import EngineConfig
+from planner import cost_model, host_speed
+from planner.fit_data import host_key, load_runs
+from planner.predict import Predictor
+from planner.step_model import FEATURES, StepTimeModel
+from planner.store import Store
+from profiled import small_workload
+
+SLOW = 1.6
+
+
+def test_a_probe_reads_the_time_of_one_piece_of_work():
+    reading = host_speed.probe(0.02)
+    assert 0 < reading < 0.05 and math.isfinite(reading)
+    with pytest.raises(ValueError, match="seconds"):
+        host_speed.probe(0)
+
+
+def test_readings_become_slowdowns_against_the_typical_one():
+    assert host_speed.around(1.0, 4.0) == pytest.approx(2.0)
+    assert host_speed.typical([3.0, None, 1.0, 2.0, 0.0]) == 2.0
+    assert host_speed.typical([None]) is None
+    assert host_speed.slowdown(3.0, 2.0) == pytest.approx(1.5)
+    # Unknown on either side: a typical moment.
+    assert host_speed.slowdown(None, 2.0) == host_speed.slowdown(3.0, None) == 1.0
+
+
+def test_every_profiled_run_stores_a_reading(profiled, fitted):
+    runs = profiled[0].runs()
+    assert runs and all(r.host_probe_s is not None and r.host_probe_s > 0 for r in runs)
+    # The fit keeps the typical reading per hardware and process layout, and says how far the
+    # host moved over its runs.
+    assert set(fitted.host_reference) == {host_key(r.spec_name, r.deployment) for r in load_runs(profiled[0])}
+    assert fitted.report["host_speed"]["runs"] == len(runs)
+    spec = next(iter(fitted.hardware))
+    typical = fitted.host_reference[f"{spec}/dp1-tp1"]
+    assert fitted.host_slowdown(spec, 2 * typical) == pytest.approx(2.0)
+    assert fitted.host_slowdown("some-gpu", 2 * typical) == 1.0
+    again = cost_model.load(profiled[0], fitted.id)
+    assert again.host_reference == fitted.host_reference
+
+
+def _copy(store: Store, to: Path) -> Store:
+    with sqlite3.connect(store.engine.url.database) as source, sqlite3.connect(to) as target:
+        source.backup(target)
+    return Store(f"sqlite:///{to}")
+
+
+def _slow_down(db: Path, run_ids: list[int], factor: float) -> None:
+    """As if `run_ids` ran while the host was `factor` times slower: their steps, latencies and
+    probe readings stretched alike."""
+    ids = ",".join(str(i) for i in run_ids)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE steps SET start_s = start_s * {factor}, duration_s = duration_s * {factor}, "
+                     f"forward_s = forward_s * {factor} WHERE run_id IN ({ids})")
+        for run_id, latency in conn.execute(f"SELECT id, latency FROM runs WHERE id IN ({ids})").fetchall():
+            stretched = {k: v * factor for k, v in json.loads(latency).items()}
+            conn.execute("UPDATE runs SET latency = ?, throughput_tok_s = throughput_tok_s / ?, "
+                         "host_probe_s = host_probe_s * ? WHERE id = ?",
+                         (json.dumps(stretched), factor, factor, run_id))
+
+
+def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, tmp_path):
+    store, (model_dir, _) = profiled
+    db = tmp_path / "slow.db"
+    copy = _copy(store, db)
+    runs = copy.runs()
+    typical = host_speed.typical(r.host_probe_s for r in runs)
+    with sqlite3.connect(db) as conn:  # one steady reading, so only the stretched runs stand out
+        conn.execute("UPDATE runs SET host_probe_s = ?", (typical,))
+    slow = [r.id for r in runs if r.id % 3 == 0]
+    _slow_down(db, slow, SLOW)
+    model = cost_model.fit(copy, folds=3)
+    assert model.report["host_speed"]["slowdown_p10_p50_p90"][2] == pytest.approx(SLOW)
+    spec = next(iter(model.hardware))
+
+    config = EngineConfig.model_validate(next(r.config for r in load_runs(copy) if r.config["model"] == model_dir))
+
+    def itl(slowdown: float) -> float:
+        predictor = Predictor(model, model_dir, small_workload(), host_slowdowns={spec: slowdown})
+        return predictor.predict(config, spec).metrics["itl_p50"]
+
+    assert 1.3 < itl(SLOW) / itl(1.0) < 1.9
+    # Without the readings the same stretched runs are unexplained, and held-out runs err more.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE runs SET host_probe_s = NULL")
+    blind = cost_model.fit(copy, folds=3)
+    assert "host_speed" not in blind.report
+    assert (model.report["by_run"]["overall"]["median_ape"]
+            < blind.report["by_run"]["overall"]["median_ape"])
+
+
+def test_a_store_made_before_the_reading_existed_gains_the_column(profiled, tmp_path):
+    db = tmp_path / "old.db"
+    _copy(profiled[0], db).engine.dispose()
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE runs DROP COLUMN host_probe_s")
+    store = Store(f"sqlite:///{db}")
+    runs = store.runs()
+    assert runs and all(r.host_probe_s is None for r in runs)
+    assert {r.host_slowdown for r in load_runs(store)} == {1.0}
+
+
+def test_a_step_model_saved_before_a_feature_existed_still_loads(profiled, fitted):
+    data = fitted.step_model.to_dict()
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:-1])})
+    X, _, _ = cost_model.training_arrays(load_runs(profiled[0])[:2])
+    np.testing.assert_allclose(older.predict(X), fitted.step_model.predict(X))
+    with pytest.raises(ValueError, match="pilot fit"):
+        StepTimeModel.from_dict({**data, "features": list(reversed(FEATURES))})
