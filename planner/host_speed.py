@@ -7,7 +7,7 @@ matmul and a streaming read of 16 MiB); its reading, stored with each run, lets 
 model tell a slow configuration from a slow moment, and a reading taken when planning lets a
 prediction say what the host will do now.
 
-A reading is the median time of one piece of work, in seconds; a `slowdown` divides it by the
+A reading is the median time of one piece of work on one thread, in seconds; a `slowdown` divides it by the
 host's typical reading (the median over the runs a cost model was fitted on), so 1.0 is a
 typical moment and 1.3 a host running 30% slow.
 """
@@ -40,14 +40,22 @@ def probe(seconds: float = PROBE_SECONDS) -> float:
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
     a, b, stream = _operands()
     times: list[float] = []
-    end = time.perf_counter() + seconds
-    with torch.inference_mode():
-        torch.mm(a, b), stream.sum()  # untimed: a first call pays for allocation and dispatch set-up
-        while time.perf_counter() < end or len(times) < MIN_REPEATS:
-            began = time.perf_counter()
-            torch.mm(a, b)
-            stream.sum()
-            times.append(time.perf_counter() - began)
+    # One thread, whatever the process uses: an engine sets its own count (a tensor-parallel
+    # rank keeps half the cores, and the count outlives the engine), and a reading must measure
+    # the host, not the last engine's setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            torch.mm(a, b), stream.sum()  # untimed: a first call pays for allocation and set-up
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end or len(times) < MIN_REPEATS:
+                began = time.perf_counter()
+                torch.mm(a, b)
+                stream.sum()
+                times.append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(threads)
     return float(np.median(times))
 
 
