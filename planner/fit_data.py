@@ -202,8 +202,8 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
 
 def host_key(spec_name: str, deployment: Deployment) -> str:
     """Whose readings a run's is compared with: the same hardware, and the same process layout,
-    since a loaded engine's other processes share the cores the probe runs on (a tensor-parallel
-    pair reads about 1.5x slower than one process on a 2-core host, at any moment)."""
+    since a loaded engine's other processes share the cores the probe runs on: a data- or
+    tensor-parallel engine's runs read slower than one process's at any moment."""
     return f"{spec_name}/{jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)}"
 
 

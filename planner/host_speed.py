@@ -7,9 +7,9 @@ matmul and a streaming read of 16 MiB); its reading, stored with each run, lets 
 model tell a slow configuration from a slow moment, and a reading taken when planning lets a
 prediction say what the host will do now.
 
-A reading is the median time of one piece of work on one thread, in seconds; a `slowdown` divides it by the
-host's typical reading (the median over the runs a cost model was fitted on), so 1.0 is a
-typical moment and 1.3 a host running 30% slow.
+A reading is the median time of one piece of work on one thread, in seconds; a `slowdown`
+divides it by the host's typical reading (the median over the runs a cost model was fitted on),
+so 1.0 is a typical moment and 1.3 a host running 30% slow.
 """
 
 from __future__ import annotations
