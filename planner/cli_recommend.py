@@ -184,7 +184,7 @@ def host_slowdowns_now(fitted: Any) -> dict[str, float]:
     from planner import host_speed
 
     spec = hw.detect().spec_name or "cpu-host"
-    if not any(key.startswith(f"{spec}/") for key in fitted.host_reference):
+    if not fitted.reads_host(spec):
         return {}
     return {spec: fitted.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}
 

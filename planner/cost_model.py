@@ -157,7 +157,14 @@ class CostModel:
         step model's host_slowdown feature: against the readings around one-process runs, the
         layout whose engine sits idle while the probe runs. 1.0, a typical moment, where the
         model has no such readings or there is no reading."""
-        return host_speed.slowdown(reading, self.host_reference.get(f"{spec_name}/{jitter_class(1, 1)}"))
+        return host_speed.slowdown(reading, self._planning_reference(spec_name))
+
+    def reads_host(self, spec_name: str) -> bool:
+        """Whether `host_slowdown` has a reference for `spec_name` (else it is always 1.0)."""
+        return self._planning_reference(spec_name) is not None
+
+    def _planning_reference(self, spec_name: str) -> float | None:
+        return self.host_reference.get(f"{spec_name}/{jitter_class(1, 1)}")
 
     def _kind(self, seen_model: bool, layout: str | None = None) -> str:
         if not seen_model and "model" in self.intervals:

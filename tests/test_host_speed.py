@@ -61,6 +61,7 @@ def test_every_profiled_run_stores_a_reading(profiled, fitted):
     typical = fitted.host_reference[f"{spec}/dp1-tp1"]
     assert fitted.host_slowdown(spec, 2 * typical) == pytest.approx(2.0)
     assert fitted.host_slowdown("some-gpu", 2 * typical) == 1.0
+    assert fitted.reads_host(spec) and not fitted.reads_host("some-gpu")
     again = cost_model.load(profiled[0], fitted.id)
     assert again.host_reference == fitted.host_reference
 
