@@ -140,6 +140,37 @@ class TreeEnsemble:
                    np.array(data["value"]), np.array(data["roots"]), data["baseline"], data["depth"])
 
 
+class QuasiJitter:
+    """Step-to-step jitter factors drawn from fitted log-quantiles (`StepTimeModel.noise_`), one
+    distribution and one randomly shifted golden-ratio sequence per step kind (decoding only,
+    or prefilling).
+
+    Why not independent draws: a run's TTFT p50 rests on a handful of prefill steps. Sixteen iid
+    draws strayed 10% from the jitter's median, and with a fixed seed every conc-1 run of a
+    profile shared that bad luck (held-out TTFT p50 came out 11% low across the board). Any run
+    of consecutive terms of this sequence spreads evenly over the quantiles, so the few steps a
+    percentile rests on see the distribution's shape, not one sample of it."""
+
+    STEP = (5 ** 0.5 - 1) / 2
+    BLOCK = 4096
+
+    def __init__(self, decode: np.ndarray, prefill: np.ndarray, seed: int) -> None:
+        self.factors = [np.exp(np.asarray(q, dtype=float)) for q in (decode, prefill)]
+        self.shifts = np.random.default_rng(seed).random(2)
+        self.drawn = [0, 0]
+        self.blocks: list[list[float]] = [[], []]
+
+    def __call__(self, prefilling: bool) -> float:
+        stream = int(prefilling)
+        block = self.blocks[stream]
+        if not block:  # filled a block at a time: one NumPy call per 4096 steps, not per step
+            n = self.drawn[stream] + np.arange(self.BLOCK)
+            levels = (self.shifts[stream] + n * self.STEP) % 1.0
+            block.extend(np.interp(levels, NOISE_LEVELS, self.factors[stream])[::-1].tolist())
+            self.drawn[stream] += self.BLOCK
+        return block.pop()
+
+
 @dataclass
 class StepTimeModel:
     """`fit(X, y, groups)` on step features (`feature_matrix`) and measured step periods."""
@@ -183,27 +214,47 @@ class StepTimeModel:
     @staticmethod
     def _jitter(residual: np.ndarray, groups: np.ndarray, X: np.ndarray) -> dict[str, np.ndarray]:
         """Residuals less their run's mean (what varies from step to step, not run to run),
-        for all runs and per process layout with enough runs of its own.
+        for all runs and per process layout with enough runs of its own, and apart for steps
+        that prefill ("prefill/<layout>").
 
         The mean, not the median: the regression predicts a step's mean log-time, and steps
         are skewed slow (a stall is long, a fast step is only a little fast). Centred on the
-        median, the replayed steps' median came out at the mean, and ITL p50 6% slow."""
+        median, the replayed steps' median came out at the mean, and ITL p50 6% slow.
+        Prefill steps apart: they are long, so a stall is a smaller share of them (their 99th
+        percentile is 1.7x the mean, a decode step's 2.4x). Given decode jitter, a run's few
+        prefill steps made TTFT p95 swing with the seed by up to 2x."""
         order = np.argsort(groups, kind="stable")
-        residual, groups = residual[order], groups[order]
+        residual, groups, X = residual[order], groups[order], X[order]
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
         lengths = np.diff(np.r_[starts, len(residual)])
-        means = np.array([np.mean(part) for part in np.split(residual, starts[1:])])
-        within = residual - np.repeat(means, lengths)
-        noise = {"all": np.quantile(within, NOISE_LEVELS)}
+        run_of = np.repeat(np.arange(len(starts)), lengths)
+        prefilling = X[:, FEATURES.index("num_prefill_seqs")] > 0
         # A run has one layout: name it once per run, not once per step.
-        parallel = X[order[starts]][:, [FEATURES.index("data_parallel_size"),
-                                         FEATURES.index("tensor_parallel_size")]]
+        parallel = X[starts][:, [FEATURES.index("data_parallel_size"), FEATURES.index("tensor_parallel_size")]]
         run_layouts = np.array([jitter_class(dp, tp) for dp, tp in parallel])
-        step_layouts = np.repeat(run_layouts, lengths)
-        for name in np.unique(run_layouts):
-            if (run_layouts == name).sum() >= MIN_JITTER_RUNS:
-                noise[str(name)] = np.quantile(within[step_layouts == name], NOISE_LEVELS)
+        noise: dict[str, np.ndarray] = {}
+        for prefix, kind in (("", ~prefilling), ("prefill/", prefilling)):
+            runs = run_of[kind]
+            if len(runs) == 0:
+                continue
+            sums, counts = np.bincount(runs, residual[kind], len(starts)), np.bincount(runs, None, len(starts))
+            within = residual[kind] - (sums / np.maximum(counts, 1))[runs]
+            noise[f"{prefix}all"] = np.quantile(within, NOISE_LEVELS)
+            step_layouts = run_layouts[runs]
+            for name in np.unique(run_layouts):
+                if ((counts > 0) & (run_layouts == name)).sum() >= MIN_JITTER_RUNS:
+                    noise[f"{prefix}{name}"] = np.quantile(within[step_layouts == name], NOISE_LEVELS)
         return noise
+
+    def jitter_quantiles(self, layout: str) -> tuple[np.ndarray, np.ndarray]:
+        """(decode, prefill) log-quantiles of step jitter for a process layout: its own where it
+        had enough runs, else all runs'; a model saved before prefill jitter was kept apart
+        replays its one distribution for both."""
+        if self.noise_ is None:
+            raise RuntimeError("StepTimeModel has no jitter (fit it with calibrate, or load one)")
+        decode = self.noise_.get(layout, self.noise_["all"])
+        prefill = self.noise_.get(f"prefill/{layout}", self.noise_.get("prefill/all", decode))
+        return decode, prefill
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
         physics = LinearRegression(fit_intercept=False, positive=True)
@@ -262,16 +313,8 @@ class StepTimeModel:
         memo: dict[tuple[int, ...], float] = {}
         jitter = None
         if seed is not None and calibrated and self.noise_ is not None:
-            # Drawn in blocks: one NumPy call per 4096 steps rather than one per step.
-            draws = np.random.default_rng(seed)
             layout = jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)
-            noise, levels = np.exp(self.noise_.get(layout, self.noise_["all"])), NOISE_LEVELS
-            block: list[float] = []
-
-            def jitter() -> float:
-                if not block:
-                    block.extend(np.interp(draws.random(4096), levels, noise).tolist())
-                return block.pop()
+            jitter = QuasiJitter(*self.jitter_quantiles(layout), seed)
 
         def predict(c: StepComposition, busy_peers: int = 0) -> float:
             context = c.context_tokens
@@ -283,7 +326,7 @@ class StepTimeModel:
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
                     "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
-            return seconds * jitter() if jitter is not None else seconds
+            return seconds * jitter(c.num_prefill_tokens > 0) if jitter is not None else seconds
 
         return predict
 

@@ -20,7 +20,7 @@ from planner.load import run_load
 from planner.predict import predict
 from planner.roofline import Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
-from planner.step_model import FEATURES, NOISE_LEVELS, StepTimeModel, TreeEnsemble, feature_matrix
+from planner.step_model import FEATURES, NOISE_LEVELS, QuasiJitter, StepTimeModel, TreeEnsemble, feature_matrix
 from planner.store import Store
 from profiled import profile_two_models, small_workload
 
@@ -101,7 +101,8 @@ def test_step_jitter_is_kept_per_process_layout():
     groups = np.repeat(np.arange(60), len(y) // 60)  # 20 runs of each deployment
     model = StepTimeModel().fit(X, y, groups)
     spread = {k: v[89] - v[10] for k, v in model.noise_.items()}  # 90th - 10th percentile
-    assert set(spread) == {"all", "dp1-tp1", "dp1-tp2"}
+    assert set(spread) == {f"{kind}{layout}" for kind in ("", "prefill/") for layout in ("all", "dp1-tp1", "dp1-tp2")}
+    assert spread["prefill/dp1-tp2"] > 5 * spread["prefill/dp1-tp1"]
     assert spread["dp1-tp2"] > 5 * spread["dp1-tp1"]
     assert spread["dp1-tp1"] < spread["all"] < spread["dp1-tp2"]
     # Stored as JSON per layout; a model saved before (one list for all) still loads.
@@ -109,6 +110,30 @@ def test_step_jitter_is_kept_per_process_layout():
     assert StepTimeModel.from_dict(stored).noise_.keys() == model.noise_.keys()
     stored["noise"] = stored["noise"]["all"]
     assert list(StepTimeModel.from_dict(stored).noise_) == ["all"]
+
+
+def test_prefill_steps_replay_their_own_jitter_spread_evenly_over_its_quantiles():
+    rng = np.random.default_rng(5)
+    X, y = _synthetic_steps(rng, 1500)
+    prefilling = X[:, FEATURES.index("num_prefill_seqs")] > 0
+    # Decode steps stall (one in ten, 2x); prefill steps, long, barely jitter.
+    y = y * np.where(prefilling, np.exp(rng.normal(0, 0.02, len(y))),
+                     np.where(rng.random(len(y)) < 0.1, 2.0, 1.0))
+    model = StepTimeModel().fit(X, y, np.repeat(np.arange(60), len(y) // 60))
+    decode, prefill = model.jitter_quantiles("dp1-tp1")
+    assert decode[-1] - decode[0] > 0.5 and prefill[-1] - prefill[0] < 0.2
+    # Sixteen prefill steps (a conc-1 run's TTFTs) see the distribution's median and range,
+    # where sixteen independent draws stray from it; decode draws come from their own stream.
+    jitter = QuasiJitter(decode, prefill, seed=0)
+    draws = np.array([jitter(True) for _ in range(16)])
+    assert np.log(np.median(draws)) == pytest.approx(np.interp(0.5, NOISE_LEVELS, prefill), abs=0.01)
+    assert np.log(draws.max()) > np.interp(0.9, NOISE_LEVELS, prefill)
+    assert np.log(draws.min()) < np.interp(0.1, NOISE_LEVELS, prefill)
+    stalls = np.array([jitter(False) for _ in range(1000)]) > 1.5
+    assert 0.07 < stalls.mean() < 0.13
+    # A model saved before prefill jitter was kept apart replays its one distribution for both.
+    model.noise_ = {"all": decode}
+    assert all(np.array_equal(q, decode) for q in model.jitter_quantiles("dp1-tp1"))
 
 
 def test_replayed_steps_have_the_median_of_measured_ones_when_stalls_skew_them():
