@@ -326,7 +326,7 @@ class StepTimeModel:
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
                     "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
-            return seconds * jitter(c.num_prefill_tokens > 0) if jitter is not None else seconds
+            return seconds * jitter(c.num_prefill_seqs > 0) if jitter is not None else seconds
 
         return predict
 
