@@ -19,8 +19,9 @@ import numpy as np
 from sqlalchemy import select
 
 from planner import host_speed
-from planner.fit_data import METRICS, RunData, data_version, host_references, load_runs, set_host_slowdown
-from planner.step_model import StepTimeModel, feature_matrix, jitter_class
+from planner.fit_data import (METRICS, RunData, data_version, host_key, host_references, load_runs,
+                               set_host_slowdown)
+from planner.step_model import StepTimeModel, feature_matrix
 from planner.store import CostModelRow, Store
 
 COVERAGE = 0.8
@@ -164,7 +165,7 @@ class CostModel:
         return self._planning_reference(spec_name) is not None
 
     def _planning_reference(self, spec_name: str) -> float | None:
-        return self.host_reference.get(f"{spec_name}/{jitter_class(1, 1)}")
+        return self.host_reference.get(host_key(spec_name))  # one process: the engine idle
 
     def _kind(self, seen_model: bool, layout: str | None = None) -> str:
         if not seen_model and "model" in self.intervals:

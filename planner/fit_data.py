@@ -200,16 +200,20 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
     return steps
 
 
-def host_key(spec_name: str, deployment: Deployment) -> str:
+def host_key(spec_name: str, data_parallel_size: int = 1, tensor_parallel_size: int = 1) -> str:
     """Whose readings a run's is compared with: the same hardware, and the same process layout,
     since a loaded engine's other processes share the cores the probe runs on: a data- or
     tensor-parallel engine's runs read slower than one process's at any moment."""
-    return f"{spec_name}/{jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)}"
+    return f"{spec_name}/{jitter_class(data_parallel_size, tensor_parallel_size)}"
+
+
+def run_host_key(run: RunData) -> str:
+    return host_key(run.spec_name, run.deployment.data_parallel_size, run.deployment.tensor_parallel_size)
 
 
 def host_references(runs: list[RunData]) -> dict[str, float]:
     """The typical probe reading of each hardware and process layout (`host_key`) over `runs`."""
-    keys = [host_key(r.spec_name, r.deployment) for r in runs]
+    keys = [run_host_key(r) for r in runs]
     out = {}
     for key in sorted(set(keys)):
         reading = host_speed.typical(r.host_probe_s for r, k in zip(runs, keys) if k == key)
@@ -220,7 +224,7 @@ def host_references(runs: list[RunData]) -> dict[str, float]:
 
 def set_host_slowdown(runs: list[RunData], references: dict[str, float]) -> None:
     for run in runs:
-        reference = references.get(host_key(run.spec_name, run.deployment))
+        reference = references.get(run_host_key(run))
         run.host_slowdown = host_speed.slowdown(run.host_probe_s, reference)
 
 

@@ -14,7 +14,7 @@ import torch
 
 from engine import EngineConfig
 from planner import cost_model, host_speed
-from planner.fit_data import host_key, host_references, load_runs
+from planner.fit_data import host_references, load_runs, run_host_key
 from planner.predict import Predictor
 from planner.step_model import FEATURES, StepTimeModel
 from planner.store import Store
@@ -57,7 +57,7 @@ def test_every_profiled_run_stores_a_reading(profiled, fitted):
     # host moved over its runs.
     # (Other tests may have added runs to the store since; the fit's own are in its report.)
     seen = load_runs(profiled[0], [r["run_id"] for r in fitted.report["runs"]])
-    assert set(fitted.host_reference) == {host_key(r.spec_name, r.deployment) for r in seen}
+    assert set(fitted.host_reference) == {run_host_key(r) for r in seen}
     assert fitted.report["host_speed"]["runs"] == len(seen) == fitted.report["data"]["runs"]
     spec = next(iter(fitted.hardware))
     typical = fitted.host_reference[f"{spec}/dp1-tp1"]
