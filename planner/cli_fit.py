@@ -42,7 +42,10 @@ def report_table(title: str, section: dict[str, Any], targets: dict[str, Any]) -
 def print_report(report: dict[str, Any]) -> None:
     data, targets = report["data"], report["targets"]
     console.print(f"Fitted on {data['runs']} runs ({data['steps']:,} steps) of "
-                  f"{', '.join(data['models'])} on {', '.join(data['hardware'])}.")
+                  f"{', '.join(data['models'])} on {', '.join(data['hardware'])}"
+                  + (f", prompts up to {data['prompt_tokens']} tokens and sequences up to "
+                     f"{data['sequence_tokens']} (longer workloads are extrapolated)."
+                     if "prompt_tokens" in data else "."))
     console.print(report_table(f"Held-out runs ({report['by_run']['folds']}-fold cross-validation)",
                                report["by_run"], targets))
     if "by_model" in report:

@@ -19,8 +19,8 @@ import numpy as np
 from sqlalchemy import select
 
 from planner import host_speed
-from planner.fit_data import (METRICS, RunData, data_version, host_key, host_references, load_runs,
-                               set_host_slowdown)
+from planner.fit_data import (METRICS, RunData, data_version, host_key, host_references, length_coverage,
+                              load_runs, set_host_slowdown)
 from planner.step_model import StepTimeModel, feature_matrix
 from planner.store import CostModelRow, Store
 
@@ -152,6 +152,8 @@ class CostModel:
     quantiles: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     # fit_data.host_key -> the typical planner.host_speed reading of the runs it was fitted on
     host_reference: dict[str, float] = field(default_factory=dict)
+    # fit_data.length_coverage of the runs it was fitted on (empty in models saved before)
+    lengths: dict[str, int] = field(default_factory=dict)
 
     def host_slowdown(self, spec_name: str, reading: float | None) -> float:
         """A probe reading taken on `spec_name` with no engine running (when planning) as the
@@ -216,7 +218,8 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
                 "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},
-                "quantiles": self.quantiles, "host_reference": self.host_reference}
+                "quantiles": self.quantiles, "host_reference": self.host_reference,
+                "lengths": self.lengths}
 
 
 def layout_of(config: dict[str, Any]) -> str:
@@ -353,9 +356,10 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     step_model = StepTimeModel(coverage=COVERAGE, random_state=seed).fit(X, y, groups)
     if on_progress:
         on_progress("final fit", 1, 1)
+    lengths = length_coverage(runs)
     report["data"] = {"runs": len(runs), "steps": int(sum(len(r.steps["period_s"]) for r in runs)),
                       "models": sorted({r.model_name for r in runs}),
-                      "hardware": sorted({r.spec_name for r in runs})}
+                      "hardware": sorted({r.spec_name for r in runs}), **lengths}
     report["targets"] = {"median_ape": TARGETS["median_ape"], "p90_ape": TARGETS["p90_ape"],
                          "coverage": list(TARGETS["coverage"])}
     report["efficiency"] = step_model.efficiency
@@ -363,7 +367,8 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     report["step_interval"] = list(step_model.interval_)
     hardware = {r.spec_name: r.hardware_rates for r in runs}
     return CostModel(step_model, intervals, hardware, sorted({r.model_fingerprint for r in runs}),
-                     data_version(runs), report, quantiles=quantiles, host_reference=host_reference)
+                     data_version(runs), report, quantiles=quantiles, host_reference=host_reference,
+                     lengths=lengths)
 
 
 def save(store: Store, model: CostModel) -> int:
@@ -391,7 +396,8 @@ def load(store: Store, model_id: int | None = None) -> CostModel | None:
                  for k, d in payload["intervals"].items()}
     return CostModel(StepTimeModel.from_dict(payload["step_model"]), intervals, payload["hardware"],
                      list(row.models), row.data_version, row.report, row.created_at, row.id,
-                     payload.get("quantiles", {}), payload.get("host_reference", {}))
+                     payload.get("quantiles", {}), payload.get("host_reference", {}),
+                     payload.get("lengths", {}))
 
 
 def is_current(store: Store, model: CostModel) -> bool:

@@ -228,6 +228,17 @@ def set_host_slowdown(runs: list[RunData], references: dict[str, float]) -> None
         run.host_slowdown = host_speed.slowdown(run.host_probe_s, reference)
 
 
+def length_coverage(runs: list[RunData]) -> dict[str, int]:
+    """The longest prompt and the longest sequence (prompt + output) the runs measured: beyond
+    them the step model's learned corrections stop following the lengths and only the roofline
+    terms still grow, so predictions there are extrapolations."""
+    prompts = [len(r.prompt_token_ids) for run in runs for r in run.requests]
+    sequences = [len(r.prompt_token_ids) + r.output_tokens for run in runs for r in run.requests]
+    if not prompts:
+        return {}
+    return {"prompt_tokens": max(prompts), "sequence_tokens": max(sequences)}
+
+
 def data_version(runs: list[RunData]) -> str:
     """Names the training data: the runs and how many steps each held."""
     return fingerprint(sorted((r.run_id, len(r.steps["period_s"])) for r in runs))

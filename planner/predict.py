@@ -79,6 +79,31 @@ def _kv_blocks(config: EngineConfig, deployment: Deployment, rates: dict[str, An
     return num_kv_blocks(config, bytes_per_block, max_len, "cpu", memory)
 
 
+# How far past the longest measured length a workload may reach before its predictions are
+# called extrapolated: a profile's sample rarely draws the very top of its length range.
+LENGTH_SLACK = 1.1
+
+
+def length_notes(model: CostModel, workload: Workload) -> list[str]:
+    """What the workload asks well beyond the lengths the cost model was measured on
+    (`CostModel.lengths`): the predictions for those requests extrapolate."""
+    if not model.lengths:
+        return []
+    specs = workload.sample()
+    asked = {"prompt_tokens": max(s.input_tokens for s in specs),
+             "sequence_tokens": max(s.input_tokens + s.output_tokens for s in specs)}
+    flags = {"prompt_tokens": "--isl", "sequence_tokens": "--isl and --osl"}
+    notes = []
+    for key, longest in asked.items():
+        measured = model.lengths.get(key)
+        if measured is not None and longest > LENGTH_SLACK * measured:
+            what = key.replace("_", " ")
+            notes.append(f"the workload has {what} up to {longest}, beyond the longest the cost model "
+                         f"was measured on ({measured}): predictions extrapolate (profile with "
+                         f"{flags[key]} reaching {longest}, then `pilot fit`)")
+    return notes
+
+
 class Predictor:
     """Predictions for one model under one workload, many configurations: what does not depend
     on the configuration (the model's shapes, the sampled requests) is read once, which is what

@@ -33,7 +33,7 @@ from planner.cost_model import CostModel
 from planner.fit_data import METRICS
 from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, closest, improved,
                                pareto_front, rank)
-from planner.predict import Prediction, Predictor
+from planner.predict import Prediction, Predictor, length_notes
 from planner.profiler import base_config
 from planner.search_space import SearchSpace, SearchSpaceError
 from planner.slo import SLO
@@ -102,7 +102,7 @@ class Search:
             self.specs = {name: hw.get_spec(name) for name in names}
         except hw.HardwareSpecError as err:
             raise RecommendError(f"--hardware: {err}") from None
-        self.notes: list[str] = []
+        self.notes: list[str] = length_notes(cost_model, workload)
         self.acceptance_rate = acceptance_rate
         self.draft_dir = draft_dir
         self.base = base_config(model_dir, workload)

@@ -408,12 +408,14 @@ def test_cli_fit_prints_the_report_and_json(profiled, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["by_run"]["folds"] == 3 and "by_model" in report and report["id"] >= 1
+    longest = report["data"]["prompt_tokens"]
     plot = tmp_path / "accuracy.png"
     result = runner.invoke(app, ["fit", "--db", store.url, "--folds", "3", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert "Held-out runs" in result.output and "Held-out models" in result.output
     # Every profiled run carries a reading (the store may hold other tests' runs by now).
     assert re.search(r"Host speed: (\d+) of \1 runs carry a probe reading", " ".join(result.output.split()))
+    assert f"prompts up to {longest} tokens" in " ".join(result.output.split())
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

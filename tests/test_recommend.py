@@ -62,6 +62,24 @@ def test_search_meets_the_slos_through_optunas_named_constraints(profiled, fitte
     assert result.pareto and all(c.feasible for c in result.pareto)
 
 
+def test_a_workload_longer_than_the_profiled_lengths_is_flagged_as_extrapolated(profiled, fitted):
+    from planner import cost_model
+
+    store, (model_dir, _) = profiled
+    # The profile's prompts are drawn from 8:64 and its outputs from 4:16.
+    assert 8 <= fitted.lengths["prompt_tokens"] <= 64
+    assert fitted.lengths["prompt_tokens"] < fitted.lengths["sequence_tokens"] <= 80
+    assert cost_model.load(store, fitted.id).lengths == fitted.lengths
+    assert not [n for n in _search(fitted, model_dir).notes if "extrapolate" in n]
+    long_prompts = Workload.from_flags("150:200", "4:8", concurrency=1, num_requests=24)
+    search = Search(fitted, model_dir, long_prompts, Requirement(parse_slos(LOOSE), "concurrency", 4))
+    notes = [n for n in search.notes if "extrapolate" in n]
+    longest = max(s.input_tokens for s in long_prompts.sample())
+    assert any(f"prompt tokens up to {longest}" in n and f"({fitted.lengths['prompt_tokens']})" in n
+               for n in notes), search.notes
+    assert any(n.startswith("the workload has sequence tokens") for n in notes)
+
+
 def test_a_higher_confidence_holds_each_slo_to_a_higher_bound(profiled, fitted):
     _, (model_dir, _) = profiled
     slos = parse_slos(LOOSE)
