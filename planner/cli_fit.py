@@ -66,9 +66,12 @@ def print_report(report: dict[str, Any]) -> None:
         p10, _, p90 = host["slowdown_p10_p50_p90"]
         console.print(
             f"Host speed: {host['runs']} of {data['runs']} runs carry a probe reading; the host ran "
-            f"{p10:.2f}x-{p90:.2f}x its typical probe time (p10-p90). Each held-out run is "
-            f"predicted at its own reading; `pilot recommend --host-speed now` plans at the "
-            f"reading taken then.")
+            f"{p10:.2f}x-{p90:.2f}x its typical probe time (p10-p90)"
+            + (", {:.2f}x-{:.2f}x on every core at once. ".format(*host["parallel_slowdown_p10_p50_p90"][::2])
+               if "parallel_slowdown_p10_p50_p90" in host else ". ")
+            + "Each held-out run is predicted at its own readings; `pilot recommend --host-speed now` "
+            "plans at the one-core reading taken then (every-core readings swing in spells of "
+            "seconds, so plans take a typical one).")
     low, high = targets["coverage"]
     console.print(f"Targets: median APE <= {targets['median_ape']:.0%}, p90 <= {targets['p90_ape']:.0%}, "
                   f"80% intervals covering {low:.0%}-{high:.0%}.")

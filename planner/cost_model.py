@@ -53,7 +53,8 @@ def training_arrays(runs: list[RunData], seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def _predict(model: StepTimeModel, run: RunData) -> np.ndarray:
-    metrics = run.replay(model.step_time(run.deployment, run.device, host_slowdown=run.host_slowdown))
+    metrics = run.replay(model.step_time(run.deployment, run.device, host_slowdown=run.host_slowdown,
+                                         host_parallel_slowdown=run.host_parallel_slowdown))
     return np.array([metrics[m] for m in METRICS])
 
 
@@ -328,6 +329,10 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         # How far the host's speed moved over the runs: the swing the host_slowdown feature absorbs.
         report["host_speed"] = {"runs": len(read), "typical_probe_s": host_reference,
                                 "slowdown_p10_p50_p90": np.quantile(read, [0.1, 0.5, 0.9]).tolist()}
+        parallel = [r.host_parallel_slowdown for r in runs if r.host_probe_parallel_s is not None]
+        if parallel:
+            report["host_speed"]["parallel_slowdown_p10_p50_p90"] = np.quantile(
+                parallel, [0.1, 0.5, 0.9]).tolist()
     intervals = {"run": run_intervals(truth, predicted_g)}
     quantiles = {"run": run_quantiles(truth, predicted_g)}
     for layout, mine in layout_groups([runs[i] for i in first], truth, predicted_g).items():

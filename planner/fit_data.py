@@ -45,13 +45,17 @@ class RunData:
     max_model_len: int
     acceptance_rate: float | None
     host_probe_s: float | None = None  # planner.host_speed reading around the run
-    # That reading against the host's typical one (set by the fit that judges the run; 1.0 when
-    # either is unknown): a step feature, so a slow moment is not mistaken for a slow config.
+    host_probe_parallel_s: float | None = None  # and its parallel_probe reading
+    # Those readings against the host's typical ones (set by the fit that judges the run; 1.0
+    # when unknown): step features, so a slow moment is not mistaken for a slow config.
     host_slowdown: float = 1.0
+    host_parallel_slowdown: float = 1.0
 
     def step_features(self) -> dict[str, np.ndarray]:
-        """The steps' columns `step_model.feature_matrix` reads, the run's host slowdown included."""
-        return {**self.steps, "host_slowdown": np.full(len(self.steps["period_s"]), self.host_slowdown)}
+        """The steps' columns `step_model.feature_matrix` reads, the run's host slowdowns included."""
+        n = len(self.steps["period_s"])
+        return {**self.steps, "host_slowdown": np.full(n, self.host_slowdown),
+                "host_parallel_slowdown": np.full(n, self.host_parallel_slowdown)}
 
     def simulator(self, step_time: StepTime, seed: int = 0) -> Simulator:
         config = EngineConfig.model_validate(self.config)
@@ -179,7 +183,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
                 rates, config, deployment, device_for(rates, deployment), run.load_kind, run.load_value,
                 requests, {**run.latency, "throughput_tok_s": run.throughput_tok_s},
                 steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate,
-                run.host_probe_s))
+                run.host_probe_s, run.host_probe_parallel_s))
     return out
 
 
@@ -211,21 +215,30 @@ def run_host_key(run: RunData) -> str:
     return host_key(run.spec_name, run.deployment.data_parallel_size, run.deployment.tensor_parallel_size)
 
 
+PARALLEL = "parallel/"  # prefixes a host_key whose reference is of parallel_probe readings
+
+
 def host_references(runs: list[RunData]) -> dict[str, float]:
-    """The typical probe reading of each hardware and process layout (`host_key`) over `runs`."""
+    """The typical probe reading of each hardware and process layout (`host_key`) over `runs`,
+    and under PARALLEL + that key the typical parallel_probe reading."""
     keys = [run_host_key(r) for r in runs]
     out = {}
     for key in sorted(set(keys)):
-        reading = host_speed.typical(r.host_probe_s for r, k in zip(runs, keys) if k == key)
-        if reading is not None:
-            out[key] = reading
+        mine = [r for r, k in zip(runs, keys) if k == key]
+        for name, readings in ((key, [r.host_probe_s for r in mine]),
+                               (PARALLEL + key, [r.host_probe_parallel_s for r in mine])):
+            reading = host_speed.typical(readings)
+            if reading is not None:
+                out[name] = reading
     return out
 
 
 def set_host_slowdown(runs: list[RunData], references: dict[str, float]) -> None:
     for run in runs:
-        reference = references.get(run_host_key(run))
-        run.host_slowdown = host_speed.slowdown(run.host_probe_s, reference)
+        key = run_host_key(run)
+        run.host_slowdown = host_speed.slowdown(run.host_probe_s, references.get(key))
+        run.host_parallel_slowdown = host_speed.slowdown(run.host_probe_parallel_s,
+                                                         references.get(PARALLEL + key))
 
 
 def length_coverage(runs: list[RunData]) -> dict[str, int]:

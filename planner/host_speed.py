@@ -9,14 +9,16 @@ prediction say what the host will do now.
 
 A reading is the median time of one piece of work on one thread, in seconds; a `slowdown`
 divides it by the host's typical reading (the median over the runs a cost model was fitted on),
-so 1.0 is a typical moment and 1.3 a host running 30% slow.
+so 1.0 is a typical moment and 1.3 a host running 30% slow. A second reading, `parallel_probe`,
+runs a prefill-sized matmul on every core: it sees a single slowed core, which the first misses.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,29 +36,54 @@ def _operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, b, torch.ones(4 << 20)  # 16 MiB of fp32: more than a core's share of cache
 
 
-def probe(seconds: float = PROBE_SECONDS) -> float:
-    """The median time of one piece of probe work over about `seconds` (at least MIN_REPEATS)."""
+@lru_cache(maxsize=1)
+def _prefill_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randn(160, 1024, generator=generator).bfloat16(),
+            torch.randn(1024, 2048, generator=generator).bfloat16())
+
+
+def _median_time(work: Callable[[], object], threads: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"seconds must be > 0, got {seconds!r}")
-    a, b, stream = _operands()
     times: list[float] = []
-    # One thread, whatever the process uses: an engine sets its own count (a tensor-parallel
+    # A fixed thread count, whatever the process uses: an engine sets its own (a tensor-parallel
     # rank keeps half the cores, and the count outlives the engine), and a reading must measure
     # the host, not the last engine's setting.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            torch.mm(a, b), stream.sum()  # untimed: a first call pays for allocation and set-up
+            work()  # untimed: a first call pays for allocation and set-up
             end = time.perf_counter() + seconds
             while time.perf_counter() < end or len(times) < MIN_REPEATS:
                 began = time.perf_counter()
-                torch.mm(a, b)
-                stream.sum()
+                work()
                 times.append(time.perf_counter() - began)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return float(np.median(times))
+
+
+def probe(seconds: float = PROBE_SECONDS) -> float:
+    """The median time of one piece of probe work on one thread over about `seconds` (at least
+    MIN_REPEATS): how fast one core runs, what a small model's decode step mostly waits on."""
+    a, b, stream = _operands()
+    return _median_time(lambda: (torch.mm(a, b), stream.sum()), 1, seconds)
+
+
+def parallel_probe(seconds: float = PROBE_SECONDS) -> float:
+    """The median time of a prefill-sized matmul on every core over about `seconds`.
+
+    A parallel region waits for its slowest thread, so one core slowed by a neighbour (a busy
+    hyperthread sibling, another process) slows the whole region, while a one-thread `probe`
+    simply runs on the other core and reads as usual. Measured on a 2-core VM: a busy loop
+    pinned to one core could make a two-thread prefill-sized matmul 4.4x slower (depending on
+    how the scheduler placed the threads) and left `probe` where it was; with the machine idle,
+    8% of one-second samples over 8 minutes showed two threads less than 1.43x as fast as one,
+    uncorrelated with `probe` (r = 0.03). The engine's prefill and batched steps are such regions."""
+    x, w = _prefill_operands()
+    return _median_time(lambda: torch.mm(x, w), os.cpu_count() or 1, seconds)
 
 
 def around(before: float, after: float) -> float:

@@ -245,7 +245,8 @@ def _release(store: Store, experiment_id: int, status: str = "pending", error: s
 
 
 def record_run(store: Store, experiment: Experiment, campaign: Campaign, result: LoadResult,
-               slos: list[SLO] | None, gpu: dict | None, host_probe_s: float | None = None) -> int:
+               slos: list[SLO] | None, gpu: dict | None, host_probe_s: float | None = None,
+               host_probe_parallel_s: float | None = None) -> int:
     """The run, its requests and its steps, and the experiment marked done: one transaction."""
     requests = result.requests
     latencies = [r.latency for r in requests]
@@ -267,7 +268,8 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
             peak_memory_bytes=result.peak_memory_bytes,
             acceptance_rate=accepted / drafted if drafted else None,
             energy_j=(gpu or {}).get("energy_j"), gpu=gpu or None,
-            engine_version=engine_version(), git_revision=git_revision(), host_probe_s=host_probe_s)
+            engine_version=engine_version(), git_revision=git_revision(), host_probe_s=host_probe_s,
+            host_probe_parallel_s=host_probe_parallel_s)
         session.add(run)
         session.flush()
         session.add_all(RequestRow(
@@ -371,12 +373,13 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                     raise
                 measurer_config_id = experiment.engine_config_id
             try:
-                before = host_speed.probe()
+                before = host_speed.probe(), host_speed.parallel_probe()
                 with hw.GpuSampler() as sampler:
                     measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
-                reading = host_speed.around(before, host_speed.probe())
+                after = host_speed.probe(), host_speed.parallel_probe()
                 result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
-                                                 sampler.summary(), reading))
+                                                 sampler.summary(), host_speed.around(before[0], after[0]),
+                                                 host_speed.around(before[1], after[1])))
             except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
                 _release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
                 result.failed.append((experiment.id, str(err)))

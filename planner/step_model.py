@@ -31,8 +31,9 @@ NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
 FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
             "busy_peers",
-            # How slow the host ran meanwhile against its typical moment (planner.host_speed).
-            "host_slowdown")
+            # How slow the host ran meanwhile against its typical moment (planner.host_speed):
+            # one core, then every core at once. Last, so trees saved before it still index right.
+            "host_slowdown", "host_parallel_slowdown")
 
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
@@ -47,12 +48,15 @@ def feature_matrix(deployment: Deployment, device: Device,
                    steps: Mapping[str, np.ndarray]) -> np.ndarray:
     """[n, len(FEATURES)] for n steps of one deployment on one device. `steps` holds the
     COMPOSITION columns and, for data-parallel deployments, "busy_peers" (`fit_data.busy_peers`:
-    how many other replicas were mid-step meanwhile; none if absent), and "host_slowdown"
-    (`planner.host_speed.slowdown`; 1.0, a typical moment, if absent)."""
+    how many other replicas were mid-step meanwhile; none if absent), and "host_slowdown" and
+    "host_parallel_slowdown" (`planner.host_speed.slowdown` of its two readings; 1.0, a typical
+    moment, if absent)."""
     comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
     n = len(comp["num_seqs"])
     peers = np.asarray(steps["busy_peers"], dtype=float) if "busy_peers" in steps else np.zeros(n)
     slowdown = np.asarray(steps["host_slowdown"], dtype=float) if "host_slowdown" in steps else np.ones(n)
+    parallel = (np.asarray(steps["host_parallel_slowdown"], dtype=float) if "host_parallel_slowdown" in steps
+                else np.ones(n))
     terms = step_terms(deployment, device, comp["num_seqs"], comp["num_prefill_seqs"],
                        comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
                        comp["num_draft_tokens"])
@@ -69,7 +73,7 @@ def feature_matrix(deployment: Deployment, device: Device,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
                **{k: np.full(n, float(v)) for k, v in constants.items()}, "busy_peers": peers,
-               "host_slowdown": slowdown}
+               "host_slowdown": slowdown, "host_parallel_slowdown": parallel}
     return np.column_stack([columns[name] for name in FEATURES])
 
 
@@ -301,10 +305,12 @@ class StepTimeModel:
         return {name: float(coef[name]) for name in ("step", "seq", "layer_pass")}
 
     def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
-                  seed: int | None = 0, host_slowdown: float = 1.0) -> Callable[[StepComposition, int], float]:
+                  seed: int | None = 0, host_slowdown: float = 1.0,
+                  host_parallel_slowdown: float = 1.0) -> Callable[[StepComposition, int], float]:
         """A fast function of one step's composition, and of how many other replicas are
         working meanwhile, for one deployment (the simulator's clock) on a host running
-        `host_slowdown` times its typical probe time:
+        `host_slowdown` times its typical probe time (and `host_parallel_slowdown` times its
+        typical parallel one):
         the typical time times a jitter drawn from the fitted step-to-step spread (`seed`
         None: no jitter).
 
@@ -324,7 +330,8 @@ class StepTimeModel:
             if seconds is None:
                 row = feature_matrix(deployment, device, {
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
-                    "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown])})
+                    "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown]),
+                    "host_parallel_slowdown": np.array([host_parallel_slowdown])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
             return seconds * jitter(c.num_prefill_seqs > 0) if jitter is not None else seconds
 

@@ -163,6 +163,8 @@ class Run(Base):
     git_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # planner.host_speed.probe around the run: how fast the host was meanwhile (None: not read).
     host_probe_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # planner.host_speed.parallel_probe around the run: every core at once (None: not read).
+    host_probe_parallel_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     engine_config: Mapped[EngineConfigRow] = relationship()
     model: Mapped[Model] = relationship()
     workload: Mapped[WorkloadRow] = relationship()

@@ -14,7 +14,7 @@ import torch
 
 from engine import EngineConfig
 from planner import cost_model, host_speed
-from planner.fit_data import host_references, load_runs, run_host_key
+from planner.fit_data import PARALLEL, host_references, load_runs, run_host_key
 from planner.predict import Predictor
 from planner.step_model import FEATURES, StepTimeModel
 from planner.store import Store
@@ -30,13 +30,14 @@ def test_a_probe_reads_the_time_of_one_piece_of_work():
         host_speed.probe(0)
 
 
-def test_a_probe_runs_on_one_thread_and_leaves_the_process_as_it_found_it():
+@pytest.mark.parametrize("read", [host_speed.probe, host_speed.parallel_probe])
+def test_a_probe_leaves_the_process_as_it_found_it(read):
     # An engine sets the process's thread count, and it stays set after the engine is gone.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
+    torch.set_num_threads(1)
     try:
-        host_speed.probe(0.01)
-        assert torch.get_num_threads() == max(2, threads)
+        assert 0 < read(0.01) < 0.05
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
 
@@ -53,11 +54,13 @@ def test_readings_become_slowdowns_against_the_typical_one():
 def test_every_profiled_run_stores_a_reading(profiled, fitted):
     runs = profiled[0].runs()
     assert runs and all(r.host_probe_s is not None and r.host_probe_s > 0 for r in runs)
+    assert all(r.host_probe_parallel_s is not None and r.host_probe_parallel_s > 0 for r in runs)
     # The fit keeps the typical reading per hardware and process layout, and says how far the
     # host moved over its runs.
     # (Other tests may have added runs to the store since; the fit's own are in its report.)
     seen = load_runs(profiled[0], [r["run_id"] for r in fitted.report["runs"]])
-    assert set(fitted.host_reference) == {run_host_key(r) for r in seen}
+    keys = {run_host_key(r) for r in seen}
+    assert set(fitted.host_reference) == keys | {PARALLEL + k for k in keys}
     assert fitted.report["host_speed"]["runs"] == len(seen) == fitted.report["data"]["runs"]
     spec = next(iter(fitted.hardware))
     typical = fitted.host_reference[f"{spec}/dp1-tp1"]
@@ -74,9 +77,9 @@ def _copy(store: Store, to: Path) -> Store:
     return Store(f"sqlite:///{to}")
 
 
-def _slow_down(db: Path, run_ids: list[int], factor: float) -> None:
+def _slow_down(db: Path, run_ids: list[int], factor: float, reading: str = "host_probe_s") -> None:
     """As if `run_ids` ran while the host was `factor` times slower: their steps, latencies and
-    probe readings stretched alike."""
+    `reading` stretched alike."""
     ids = ",".join(str(i) for i in run_ids)
     with sqlite3.connect(db) as conn:
         conn.execute(f"UPDATE steps SET start_s = start_s * {factor}, duration_s = duration_s * {factor}, "
@@ -84,24 +87,30 @@ def _slow_down(db: Path, run_ids: list[int], factor: float) -> None:
         for run_id, latency in conn.execute(f"SELECT id, latency FROM runs WHERE id IN ({ids})").fetchall():
             stretched = {k: v * factor for k, v in json.loads(latency).items()}
             conn.execute("UPDATE runs SET latency = ?, throughput_tok_s = throughput_tok_s / ?, "
-                         "host_probe_s = host_probe_s * ? WHERE id = ?",
+                         f"{reading} = {reading} * ? WHERE id = ?",
                          (json.dumps(stretched), factor, factor, run_id))
 
 
-def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, tmp_path):
+@pytest.mark.parametrize("reading, feature", [("host_probe_s", "host_slowdown"),
+                                              ("host_probe_parallel_s", "host_parallel_slowdown")])
+def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, tmp_path, reading, feature):
     store, (model_dir, _) = profiled
     db = tmp_path / "slow.db"
     copy = _copy(store, db)
     runs = copy.runs()
-    typical = host_speed.typical(r.host_probe_s for r in runs)
-    with sqlite3.connect(db) as conn:  # one steady reading, so only the stretched runs stand out
-        conn.execute("UPDATE runs SET host_probe_s = ?", (typical,))
+    with sqlite3.connect(db) as conn:  # steady readings, so only the stretched runs stand out
+        for column in ("host_probe_s", "host_probe_parallel_s"):
+            typical = host_speed.typical(getattr(r, column) for r in runs)
+            conn.execute(f"UPDATE runs SET {column} = ?", (typical,))
     # A third of each model's runs, spread over its configurations and load levels, so that the
     # slow moment is not confounded with either.
     slow = [r.id for i, r in enumerate(sorted(runs, key=lambda r: (r.model_id, r.id))) if i % 3 == 0]
-    _slow_down(db, slow, SLOW)
+    _slow_down(db, slow, SLOW, reading)
     model = cost_model.fit(copy, folds=3)
-    assert model.report["host_speed"]["slowdown_p10_p50_p90"][2] == pytest.approx(SLOW)
+    moved = "slowdown_p10_p50_p90" if reading == "host_probe_s" else "parallel_slowdown_p10_p50_p90"
+    steady = "parallel_slowdown_p10_p50_p90" if reading == "host_probe_s" else "slowdown_p10_p50_p90"
+    assert model.report["host_speed"][moved][2] == pytest.approx(SLOW)
+    assert model.report["host_speed"][steady] == pytest.approx([1.0] * 3)
     spec = next(iter(model.hardware))
 
     config = EngineConfig.model_validate(next(r.config for r in load_runs(copy) if r.config["model"] == model_dir))
@@ -112,17 +121,17 @@ def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, 
 
     # The steps it was fitted on, priced at a slow moment against a typical one.
     X, _, _ = cost_model.training_arrays(load_runs(copy))
-    column = FEATURES.index("host_slowdown")
+    column = FEATURES.index(feature)
     slow_X, typical_X = X.copy(), X.copy()
     slow_X[:, column], typical_X[:, column] = SLOW, 1.0
     assert 1.3 < np.median(model.step_model.predict(slow_X) / model.step_model.predict(typical_X)) < 1.9
-    # The predictor passes a planning-time slowdown through to the simulator's clock.
-    assert itl(SLOW) > 1.3 * itl(1.0)
-    # Without the readings the same stretched runs are unexplained, and held-out runs err more.
+    if reading == "host_probe_s":  # plans take the one-core reading, and a typical every-core one
+        # The predictor passes a planning-time slowdown through to the simulator's clock.
+        assert itl(SLOW) > 1.3 * itl(1.0)
+    # Without the reading the same stretched runs are unexplained, and held-out runs err more.
     with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE runs SET host_probe_s = NULL")
+        conn.execute(f"UPDATE runs SET {reading} = NULL")
     blind = cost_model.fit(copy, folds=3)
-    assert "host_speed" not in blind.report
     assert (model.report["by_run"]["overall"]["median_ape"]
             < blind.report["by_run"]["overall"]["median_ape"])
 
@@ -132,9 +141,10 @@ def test_a_store_made_before_the_reading_existed_gains_the_column(profiled, tmp_
     _copy(profiled[0], db).engine.dispose()
     with sqlite3.connect(db) as conn:
         conn.execute("ALTER TABLE runs DROP COLUMN host_probe_s")
+        conn.execute("ALTER TABLE runs DROP COLUMN host_probe_parallel_s")
     store = Store(f"sqlite:///{db}")
     runs = store.runs()
-    assert runs and all(r.host_probe_s is None for r in runs)
+    assert runs and all(r.host_probe_s is None and r.host_probe_parallel_s is None for r in runs)
     # Its runs are fitted as if at a typical moment: no reading sets a reference.
     assert host_references(load_runs(store)) == {}
 
