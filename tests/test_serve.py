@@ -305,10 +305,17 @@ def test_a_client_that_gives_up_on_a_whole_response_is_aborted(server, model_dir
 def test_priority_reaches_the_scheduler(model_dir):
     config = _config(model_dir, max_num_seqs=1, scheduling_policy="priority")
     with start_server(config) as running:
-        def send(order: list[str], name: str, priority: int, tokens: int) -> None:
+        # Who the engine took next, read off its own steps: the three prompts differ in length,
+        # so a prefill's token count names its request. (Clients' replies are no witness: on a
+        # busy machine a client thread can wake long after its request finished.)
+        prompts = {"running": "ab", "normal": "abcdefgh", "urgent": "abcdefghijklmnop"}
+        prefills: list[int] = []
+        running.engine.engine.add_step_observer(
+            lambda s: prefills.append(s.num_prefill_tokens) if s.num_prefill_seqs else None)
+
+        def send(name: str, priority: int, tokens: int) -> None:
             httpx.post(f"{running.url}/v1/completions", timeout=60, json={
-                "prompt": "ab", "max_tokens": tokens, "ignore_eos": True, "priority": priority})
-            order.append(name)
+                "prompt": prompts[name], "max_tokens": tokens, "ignore_eos": True, "priority": priority})
 
         def seen(key: str, value: int) -> bool:
             deadline = time.monotonic() + 5
@@ -318,12 +325,12 @@ def test_priority_reaches_the_scheduler(model_dir):
                 time.sleep(0.0005)
             return False
 
-        # One long request holds the only seat; a normal one queues, then an urgent one. Once
-        # both are seen waiting together, the scheduler alone picks who goes next. On a machine
-        # so busy that the seat frees before that, try again.
+        # One long request holds the only seat; a normal one queues, then an urgent one with a
+        # longer prompt. Once both are seen waiting together, the scheduler alone picks who goes
+        # next. On a machine so busy that the seat frees before that, try again.
         for _ in range(5):
-            order: list[str] = []
-            threads = [threading.Thread(target=send, args=(order, *a))
+            prefills.clear()
+            threads = [threading.Thread(target=send, args=a)
                        for a in (("running", 0, 480), ("normal", 5, 5), ("urgent", -5, 5))]
             threads[0].start()
             assert seen("num_running", 1)
@@ -334,7 +341,7 @@ def test_priority_reaches_the_scheduler(model_dir):
             for t in threads:
                 t.join()
             if both_waited:
-                assert order == ["running", "urgent", "normal"]
+                assert len(prefills) == 3 and prefills[0] < prefills[2] < prefills[1], prefills
                 return
         pytest.fail("the long request always finished before the others queued")
 
