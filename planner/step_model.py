@@ -53,10 +53,10 @@ def feature_matrix(deployment: Deployment, device: Device,
     moment, if absent)."""
     comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
     n = len(comp["num_seqs"])
-    peers = np.asarray(steps["busy_peers"], dtype=float) if "busy_peers" in steps else np.zeros(n)
-    slowdown = np.asarray(steps["host_slowdown"], dtype=float) if "host_slowdown" in steps else np.ones(n)
-    parallel = (np.asarray(steps["host_parallel_slowdown"], dtype=float) if "host_parallel_slowdown" in steps
-                else np.ones(n))
+
+    def optional(name: str, default: float) -> np.ndarray:
+        return np.asarray(steps[name], dtype=float) if name in steps else np.full(n, default)
+
     terms = step_terms(deployment, device, comp["num_seqs"], comp["num_prefill_seqs"],
                        comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
                        comp["num_draft_tokens"])
@@ -72,8 +72,9 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
-               **{k: np.full(n, float(v)) for k, v in constants.items()}, "busy_peers": peers,
-               "host_slowdown": slowdown, "host_parallel_slowdown": parallel}
+               **{k: np.full(n, float(v)) for k, v in constants.items()},
+               "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
+               "host_parallel_slowdown": optional("host_parallel_slowdown", 1.0)}
     return np.column_stack([columns[name] for name in FEATURES])
 
 
