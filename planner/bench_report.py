@@ -43,8 +43,10 @@ def results_table(result: BenchResult) -> Table:
         default = (f"{s.default_ratio:.2f}x" if math.isfinite(s.default_ratio) else "-") + \
             ("" if s.default_feasible else " (misses)")
         clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
-        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear,
-                      s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]"),
+        recommended = s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]")
+        if s.rank > 1:
+            recommended += f"\n(plan #{s.rank}, by measurement: #1 {s.first_recommended} missed)"
+        table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear, recommended,
                       f"{s.binding}: {_ms(predicted)} / {_ms(measured)}", met, over, default,
                       f"{s.grid_feasible}/{len(s.grid)}")
     return table
@@ -57,7 +59,9 @@ def summary_line(result: BenchResult) -> str:
     return (f"Met every SLO when launched: [{'green' if ok else 'red'}]{result.success_rate:.0%}[/] of "
             f"{len(result.scenarios)} scenarios (LLM-Pilot {ANCHOR_SUCCESS:.0%}, target >= {TARGET_SUCCESS:.0%}; "
             f"the search predicted a feasible plan in {predicted}, and put the chance of success at "
-            f"{result.expected_success:.0%} on average). "
+            f"{result.expected_success:.0%} on average; its first plans alone met in "
+            f"{result.first_success_rate:.0%}, and the measured fallbacks of `--verify` launched "
+            f"{sum(s.tries for s in result.scenarios) - len(result.scenarios)} more plans in all). "
             f"Overspend vs the cheapest truly feasible grid configuration, over the plans that met: "
             f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
             f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "

@@ -256,7 +256,9 @@ def quickstart(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
-            verify=True, via="http", repeats=3, host="now", as_json=False, seed=0, db=db)
+            verify=True, via="http", repeats=3, fallbacks=2, host="now", as_json=False, seed=0, db=db)
+    except cli_recommend.VerifyMissed as missed:  # measured and missed: the summary says so
+        verified = missed.verified
     except typer.Exit as stop:
         if stop.exit_code:
             console.print("[red]no plan met the example targets[/red]; try looser --slo")
@@ -265,12 +267,14 @@ def quickstart(
         _quickstart_summary(workdir, plan_file, db, verified)
 
 
-def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: Any) -> None:
+def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple[Any, list[Any]]) -> None:
     from planner.plan import Plan
     from planner.store import Store
 
     plan, store = Plan.from_file(plan_file), Store(db)
-    held, profiled = verified.all_met, len(store.runs()) - len(verified.run_ids)
+    chosen, attempts = verified
+    launched = sum(len(a.result.run_ids) for a in attempts)
+    held, profiled = chosen.result.all_met, len(store.runs()) - launched
     console.rule("[bold]summary")
     console.print(
         f"pilot measured {profiled} runs of the engine on this machine, learned how long "
@@ -280,8 +284,10 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: Any) 
         f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
         f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
         f"${plan.cost.per_hour_usd:.2f}/h\n"
-        f"  verified:  launched with pilot serve and measured over HTTP here, {len(verified.run_ids)} "
-        f"runs; every SLO {'held' if held else 'did NOT hold'} (medians of the runs)\n"
+        f"  verified:  launched with pilot serve and measured over HTTP here, {len(chosen.result.run_ids)} "
+        f"runs; every SLO {'held' if held else 'did NOT hold'} (medians of the runs)"
+        + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
+        + "\n"
         f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
         f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
         f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "

@@ -96,6 +96,9 @@ def recommend(
                                                      "(engine) or through pilot serve (http)"),
     repeats: int = typer.Option(3, "--repeats", help="--verify runs the workload this many times "
                                 "back to back and judges each metric's median"),
+    fallbacks: int = typer.Option(2, "--fallbacks", help="--verify: while the plan measured misses an "
+                                  "SLO, launch and measure up to this many next-best candidates and "
+                                  "keep the first that holds"),
     host: str = typer.Option("typical", "--host-speed", help="predict this machine at a typical "
                              "moment (typical) or as fast as a probe finds it now (now)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
@@ -120,6 +123,8 @@ def recommend(
         _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
     if repeats < 1:
         _fail(f"--repeats: must be >= 1, got {repeats}")
+    if fallbacks < 0:
+        _fail(f"--fallbacks: must be >= 0, got {fallbacks}")
     if host not in ("typical", "now"):
         _fail(f"--host-speed must be typical or now, got {host!r}")
     for flag, path in (("--model", model), ("--draft", draft)):
@@ -171,10 +176,22 @@ def recommend(
         console.print(f"Wrote {out}" + (f" and {plot}" if plot else "") +
                       (f"; study {result.study_name} in {store.url} (optuna-dashboard {store.url})"
                        if result.study_name else ""))
-    verified = verify_plan(store, out, via, repeats) if verify else None
-    if not plan.feasible:
-        raise typer.Exit(1)
-    return verified
+    if not verify:
+        if not plan.feasible:
+            raise typer.Exit(1)
+        return None
+    chosen, attempts = verify_plans(store, search, result, fitted, out, via, repeats, fallbacks)
+    if not chosen.result.all_met:
+        raise VerifyMissed((chosen, attempts))
+    return chosen, attempts
+
+
+class VerifyMissed(typer.Exit):
+    """Exit 1: no plan launched held every SLO. Carries (chosen, attempts) for callers in process."""
+
+    def __init__(self, verified: tuple[Any, list[Any]]) -> None:
+        super().__init__(1)
+        self.verified = verified
 
 
 def host_slowdowns_now(fitted: Any) -> dict[str, float]:
@@ -189,27 +206,44 @@ def host_slowdowns_now(fitted: Any) -> dict[str, float]:
     return {spec: fitted.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}
 
 
-def verify_plan(store: Any, path: Path, via: str = "engine", repeats: int = 3) -> Any:
-    """Launch the plan at `path`, measure it and print measured against predicted; returns the
-    `VerifyResult`."""
-    from planner.plan import Plan
-    from planner.verify import VerifyError, verify
+def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, via: str = "engine",
+                 repeats: int = 3, fallbacks: int = 2) -> tuple[Any, list[Any]]:
+    """Launch the plan, measure it and print measured against predicted; while it misses an SLO,
+    the next candidates in turn (`planner.verify.verify_in_turn`). A plan other than the first
+    that held replaces the one at `out`. Returns the chosen `Attempt` and all of them."""
+    from planner.verify import VerifyError, verify_in_turn
 
-    plan = Plan.from_file(path)
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
         task = progress.add_task("verifying: loading the engine")
 
-        def on_progress(label: str, elapsed: float) -> None:
-            progress.update(task, description=f"verifying: {label[:70]}")
+        def on_progress(rank: int, label: str, elapsed: float) -> None:
+            progress.update(task, description=f"verifying plan #{rank}: {label[:64]}")
 
         try:
-            result = verify(store, plan, on_progress, via, repeats)
+            chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks, on_progress,
+                                              via, repeats)
         except VerifyError as err:
             _fail(str(err))
+    for attempt in attempts:
+        if attempt is not chosen:
+            missed = ", ".join(f"{name} measured {_ms(measured)}"
+                               for name, (_, measured, met) in attempt.result.slos.items() if not met)
+            console.print(f"[red]plan #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
+                          f"missed: {missed}")
+    print_verified(chosen.result, chosen.rank)
+    if chosen.rank > 1:
+        chosen.plan.write(out)
+        console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), "
+                      f"the model's next choice, {'held every SLO' if chosen.result.all_met else 'came closest'}")
+    return chosen, attempts
+
+
+def print_verified(result: Any, rank: int = 1) -> None:
     runs = (f"run {result.run_id}" if len(result.run_ids) <= 1
             else f"runs {', '.join(str(i) for i in result.run_ids)}, medians shown")
-    table = Table(title=f"Verified on this machine ({runs} in the store)")
+    title = "Verified on this machine" + (f", plan #{rank}" if rank > 1 else "")
+    table = Table(title=f"{title} ({runs} in the store)")
     for column in ("metric", "predicted", "80% interval", "measured", "error", "in interval"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for c in result.comparisons:
@@ -224,8 +258,7 @@ def verify_plan(store: Any, path: Path, via: str = "engine", repeats: int = 3) -
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
     console.print("Every SLO held." if result.all_met else "[red]Some SLO was missed.[/red] "
-                  "The run is in the store: `pilot fit` learns from it.")
-    return result
+                  "The runs are in the store: `pilot fit` learns from them.")
 
 
 @app.command()
@@ -261,6 +294,8 @@ def bench_recommend(
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="as pilot recommend's; "
                                                "default: the preset's"),
+    fallbacks: Optional[int] = typer.Option(None, "--fallbacks", help="as pilot recommend --verify's; "
+                                            "default: the preset's"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per calibration measurement, "
                                           "grid configuration and plan, judged on medians; default: "
                                           "the preset's"),
@@ -286,7 +321,8 @@ def bench_recommend(
                 progress.update(task, description=text[:90], completed=done, total=total)
 
             result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
-                                             names, seed, out, on_progress, confidence, repeats)
+                                             names, seed, out, on_progress, confidence, repeats,
+                                             fallbacks)
     except ValueError as err:
         _fail(str(err))
     print_results(result, Console())

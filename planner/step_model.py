@@ -26,14 +26,23 @@ from planner.roofline import TERMS, Deployment, Device, step_terms, weight_bytes
 
 COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_tokens",
                "num_decode_tokens", "context_tokens", "num_draft_tokens")
-PHYSICS = ("step", "seq", "layer_pass", *TERMS)
+# "prefill_pass": a layer pass of the PyTorch path for a step that prefills. Decode-only steps
+# run each layer in one fused C call; a step with a prompt or chunk in it runs them op by op,
+# a fixed cost the roofline does not see. Measured here: a 16-token prefill beside 11 decodes
+# cost 0.28 ms more than the decodes alone, as it did beside none. Left to the trees, which learn
+# ratios, that cost was charged as 2.5x the whole step: mixed steps of many decodes came out 70%
+# too slow. (A pass per prefilling sequence as well fitted held-out models a little better but
+# was charged three times what a burst of a dozen short prompts costs.)
+PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass")
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
-FEATURES = (*PHYSICS[1:], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
+FEATURES = (*PHYSICS[1:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
             "busy_peers",
             # How slow the host ran meanwhile against its typical moment (planner.host_speed):
-            # one core, then every core at once. Last, so trees saved before it still index right.
-            "host_slowdown", "host_parallel_slowdown")
+            # one core, then every core at once. New features are appended, so trees saved before
+            # them still index right.
+            "host_slowdown", "host_parallel_slowdown", "prefill_pass")
+_PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:]]
 
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
@@ -72,14 +81,16 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
+               "prefill_pass": (comp["num_prefill_seqs"] > 0) * float(deployment.target.num_layers),
                **{k: np.full(n, float(v)) for k, v in constants.items()},
                "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
                "host_parallel_slowdown": optional("host_parallel_slowdown", 1.0)}
     return np.column_stack([columns[name] for name in FEATURES])
 
 
-def _physics_columns(X: np.ndarray) -> np.ndarray:
-    return np.column_stack([np.ones(len(X)), X[:, :len(PHYSICS) - 1]])
+def _physics_columns(X: np.ndarray, count: int = len(PHYSICS)) -> np.ndarray:
+    """The first `count` PHYSICS columns (a model saved before the later ones has fewer)."""
+    return np.column_stack([np.ones(len(X)), X[:, _PHYSICS_COLUMNS[:count - 1]]])
 
 
 class TreeEnsemble:
@@ -277,7 +288,8 @@ class StepTimeModel:
         """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
-        return np.maximum(_physics_columns(np.asarray(X, dtype=float)) @ self.physics_coef_, 1e-7)
+        columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_))
+        return np.maximum(columns @ self.physics_coef_, 1e-7)
 
     def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
         base = self.predict_physics(X)
@@ -303,7 +315,8 @@ class StepTimeModel:
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
         coef = dict(zip(PHYSICS, self.physics_coef_))
-        return {name: float(coef[name]) for name in ("step", "seq", "layer_pass")}
+        return {name: float(coef[name]) for name in ("step", "seq", "layer_pass", "prefill_pass")
+                if name in coef}
 
     def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
                   seed: int | None = 0, host_slowdown: float = 1.0,

@@ -14,15 +14,18 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from sqlalchemy import select
 
 from engine.model_runner import resolve_device
 from planner import profiler
-from planner.plan import Plan
+from planner.candidate import Candidate, Requirement, rank, total_violation
+from planner.cost_model import CostModel
+from planner.plan import Plan, make_plan
 from planner.profiler import config_row, hardware_row, model_row, workload_row
+from planner.recommend import Search, SearchResult
 from planner.slo import parse_slos
 from planner.store import Campaign, Experiment, Run, Store, fingerprint
 
@@ -127,3 +130,83 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
         notes.append(f"the plan's prediction for {plan.hardware.name} was uncalibrated")
     return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes,
                         list(result.run_ids))
+
+
+# ---------------------------------------------------------------- measured fallbacks
+
+
+@dataclass
+class Attempt:
+    """One plan launched and measured while looking for one that holds its SLOs."""
+
+    candidate: Candidate
+    plan: Plan
+    result: VerifyResult
+    rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
+
+
+def worst_ratio(result: VerifyResult) -> float:
+    """The largest measured/limit over the SLOs: under 1 when every one held."""
+    return max((measured / limit for limit, measured, _ in result.slos.values()), default=0.0)
+
+
+def candidates_in_turn(result: SearchResult, requirement: Requirement, count: int) -> list[Candidate]:
+    """The search's plan, then those the model would pick were the ones before gone: the other
+    confirmed finalists in rank order, then the rest that run and serve the load, most likely to
+    meet every SLO first (`candidate.closest`'s order). At most `count`, no deployment twice."""
+    keys = {s.key for s in requirement.slos}
+
+    def closeness(c: Candidate) -> tuple[float, float, float]:
+        others = sum(max(0.0, v) for k, v in c.violations.items() if k not in keys)
+        return others, -c.slo_chance, total_violation(c)
+
+    rest = sorted((c for c in result.candidates if c.prediction is not None and c.valid), key=closeness)
+    seen: set[tuple[str, str, int]] = set()
+    order: list[Candidate] = []
+    for c in [result.best, *rank([c for c in result.finalists if c.feasible], requirement), *rest]:
+        key = (c.hardware.name, c.config.model_dump_json(), c.replicas)
+        if key not in seen and c.prediction is not None:
+            seen.add(key)
+            order.append(c)
+    return order[:count]
+
+
+def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
+                   fallbacks: int = 2, on_progress: Callable[[int, str, float], None] | None = None,
+                   via: str = "engine", repeats: int = 3) -> tuple[Attempt, list[Attempt]]:
+    """Launch and measure the search's plan; while the one measured misses an SLO, the next
+    candidate in `candidates_in_turn`, up to `fallbacks` more. Returns the first that held every
+    SLO (else the one that came closest, by `worst_ratio`) and every attempt in order.
+
+    The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
+    measured on; a measurement of the plan on the workload itself is not."""
+    if fallbacks < 0:
+        raise VerifyError(f"fallbacks: must be >= 0, got {fallbacks}")
+    attempts: list[Attempt] = []
+    for position, candidate in enumerate(candidates_in_turn(result, search.requirement, fallbacks + 1)):
+        if position:  # the search scored it on a sample of the workload: score the whole first
+            candidate = search.evaluate(candidate.hardware.name, candidate.params, full=True)
+        plan = make_plan(replace(result, best=candidate, feasible=candidate.feasible), search, cost_model)
+        tell = (lambda label, elapsed, r=position + 1: on_progress(r, label, elapsed)) if on_progress else None
+        try:
+            measured = verify(store, plan, tell, via, repeats)
+        except VerifyError:
+            if not position:  # the search's own plan must run; a fallback that does not is passed over
+                raise
+            continue
+        attempts.append(Attempt(candidate, plan, measured, position + 1))
+        if attempts[-1].result.all_met:
+            break
+    chosen = next((a for a in attempts if a.result.all_met), None) or min(
+        attempts, key=lambda a: worst_ratio(a.result))
+    if chosen.rank > 1:
+        missed = "; ".join(
+            f"#{a.rank} {a.candidate.describe(short=True)} missed "
+            + ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in a.result.slos.items()
+                        if not met)
+            for a in attempts if a is not chosen and not a.result.all_met)
+        verdict = "held every SLO" if chosen.result.all_met else "came closest"
+        chosen.plan.notes.insert(0, f"chosen by measurement on this machine: {missed}; this plan "
+                                    f"(the model's #{chosen.rank}) {verdict}")
+    return chosen, attempts
+

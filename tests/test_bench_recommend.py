@@ -187,7 +187,7 @@ def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_di
 
 
 def _scenario(met: bool, over: float, default_ratio: float = 2.0,
-              drift: dict[str, float] | None = None) -> ScenarioResult:
+              drift: dict[str, float] | None = None, rank: int = 1, first_over: float | None = None) -> ScenarioResult:
     return ScenarioResult(
         model="tiny", workload="chat", concurrency=8, slos=["ttft_p95<=100ms", "itl_p95<=5ms"], slo_margin=0.1,
         grid=[GridPoint("bf16 seqs64 tok2048", {"ttft_p95": 0.01}, 1.0, True, True)], grid_feasible=1,
@@ -196,7 +196,10 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0,
         replicas=1, predicted_feasible=True, binding="itl_p95", predicted={"itl_p95": 0.004},
         measured={"itl_p95": 0.0045}, predicted_cost=1.0, measured_cost=1.0 + over, met=met,
         overspend=over, overspend_clipped=max(0.0, over), search_s=1.0, predicted_chance=0.6 if met else 0.2,
-        host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1})
+        host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1},
+        first_recommended="int4 seqs1 tok256" if rank > 1 else "int8 seqs8 tok512",
+        first_met=met and rank == 1, first_overspend=over if first_over is None else first_over,
+        tries=rank, rank=rank)
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
@@ -215,6 +218,12 @@ def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
     assert result.median_default_ratio == pytest.approx(2.0)
     data = json.loads(json.dumps(result.to_json()))
     assert data["scenarios"][0]["overspend"] == pytest.approx(0.10)
+    # The search's own plans alone: the one that met only by a fallback does not count.
+    fell_back = summarize("quick", {}, [_scenario(True, 0.10), _scenario(True, 0.02, rank=2, first_over=-0.3)],
+                          {}, 1.0, "/tmp/x")
+    assert fell_back.success_rate == 1.0 and fell_back.first_success_rate == 0.5
+    assert fell_back.first_median_overspend == pytest.approx(0.10)
+    assert fell_back.median_overspend == pytest.approx(0.06)
     nobody = summarize("quick", {}, [_scenario(False, 0.1)], {}, 1.0, "/tmp/x")
     assert nobody.success_rate == 0.0 and math.isnan(nobody.median_overspend)
     assert nobody.to_json()["median_overspend"] is None  # JSON has no NaN
@@ -225,15 +234,19 @@ def test_the_report_shows_every_scenario_against_the_targets():
 
     from planner.bench_report import print_results
 
-    result = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.10), _scenario(False, -0.5)],
+    result = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.10), _scenario(False, -0.5),
+                                                   _scenario(True, 0.0, rank=3)],
                        {"runs": {"tiny": 9}, "workload": "x"}, 1.0, "/tmp/x")
     console = Console(record=True, width=250)
     print_results(result, console)
     text = console.export_text()
-    assert text.count("chat @8") == 2 and "clear by 11%" in text  # a margin of 0.1 (log)
+    assert text.count("chat @8") == 3 and "clear by 11%" in text  # a margin of 0.1 (log)
     assert "+10.0%" in text and "-50.0%" in text
-    assert text.count("(host 1.10x)") == 2 and "was 1.10x as slow as in the" in " ".join(text.split())
-    assert "50% of 2 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
+    assert text.count("(host 1.10x)") == 3 and "was 1.10x as slow as in the" in " ".join(text.split())
+    assert "67% of 3 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
+    assert "(plan #3, by measurement: #1 int4 seqs1 tok256 missed)" in " ".join(text.split())
+    assert "first plans alone met in 33%" in " ".join(text.split())
+    assert "launched 2 more plans in all" in " ".join(text.split())
 
 
 def test_bad_sizes_name_the_setting(tmp_path):
@@ -245,6 +258,8 @@ def test_bad_sizes_name_the_setting(tmp_path):
         run_recommend_benchmark("quick", tmp_path, models=["giant"])
     with pytest.raises(ValueError, match="confidence"):
         run_recommend_benchmark("quick", tmp_path, confidence=1.0)
+    with pytest.raises(ValueError, match="fallbacks: must be >= 0, got -1"):
+        run_recommend_benchmark("quick", tmp_path, fallbacks=-1)
     (tmp_path / "truth.db").write_text("")
     with pytest.raises(ValueError, match="earlier run"):
         run_recommend_benchmark("quick", tmp_path)

@@ -18,7 +18,7 @@ from planner import cost_model
 from planner.fit_data import busy_peers, load_runs
 from planner.load import run_load
 from planner.predict import predict
-from planner.roofline import Deployment, Device, ModelShape
+from planner.roofline import TERMS, Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
 from planner.step_model import FEATURES, NOISE_LEVELS, QuasiJitter, StepTimeModel, TreeEnsemble, feature_matrix
 from planner.store import Store
@@ -90,6 +90,54 @@ def test_step_time_model_learns_a_roofline_and_round_trips_without_pickle():
     stored["features"] = ["something_else", *stored["features"][1:]]
     with pytest.raises(ValueError, match="pilot fit"):
         StepTimeModel.from_dict(stored)
+
+
+def _prefilling_steps(rng: np.random.Generator, n: int, decodes_beside_prefill: int) -> tuple[np.ndarray, np.ndarray]:
+    """Small-model steps whose true time has a fixed cost per layer whenever the step prefills
+    (the engine's op-by-op path) on top of the roofline; prefills sit beside at most
+    `decodes_beside_prefill` decodes."""
+    shape = ModelShape(**{"hidden_size": 64, "intermediate_size": 128, "num_layers": 4,
+                          "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512})
+    deployment = Deployment(shape, "bfloat16", None)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    prefilling = rng.random(n) < 0.3
+    decode = np.where(prefilling, rng.integers(0, decodes_beside_prefill + 1, n), rng.integers(1, 17, n))
+    prompt = np.where(prefilling, rng.integers(8, 64, n), 0)
+    steps = {"num_seqs": decode + prefilling, "num_prefill_seqs": prefilling.astype(int),
+             "num_decode_seqs": decode, "num_prefill_tokens": prompt, "num_decode_tokens": decode,
+             "context_tokens": decode * rng.integers(16, 128, n) + prompt,
+             "num_draft_tokens": np.zeros(n, dtype=int)}
+    X = feature_matrix(deployment, device, steps)
+    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
+    truth = (1.2e-4 + 1.5e-5 * cols["seq"] + cols["weights_s"] / 0.3 + cols["compute_s"] / 0.4
+             + 8e-5 * shape.num_layers * prefilling)
+    return X, truth * np.exp(rng.normal(scale=0.02, size=n))
+
+
+def test_a_prefill_costs_the_same_beside_many_decodes_as_beside_few():
+    """Trained on prefills beside at most two decodes, a prefill beside 16 is charged its fixed
+    cost once (`prefill_pass`), not as a ratio of the whole step."""
+    X, y = _prefilling_steps(np.random.default_rng(3), 4000, decodes_beside_prefill=2)
+    groups = np.repeat(np.arange(40), len(y) // 40)
+    X_new, y_new = _prefilling_steps(np.random.default_rng(4), 4000, decodes_beside_prefill=16)
+    mixed = (X_new[:, FEATURES.index("num_prefill_seqs")] > 0) & (X_new[:, FEATURES.index("num_decode_seqs")] >= 8)
+    column = FEATURES.index("prefill_pass")
+    assert set(np.unique(X[:, column])) == {0.0, 4.0}  # a pass per layer when prefilling
+
+    model = StepTimeModel().fit(X, y, groups)
+    # The fixed cost is found as what it is, an overhead per layer pass, not hidden in a ratio.
+    assert model.overheads_s["prefill_pass"] == pytest.approx(8e-5, rel=0.15)
+    assert np.median(np.abs(np.log(model.predict(X_new[mixed]) / y_new[mixed]))) < 0.03
+
+
+def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
+    X, y = _prefilling_steps(np.random.default_rng(5), 1000, decodes_beside_prefill=16)
+    data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:-1]),
+                                     "physics_coef": data["physics_coef"][:-1]})
+    ones = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
+                                                   ("seq", "layer_pass", *TERMS)]]])
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ data["physics_coef"][:-1], 1e-7))
 
 
 def test_step_jitter_is_kept_per_process_layout():

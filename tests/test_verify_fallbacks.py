@@ -1,0 +1,96 @@
+"""`pilot recommend --verify --fallbacks N`: while the plan launched misses an SLO, the next
+candidates the model ranks are launched and measured in turn, on the real engine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+from planner.plan import Plan
+from planner.recommend import Requirement, Search, run_search
+from planner.slo import parse_slos
+from planner.verify import VerifyError, candidates_in_turn, verify_in_turn, worst_ratio
+from planner.workload import Workload
+
+# At 8 clients, one sequence at a time queues every prompt behind 7 whole requests (about 30
+# ms here); a batch starts each within a few steps (about 3-6 ms, with the first burst).
+QUEUE_BOUND = "ttft_p95<=15ms,itl_p95<=500ms"
+
+
+def _search(fitted, model_dir: str, slos: str) -> Search:
+    workload = Workload.from_flags("8:32", "8:16", concurrency=1, num_requests=24)
+    return Search(fitted, model_dir, workload, Requirement(parse_slos(slos), "concurrency", 8),
+                  max_devices=1)  # one host: no replicas to spread the clients over
+
+
+def _one_at_a_time(search: Search, result):
+    params = {**result.best.params, "max_num_seqs": 1, "data_parallel_size": 1,
+              "tensor_parallel_size": 1, "num_speculative_tokens": 0}
+    return search.evaluate(result.best.hardware.name, params, full=True)
+
+
+def test_candidates_come_in_the_models_order_without_repeats(profiled, fitted):
+    _, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, QUEUE_BOUND)
+    result = run_search(search, trials=24)
+    order = candidates_in_turn(result, search.requirement, 6)
+    assert order[0] is result.best
+    keys = [(c.config.model_dump_json(), c.replicas) for c in order]
+    assert len(set(keys)) == len(keys) == min(6, len({(c.config.model_dump_json(), c.replicas)
+                                                         for c in result.candidates if c.valid}))
+    feasible = [c for c in order if c.feasible]
+    # Feasible finalists first (cheapest first), then the rest by their chance of holding.
+    assert order[:len(feasible)] == feasible
+    assert [c.cost_per_million for c in feasible] == sorted(c.cost_per_million for c in feasible)
+    rest = order[len(feasible):]
+    assert [c.slo_chance for c in rest] == sorted((c.slo_chance for c in rest), reverse=True)
+    assert len(candidates_in_turn(result, search.requirement, 1)) == 1
+
+
+def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled, fitted):
+    store, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, QUEUE_BOUND)
+    result = run_search(search, trials=24)
+    assert result.feasible and result.best.config.max_num_seqs > 1
+    # As if the model had ranked one-at-a-time first: it must miss, and the next must hold.
+    forced = replace(result, best=_one_at_a_time(search, result), feasible=False)
+    runs_before = len(store.runs())
+    chosen, attempts = verify_in_turn(store, search, forced, fitted, fallbacks=2, repeats=1)
+    assert [a.rank for a in attempts] == list(range(1, len(attempts) + 1)) and chosen is attempts[-1]
+    assert len(attempts) >= 2 and attempts[0].plan.engine.max_num_seqs == 1
+    assert not attempts[0].result.all_met and not attempts[0].result.slos[QUEUE_BOUND.split(",")[0]][2]
+    assert chosen.result.all_met and chosen.plan.engine.max_num_seqs > 1
+    assert chosen.plan.notes[0].startswith("chosen by measurement on this machine: #1 ")
+    assert "ttft_p95" in chosen.plan.notes[0]
+    assert f"(the model's #{chosen.rank}) held every SLO" in chosen.plan.notes[0]
+    # Every measurement is in the store, for the next fit.
+    assert len(store.runs()) == runs_before + len(attempts)
+    with pytest.raises(VerifyError, match="fallbacks: must be >= 0, got -1"):
+        verify_in_turn(store, search, forced, fitted, fallbacks=-1)
+
+
+def test_when_none_holds_the_closest_measured_is_kept_and_the_cli_exits_1(profiled, fitted, tmp_path):
+    store, (model_dir, _) = profiled
+    impossible = "ttft_p95<=0.001ms,itl_p95<=0.001ms"
+    search = _search(fitted, model_dir, impossible)
+    result = run_search(search, trials=12)
+    chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks=1, repeats=1)
+    assert len(attempts) == 2 and not any(a.result.all_met for a in attempts)
+    assert chosen is min(attempts, key=lambda a: worst_ratio(a.result))
+    assert worst_ratio(chosen.result) > 1
+
+    out = tmp_path / "plan.yaml"
+    cli = CliRunner().invoke(app, [
+        "recommend", "--model", model_dir, "--slo", impossible, "--concurrency", "8", "--isl", "8:32",
+        "--osl", "8:16", "--num-requests", "24", "--trials", "12", "--max-devices", "1", "--out", str(out), "--verify",
+        "--repeats", "1", "--fallbacks", "1", "--db", store.url])
+    assert cli.exit_code == 1, cli.output
+    assert "plan #" in cli.output and "missed: " in cli.output and "Some SLO was missed" in cli.output
+    assert Plan.from_file(out).engine.model == model_dir
+    bad = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", impossible,
+                                   "--concurrency", "2", "--verify", "--fallbacks", "-1",
+                                   "--db", store.url, "--out", str(out)])
+    assert bad.exit_code == 2 and "--fallbacks: must be >= 0, got -1" in bad.output
