@@ -170,14 +170,18 @@ class QuasiJitter:
     STEP = (5 ** 0.5 - 1) / 2
     BLOCK = 4096
 
-    def __init__(self, decode: np.ndarray, prefill: np.ndarray, seed: int) -> None:
-        self.factors = [np.exp(np.asarray(q, dtype=float)) for q in (decode, prefill)]
-        self.shifts = np.random.default_rng(seed).random(2)
-        self.drawn = [0, 0]
-        self.blocks: list[list[float]] = [[], []]
+    def __init__(self, decode: np.ndarray, prefill: np.ndarray, seed: int,
+                 busy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """`busy`: (decode, prefill) quantiles for steps taken while other replicas work, where
+        they differ from steps taken alone (data parallelism)."""
+        quantiles = (decode, prefill, *(busy or ()))
+        self.factors = [np.exp(np.asarray(q, dtype=float)) for q in quantiles]
+        self.shifts = np.random.default_rng(seed).random(len(quantiles))
+        self.drawn = [0] * len(quantiles)
+        self.blocks: list[list[float]] = [[] for _ in quantiles]
 
-    def __call__(self, prefilling: bool) -> float:
-        stream = int(prefilling)
+    def __call__(self, prefilling: bool, busy: bool = False) -> float:
+        stream = int(prefilling) + (2 if busy and len(self.factors) == 4 else 0)
         block = self.blocks[stream]
         if not block:  # filled a block at a time: one NumPy call per 4096 steps, not per step
             n = self.drawn[stream] + np.arange(self.BLOCK)
@@ -238,7 +242,12 @@ class StepTimeModel:
         median, the replayed steps' median came out at the mean, and ITL p50 6% slow.
         Prefill steps apart: they are long, so a stall is a smaller share of them (their 99th
         percentile is 1.7x the mean, a decode step's 2.4x). Given decode jitter, a run's few
-        prefill steps made TTFT p95 swing with the seed by up to 2x."""
+        prefill steps made TTFT p95 swing with the seed by up to 2x.
+        Decode steps of data-parallel layouts also apart by whether other replicas were working
+        ("<layout>/busy") or not ("<layout>/alone"): two replicas on two cores jitter each
+        other's steps. One spread for both made ITL p95 at one client (a replica alone) 23% too
+        slow, and at 4 and 16 clients 6-7% too fast. (Prefill steps split the same way made
+        TTFT p95 at 4 and 16 clients further too fast, so they keep the layout's spread.)"""
         order = np.argsort(groups, kind="stable")
         residual, groups, X = residual[order], groups[order], X[order]
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
@@ -248,6 +257,8 @@ class StepTimeModel:
         # A run has one layout: name it once per run, not once per step.
         parallel = X[starts][:, [FEATURES.index("data_parallel_size"), FEATURES.index("tensor_parallel_size")]]
         run_layouts = np.array([jitter_class(dp, tp) for dp, tp in parallel])
+        replicated = parallel[:, 0] > 1
+        busy = X[:, FEATURES.index("busy_peers")] > 0
         noise: dict[str, np.ndarray] = {}
         for prefix, kind in (("", ~prefilling), ("prefill/", prefilling)):
             runs = run_of[kind]
@@ -260,16 +271,27 @@ class StepTimeModel:
             for name in np.unique(run_layouts):
                 if ((counts > 0) & (run_layouts == name)).sum() >= MIN_JITTER_RUNS:
                     noise[f"{prefix}{name}"] = np.quantile(within[step_layouts == name], NOISE_LEVELS)
+                if prefix or not replicated[run_layouts == name].any():
+                    continue
+                for state, steps in (("busy", busy[kind]), ("alone", ~busy[kind])):
+                    mine = (step_layouts == name) & steps
+                    if len(np.unique(runs[mine])) >= MIN_JITTER_RUNS:
+                        noise[f"{prefix}{name}/{state}"] = np.quantile(within[mine], NOISE_LEVELS)
         return noise
 
-    def jitter_quantiles(self, layout: str) -> tuple[np.ndarray, np.ndarray]:
+    def jitter_quantiles(self, layout: str, busy: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) log-quantiles of step jitter for a process layout: its own where it
         had enough runs, else all runs'; a model saved before prefill jitter was kept apart
-        replays its one distribution for both."""
+        replays its one distribution for both. `busy` True or False: for steps taken while
+        other replicas work, or alone, where the layout had enough runs of such steps."""
         if self.noise_ is None:
             raise RuntimeError("StepTimeModel has no jitter (fit it with calibrate, or load one)")
         decode = self.noise_.get(layout, self.noise_["all"])
         prefill = self.noise_.get(f"prefill/{layout}", self.noise_.get("prefill/all", decode))
+        if busy is not None:
+            state = "busy" if busy else "alone"
+            decode = self.noise_.get(f"{layout}/{state}", decode)
+            prefill = self.noise_.get(f"prefill/{layout}/{state}", prefill)
         return decode, prefill
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
@@ -334,7 +356,11 @@ class StepTimeModel:
         jitter = None
         if seed is not None and calibrated and self.noise_ is not None:
             layout = jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)
-            jitter = QuasiJitter(*self.jitter_quantiles(layout), seed)
+            if deployment.data_parallel_size > 1:
+                jitter = QuasiJitter(*self.jitter_quantiles(layout, busy=False), seed,
+                                     busy=self.jitter_quantiles(layout, busy=True))
+            else:
+                jitter = QuasiJitter(*self.jitter_quantiles(layout), seed)
 
         def predict(c: StepComposition, busy_peers: int = 0) -> float:
             context = c.context_tokens
@@ -347,7 +373,7 @@ class StepTimeModel:
                     "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown]),
                     "host_parallel_slowdown": np.array([host_parallel_slowdown])})
                 seconds = memo[key] = float(self.predict(row, calibrated)[0])
-            return seconds * jitter(c.num_prefill_seqs > 0) if jitter is not None else seconds
+            return seconds * jitter(c.num_prefill_seqs > 0, busy_peers > 0) if jitter is not None else seconds
 
         return predict
 

@@ -184,6 +184,37 @@ def test_prefill_steps_replay_their_own_jitter_spread_evenly_over_its_quantiles(
     assert all(np.array_equal(q, decode) for q in model.jitter_quantiles("dp1-tp1"))
 
 
+def test_data_parallel_steps_replay_the_jitter_of_their_peers_state():
+    """Two replicas on a small host jitter each other: steps taken while the other replica
+    works stall, steps taken alone do not, and the replay keeps the two apart."""
+    rng = np.random.default_rng(6)
+    X, y = _synthetic_steps(rng, 1500)
+    X[:, FEATURES.index("data_parallel_size")] = 2.0
+    busy = np.zeros(len(y), dtype=bool)
+    busy[len(y) // 2:] = rng.random(len(y) - len(y) // 2) < 0.7  # half the runs alone throughout
+    X[:, FEATURES.index("busy_peers")] = busy.astype(float)
+    y = y * np.where(busy & (rng.random(len(y)) < 0.2), 1.8, 1.0)
+    model = StepTimeModel().fit(X, y, np.repeat(np.arange(60), len(y) // 60))
+    alone, crowded = model.jitter_quantiles("dp2-tp1", busy=False), model.jitter_quantiles("dp2-tp1", busy=True)
+    spread = {"alone": alone[0][94] - alone[0][5], "busy": crowded[0][94] - crowded[0][5]}
+    assert spread["busy"] > 0.4 > 0.15 > spread["alone"]
+    assert {"dp2-tp1/busy", "dp2-tp1/alone"} <= set(model.noise_)
+    # The replay draws from the state each step is in.
+    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
+                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
+                                          "vocab_size": 8000}), "bfloat16", None, data_parallel_size=2)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    step = model.step_time(deployment, device)
+    from engine.observer import StepComposition
+    decode = StepComposition(8, 0, 8, 0, 8, 2048)
+    typical = model.step_time(deployment, device, seed=None)(decode, 0)
+    ratios = {state: np.array([step(decode, peers) / typical for _ in range(400)])
+              for state, peers in (("alone", 0), ("busy", 1))}
+    assert (ratios["busy"] > 1.5).mean() > 0.1 > 0.01 > (ratios["alone"] > 1.5).mean()
+    # A layout of one replica has no such states: the layout's own spread, either way.
+    assert np.array_equal(model.jitter_quantiles("dp1-tp1", busy=True)[0], model.jitter_quantiles("dp1-tp1")[0])
+
+
 def test_replayed_steps_have_the_median_of_measured_ones_when_stalls_skew_them():
     rng = np.random.default_rng(4)
     X, truth = _synthetic_steps(rng, 1500)
