@@ -7,6 +7,9 @@ over the runs: on a shared host one slow spell (seconds long, a run is about tha
 run's percentiles by 20% or more, and would otherwise decide the verdict. A plan of several
 replicas is measured as one replica at its share of the load: replicas do not share anything, and
 this machine is one of them.
+
+`verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidates
+are launched and measured in turn, and the first that holds is kept.
 """
 
 from __future__ import annotations
@@ -187,6 +190,10 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
         if position:  # the search scored it on a sample of the workload: score the whole first
             candidate = search.evaluate(candidate.hardware.name, candidate.params, full=True)
         plan = make_plan(replace(result, best=candidate, feasible=candidate.feasible), search, cost_model)
+        if position and result.feasible and not candidate.feasible:  # others were predicted to hold
+            plan.notes = [n for n in plan.notes if not n.startswith("no configuration tried meets")]
+            plan.notes.insert(0, f"predicted to miss ({candidate.binding} binds); launched because "
+                                 "the plans ranked above it missed when measured")
         tell = (lambda label, elapsed, r=position + 1: on_progress(r, label, elapsed)) if on_progress else None
         try:
             measured = verify(store, plan, tell, via, repeats)
