@@ -235,7 +235,7 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
     if chosen.rank > 1:
         chosen.plan.write(out)
         console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), "
-                      f"the model's next choice, {'held every SLO' if chosen.result.all_met else 'came closest'}")
+                      f"the model's #{chosen.rank}, {'held every SLO' if chosen.result.all_met else 'came closest'}")
     return chosen, attempts
 
 
