@@ -134,12 +134,18 @@ def total_violation(candidate: Candidate) -> float:
     return sum(max(0.0, v) for v in candidate.violations.values())
 
 
+def closeness(candidate: Candidate, slos: list[SLO]) -> tuple[float, float, float]:
+    """A sort key, nearest feasible first: running and serving the load (violations other than
+    the SLOs), then the chance of meeting every SLO, then the least total violation."""
+    keys = {s.key for s in slos}
+    return (sum(max(0.0, v) for k, v in candidate.violations.items() if k not in keys),
+            -candidate.slo_chance, total_violation(candidate))
+
+
 def closest(candidates: list[Candidate], slos: list[SLO]) -> Candidate:
     """When none is predicted feasible: the one that runs and serves the load, most likely to
     meet every SLO; then the least total violation."""
-    keys = {s.key for s in slos}
-    return min(candidates, key=lambda c: (sum(max(0.0, v) for k, v in c.violations.items() if k not in keys),
-                                          -c.slo_chance, total_violation(c)))
+    return min(candidates, key=lambda c: closeness(c, slos))
 
 
 def pareto_front(candidates: list[Candidate], slos: list[SLO]) -> list[Candidate]:

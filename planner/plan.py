@@ -152,12 +152,13 @@ def schema(kind: str = "plan") -> dict[str, Any]:
     return models[kind].model_json_schema()
 
 
-def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Plan:
-    """The plan file of a search's choice."""
+def make_plan(result: SearchResult, search: Search, cost_model: CostModel,
+              candidate: Candidate | None = None) -> Plan:
+    """The plan file of a search's choice, or of another `candidate` it scored."""
     from planner.launch_args import as_shell, export_notes, sglang_args, vllm_args
     from planner.recommend import slo_bound
 
-    best: Candidate = result.best
+    best: Candidate = candidate if candidate is not None else result.best
     req = search.requirement
     prediction = best.prediction
     checks, predicted = [], {}
@@ -188,7 +189,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel) -> Pl
         workload=search.workload,
         load=PlanLoad(kind=req.load_kind, value=req.load_value, per_replica=best.per_replica_load or req.load_value),
         slos=[str(s) for s in req.slos], objective=req.objective, confidence=req.confidence,
-        feasible=result.feasible, chance=best.slo_chance if prediction is not None else None,
+        feasible=best.feasible, chance=best.slo_chance if prediction is not None else None,
         binding=best.binding, checks=checks, predicted=predicted,
         cost=PlanCost(per_hour_usd=best.cost_per_hour,
                       per_million_output_tokens_usd=(best.cost_per_million

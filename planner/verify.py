@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 from sqlalchemy import select
 
 from engine.model_runner import resolve_device
 from planner import profiler
-from planner.candidate import Candidate, Requirement, rank, total_violation
+from planner.candidate import Candidate, Requirement, closeness, rank
 from planner.cost_model import CostModel
 from planner.plan import Plan, make_plan
 from planner.profiler import config_row, hardware_row, model_row, workload_row
@@ -156,14 +156,9 @@ def worst_ratio(result: VerifyResult) -> float:
 def candidates_in_turn(result: SearchResult, requirement: Requirement, count: int) -> list[Candidate]:
     """The search's plan, then those the model would pick were the ones before gone: the other
     confirmed finalists in rank order, then the rest that run and serve the load, most likely to
-    meet every SLO first (`candidate.closest`'s order). At most `count`, no deployment twice."""
-    keys = {s.key for s in requirement.slos}
-
-    def closeness(c: Candidate) -> tuple[float, float, float]:
-        others = sum(max(0.0, v) for k, v in c.violations.items() if k not in keys)
-        return others, -c.slo_chance, total_violation(c)
-
-    rest = sorted((c for c in result.candidates if c.prediction is not None and c.valid), key=closeness)
+    meet every SLO first (`candidate.closeness`). At most `count`, no deployment twice."""
+    rest = sorted((c for c in result.candidates if c.prediction is not None and c.valid),
+                  key=lambda c: closeness(c, requirement.slos))
     seen: set[tuple[str, str, int]] = set()
     order: list[Candidate] = []
     for c in [result.best, *rank([c for c in result.finalists if c.feasible], requirement), *rest]:
@@ -189,9 +184,8 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
     for position, candidate in enumerate(candidates_in_turn(result, search.requirement, fallbacks + 1)):
         if position:  # the search scored it on a sample of the workload: score the whole first
             candidate = search.evaluate(candidate.hardware.name, candidate.params, full=True)
-        plan = make_plan(replace(result, best=candidate, feasible=candidate.feasible), search, cost_model)
+        plan = make_plan(result, search, cost_model, candidate)
         if position and result.feasible and not candidate.feasible:  # others were predicted to hold
-            plan.notes = [n for n in plan.notes if not n.startswith("no configuration tried meets")]
             plan.notes.insert(0, f"predicted to miss ({candidate.binding} binds); launched because "
                                  "the plans ranked above it missed when measured")
         tell = (lambda label, elapsed, r=position + 1: on_progress(r, label, elapsed)) if on_progress else None
