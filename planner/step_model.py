@@ -14,7 +14,8 @@ loading one from a store never unpickles anything.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from bisect import bisect_left
+from typing import Any, Callable, Hashable, Mapping
 
 import numpy as np
 import sklearn
@@ -46,6 +47,16 @@ _PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:]]
 
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
+MIN_JITTER_STEPS = 200  # and a duration band with fewer steps, its layout's whole spread
+# Steps are also kept apart by their typical duration ("<key>@<band>", bands split at these
+# seconds): a stall is a time the OS takes, not a share of the step, so short steps stray
+# further. Measured p95/p50 of ITL for two replicas: 2.6 for 0.2 ms steps, 1.2-1.3 for 3 ms ones;
+# one spread for all had predicted 1.75 for both.
+DURATION_BANDS_S = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)
+
+
+def duration_band(seconds: float) -> int:
+    return bisect_left(DURATION_BANDS_S, seconds)
 
 
 def jitter_class(data_parallel_size: float, tensor_parallel_size: float) -> str:
@@ -158,8 +169,9 @@ class TreeEnsemble:
 
 class QuasiJitter:
     """Step-to-step jitter factors drawn from fitted log-quantiles (`StepTimeModel.noise_`), one
-    distribution and one randomly shifted golden-ratio sequence per step kind (decoding only,
-    or prefilling).
+    randomly shifted golden-ratio sequence per stream: a kind of step (decoding only or
+    prefilling, alone or beside working replicas, its duration band), whose quantiles
+    `quantiles(stream)` gives when the stream is first drawn from.
 
     Why not independent draws: a run's TTFT p50 rests on a handful of prefill steps. Sixteen iid
     draws strayed 10% from the jitter's median, and with a fixed seed every conc-1 run of a
@@ -170,24 +182,22 @@ class QuasiJitter:
     STEP = (5 ** 0.5 - 1) / 2
     BLOCK = 4096
 
-    def __init__(self, decode: np.ndarray, prefill: np.ndarray, seed: int,
-                 busy: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """`busy`: (decode, prefill) quantiles for steps taken while other replicas work, where
-        they differ from steps taken alone (data parallelism)."""
-        quantiles = (decode, prefill, *(busy or ()))
-        self.factors = [np.exp(np.asarray(q, dtype=float)) for q in quantiles]
-        self.shifts = np.random.default_rng(seed).random(len(quantiles))
-        self.drawn = [0] * len(quantiles)
-        self.blocks: list[list[float]] = [[] for _ in quantiles]
+    def __init__(self, quantiles: Callable[[Hashable], np.ndarray], seed: int) -> None:
+        self.quantiles = quantiles
+        self.rng = np.random.default_rng(seed)
+        # stream -> [factors, shift, terms drawn, the current block]
+        self.streams: dict[Hashable, list[Any]] = {}
 
-    def __call__(self, prefilling: bool, busy: bool = False) -> float:
-        stream = int(prefilling) + (2 if busy and len(self.factors) == 4 else 0)
-        block = self.blocks[stream]
+    def __call__(self, stream: Hashable) -> float:
+        state = self.streams.get(stream)
+        if state is None:
+            state = self.streams[stream] = [np.exp(np.asarray(self.quantiles(stream), dtype=float)),
+                                            self.rng.random(), 0, []]
+        factors, shift, drawn, block = state
         if not block:  # filled a block at a time: one NumPy call per 4096 steps, not per step
-            n = self.drawn[stream] + np.arange(self.BLOCK)
-            levels = (self.shifts[stream] + n * self.STEP) % 1.0
-            block.extend(np.interp(levels, NOISE_LEVELS, self.factors[stream])[::-1].tolist())
-            self.drawn[stream] += self.BLOCK
+            levels = (shift + (drawn + np.arange(self.BLOCK)) * self.STEP) % 1.0
+            block.extend(np.interp(levels, NOISE_LEVELS, factors)[::-1].tolist())
+            state[2] = drawn + self.BLOCK
         return block.pop()
 
 
@@ -228,11 +238,13 @@ class StepTimeModel:
             tail = (1 - self.coverage) / 2
             self.interval_ = (float(np.quantile(residual, tail)), float(np.quantile(residual, 1 - tail)))
         self._fit(X, y)
-        self.noise_ = self._jitter(np.log(y) - np.log(self.predict(X)), groups, X)
+        typical = self.predict(X)
+        self.noise_ = self._jitter(np.log(y) - np.log(typical), groups, X, typical)
         return self
 
     @staticmethod
-    def _jitter(residual: np.ndarray, groups: np.ndarray, X: np.ndarray) -> dict[str, np.ndarray]:
+    def _jitter(residual: np.ndarray, groups: np.ndarray, X: np.ndarray,
+                typical: np.ndarray) -> dict[str, np.ndarray]:
         """Residuals less their run's mean (what varies from step to step, not run to run),
         for all runs and per process layout with enough runs of its own, and apart for steps
         that prefill ("prefill/<layout>").
@@ -247,9 +259,11 @@ class StepTimeModel:
         ("<layout>/busy") or not ("<layout>/alone"): two replicas on two cores jitter each
         other's steps. One spread for both made ITL p95 at one client (a replica alone) 23% too
         slow, and at 4 and 16 clients 6-7% too fast. (Prefill steps split the same way made
-        TTFT p95 at 4 and 16 clients further too fast, so they keep the layout's spread.)"""
+        TTFT p95 at 4 and 16 clients further too fast, so they keep the layout's spread.)
+        Each of these also per duration band of the steps' typical time ("<key>@<band>",
+        `DURATION_BANDS_S`) where the band has enough steps and runs."""
         order = np.argsort(groups, kind="stable")
-        residual, groups, X = residual[order], groups[order], X[order]
+        residual, groups, X, typical = residual[order], groups[order], X[order], typical[order]
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
         lengths = np.diff(np.r_[starts, len(residual)])
         run_of = np.repeat(np.arange(len(starts)), lengths)
@@ -259,6 +273,7 @@ class StepTimeModel:
         run_layouts = np.array([jitter_class(dp, tp) for dp, tp in parallel])
         replicated = parallel[:, 0] > 1
         busy = X[:, FEATURES.index("busy_peers")] > 0
+        bands = np.searchsorted(DURATION_BANDS_S, typical)
         noise: dict[str, np.ndarray] = {}
         for prefix, kind in (("", ~prefilling), ("prefill/", prefilling)):
             runs = run_of[kind]
@@ -266,33 +281,51 @@ class StepTimeModel:
                 continue
             sums, counts = np.bincount(runs, residual[kind], len(starts)), np.bincount(runs, None, len(starts))
             within = residual[kind] - (sums / np.maximum(counts, 1))[runs]
-            noise[f"{prefix}all"] = np.quantile(within, NOISE_LEVELS)
-            step_layouts = run_layouts[runs]
+            step_layouts, step_bands = run_layouts[runs], bands[kind]
+
+            def keep(key: str, steps: np.ndarray, min_runs: int = MIN_JITTER_RUNS) -> None:
+                if len(np.unique(runs[steps])) < min_runs:
+                    return
+                noise[key] = np.quantile(within[steps], NOISE_LEVELS)
+                for band in np.unique(step_bands[steps]):
+                    mine = steps & (step_bands == band)
+                    if mine.sum() >= MIN_JITTER_STEPS and len(np.unique(runs[mine])) >= MIN_JITTER_RUNS:
+                        noise[f"{key}@{band}"] = np.quantile(within[mine], NOISE_LEVELS)
+
+            keep(f"{prefix}all", np.ones(len(runs), dtype=bool), min_runs=1)
             for name in np.unique(run_layouts):
-                if ((counts > 0) & (run_layouts == name)).sum() >= MIN_JITTER_RUNS:
-                    noise[f"{prefix}{name}"] = np.quantile(within[step_layouts == name], NOISE_LEVELS)
+                keep(f"{prefix}{name}", step_layouts == name)
                 if prefix or not replicated[run_layouts == name].any():
                     continue
                 for state, steps in (("busy", busy[kind]), ("alone", ~busy[kind])):
-                    mine = (step_layouts == name) & steps
-                    if len(np.unique(runs[mine])) >= MIN_JITTER_RUNS:
-                        noise[f"{prefix}{name}/{state}"] = np.quantile(within[mine], NOISE_LEVELS)
+                    keep(f"{prefix}{name}/{state}", (step_layouts == name) & steps)
         return noise
 
-    def jitter_quantiles(self, layout: str, busy: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def jitter_quantiles(self, layout: str, busy: bool | None = None,
+                         band: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) log-quantiles of step jitter for a process layout: its own where it
         had enough runs, else all runs'; a model saved before prefill jitter was kept apart
         replays its one distribution for both. `busy` True or False: for steps taken while
-        other replicas work, or alone, where the layout had enough runs of such steps."""
+        other replicas work, or alone, where the layout had enough runs of such steps. `band`
+        (`duration_band`): for steps of that typical duration, where there were enough."""
         if self.noise_ is None:
             raise RuntimeError("StepTimeModel has no jitter (fit it with calibrate, or load one)")
-        decode = self.noise_.get(layout, self.noise_["all"])
-        prefill = self.noise_.get(f"prefill/{layout}", self.noise_.get("prefill/all", decode))
+        decode_keys = [layout, "all"]
         if busy is not None:
-            state = "busy" if busy else "alone"
-            decode = self.noise_.get(f"{layout}/{state}", decode)
-            prefill = self.noise_.get(f"prefill/{layout}/{state}", prefill)
-        return decode, prefill
+            decode_keys.insert(0, f"{layout}/{'busy' if busy else 'alone'}")
+        prefill_keys = [f"prefill/{key}" for key in decode_keys]
+        decode = self._most_specific(decode_keys, band)
+        prefill = self._most_specific(prefill_keys, band)
+        return decode, (decode if prefill is None else prefill)
+
+    def _most_specific(self, keys: list[str], band: int | None) -> np.ndarray | None:
+        assert self.noise_ is not None
+        for key in keys:
+            if band is not None and f"{key}@{band}" in self.noise_:
+                return self.noise_[f"{key}@{band}"]
+            if key in self.noise_:
+                return self.noise_[key]
+        return None
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
         physics = LinearRegression(fit_intercept=False, positive=True)
@@ -352,28 +385,34 @@ class StepTimeModel:
 
         Predictions are memoised by composition, with the context rounded to 1/64 of itself:
         decode steps repeat with slowly growing contexts."""
-        memo: dict[tuple[int, ...], float] = {}
+        memo: dict[tuple[int, ...], tuple[float, int]] = {}
         jitter = None
         if seed is not None and calibrated and self.noise_ is not None:
             layout = jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)
-            if deployment.data_parallel_size > 1:
-                jitter = QuasiJitter(*self.jitter_quantiles(layout, busy=False), seed,
-                                     busy=self.jitter_quantiles(layout, busy=True))
-            else:
-                jitter = QuasiJitter(*self.jitter_quantiles(layout), seed)
+            replicated = deployment.data_parallel_size > 1
+
+            def quantiles(stream: tuple[bool, bool, int]) -> np.ndarray:
+                prefilling, busy, band = stream
+                return self.jitter_quantiles(layout, busy if replicated else None, band)[prefilling]
+
+            jitter = QuasiJitter(quantiles, seed)
 
         def predict(c: StepComposition, busy_peers: int = 0) -> float:
             context = c.context_tokens
             key = (c.num_seqs, c.num_prefill_seqs, c.num_prefill_tokens, c.num_decode_tokens,
                    c.num_draft_tokens, context >> max(0, context.bit_length() - 6), busy_peers)
-            seconds = memo.get(key)
-            if seconds is None:
+            known = memo.get(key)
+            if known is None:
                 row = feature_matrix(deployment, device, {
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
                     "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown]),
                     "host_parallel_slowdown": np.array([host_parallel_slowdown])})
-                seconds = memo[key] = float(self.predict(row, calibrated)[0])
-            return seconds * jitter(c.num_prefill_seqs > 0, busy_peers > 0) if jitter is not None else seconds
+                seconds = float(self.predict(row, calibrated)[0])
+                known = memo[key] = (seconds, duration_band(seconds))
+            seconds, band = known
+            if jitter is None:
+                return seconds
+            return seconds * jitter((c.num_prefill_seqs > 0, busy_peers > 0, band))
 
         return predict
 

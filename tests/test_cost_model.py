@@ -20,7 +20,8 @@ from planner.load import run_load
 from planner.predict import predict
 from planner.roofline import TERMS, Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
-from planner.step_model import FEATURES, NOISE_LEVELS, QuasiJitter, StepTimeModel, TreeEnsemble, feature_matrix
+from planner.step_model import (FEATURES, NOISE_LEVELS, QuasiJitter, StepTimeModel, TreeEnsemble,
+                                duration_band, feature_matrix)
 from planner.store import Store
 from profiled import profile_two_models, small_workload
 
@@ -149,7 +150,8 @@ def test_step_jitter_is_kept_per_process_layout():
     groups = np.repeat(np.arange(60), len(y) // 60)  # 20 runs of each deployment
     model = StepTimeModel().fit(X, y, groups)
     spread = {k: v[89] - v[10] for k, v in model.noise_.items()}  # 90th - 10th percentile
-    assert set(spread) == {f"{kind}{layout}" for kind in ("", "prefill/") for layout in ("all", "dp1-tp1", "dp1-tp2")}
+    assert {key for key in spread if "@" not in key} == {
+        f"{kind}{layout}" for kind in ("", "prefill/") for layout in ("all", "dp1-tp1", "dp1-tp2")}
     assert spread["prefill/dp1-tp2"] > 5 * spread["prefill/dp1-tp1"]
     assert spread["dp1-tp2"] > 5 * spread["dp1-tp1"]
     assert spread["dp1-tp1"] < spread["all"] < spread["dp1-tp2"]
@@ -158,6 +160,34 @@ def test_step_jitter_is_kept_per_process_layout():
     assert StepTimeModel.from_dict(stored).noise_.keys() == model.noise_.keys()
     stored["noise"] = stored["noise"]["all"]
     assert list(StepTimeModel.from_dict(stored).noise_) == ["all"]
+
+
+def test_short_steps_replay_the_longer_stalls_of_their_duration_band():
+    """A stall is time the OS takes, not a share of the step: a 1 ms stall doubles a 1 ms step
+    and barely touches a 20 ms one. The jitter is kept per duration band, and the replay draws
+    from the band of each step's typical time."""
+    rng = np.random.default_rng(7)
+    X, y = _synthetic_steps(rng, 3000)
+    y = y + np.where(rng.random(len(y)) < 0.1, 1e-3, 0.0)  # one step in ten stalls 1 ms
+    model = StepTimeModel().fit(X, y, np.repeat(np.arange(90), len(y) // 90))
+    short, long = duration_band(1.5e-3), duration_band(20e-3)
+    spread = {band: np.diff(model.jitter_quantiles("dp1-tp1", band=band)[0][[5, 94]])[0]
+              for band in (short, long)}
+    assert spread[short] > 0.3 and spread[long] < spread[short] / 2
+    # The replay: a one-sequence step stalls often, a long batched one seldom.
+    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
+                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
+                                          "vocab_size": 8000}), "bfloat16", None)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    step, typical = model.step_time(deployment, device), model.step_time(deployment, device, seed=None)
+    from engine.observer import StepComposition
+    stalled = {}
+    for name, c in (("short", StepComposition(1, 0, 1, 0, 1, 64)),
+                    ("long", StepComposition(31, 0, 31, 0, 31, 31 * 1000))):
+        stalled[name] = np.mean([step(c, 0) / typical(c, 0) > 1.3 for _ in range(500)])
+    assert stalled["short"] > 0.05 > 0.01 > stalled["long"]
+    # A band with too few steps of its own replays its layout's whole spread.
+    assert np.array_equal(model.jitter_quantiles("dp1-tp1", band=99)[0], model.jitter_quantiles("dp1-tp1")[0])
 
 
 def test_prefill_steps_replay_their_own_jitter_spread_evenly_over_its_quantiles():
@@ -172,7 +202,7 @@ def test_prefill_steps_replay_their_own_jitter_spread_evenly_over_its_quantiles(
     assert decode[-1] - decode[0] > 0.5 and prefill[-1] - prefill[0] < 0.2
     # Sixteen prefill steps (a conc-1 run's TTFTs) see the distribution's median and range,
     # where sixteen independent draws stray from it; decode draws come from their own stream.
-    jitter = QuasiJitter(decode, prefill, seed=0)
+    jitter = QuasiJitter({True: prefill, False: decode}.__getitem__, seed=0)
     draws = np.array([jitter(True) for _ in range(16)])
     assert np.log(np.median(draws)) == pytest.approx(np.interp(0.5, NOISE_LEVELS, prefill), abs=0.01)
     assert np.log(draws.max()) > np.interp(0.9, NOISE_LEVELS, prefill)
