@@ -200,21 +200,28 @@ def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: 
                  configs: list[EngineConfig],
                  on_progress: Callable[[str, float], None] | None = None,
                  repeats: int = 1) -> list[tuple[dict[str, float] | None, str | None]]:
-    """Measure every configuration at `concurrency` `repeats` times back to back into `store` (a
-    campaign of exactly these experiments, so it resumes like any profile); (each metric's
-    median over the repeats or None, error) per configuration, as `verify` judges a plan."""
+    """Measure every configuration at `concurrency` `repeats` times into `store` (a campaign of
+    exactly these experiments, so it resumes like any profile); (each metric's median over the
+    repeats or None, error) per configuration, as `verify` judges a plan.
+
+    The repeats go in rounds (every configuration once, then again), not back to back: a slow
+    or fast spell of the host then lands on one repeat of several configurations, which their
+    medians shrug off, rather than on every repeat of one. Back to back, one scenario's grid was
+    measured at host readings of 0.73-1.31x the typical one, and the cheapest configuration
+    that held was partly the one measured in the fastest spell. It costs an engine start per
+    run instead of per configuration."""
     if repeats < 1:
         raise ValueError(f"repeats: must be >= 1, got {repeats}")
     hardware, model, load = hardware_row(store), model_row(store, model_dir), workload_row(store, workload)
     rows = [config_row(store, c) for c in configs]
     key = fingerprint({"bench-recommend-grid": [r.fingerprint for r in rows], "model": model.fingerprint,
                        "workload": load.fingerprint, "hardware": hardware.fingerprint,
-                       "concurrency": concurrency, "repeats": repeats})
+                       "concurrency": concurrency, "repeats": repeats, "order": "rounds"})
     campaign = store.get_or_create(Campaign, key, hardware_id=hardware.id, model_id=model.id,
                                    workload_id=load.id, space={"bench_recommend_grid": len(rows)})
     with store.session() as session, session.begin():
         if session.scalar(select(Experiment.id).where(Experiment.campaign_id == campaign.id).limit(1)) is None:
-            session.add_all(Experiment(campaign_id=campaign.id, position=i * repeats + r,
+            session.add_all(Experiment(campaign_id=campaign.id, position=r * len(rows) + i,
                                        engine_config_id=row.id, load_kind="concurrency",
                                        load_value=concurrency)
                             for i, row in enumerate(rows) for r in range(repeats))
@@ -224,7 +231,7 @@ def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: 
         experiments = list(session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)
                                            .order_by(Experiment.position)))
         for i in range(len(rows)):
-            repeated = experiments[i * repeats:(i + 1) * repeats]
+            repeated = experiments[i::len(rows)]
             runs = [session.scalar(select(Run).where(Run.experiment_id == exp.id)) for exp in repeated]
             missing = [exp for exp, run in zip(repeated, runs) if run is None]
             if missing:
