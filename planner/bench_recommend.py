@@ -112,6 +112,9 @@ class Preset:
     # `pilot recommend --verify --fallbacks`: next-best plans launched while the one measured
     # misses. A plan chosen that way is judged on a fresh measurement, not the one that chose it.
     fallbacks: int = 2
+    # `pilot recommend --verify --explore`: once a plan holds, cheaper candidates launched; one
+    # is kept only if it holds twice, and is then judged on a third measurement.
+    explore: int = 2
     # Runs per grid configuration and per plan, judged on each metric's median (`pilot recommend
     # --repeats`): a single run on a shared host moves 10-20% with the host's slow spells.
     repeats: int = 3
@@ -121,7 +124,8 @@ PRESETS = {
     # About 2 minutes on a 2-core machine: a smoke run of the whole procedure on a space without
     # parallelism; its numbers are noisy.
     "quick": Preset(budget_s=15, grid_size=5, num_requests=48, trials=20, calibration_requests=24,
-                    folds=3, parallel=False, repeats=1, calibration_repeats=1, fallbacks=1),
+                    folds=3, parallel=False, repeats=1, calibration_repeats=1, fallbacks=1,
+                    explore=0),
     # The real measurement, about 27 minutes on a 2-core machine.
     "default": Preset(budget_s=300, grid_size=12, num_requests=192, trials=100,
                       calibration_requests=48, folds=5),
@@ -180,7 +184,8 @@ class ScenarioResult:
     first_recommended: str = ""
     first_met: bool = False
     first_overspend: float = math.nan  # raw, as `overspend`
-    tries: int = 1  # plans launched (1 + fallbacks used)
+    tries: int = 1  # plans launched (1 + fallbacks used + cheaper ones explored)
+    explored: int = 0  # cheaper plans launched once one held
     rank: int = 1  # the chosen plan's place in the model's order (1: the search's own)
 
 
@@ -340,7 +345,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     try:
         chosen, attempts = verify_in_turn(
             truth, search, result, fitted, preset.fallbacks,
-            lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), repeats=preset.repeats)
+            lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), repeats=preset.repeats,
+            explore=preset.explore)
         plan, chosen_candidate, verdict, rank = chosen.plan, chosen.candidate, chosen.result, chosen.rank
         if rank > 1:  # chosen among several by measurement: judged on a fresh one
             tell(f"{label}: measuring plan #{rank} again for the verdict")
@@ -381,7 +387,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         search_s=result.seconds, error=error, predicted_chance=plan.chance, host_drift=drift,
         host_slowdown=slowdown, first_recommended=describe_config(first.engine),
         first_met=bool(attempts) and attempts[0].result.all_met,
-        first_overspend=overspend(first_cost, best_cost), tries=max(1, len(attempts)), rank=rank)
+        first_overspend=overspend(first_cost, best_cost), tries=max(1, len(attempts)), rank=rank,
+        explored=sum(a.cheaper for a in attempts))
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,
@@ -391,7 +398,8 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
                             json_out: str | Path | None = None,
                             on_progress: Progress | None = None,
                             confidence: float | None = None,
-                            repeats: int | None = None, fallbacks: int | None = None) -> BenchResult:
+                            repeats: int | None = None, fallbacks: int | None = None,
+                            explore: int | None = None) -> BenchResult:
     """Calibrate, then per scenario measure the grid, derive SLOs, recommend, launch and measure.
     Explicit sizes override the preset's. `workdir` gets the models, the two stores and the
     plans; it must not hold the stores of an earlier run (a fresh temporary folder by default)."""
@@ -401,15 +409,16 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     overrides = {"budget_s": budget_s, "grid_size": grid_size, "num_requests": num_requests,
                  "trials": trials, "models": tuple(models) if models is not None else None,
                  "confidence": confidence, "repeats": repeats, "calibration_repeats": repeats,
-                 "fallbacks": fallbacks}
+                 "fallbacks": fallbacks, "explore": explore}
     p = Preset(**{**asdict(p), **{k: v for k, v in overrides.items() if v is not None}})
     if not p.budget_s > 0:
         raise ValueError(f"budget: must be > 0, got {p.budget_s}")
     for name in ("grid_size", "num_requests", "trials", "repeats"):
         if getattr(p, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(p, name)}")
-    if p.fallbacks < 0:
-        raise ValueError(f"fallbacks: must be >= 0, got {p.fallbacks}")
+    for name in ("fallbacks", "explore"):
+        if getattr(p, name) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {getattr(p, name)}")
     if not 0.0 < p.confidence < 1.0:
         raise ValueError(f"confidence: must be between 0 and 1 (exclusive), got {p.confidence}")
     if not p.models:

@@ -44,7 +44,9 @@ def results_table(result: BenchResult) -> Table:
             ("" if s.default_feasible else " (misses)")
         clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
         recommended = s.recommended + ("" if s.predicted_feasible else " [red](predicted infeasible)[/]")
-        if s.rank > 1:
+        if s.rank > 1 and s.explored and s.first_met:
+            recommended += f"\n(plan #{s.rank}, cheaper than #1 {s.first_recommended}; held twice)"
+        elif s.rank > 1:
             recommended += f"\n(plan #{s.rank}, by measurement: #1 {s.first_recommended} missed)"
         table.add_row(s.model, f"{s.workload} @{s.concurrency}", "\n".join(s.slos) + clear, recommended,
                       f"{s.binding}: {_ms(predicted)} / {_ms(measured)}", met, over, default,
@@ -60,8 +62,9 @@ def summary_line(result: BenchResult) -> str:
             f"{len(result.scenarios)} scenarios (LLM-Pilot {ANCHOR_SUCCESS:.0%}, target >= {TARGET_SUCCESS:.0%}; "
             f"the search predicted a feasible plan in {predicted}, and put the chance of success at "
             f"{result.expected_success:.0%} on average; its first plans alone met in "
-            f"{result.first_success_rate:.0%}, and the measured fallbacks of `--verify` launched "
-            f"{sum(s.tries for s in result.scenarios) - len(result.scenarios)} more plans in all). "
+            f"{result.first_success_rate:.0%}, and `--verify` launched "
+            f"{sum(s.tries for s in result.scenarios) - len(result.scenarios)} more plans in all, "
+            f"{sum(s.explored for s in result.scenarios)} of them cheaper ones explored). "
             f"Overspend vs the cheapest truly feasible grid configuration, over the plans that met: "
             f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
             f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "

@@ -99,6 +99,9 @@ def recommend(
     fallbacks: int = typer.Option(2, "--fallbacks", help="--verify: while the plan measured misses an "
                                   "SLO, launch and measure up to this many next-best candidates and "
                                   "keep the first that holds"),
+    explore: int = typer.Option(0, "--explore", help="--verify: once a plan holds, launch up to this "
+                                "many cheaper candidates the model doubted, and keep the cheapest "
+                                "that holds on two launches (objective cost)"),
     host: str = typer.Option("typical", "--host-speed", help="predict this machine at a typical "
                              "moment (typical) or as fast as a probe finds it now (now)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
@@ -125,6 +128,8 @@ def recommend(
         _fail(f"--repeats: must be >= 1, got {repeats}")
     if fallbacks < 0:
         _fail(f"--fallbacks: must be >= 0, got {fallbacks}")
+    if explore < 0:
+        _fail(f"--explore: must be >= 0, got {explore}")
     if host not in ("typical", "now"):
         _fail(f"--host-speed must be typical or now, got {host!r}")
     for flag, path in (("--model", model), ("--draft", draft)):
@@ -180,7 +185,7 @@ def recommend(
         if not plan.feasible:
             raise typer.Exit(1)
         return None
-    chosen, attempts = verify_plans(store, search, result, fitted, out, via, repeats, fallbacks)
+    chosen, attempts = verify_plans(store, search, result, fitted, out, via, repeats, fallbacks, explore)
     if not chosen.result.all_met:
         raise VerifyMissed((chosen, attempts))
     return chosen, attempts
@@ -207,10 +212,11 @@ def host_slowdowns_now(fitted: Any) -> dict[str, float]:
 
 
 def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, via: str = "engine",
-                 repeats: int = 3, fallbacks: int = 2) -> tuple[Any, list[Any]]:
+                 repeats: int = 3, fallbacks: int = 2, explore: int = 0) -> tuple[Any, list[Any]]:
     """Launch the plan, measure it and print measured against predicted; while it misses an SLO,
-    the next candidates in turn (`planner.verify.verify_in_turn`). A plan other than the first
-    that held replaces the one at `out`. Returns the chosen `Attempt` and all of them."""
+    the next candidates in turn, and once one holds, `explore` cheaper ones
+    (`planner.verify.verify_in_turn`). A plan other than the search's that is chosen replaces
+    the one at `out`. Returns the chosen `Attempt` and all of them."""
     from planner.verify import VerifyError, verify_in_turn
 
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -222,20 +228,29 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
 
         try:
             chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks, on_progress,
-                                              via, repeats)
+                                              via, repeats, explore)
         except VerifyError as err:
             _fail(str(err))
     for attempt in attempts:
-        if attempt is not chosen:
-            missed = ", ".join(f"{name} measured {_ms(measured)}"
-                               for name, (_, measured, met) in attempt.result.slos.items() if not met)
-            console.print(f"[red]plan #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
-                          f"missed: {missed}")
+        if attempt is chosen:
+            continue
+        kind = "cheaper plan" if attempt.cheaper else "plan"
+        if attempt.held:
+            console.print(f"[yellow]{kind} #{attempt.rank}[/yellow] ({attempt.candidate.describe(short=True)}) "
+                          "held, and a cheaper one held too")
+            continue
+        missed = attempt.confirmation if attempt.result.all_met and attempt.confirmation else attempt.result
+        what = ", ".join(f"{name} measured {_ms(measured)}"
+                         for name, (_, measured, met) in missed.slos.items() if not met)
+        again = " on its second launch" if missed is attempt.confirmation else ""
+        console.print(f"[red]{kind} #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
+                      f"missed{again}: {what}")
     print_verified(chosen.result, chosen.rank)
     if chosen.rank > 1:
         chosen.plan.write(out)
-        console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), "
-                      f"the model's #{chosen.rank}, {'held every SLO' if chosen.result.all_met else 'came closest'}")
+        why = ("cheaper than the model's plan, held every SLO on two launches" if chosen.cheaper else
+               f"the model's #{chosen.rank}, {'held every SLO' if chosen.result.all_met else 'came closest'}")
+        console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), {why}")
     return chosen, attempts
 
 
@@ -296,6 +311,8 @@ def bench_recommend(
                                                "default: the preset's"),
     fallbacks: Optional[int] = typer.Option(None, "--fallbacks", help="as pilot recommend --verify's; "
                                             "default: the preset's"),
+    explore: Optional[int] = typer.Option(None, "--explore", help="as pilot recommend --verify's; "
+                                          "default: the preset's"),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per calibration measurement, "
                                           "grid configuration and plan, judged on medians; default: "
                                           "the preset's"),
@@ -322,7 +339,7 @@ def bench_recommend(
 
             result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
                                              names, seed, out, on_progress, confidence, repeats,
-                                             fallbacks)
+                                             fallbacks, explore)
     except ValueError as err:
         _fail(str(err))
     print_results(result, Console())

@@ -9,7 +9,9 @@ replicas is measured as one replica at its share of the load: replicas do not sh
 this machine is one of them.
 
 `verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidates
-are launched and measured in turn, and the first that holds is kept.
+are launched and measured in turn, and the first that holds is kept. With `--explore`, once a
+plan holds, cheaper candidates the model was not sure enough of are launched too, and one is
+kept only if it holds on two measurements.
 """
 
 from __future__ import annotations
@@ -146,6 +148,14 @@ class Attempt:
     plan: Plan
     result: VerifyResult
     rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
+    # A cheaper candidate tried once a plan held (`--explore`), and its second measurement
+    # where the first held: it is kept only if both held.
+    cheaper: bool = False
+    confirmation: VerifyResult | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.result.all_met and (not self.cheaper or bool(self.confirmation and self.confirmation.all_met))
 
 
 def worst_ratio(result: VerifyResult) -> float:
@@ -171,15 +181,18 @@ def candidates_in_turn(result: SearchResult, requirement: Requirement, count: in
 
 def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
                    fallbacks: int = 2, on_progress: Callable[[int, str, float], None] | None = None,
-                   via: str = "engine", repeats: int = 3) -> tuple[Attempt, list[Attempt]]:
+                   via: str = "engine", repeats: int = 3, explore: int = 0) -> tuple[Attempt, list[Attempt]]:
     """Launch and measure the search's plan; while the one measured misses an SLO, the next
-    candidate in `candidates_in_turn`, up to `fallbacks` more. Returns the first that held every
-    SLO (else the one that came closest, by `worst_ratio`) and every attempt in order.
+    candidate in `candidates_in_turn`, up to `fallbacks` more. Then, once one held, up to
+    `explore` cheaper candidates (`explore_cheaper`; objective "cost" only). Returns the cheapest that held every SLO
+    (else the one that came closest, by `worst_ratio`) and every attempt in order.
 
     The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
     measured on; a measurement of the plan on the workload itself is not."""
     if fallbacks < 0:
         raise VerifyError(f"fallbacks: must be >= 0, got {fallbacks}")
+    if explore < 0:
+        raise VerifyError(f"explore: must be >= 0, got {explore}")
     attempts: list[Attempt] = []
     for position, candidate in enumerate(candidates_in_turn(result, search.requirement, fallbacks + 1)):
         if position:  # the search scored it on a sample of the workload: score the whole first
@@ -188,26 +201,100 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
         if position and result.feasible and not candidate.feasible:  # others were predicted to hold
             plan.notes.insert(0, f"predicted to miss ({candidate.binding} binds); launched because "
                                  "the plans ranked above it missed when measured")
-        tell = (lambda label, elapsed, r=position + 1: on_progress(r, label, elapsed)) if on_progress else None
-        try:
-            measured = verify(store, plan, tell, via, repeats)
-        except VerifyError:
-            if not position:  # the search's own plan must run; a fallback that does not is passed over
-                raise
+        measured = _measure(store, plan, position + 1, on_progress, via, repeats, required=not position)
+        if measured is None:
             continue
         attempts.append(Attempt(candidate, plan, measured, position + 1))
         if attempts[-1].result.all_met:
             break
-    chosen = next((a for a in attempts if a.result.all_met), None) or min(
-        attempts, key=lambda a: worst_ratio(a.result))
+    held = next((a for a in attempts if a.held), None)
+    # Cheaper is what the objective "cost" asks for; the others are after something else.
+    if held is not None and explore and search.requirement.objective == "cost":
+        attempts += explore_cheaper(store, search, result, cost_model, held, attempts, explore,
+                                    on_progress, via, repeats)
+    chosen = min((a for a in attempts if a.held), key=lambda a: a.candidate.cost_per_million, default=None) \
+        or min(attempts, key=lambda a: worst_ratio(a.result))
     if chosen.rank > 1:
-        missed = "; ".join(
-            f"#{a.rank} {a.candidate.describe(short=True)} missed "
-            + ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in a.result.slos.items()
-                        if not met)
-            for a in attempts if a is not chosen and not a.result.all_met)
-        verdict = "held every SLO" if chosen.result.all_met else "came closest"
-        chosen.plan.notes.insert(0, f"chosen by measurement on this machine: {missed}; this plan "
-                                    f"(the model's #{chosen.rank}) {verdict}")
+        chosen.plan.notes.insert(0, _chosen_note(chosen, attempts))
+    elif any(a.cheaper for a in attempts):
+        chosen.plan.notes.insert(0, "no cheaper plan held when measured: " + "; ".join(
+            f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}" for a in attempts if a.cheaper))
     return chosen, attempts
 
+
+def _measure(store: Store, plan: Plan, rank: int, on_progress: Callable[[int, str, float], None] | None,
+             via: str, repeats: int, required: bool = False) -> VerifyResult | None:
+    """`verify`, or None when the plan does not run here and need not (`required`: it must)."""
+    tell = (lambda label, elapsed: on_progress(rank, label, elapsed)) if on_progress else None
+    try:
+        return verify(store, plan, tell, via, repeats)
+    except VerifyError:
+        if required:  # the search's own plan must run; another that does not is passed over
+            raise
+        return None
+
+
+def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate]) -> list[Candidate]:
+    """Candidates cheaper than `than` that run and serve the load, not yet tried, by the saving
+    they are expected to bring: the model's chance that every SLO holds times the share of cost
+    saved. A plan the model doubted can still hold, and only a measurement says which."""
+    seen = {(c.hardware.name, c.config.model_dump_json(), c.replicas) for c in tried}
+    budget = than.cost_per_million
+    cheaper: dict[tuple[str, str, int], Candidate] = {}
+    for c in result.candidates:
+        key = (c.hardware.name, c.config.model_dump_json(), c.replicas)
+        if (c.prediction is not None and c.valid and key not in seen
+                and c.cost_per_million < budget * (1 - MIN_SAVING)):
+            cheaper.setdefault(key, c)
+    return sorted(cheaper.values(), key=lambda c: -c.slo_chance * (1 - c.cost_per_million / budget))
+
+
+MIN_SAVING = 0.03  # a candidate within 3% of the plan's cost is not worth a launch
+
+
+def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
+                    held: Attempt, tried: list[Attempt], explore: int,
+                    on_progress: Callable[[int, str, float], None] | None = None,
+                    via: str = "engine", repeats: int = 3) -> list[Attempt]:
+    """Up to `explore` launches of candidates cheaper than the cheapest plan that held so far
+    (`cheaper_in_turn`). One that holds is measured a second time and counts only if it holds
+    again: picking the cheapest of several plans that held once would pick the luckiest
+    measurement (the winner's curse), which the next launch does not repeat."""
+    attempts: list[Attempt] = []
+    passed_over: list[Candidate] = []  # would not run here
+    best = held
+    for launch in range(explore):
+        pool = cheaper_in_turn(result, best.candidate, [a.candidate for a in [*tried, *attempts]] + passed_over)
+        if not pool:
+            break
+        passed_over.append(pool[0])
+        candidate = search.evaluate(pool[0].hardware.name, pool[0].params, full=True)
+        plan = make_plan(result, search, cost_model, candidate)
+        rank = len(tried) + launch + 1
+        measured = _measure(store, plan, rank, on_progress, via, repeats)
+        if measured is None:
+            continue
+        attempt = Attempt(candidate, plan, measured, rank, cheaper=True)
+        if measured.all_met:
+            attempt.confirmation = _measure(store, plan, rank, on_progress, via, repeats)
+        attempts.append(attempt)
+        if attempt.held:
+            best = attempt
+    return attempts
+
+
+def _missed(a: Attempt) -> str:
+    result = a.confirmation if a.result.all_met and a.confirmation is not None else a.result
+    return ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in result.slos.items()
+                     if not met) + (" on its second launch" if result is a.confirmation else "")
+
+
+def _chosen_note(chosen: Attempt, attempts: list[Attempt]) -> str:
+    others = "; ".join(f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}"
+                       for a in attempts if a is not chosen and not a.held)
+    if chosen.cheaper:
+        return (f"chosen by measurement on this machine: cheaper than the model's plan "
+                f"({attempts[0].candidate.describe(short=True)}), it held every SLO on two launches"
+                + (f"; {others}" if others else ""))
+    verdict = "held every SLO" if chosen.result.all_met else "came closest"
+    return f"chosen by measurement on this machine: {others}; this plan (the model's #{chosen.rank}) {verdict}"

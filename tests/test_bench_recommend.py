@@ -190,7 +190,8 @@ def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_di
 
 
 def _scenario(met: bool, over: float, default_ratio: float = 2.0,
-              drift: dict[str, float] | None = None, rank: int = 1, first_over: float | None = None) -> ScenarioResult:
+              drift: dict[str, float] | None = None, rank: int = 1, first_over: float | None = None,
+              explored: int = 0) -> ScenarioResult:
     return ScenarioResult(
         model="tiny", workload="chat", concurrency=8, slos=["ttft_p95<=100ms", "itl_p95<=5ms"], slo_margin=0.1,
         grid=[GridPoint("bf16 seqs64 tok2048", {"ttft_p95": 0.01}, 1.0, True, True)], grid_feasible=1,
@@ -201,8 +202,8 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0,
         overspend=over, overspend_clipped=max(0.0, over), search_s=1.0, predicted_chance=0.6 if met else 0.2,
         host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1},
         first_recommended="int4 seqs1 tok256" if rank > 1 else "int8 seqs8 tok512",
-        first_met=met and rank == 1, first_overspend=over if first_over is None else first_over,
-        tries=rank, rank=rank)
+        first_met=met and (rank == 1 or explored > 0), first_overspend=over if first_over is None else first_over,
+        tries=rank, rank=rank, explored=explored)
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
@@ -249,7 +250,16 @@ def test_the_report_shows_every_scenario_against_the_targets():
     assert "67% of 3 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
     assert "(plan #3, by measurement: #1 int4 seqs1 tok256 missed)" in " ".join(text.split())
     assert "first plans alone met in 33%" in " ".join(text.split())
-    assert "launched 2 more plans in all" in " ".join(text.split())
+    assert "launched 2 more plans in all, 0 of them cheaper ones explored" in " ".join(text.split())
+    # A cheaper plan found by exploring, after the search's own plan held.
+    explored = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.0, rank=2, first_over=0.4, explored=1)],
+                         {"runs": {"tiny": 9}, "workload": "x"}, 1.0, "/tmp/x")
+    console = Console(record=True, width=250)
+    print_results(explored, console)
+    text = " ".join(console.export_text().split())
+    assert "(plan #2, cheaper than #1 int4 seqs1 tok256; held twice)" in text
+    assert "1 more plans in all, 1 of them cheaper ones explored" in text
+    assert explored.first_success_rate == 1.0 and explored.first_median_overspend == pytest.approx(0.4)
 
 
 def test_bad_sizes_name_the_setting(tmp_path):
@@ -263,6 +273,8 @@ def test_bad_sizes_name_the_setting(tmp_path):
         run_recommend_benchmark("quick", tmp_path, confidence=1.0)
     with pytest.raises(ValueError, match="fallbacks: must be >= 0, got -1"):
         run_recommend_benchmark("quick", tmp_path, fallbacks=-1)
+    with pytest.raises(ValueError, match="explore: must be >= 0, got -1"):
+        run_recommend_benchmark("quick", tmp_path, explore=-1)
     (tmp_path / "truth.db").write_text("")
     with pytest.raises(ValueError, match="earlier run"):
         run_recommend_benchmark("quick", tmp_path)

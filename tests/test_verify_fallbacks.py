@@ -1,5 +1,6 @@
-"""`pilot recommend --verify --fallbacks N`: while the plan launched misses an SLO, the next
-candidates the model ranks are launched and measured in turn, on the real engine."""
+"""`pilot recommend --verify --fallbacks N --explore M`: while the plan launched misses an SLO,
+the next candidates the model ranks are launched and measured in turn; once one holds, cheaper
+ones are, and kept only if they hold twice. On the real engine."""
 
 from __future__ import annotations
 
@@ -13,23 +14,25 @@ from planner.plan import Plan
 from planner.recommend import Requirement, Search, run_search
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
-from planner.verify import VerifyError, candidates_in_turn, verify_in_turn, worst_ratio
+from planner.verify import (MIN_SAVING, Attempt, VerifyError, VerifyResult, candidates_in_turn, cheaper_in_turn,
+                            verify_in_turn, worst_ratio)
 from planner.workload import Workload
 
 # At 8 clients, one sequence at a time queues every prompt behind 7 whole requests of 32-48
 # tokens (60 ms or more here); a batch starts each within a few steps (under 10 ms, with the
 # first burst, on a busy CI machine).
 QUEUE_BOUND = "ttft_p95<=30ms,itl_p95<=500ms"
+GENEROUS = "ttft_p95<=5s,itl_p95<=500ms"  # one sequence at a time holds it too, at a higher cost
 
 
-def _search(fitted, model_dir: str, slos: str) -> Search:
+def _search(fitted, model_dir: str, slos: str, objective: str = "cost") -> Search:
     workload = Workload.from_flags("8:32", "32:48", concurrency=1, num_requests=24)
     # One process, one host: no replicas to spread the clients over, and no second process
     # contending for two cores, whose TTFT tail swings the most.
     space = SearchSpace.from_file("cpu")
     space = space.model_copy(update={"knobs": {**space.knobs, "tensor_parallel_size": [1],
                                                "data_parallel_size": [1]}})
-    return Search(fitted, model_dir, workload, Requirement(parse_slos(slos), "concurrency", 8),
+    return Search(fitted, model_dir, workload, Requirement(parse_slos(slos), "concurrency", 8, objective),
                   space=space, max_devices=1)
 
 
@@ -101,3 +104,62 @@ def test_when_none_holds_the_closest_measured_is_kept_and_the_cli_exits_1(profil
                                    "--concurrency", "2", "--verify", "--fallbacks", "-1",
                                    "--db", store.url, "--out", str(out)])
     assert bad.exit_code == 2 and "--fallbacks: must be >= 0, got -1" in bad.output
+    bad = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", impossible,
+                                   "--concurrency", "2", "--verify", "--explore", "-2",
+                                   "--db", store.url, "--out", str(out)])
+    assert bad.exit_code == 2 and "--explore: must be >= 0, got -2" in bad.output
+
+
+def test_cheaper_candidates_come_by_the_saving_they_are_expected_to_bring(profiled, fitted):
+    _, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, QUEUE_BOUND)
+    result = run_search(search, trials=24)
+    expensive = _one_at_a_time(search, result)
+    pool = cheaper_in_turn(result, expensive, [expensive])
+    assert pool
+    assert all(c.valid and c.cost_per_million < expensive.cost_per_million * (1 - MIN_SAVING) for c in pool)
+    saving = [c.slo_chance * (1 - c.cost_per_million / expensive.cost_per_million) for c in pool]
+    assert saving == sorted(saving, reverse=True)
+    keys = [(c.config.model_dump_json(), c.replicas) for c in pool]
+    assert len(set(keys)) == len(keys)
+    # Once one is tried, the next round looks below it and passes over what was tried.
+    after = cheaper_in_turn(result, pool[0], [expensive, pool[0]])
+    assert pool[0] not in after
+    assert all(c.cost_per_million < pool[0].cost_per_million for c in after)
+    assert cheaper_in_turn(result, min(pool, key=lambda c: c.cost_per_million), []) == []
+
+
+def test_a_cheaper_plan_that_holds_twice_replaces_the_plan(profiled, fitted):
+    store, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, GENEROUS)
+    result = run_search(search, trials=24)
+    # As if the model had been unsure of everything cheaper than one sequence at a time.
+    forced = replace(result, best=_one_at_a_time(search, result))
+    runs_before = len(store.runs())
+    chosen, attempts = verify_in_turn(store, search, forced, fitted, fallbacks=1, repeats=1, explore=1)
+    first, cheaper = attempts
+    assert first.result.all_met and first.plan.engine.max_num_seqs == 1 and not first.cheaper
+    assert cheaper.cheaper and cheaper.rank == 2 and cheaper.confirmation is not None
+    assert cheaper.candidate.cost_per_million < first.candidate.cost_per_million
+    assert cheaper.held and chosen is cheaper
+    assert "cheaper than the model's plan" in chosen.plan.notes[0]
+    assert "held every SLO on two launches" in chosen.plan.notes[0]
+    # Three launches, all in the store: the plan, the cheaper one, and its second measurement.
+    assert len(store.runs()) == runs_before + 3
+    # Objective latency: nothing cheaper is explored.
+    latency = _search(fitted, model_dir, GENEROUS, objective="latency")
+    chosen, attempts = verify_in_turn(store, latency, forced, fitted, fallbacks=0, repeats=1, explore=1)
+    assert len(attempts) == 1 and chosen.rank == 1
+    with pytest.raises(VerifyError, match="explore: must be >= 0, got -1"):
+        verify_in_turn(store, search, forced, fitted, explore=-1)
+
+
+def test_a_cheaper_plan_counts_as_held_only_when_both_launches_held():
+    def measured(met: bool) -> VerifyResult:
+        return VerifyResult(1, 1, {"ttft_p95": 0.2}, [], {"ttft_p95<=0.25s": (0.25, 0.2 if met else 0.3, met)})
+
+    assert Attempt(None, None, measured(True), 1).held  # the model's own plans: one launch
+    assert not Attempt(None, None, measured(False), 1).held
+    assert not Attempt(None, None, measured(True), 2, cheaper=True).held  # not yet measured again
+    assert not Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(False)).held
+    assert Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(True)).held
