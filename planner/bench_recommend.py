@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -139,6 +139,11 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _clipped(values: Iterable[float]) -> list[float]:
+    """Overspends clipped at 0, those not measured (NaN) left out rather than counted as 0."""
+    return [max(0.0, v) for v in values if math.isfinite(v)]
+
+
 def _mean(values: Sequence[float]) -> float:
     values = [v for v in values if math.isfinite(v)]
     return statistics.fmean(values) if values else math.nan
@@ -187,6 +192,11 @@ class ScenarioResult:
     tries: int = 1  # plans launched (1 + fallbacks used + cheaper ones explored)
     explored: int = 0  # cheaper plans launched once one held
     rank: int = 1  # the chosen plan's place in the model's order (1: the search's own)
+    # The plan and the grid's best measured again in alternation, right after the verdict (raw,
+    # as `overspend`): both in the same spells of the host. The verdict's measurement and the
+    # grid's are minutes apart, and on this host the same configuration measured minutes apart
+    # moved its throughput by up to 30%.
+    paired_overspend: float = math.nan
 
 
 @dataclass
@@ -211,6 +221,9 @@ class BenchResult:
     first_success_rate: float = math.nan
     first_median_overspend: float = math.nan
     first_mean_overspend: float = math.nan
+    # Over the plans that met, clipped at 0 (`ScenarioResult.paired_overspend`).
+    paired_median_overspend: float = math.nan
+    paired_mean_overspend: float = math.nan
     anchors: dict[str, float] = field(default_factory=lambda: {
         "llm_pilot_success": ANCHOR_SUCCESS, "target_success": TARGET_SUCCESS,
         "llm_pilot_overspend": ANCHOR_OVERSPEND, "target_overspend": TARGET_OVERSPEND})
@@ -245,8 +258,10 @@ def summarize(preset: str, settings: dict[str, Any], scenarios: list[ScenarioRes
         seconds=seconds, workdir=workdir,
         median_host_drift=_median([max(s.host_drift.values()) for s in scenarios if s.host_drift]),
         first_success_rate=(sum(s.first_met for s in scenarios) / len(scenarios) if scenarios else math.nan),
-        first_median_overspend=_median([max(0.0, s.first_overspend) for s in scenarios if s.first_met]),
-        first_mean_overspend=_mean([max(0.0, s.first_overspend) for s in scenarios if s.first_met]))
+        first_median_overspend=_median(_clipped(s.first_overspend for s in scenarios if s.first_met)),
+        first_mean_overspend=_mean(_clipped(s.first_overspend for s in scenarios if s.first_met)),
+        paired_median_overspend=_median(_clipped(s.paired_overspend for s in met)),
+        paired_mean_overspend=_mean(_clipped(s.paired_overspend for s in met)))
 
 
 # ---------------------------------------------------------------- the measurement
@@ -366,11 +381,15 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
                                    attempts[0].result.measured["throughput_tok_s"] * first.replicas)
                   if attempts else math.inf)
     drift: dict[str, float] = {}
+    paired = math.nan
     if best is not None:
-        tell(f"{label}: measuring the grid's best again")
-        again, _ = measure_grid(truth, model_dir, workload, w.concurrency, [configs[grid.index(best)]],
-                                repeats=preset.repeats)[0]
+        tell(f"{label}: measuring the plan and the grid's best again, in alternation")
+        (mine, _), (again, _) = measure_grid(truth, model_dir, workload, w.concurrency,
+                                             [plan.engine, configs[grid.index(best)]], repeats=preset.repeats)
         drift = {k: again[k] / best.measured[k] for k in keys} if again else {}
+        if mine and again:
+            paired = overspend(cost_per_million(plan.cost.per_hour_usd, mine["throughput_tok_s"] * plan.replicas),
+                               cost_per_million(price, again["throughput_tok_s"]))
     raw = overspend(measured_cost, best_cost)
     return ScenarioResult(
         model=model_name, workload=w.name, concurrency=w.concurrency, slos=[str(s) for s in slos],
@@ -388,7 +407,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         host_slowdown=slowdown, first_recommended=describe_config(first.engine),
         first_met=bool(attempts) and attempts[0].result.all_met,
         first_overspend=overspend(first_cost, best_cost), tries=max(1, len(attempts)), rank=rank,
-        explored=sum(a.cheaper for a in attempts))
+        explored=sum(a.cheaper for a in attempts), paired_overspend=paired)
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,

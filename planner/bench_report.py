@@ -40,6 +40,8 @@ def results_table(result: BenchResult) -> Table:
         if math.isfinite(s.overspend):
             colour = "green" if s.overspend <= TARGET_OVERSPEND else "red"
             over = f"[{colour}]{over}[/]"
+        if math.isfinite(s.paired_overspend):
+            over += f"\n(paired {_pct(s.paired_overspend)})"
         default = (f"{s.default_ratio:.2f}x" if math.isfinite(s.default_ratio) else "-") + \
             ("" if s.default_feasible else " (misses)")
         clear = f"\n(grid clear by {math.expm1(s.slo_margin):.0%})" if math.isfinite(s.slo_margin) else ""
@@ -69,7 +71,10 @@ def summary_line(result: BenchResult) -> str:
             f"median [{'green' if cheap else 'red'}]{_pct(result.median_overspend)}[/], mean "
             f"{_pct(result.mean_overspend)} clipped at 0 (as measured: median "
             f"{_pct(result.median_overspend_raw)}, mean {_pct(result.mean_overspend_raw)}; LLM-Pilot "
-            f"{ANCHOR_OVERSPEND:.1%}, target <= {TARGET_OVERSPEND:.0%}). Engine defaults cost "
+            f"{ANCHOR_OVERSPEND:.1%}, target <= {TARGET_OVERSPEND:.0%}). Paired (the plan and the grid's "
+            f"best measured again in alternation after the verdict, so in the same spells of the host): "
+            f"median {_pct(result.paired_median_overspend)}, mean {_pct(result.paired_mean_overspend)}. "
+            f"Engine defaults cost "
             f"{result.median_default_ratio:.2f}x the best (median). The grid's best, measured again "
             f"after each plan, was {result.median_host_drift:.2f}x as slow as in the grid (median of "
             f"the slowest SLO metric: the host's own drift). {result.seconds:.0f} s; work in "

@@ -191,7 +191,7 @@ def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_di
 
 def _scenario(met: bool, over: float, default_ratio: float = 2.0,
               drift: dict[str, float] | None = None, rank: int = 1, first_over: float | None = None,
-              explored: int = 0) -> ScenarioResult:
+              explored: int = 0, paired: float = math.nan) -> ScenarioResult:
     return ScenarioResult(
         model="tiny", workload="chat", concurrency=8, slos=["ttft_p95<=100ms", "itl_p95<=5ms"], slo_margin=0.1,
         grid=[GridPoint("bf16 seqs64 tok2048", {"ttft_p95": 0.01}, 1.0, True, True)], grid_feasible=1,
@@ -203,7 +203,7 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0,
         host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1},
         first_recommended="int4 seqs1 tok256" if rank > 1 else "int8 seqs8 tok512",
         first_met=met and (rank == 1 or explored > 0), first_overspend=over if first_over is None else first_over,
-        tries=rank, rank=rank, explored=explored)
+        tries=rank, rank=rank, explored=explored, paired_overspend=paired)
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
@@ -228,6 +228,11 @@ def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
     assert fell_back.success_rate == 1.0 and fell_back.first_success_rate == 0.5
     assert fell_back.first_median_overspend == pytest.approx(0.10)
     assert fell_back.median_overspend == pytest.approx(0.06)
+    # Paired with the grid's best measured again alongside: over the plans that met, clipped.
+    paired = summarize("quick", {}, [_scenario(True, 0.3, paired=0.04), _scenario(True, 0.2, paired=-0.1),
+                                     _scenario(True, 0.1), _scenario(False, 0.0, paired=0.5)], {}, 1.0, "/tmp/x")
+    assert paired.paired_median_overspend == pytest.approx(0.02) and paired.paired_mean_overspend == pytest.approx(0.02)
+    assert math.isnan(result.paired_median_overspend)
     nobody = summarize("quick", {}, [_scenario(False, 0.1)], {}, 1.0, "/tmp/x")
     assert nobody.success_rate == 0.0 and math.isnan(nobody.median_overspend)
     assert nobody.to_json()["median_overspend"] is None  # JSON has no NaN
@@ -258,6 +263,7 @@ def test_the_report_shows_every_scenario_against_the_targets():
     print_results(explored, console)
     text = " ".join(console.export_text().split())
     assert "(plan #2, cheaper than #1 int4 seqs1 tok256; held twice)" in text
+    assert "Paired (the plan and the grid's best measured again in alternation" in text
     assert "1 more plans in all, 1 of them cheaper ones explored" in text
     assert explored.first_success_rate == 1.0 and explored.first_median_overspend == pytest.approx(0.4)
 
@@ -322,6 +328,7 @@ def test_quick_preset_end_to_end(tmp_path):
         assert math.isfinite(s.predicted[s.binding]) and math.isfinite(s.measured[s.binding])
         assert s.met == meets(s.measured, slos)
         assert s.overspend == pytest.approx(s.measured_cost / s.best_cost - 1)
+        assert math.isfinite(s.paired_overspend)  # the plan and the best, measured again side by side
         # Planned at the host's speed when planning, read against the calibration runs'.
         assert 0.2 < s.host_slowdown < 5 and s.host_slowdown != 1.0
     assert math.isfinite(result.median_default_ratio)
