@@ -273,7 +273,8 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
 
     plan, store = Plan.from_file(plan_file), Store(db)
     chosen, attempts = verified
-    launched = sum(len(a.result.run_ids) for a in attempts)
+    launched = sum(len(a.result.run_ids) + (len(a.confirmation.run_ids) if a.confirmation else 0)
+                   for a in attempts)
     held, profiled = chosen.result.all_met, len(store.runs()) - launched
     console.rule("[bold]summary")
     console.print(

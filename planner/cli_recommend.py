@@ -248,7 +248,7 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
     print_verified(chosen.result, chosen.rank)
     if chosen.rank > 1:
         chosen.plan.write(out)
-        why = ("cheaper than the model's plan, held every SLO on two launches" if chosen.cheaper else
+        why = ("cheaper than the plan that held first, held every SLO on two launches" if chosen.cheaper else
                f"the model's #{chosen.rank}, {'held every SLO' if chosen.result.all_met else 'came closest'}")
         console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), {why}")
     return chosen, attempts

@@ -163,6 +163,11 @@ def worst_ratio(result: VerifyResult) -> float:
     return max((measured / limit for limit, measured, _ in result.slos.values()), default=0.0)
 
 
+def deployment_key(candidate: Candidate) -> tuple[str, str, int]:
+    """What makes two candidates the same launch: hardware, engine configuration, replicas."""
+    return candidate.hardware.name, candidate.config.model_dump_json(), candidate.replicas
+
+
 def candidates_in_turn(result: SearchResult, requirement: Requirement, count: int) -> list[Candidate]:
     """The search's plan, then those the model would pick were the ones before gone: the other
     confirmed finalists in rank order, then the rest that run and serve the load, most likely to
@@ -172,7 +177,7 @@ def candidates_in_turn(result: SearchResult, requirement: Requirement, count: in
     seen: set[tuple[str, str, int]] = set()
     order: list[Candidate] = []
     for c in [result.best, *rank([c for c in result.finalists if c.feasible], requirement), *rest]:
-        key = (c.hardware.name, c.config.model_dump_json(), c.replicas)
+        key = deployment_key(c)
         if key not in seen and c.prediction is not None:
             seen.add(key)
             order.append(c)
@@ -184,8 +189,9 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
                    via: str = "engine", repeats: int = 3, explore: int = 0) -> tuple[Attempt, list[Attempt]]:
     """Launch and measure the search's plan; while the one measured misses an SLO, the next
     candidate in `candidates_in_turn`, up to `fallbacks` more. Then, once one held, up to
-    `explore` cheaper candidates (`explore_cheaper`; objective "cost" only). Returns the cheapest that held every SLO
-    (else the one that came closest, by `worst_ratio`) and every attempt in order.
+    `explore` cheaper candidates (`explore_cheaper`; objective "cost" only). Returns the
+    cheapest that held every SLO (else the one that came closest, by `worst_ratio`) and every
+    attempt in order.
 
     The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
     measured on; a measurement of the plan on the workload itself is not."""
@@ -238,11 +244,11 @@ def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate
     """Candidates cheaper than `than` that run and serve the load, not yet tried, by the saving
     they are expected to bring: the model's chance that every SLO holds times the share of cost
     saved. A plan the model doubted can still hold, and only a measurement says which."""
-    seen = {(c.hardware.name, c.config.model_dump_json(), c.replicas) for c in tried}
+    seen = {deployment_key(c) for c in tried}
     budget = than.cost_per_million
     cheaper: dict[tuple[str, str, int], Candidate] = {}
     for c in result.candidates:
-        key = (c.hardware.name, c.config.model_dump_json(), c.replicas)
+        key = deployment_key(c)
         if (c.prediction is not None and c.valid and key not in seen
                 and c.cost_per_million < budget * (1 - MIN_SAVING)):
             cheaper.setdefault(key, c)
@@ -267,12 +273,12 @@ def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_mod
         pool = cheaper_in_turn(result, best.candidate, [a.candidate for a in [*tried, *attempts]] + passed_over)
         if not pool:
             break
-        passed_over.append(pool[0])
         candidate = search.evaluate(pool[0].hardware.name, pool[0].params, full=True)
         plan = make_plan(result, search, cost_model, candidate)
         rank = len(tried) + launch + 1
         measured = _measure(store, plan, rank, on_progress, via, repeats)
         if measured is None:
+            passed_over.append(pool[0])
             continue
         attempt = Attempt(candidate, plan, measured, rank, cheaper=True)
         if measured.all_met:
@@ -293,8 +299,9 @@ def _chosen_note(chosen: Attempt, attempts: list[Attempt]) -> str:
     others = "; ".join(f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}"
                        for a in attempts if a is not chosen and not a.held)
     if chosen.cheaper:
-        return (f"chosen by measurement on this machine: cheaper than the model's plan "
-                f"({attempts[0].candidate.describe(short=True)}), it held every SLO on two launches"
+        replaced = next(a for a in attempts if a.held and not a.cheaper)
+        return (f"chosen by measurement on this machine: cheaper than plan #{replaced.rank} "
+                f"({replaced.candidate.describe(short=True)}), which held, it held every SLO on two launches"
                 + (f"; {others}" if others else ""))
     verdict = "held every SLO" if chosen.result.all_met else "came closest"
     return f"chosen by measurement on this machine: {others}; this plan (the model's #{chosen.rank}) {verdict}"

@@ -142,7 +142,7 @@ def test_a_cheaper_plan_that_holds_twice_replaces_the_plan(profiled, fitted):
     assert cheaper.cheaper and cheaper.rank == 2 and cheaper.confirmation is not None
     assert cheaper.candidate.cost_per_million < first.candidate.cost_per_million
     assert cheaper.held and chosen is cheaper
-    assert "cheaper than the model's plan" in chosen.plan.notes[0]
+    assert "cheaper than plan #1 (cpu-host" in chosen.plan.notes[0] and "which held" in chosen.plan.notes[0]
     assert "held every SLO on two launches" in chosen.plan.notes[0]
     # Three launches, all in the store: the plan, the cheaper one, and its second measurement.
     assert len(store.runs()) == runs_before + 3
