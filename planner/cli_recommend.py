@@ -239,7 +239,7 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
             console.print(f"[yellow]{kind} #{attempt.rank}[/yellow] ({attempt.candidate.describe(short=True)}) "
                           "held, and a cheaper one held too")
             continue
-        missed = attempt.confirmation if attempt.result.all_met and attempt.confirmation else attempt.result
+        missed = attempt.deciding
         what = ", ".join(f"{name} measured {_ms(measured)}"
                          for name, (_, measured, met) in missed.slos.items() if not met)
         again = " on its second launch" if missed is attempt.confirmation else ""

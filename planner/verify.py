@@ -157,6 +157,11 @@ class Attempt:
     def held(self) -> bool:
         return self.result.all_met and (not self.cheaper or bool(self.confirmation and self.confirmation.all_met))
 
+    @property
+    def deciding(self) -> VerifyResult:
+        """The measurement that decided the verdict: the second where the first held."""
+        return self.confirmation if self.result.all_met and self.confirmation is not None else self.result
+
 
 def worst_ratio(result: VerifyResult) -> float:
     """The largest measured/limit over the SLOs: under 1 when every one held."""
@@ -240,6 +245,9 @@ def _measure(store: Store, plan: Plan, rank: int, on_progress: Callable[[int, st
         return None
 
 
+MIN_SAVING = 0.03  # a candidate within 3% of the plan's cost is not worth a launch
+
+
 def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate]) -> list[Candidate]:
     """Candidates cheaper than `than` that run and serve the load, not yet tried, by the saving
     they are expected to bring: the model's chance that every SLO holds times the share of cost
@@ -253,9 +261,6 @@ def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate
                 and c.cost_per_million < budget * (1 - MIN_SAVING)):
             cheaper.setdefault(key, c)
     return sorted(cheaper.values(), key=lambda c: -c.slo_chance * (1 - c.cost_per_million / budget))
-
-
-MIN_SAVING = 0.03  # a candidate within 3% of the plan's cost is not worth a launch
 
 
 def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
@@ -290,7 +295,7 @@ def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_mod
 
 
 def _missed(a: Attempt) -> str:
-    result = a.confirmation if a.result.all_met and a.confirmation is not None else a.result
+    result = a.deciding
     return ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in result.slos.items()
                      if not met) + (" on its second launch" if result is a.confirmation else "")
 

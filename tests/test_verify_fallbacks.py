@@ -161,5 +161,6 @@ def test_a_cheaper_plan_counts_as_held_only_when_both_launches_held():
     assert Attempt(None, None, measured(True), 1).held  # the model's own plans: one launch
     assert not Attempt(None, None, measured(False), 1).held
     assert not Attempt(None, None, measured(True), 2, cheaper=True).held  # not yet measured again
-    assert not Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(False)).held
+    second_missed = Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(False))
+    assert not second_missed.held and second_missed.deciding is second_missed.confirmation
     assert Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(True)).held
