@@ -66,3 +66,24 @@ def fitted(profiled):
     model = cost_model.fit(store, folds=4)
     cost_model.save(store, model)
     return model
+
+
+@pytest.fixture
+def profiled_copy(profiled, fitted, tmp_path):
+    """A copy of `profiled`'s store (with `fitted` saved in it) for a test that adds runs: the
+    session's store stays as profiled, so the tests that read it do not depend on the order."""
+    import sqlite3
+
+    from planner.store import Store
+
+    store, model_dirs = profiled
+    copy = tmp_path / "pilot.db"
+    # SQLite's backup, not a file copy: the store is in WAL mode, and what was last written (the
+    # fitted model) may still sit in the -wal file beside it.
+    source, target = sqlite3.connect(store.engine.url.database), sqlite3.connect(copy)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    return Store(f"sqlite:///{copy}"), model_dirs

@@ -57,8 +57,8 @@ def test_a_failing_configuration_over_http_is_a_finding_not_a_crash(model_dir, t
         raise AssertionError("a model with 512 positions served 4096")
 
 
-def test_recommend_verify_via_http(profiled, fitted, tmp_path):
-    store, (model_dir, _) = profiled
+def test_recommend_verify_via_http(profiled_copy, fitted, tmp_path):
+    store, (model_dir, _) = profiled_copy
     result = CliRunner().invoke(app, [
         "recommend", "--model", model_dir, "--slo", "ttft_p95<=2s,itl_p95<=500ms", "--concurrency",
         "2", "--isl", "8:64", "--osl", "4:16", "--num-requests", "12", "--trials", "12", "--out",

@@ -231,8 +231,8 @@ def test_the_plan_file_round_trips_and_is_what_serve_reads(profiled, fitted, tmp
         schema("nope")
 
 
-def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profiled, fitted, tmp_path):
-    store, (model_dir, _) = profiled
+def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profiled_copy, fitted, tmp_path):
+    store, (model_dir, _) = profiled_copy
     runs_before = len(store.runs())
     out = tmp_path / "plan.yaml"
     result = CliRunner().invoke(app, [
@@ -271,8 +271,8 @@ def test_cli_recommend_writes_a_plan_and_verify_measures_it_into_the_store(profi
     assert bad.exit_code == 2 and "--repeats" in bad.output, bad.output
 
 
-def test_cli_recommend_json_and_bad_input(profiled, fitted, tmp_path):
-    store, (model_dir, _) = profiled
+def test_cli_recommend_json_and_bad_input(profiled_copy, fitted, tmp_path):
+    store, (model_dir, _) = profiled_copy
     base = ["recommend", "--model", model_dir, "--db", store.url, "--out", str(tmp_path / "p.yaml")]
     ok = CliRunner().invoke(app, [*base, "--slo", LOOSE, "--rate", "0.5", "--trials", "8",
                                   "--num-requests", "12", "--json"])

@@ -60,8 +60,8 @@ def test_candidates_come_in_the_models_order_without_repeats(profiled, fitted):
     assert len(candidates_in_turn(result, search.requirement, 1)) == 1
 
 
-def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled, fitted):
-    store, (model_dir, _) = profiled
+def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled_copy, fitted):
+    store, (model_dir, _) = profiled_copy
     search = _search(fitted, model_dir, QUEUE_BOUND)
     result = run_search(search, trials=24)
     assert result.feasible and result.best.config.max_num_seqs > 1
@@ -82,8 +82,8 @@ def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled, fitted):
         verify_in_turn(store, search, forced, fitted, fallbacks=-1)
 
 
-def test_when_none_holds_the_closest_measured_is_kept_and_the_cli_exits_1(profiled, fitted, tmp_path):
-    store, (model_dir, _) = profiled
+def test_when_none_holds_the_closest_measured_is_kept_and_the_cli_exits_1(profiled_copy, fitted, tmp_path):
+    store, (model_dir, _) = profiled_copy
     impossible = "ttft_p95<=0.001ms,itl_p95<=0.001ms"
     search = _search(fitted, model_dir, impossible)
     result = run_search(search, trials=12)
@@ -129,8 +129,8 @@ def test_cheaper_candidates_come_by_the_saving_they_are_expected_to_bring(profil
     assert cheaper_in_turn(result, min(pool, key=lambda c: c.cost_per_million), []) == []
 
 
-def test_a_cheaper_plan_that_holds_twice_replaces_the_plan(profiled, fitted):
-    store, (model_dir, _) = profiled
+def test_a_cheaper_plan_that_holds_twice_replaces_the_plan(profiled_copy, fitted):
+    store, (model_dir, _) = profiled_copy
     search = _search(fitted, model_dir, GENEROUS)
     result = run_search(search, trials=24)
     # As if the model had been unsure of everything cheaper than one sequence at a time.
