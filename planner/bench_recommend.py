@@ -362,7 +362,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
             truth, search, result, fitted, preset.fallbacks,
             lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), repeats=preset.repeats,
             explore=preset.explore)
-        plan, chosen_candidate, verdict, rank = chosen.plan, chosen.candidate, chosen.result, chosen.rank
+        plan, chosen_candidate, verdict, rank = chosen.plan, chosen.candidate, chosen.deciding, chosen.rank
         if rank > 1:  # chosen among several by measurement: judged on a fresh one
             tell(f"{label}: measuring plan #{rank} again for the verdict")
             verdict = verify(truth, plan, repeats=preset.repeats)
@@ -405,7 +405,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         overspend=raw, overspend_clipped=max(0.0, raw) if math.isfinite(raw) else raw,
         search_s=result.seconds, error=error, predicted_chance=plan.chance, host_drift=drift,
         host_slowdown=slowdown, first_recommended=describe_config(first.engine),
-        first_met=bool(attempts) and attempts[0].result.all_met,
+        first_met=bool(attempts) and attempts[0].held,
         first_overspend=overspend(first_cost, best_cost), tries=max(1, len(attempts)), rank=rank,
         explored=sum(a.cheaper for a in attempts), paired_overspend=paired)
 

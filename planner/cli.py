@@ -275,7 +275,7 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
     chosen, attempts = verified
     launched = sum(len(a.result.run_ids) + (len(a.confirmation.run_ids) if a.confirmation else 0)
                    for a in attempts)
-    held, profiled = chosen.result.all_met, len(store.runs()) - launched
+    held, profiled = chosen.held, len(store.runs()) - launched
     console.rule("[bold]summary")
     console.print(
         f"pilot measured {profiled} runs of the engine on this machine, learned how long "
@@ -285,7 +285,7 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
         f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
         f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
         f"${plan.cost.per_hour_usd:.2f}/h\n"
-        f"  verified:  launched with pilot serve and measured over HTTP here, {len(chosen.result.run_ids)} "
+        f"  verified:  launched with pilot serve and measured over HTTP here, {len(chosen.deciding.run_ids)} "
         f"runs; every SLO {'held' if held else 'did NOT hold'} (medians of the runs)"
         + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
         + "\n"

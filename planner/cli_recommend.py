@@ -186,7 +186,7 @@ def recommend(
             raise typer.Exit(1)
         return None
     chosen, attempts = verify_plans(store, search, result, fitted, out, via, repeats, fallbacks, explore)
-    if not chosen.result.all_met:
+    if not chosen.held:
         raise VerifyMissed((chosen, attempts))
     return chosen, attempts
 
@@ -217,7 +217,7 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
     the next candidates in turn, and once one holds, `explore` cheaper ones
     (`planner.verify.verify_in_turn`). A plan other than the search's that is chosen replaces
     the one at `out`. Returns the chosen `Attempt` and all of them."""
-    from planner.verify import VerifyError, verify_in_turn
+    from planner.verify import NARROW, VerifyError, verify_in_turn, worst_ratio
 
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
@@ -245,11 +245,15 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
         again = " on its second launch" if missed is attempt.confirmation else ""
         console.print(f"[red]{kind} #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
                       f"missed{again}: {what}")
-    print_verified(chosen.result, chosen.rank)
+    if chosen.confirmation is not None:
+        first = chosen.result
+        console.print(f"plan #{chosen.rank} held by under {NARROW:.0%} on its first launch (worst SLO at "
+                      f"{worst_ratio(first):.0%} of its limit) and was launched again; the second launch:")
+    print_verified(chosen.deciding, chosen.rank)
+    chosen.plan.write(out)  # with the notes on how it was chosen
     if chosen.rank > 1:
-        chosen.plan.write(out)
         why = ("cheaper than the plan that held first, held every SLO on two launches" if chosen.cheaper else
-               f"the model's #{chosen.rank}, {'held every SLO' if chosen.result.all_met else 'came closest'}")
+               f"the model's #{chosen.rank}, {'held every SLO' if chosen.held else 'came closest'}")
         console.print(f"Wrote {out} again: plan #{chosen.rank} ({chosen.candidate.describe(short=True)}), {why}")
     return chosen, attempts
 

@@ -9,9 +9,10 @@ replicas is measured as one replica at its share of the load: replicas do not sh
 this machine is one of them.
 
 `verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidates
-are launched and measured in turn, and the first that holds is kept. With `--explore`, once a
-plan holds, cheaper candidates the model was not sure enough of are launched too, and one is
-kept only if it holds on two measurements.
+are launched and measured in turn, and the first that holds is kept; one that holds by less
+than `NARROW` on some SLO is launched a second time and kept only if it holds again. With
+`--explore`, once a plan holds, cheaper candidates the model was not sure enough of are launched
+too, and one is kept only if it holds on two measurements.
 """
 
 from __future__ import annotations
@@ -148,14 +149,18 @@ class Attempt:
     plan: Plan
     result: VerifyResult
     rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
-    # A cheaper candidate tried once a plan held (`--explore`), and its second measurement
-    # where the first held: it is kept only if both held.
+    # A cheaper candidate tried once a plan held (`--explore`); its second measurement, where
+    # the first held and it is cheaper or held narrowly: then it is kept only if both held.
     cheaper: bool = False
     confirmation: VerifyResult | None = None
 
     @property
     def held(self) -> bool:
-        return self.result.all_met and (not self.cheaper or bool(self.confirmation and self.confirmation.all_met))
+        if not self.result.all_met:
+            return False
+        if self.confirmation is None:
+            return not self.cheaper  # a cheaper plan always needs its second launch
+        return self.confirmation.all_met
 
     @property
     def deciding(self) -> VerifyResult:
@@ -166,6 +171,18 @@ class Attempt:
 def worst_ratio(result: VerifyResult) -> float:
     """The largest measured/limit over the SLOs: under 1 when every one held."""
     return max((measured / limit for limit, measured, _ in result.slos.values()), default=0.0)
+
+
+# A plan that holds with less headroom than this on some SLO is launched a second time. On this
+# host the median of three runs still moves by about this much from launch to launch, so a plan
+# a few percent under its limit holds or misses on the next launch by chance: a plan chosen on
+# one such measurement was in a benchmark measured again at 7% over.
+NARROW = 0.10
+
+
+def held_narrowly(result: VerifyResult, narrow: float = NARROW) -> bool:
+    """Every SLO held, and one by less than `narrow` (a share of its limit)."""
+    return result.all_met and worst_ratio(result) > 1 - narrow
 
 
 def deployment_key(candidate: Candidate) -> tuple[str, str, int]:
@@ -191,12 +208,14 @@ def candidates_in_turn(result: SearchResult, requirement: Requirement, count: in
 
 def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
                    fallbacks: int = 2, on_progress: Callable[[int, str, float], None] | None = None,
-                   via: str = "engine", repeats: int = 3, explore: int = 0) -> tuple[Attempt, list[Attempt]]:
+                   via: str = "engine", repeats: int = 3, explore: int = 0,
+                   narrow: float = NARROW) -> tuple[Attempt, list[Attempt]]:
     """Launch and measure the search's plan; while the one measured misses an SLO, the next
-    candidate in `candidates_in_turn`, up to `fallbacks` more. Then, once one held, up to
-    `explore` cheaper candidates (`explore_cheaper`; objective "cost" only). Returns the
-    cheapest that held every SLO (else the one that came closest, by `worst_ratio`) and every
-    attempt in order.
+    candidate in `candidates_in_turn`, up to `fallbacks` more. A plan that holds narrowly
+    (`held_narrowly`) is measured again and has held only if it holds again. Then, once one
+    held, up to `explore` cheaper candidates (`explore_cheaper`; objective "cost" only).
+    Returns the cheapest that held every SLO (else the one that came closest, by `worst_ratio`
+    of its deciding measurement) and every attempt in order.
 
     The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
     measured on; a measurement of the plan on the workload itself is not."""
@@ -215,8 +234,11 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
         measured = _measure(store, plan, position + 1, on_progress, via, repeats, required=not position)
         if measured is None:
             continue
-        attempts.append(Attempt(candidate, plan, measured, position + 1))
-        if attempts[-1].result.all_met:
+        attempt = Attempt(candidate, plan, measured, position + 1)
+        if held_narrowly(measured, narrow):
+            attempt.confirmation = _measure(store, plan, position + 1, on_progress, via, repeats)
+        attempts.append(attempt)
+        if attempt.held:
             break
     held = next((a for a in attempts if a.held), None)
     # Cheaper is what the objective "cost" asks for; the others are after something else.
@@ -224,9 +246,12 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
         attempts += explore_cheaper(store, search, result, cost_model, held, attempts, explore,
                                     on_progress, via, repeats)
     chosen = min((a for a in attempts if a.held), key=lambda a: a.candidate.cost_per_million, default=None) \
-        or min(attempts, key=lambda a: worst_ratio(a.result))
+        or min(attempts, key=lambda a: worst_ratio(a.deciding))
     if chosen.rank > 1:
         chosen.plan.notes.insert(0, _chosen_note(chosen, attempts))
+    elif chosen.held and chosen.confirmation is not None:
+        chosen.plan.notes.insert(0, f"held every SLO on two launches (the first by under {narrow:.0%} on "
+                                    "some SLO, so it was launched again)")
     elif any(a.cheaper for a in attempts):
         chosen.plan.notes.insert(0, "no cheaper plan held when measured: " + "; ".join(
             f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}" for a in attempts if a.cheaper))
@@ -246,18 +271,23 @@ def _measure(store: Store, plan: Plan, rank: int, on_progress: Callable[[int, st
 
 
 MIN_SAVING = 0.03  # a candidate within 3% of the plan's cost is not worth a launch
+# A candidate the model gives less than this chance of holding every SLO is not launched: its
+# large saving would rank it first, and in two benchmark runs the first such launch (bf16 at 64
+# sequences) missed ITL p95 by 3x, a launch the cheaper plans with better chances went without.
+MIN_CHANCE = 0.25
 
 
 def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate]) -> list[Candidate]:
-    """Candidates cheaper than `than` that run and serve the load, not yet tried, by the saving
-    they are expected to bring: the model's chance that every SLO holds times the share of cost
-    saved. A plan the model doubted can still hold, and only a measurement says which."""
+    """Candidates cheaper than `than` that run and serve the load, not yet tried, and have at
+    least `MIN_CHANCE` of holding, by the saving they are expected to bring: the model's chance
+    that every SLO holds times the share of cost saved. A plan the model doubted can still hold,
+    and only a measurement says which."""
     seen = {deployment_key(c) for c in tried}
     budget = than.cost_per_million
     cheaper: dict[tuple[str, str, int], Candidate] = {}
     for c in result.candidates:
         key = deployment_key(c)
-        if (c.prediction is not None and c.valid and key not in seen
+        if (c.prediction is not None and c.valid and key not in seen and c.slo_chance >= MIN_CHANCE
                 and c.cost_per_million < budget * (1 - MIN_SAVING)):
             cheaper.setdefault(key, c)
     return sorted(cheaper.values(), key=lambda c: -c.slo_chance * (1 - c.cost_per_million / budget))
@@ -308,5 +338,6 @@ def _chosen_note(chosen: Attempt, attempts: list[Attempt]) -> str:
         return (f"chosen by measurement on this machine: cheaper than plan #{replaced.rank} "
                 f"({replaced.candidate.describe(short=True)}), which held, it held every SLO on two launches"
                 + (f"; {others}" if others else ""))
-    verdict = "held every SLO" if chosen.result.all_met else "came closest"
+    verdict = ("held every SLO on two launches" if chosen.held and chosen.confirmation is not None
+               else "held every SLO" if chosen.held else "came closest")
     return f"chosen by measurement on this machine: {others}; this plan (the model's #{chosen.rank}) {verdict}"

@@ -8,7 +8,6 @@ The figures are printed (`pytest -s`) as well as bounded.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from planner.training import BOS, stdlib_corpus

@@ -14,8 +14,8 @@ from planner.plan import Plan
 from planner.recommend import Requirement, Search, run_search
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
-from planner.verify import (MIN_SAVING, Attempt, VerifyError, VerifyResult, candidates_in_turn, cheaper_in_turn,
-                            verify_in_turn, worst_ratio)
+from planner.verify import (MIN_CHANCE, MIN_SAVING, NARROW, Attempt, VerifyError, VerifyResult, candidates_in_turn,
+                            cheaper_in_turn, held_narrowly, verify_in_turn, worst_ratio)
 from planner.workload import Workload
 
 # At 8 clients, one sequence at a time queues every prompt behind 7 whole requests of 32-48
@@ -76,8 +76,8 @@ def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled_copy, fitt
     assert chosen.plan.notes[0].startswith("chosen by measurement on this machine: #1 ")
     assert "ttft_p95" in chosen.plan.notes[0]
     assert f"(the model's #{chosen.rank}) held every SLO" in chosen.plan.notes[0]
-    # Every measurement is in the store, for the next fit.
-    assert len(store.runs()) == runs_before + len(attempts)
+    # Every measurement is in the store, for the next fit (a narrow hold is launched twice).
+    assert len(store.runs()) == runs_before + sum(1 + (a.confirmation is not None) for a in attempts)
     with pytest.raises(VerifyError, match="fallbacks: must be >= 0, got -1"):
         verify_in_turn(store, search, forced, fitted, fallbacks=-1)
 
@@ -118,6 +118,11 @@ def test_cheaper_candidates_come_by_the_saving_they_are_expected_to_bring(profil
     pool = cheaper_in_turn(result, expensive, [expensive])
     assert pool
     assert all(c.valid and c.cost_per_million < expensive.cost_per_million * (1 - MIN_SAVING) for c in pool)
+    # Long shots are not launched, however much they would save.
+    assert all(c.slo_chance >= MIN_CHANCE for c in pool)
+    long_shots = [c for c in result.candidates if c.valid and c.prediction is not None and c.slo_chance < MIN_CHANCE
+                  and c.cost_per_million < expensive.cost_per_million * (1 - MIN_SAVING)]
+    assert long_shots and not {id(c) for c in long_shots} & {id(c) for c in pool}
     saving = [c.slo_chance * (1 - c.cost_per_million / expensive.cost_per_million) for c in pool]
     assert saving == sorted(saving, reverse=True)
     keys = [(c.config.model_dump_json(), c.replicas) for c in pool]
@@ -164,3 +169,31 @@ def test_a_cheaper_plan_counts_as_held_only_when_both_launches_held():
     second_missed = Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(False))
     assert not second_missed.held and second_missed.deciding is second_missed.confirmation
     assert Attempt(None, None, measured(True), 2, cheaper=True, confirmation=measured(True)).held
+
+
+def test_a_narrow_hold_counts_only_when_a_second_launch_holds_too():
+    def measured(ratio: float) -> VerifyResult:
+        return VerifyResult(1, 1, {"itl_p95": 0.1 * ratio}, [], {"itl_p95<=0.1s": (0.1, 0.1 * ratio, ratio <= 1)})
+
+    assert held_narrowly(measured(1 - NARROW / 2)) and not held_narrowly(measured(1 - 2 * NARROW))
+    assert not held_narrowly(measured(1.01))  # a miss is not a hold of any kind
+    assert Attempt(None, None, measured(0.97), 1).held  # not yet measured again: one launch decides
+    missed_again = Attempt(None, None, measured(0.97), 1, confirmation=measured(1.05))
+    assert not missed_again.held and missed_again.deciding is missed_again.confirmation
+    assert Attempt(None, None, measured(0.97), 1, confirmation=measured(0.99)).held
+
+
+def test_a_plan_that_holds_narrowly_is_launched_again(profiled_copy, fitted):
+    store, (model_dir, _) = profiled_copy
+    search = _search(fitted, model_dir, GENEROUS)
+    result = run_search(search, trials=12)
+    runs_before = len(store.runs())
+    # Every hold counts as narrow (narrow=1): the plan must hold on a second launch.
+    chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks=1, repeats=1, narrow=1.0)
+    assert attempts == [chosen] and chosen.rank == 1
+    assert chosen.confirmation is not None and chosen.held and chosen.deciding is chosen.confirmation
+    assert chosen.plan.notes[0].startswith("held every SLO on two launches")
+    assert len(store.runs()) == runs_before + 2
+    # By default a plan that holds a 5 s limit with room to spare is launched once.
+    chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks=1, repeats=1)
+    assert attempts == [chosen] and chosen.confirmation is None and chosen.held
