@@ -126,7 +126,7 @@ PRESETS = {
     "quick": Preset(budget_s=15, grid_size=5, num_requests=48, trials=20, calibration_requests=24,
                     folds=3, parallel=False, repeats=1, calibration_repeats=1, fallbacks=1,
                     explore=0),
-    # The real measurement, about 35 minutes on a 2-core machine.
+    # The real measurement, 30-45 minutes on a 2-core machine.
     "default": Preset(budget_s=300, grid_size=12, num_requests=192, trials=100,
                       calibration_requests=48, folds=5),
 }

@@ -301,7 +301,7 @@ from planner.cli import bench_app  # noqa: E402
 @bench_app.command("recommend")
 def bench_recommend(
     preset: str = typer.Option("default", "--preset", help="quick (about 2 min: a smoke run) or "
-                               "default (about 35 min on 2 cores: the measurement)"),
+                               "default (30-45 min on 2 cores: the measurement)"),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="an empty folder for the models, "
                                            "stores and plans; default: a new temporary one"),
     budget: Optional[str] = typer.Option(None, "--budget", help="calibration profiling per model "
