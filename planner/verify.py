@@ -131,7 +131,9 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
         notes.append(f"measured one replica of {plan.replicas} at its share of the load "
                      f"({plan.load.kind} {plan.load.per_replica:g})")
     if via == "http":
-        notes.append("measured through pilot serve over HTTP on loopback")
+        notes.append("measured through pilot serve over HTTP on loopback; the prediction is for the engine's "
+                     "steps, and the server's own work per request and token adds to TTFT and ITL (5-6x "
+                     "for the tiny model on 2 cores: README, Serving over HTTP)")
     if not plan.hardware.calibrated:
         notes.append(f"the plan's prediction for {plan.hardware.name} was uncalibrated")
     return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes,

@@ -65,6 +65,7 @@ def test_recommend_verify_via_http(profiled_copy, fitted, tmp_path):
         str(tmp_path / "plan.yaml"), "--verify", "--via", "http", "--db", store.url])
     assert result.exit_code == 0, result.output
     assert "through pilot serve" in result.output and "Every SLO held" in result.output
+    assert "the server's own work per request and token" in result.output
     result = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", "ttft_p95<=2s",
                                       "--concurrency", "2", "--via", "carrier-pigeon", "--db", store.url])
     assert result.exit_code == 2 and "--via" in result.output
