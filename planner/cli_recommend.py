@@ -246,9 +246,8 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
         console.print(f"[red]{kind} #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
                       f"missed{again}: {what}")
     if chosen.confirmation is not None:
-        first = chosen.result
         console.print(f"plan #{chosen.rank} held by under {NARROW:.0%} on its first launch (worst SLO at "
-                      f"{worst_ratio(first):.0%} of its limit) and was launched again; the second launch:")
+                      f"{worst_ratio(chosen.result):.0%} of its limit) and was launched again; the second launch:")
     print_verified(chosen.deciding, chosen.rank)
     chosen.plan.write(out)  # with the notes on how it was chosen
     if chosen.rank > 1:
