@@ -444,12 +444,20 @@ def _ratios(model_dir: str, fitted, config: dict, concurrency: int) -> dict[str,
 
 
 def _held_out_errors(model_dir: str, fitted) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """The machine's drift over the test and each metric's drift-corrected held-out errors."""
-    before = _ratios(model_dir, fitted, *REFERENCE)
-    held_out = [_ratios(model_dir, fitted, config, concurrency) for config, concurrency in HELD_OUT]
-    after = _ratios(model_dir, fitted, *REFERENCE)
-    drift = {m: float(np.sqrt(before[m] * after[m])) for m in HELD_OUT_MEDIAN_APE}
-    return drift, {m: [abs(ratios[m] / drift[m] - 1) for ratios in held_out] for m in HELD_OUT_MEDIAN_APE}
+    """The machine's drift over the test and each metric's drift-corrected held-out errors.
+
+    The reference is measured before and after each held-out configuration, and each is corrected
+    by the drift of its own two neighbours: the host's speed moved by 20-30% within one test (CI,
+    2026-11-22), and one drift for the whole test then charged that to the simulator."""
+    references = [_ratios(model_dir, fitted, *REFERENCE)]
+    held_out = []
+    for config, concurrency in HELD_OUT:
+        held_out.append(_ratios(model_dir, fitted, config, concurrency))
+        references.append(_ratios(model_dir, fitted, *REFERENCE))
+    local = [{m: float(np.sqrt(a[m] * b[m])) for m in HELD_OUT_MEDIAN_APE} for a, b in zip(references, references[1:])]
+    drift = {m: float(np.exp(np.mean([np.log(r[m]) for r in references]))) for m in HELD_OUT_MEDIAN_APE}
+    return drift, {m: [abs(ratios[m] / near[m] - 1) for ratios, near in zip(held_out, local)]
+                   for m in HELD_OUT_MEDIAN_APE}
 
 
 def _within_targets(drift: dict[str, float], errors: dict[str, list[float]]) -> bool:
