@@ -97,8 +97,8 @@ def recommend(
     repeats: int = typer.Option(3, "--repeats", help="--verify runs the workload this many times "
                                 "back to back and judges each metric's median"),
     fallbacks: int = typer.Option(2, "--fallbacks", help="--verify: while the plan measured misses an "
-                                  "SLO, launch and measure up to this many next-best candidates and "
-                                  "keep the first that holds"),
+                                  "SLO, launch and measure up to this many next-best candidates (their "
+                                  "predictions scaled by the misses) and keep the first that holds"),
     explore: int = typer.Option(0, "--explore", help="--verify: once a plan holds, launch up to this "
                                 "many cheaper candidates the model doubted, and keep the cheapest "
                                 "that holds on two launches (objective cost)"),

@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -202,19 +202,36 @@ class Search:
                                        self.acceptance_rate if k else None)
         out = Candidate(candidate.hardware, candidate.config, candidate.params, replicas,
                         candidate.devices_per_replica, prediction, load)
-        violations = {"valid": 0.0, "memory": 0.0}
-        out.slo_chance = 1.0
-        for slo in req.slos:
-            violations[slo.key] = slo_bound(prediction, slo.key, self.cost_model,
-                                            req.slo_level) / slo.limit_s - 1
-            out.slo_chance *= slo_chance(prediction, slo.key, self.cost_model, slo.limit_s)
+        out.violations = {"valid": 0.0, "memory": 0.0}
+        self._judge_slos(out)
         if req.load_kind == "rate":
-            violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
+            out.violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
             out.output_tokens_per_s = req.load_value * self.mean_output_tokens
         else:
             out.output_tokens_per_s = replicas * prediction.metrics["throughput_tok_s"]
-        out.violations = violations
         out.cost_per_hour = replicas * out.devices_per_replica * candidate.hardware.price_per_hour_usd
+        return out
+
+    def _judge_slos(self, out: Candidate) -> None:
+        """Each SLO's violation (its bound at the requirement's level against the limit) and the
+        chance that every one holds, from `out.prediction`."""
+        req, prediction = self.requirement, out.prediction
+        assert prediction is not None
+        out.slo_chance = 1.0
+        for slo in req.slos:
+            out.violations[slo.key] = slo_bound(prediction, slo.key, self.cost_model,
+                                                req.slo_level) / slo.limit_s - 1
+            out.slo_chance *= slo_chance(prediction, slo.key, self.cost_model, slo.limit_s)
+
+    def rejudged(self, candidate: Candidate, scale: dict[str, float]) -> Candidate:
+        """`candidate` judged again with its predicted metrics multiplied by `scale` (metric ->
+        factor; others as they were): what it would be were the model off by that much."""
+        if candidate.prediction is None or not scale:
+            return candidate
+        p = candidate.prediction
+        scaled = replace(p, metrics={k: v * scale.get(k, 1.0) for k, v in p.metrics.items()})
+        out = replace(candidate, prediction=scaled, violations=dict(candidate.violations))
+        self._judge_slos(out)
         return out
 
     def capacity(self, candidate: Candidate, predictor: Predictor) -> float:

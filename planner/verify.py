@@ -8,8 +8,9 @@ run's percentiles by 20% or more, and would otherwise decide the verdict. A plan
 replicas is measured as one replica at its share of the load: replicas do not share anything, and
 this machine is one of them.
 
-`verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidates
-are launched and measured in turn, and the first that holds is kept; one that holds by less
+`verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidate is
+launched and measured, picked with its predictions scaled by how far the plans before it
+measured above theirs, and the first that holds is kept; one that holds by less
 than `NARROW` on some SLO is launched a second time and kept only if it holds again. With
 `--explore`, once a plan holds, cheaper candidates the model was not sure enough of are launched
 too, and one is kept only if it holds on two measurements.
@@ -27,7 +28,7 @@ from sqlalchemy import select
 
 from engine.model_runner import resolve_device
 from planner import profiler
-from planner.candidate import Candidate, Requirement, closeness, rank
+from planner.candidate import Candidate, closeness, rank
 from planner.cost_model import CostModel
 from planner.plan import Plan, make_plan
 from planner.profiler import config_row, hardware_row, model_row, workload_row
@@ -192,20 +193,37 @@ def deployment_key(candidate: Candidate) -> tuple[str, str, int]:
     return candidate.hardware.name, candidate.config.model_dump_json(), candidate.replicas
 
 
-def candidates_in_turn(result: SearchResult, requirement: Requirement, count: int) -> list[Candidate]:
-    """The search's plan, then those the model would pick were the ones before gone: the other
-    confirmed finalists in rank order, then the rest that run and serve the load, most likely to
-    meet every SLO first (`candidate.closeness`). At most `count`, no deployment twice."""
-    rest = sorted((c for c in result.candidates if c.prediction is not None and c.valid),
-                  key=lambda c: closeness(c, requirement.slos))
-    seen: set[tuple[str, str, int]] = set()
-    order: list[Candidate] = []
-    for c in [result.best, *rank([c for c in result.finalists if c.feasible], requirement), *rest]:
-        key = deployment_key(c)
-        if key not in seen and c.prediction is not None:
-            seen.add(key)
-            order.append(c)
-    return order[:count]
+def measured_bias(attempts: list[Attempt], keys: list[str]) -> dict[str, float]:
+    """How far the plans launched so far came out above their predictions: for each metric in
+    `keys`, the geometric mean of measured/predicted over every measurement (second launches
+    too), and never under 1. Fallbacks are looked for because plans missed; a metric that came
+    in faster than predicted on them does not make the others safer."""
+    logs: dict[str, list[float]] = {}
+    for a in attempts:
+        for r in (a.result, a.confirmation):
+            for c in r.comparisons if r is not None else []:
+                if c.metric in keys and c.predicted > 0 and c.measured > 0:
+                    logs.setdefault(c.metric, []).append(math.log(c.measured / c.predicted))
+    return {k: max(1.0, math.exp(statistics.fmean(v))) for k, v in logs.items()}
+
+
+def next_in_turn(result: SearchResult, search: Search, tried: list[Candidate],
+                 bias: dict[str, float] | None = None) -> Candidate | None:
+    """The candidate the model picks once those `tried` are gone: with each one's SLO metrics
+    multiplied by `bias` (`measured_bias` of the plans launched) and judged again, the best by
+    the objective of those then predicted to hold (`rank`), else the one most likely to hold
+    (`closeness`). Only those that run and serve the load; a finalist's prediction, made on
+    the whole workload, is used over the search's sample."""
+    seen = {deployment_key(c) for c in tried}
+    pool: dict[tuple[str, str, int], Candidate] = {}
+    for c in [*result.finalists, *result.candidates]:
+        if c.prediction is not None and c.valid and deployment_key(c) not in seen:
+            pool.setdefault(deployment_key(c), c)
+    judged = [search.rejudged(c, bias or {}) for c in pool.values()]
+    feasible = [c for c in judged if c.feasible]
+    if feasible:
+        return rank(feasible, search.requirement)[0]
+    return min(judged, key=lambda c: closeness(c, search.requirement.slos), default=None)
 
 
 def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
@@ -213,7 +231,7 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
                    via: str = "engine", repeats: int = 3, explore: int = 0,
                    narrow: float = NARROW) -> tuple[Attempt, list[Attempt]]:
     """Launch and measure the search's plan; while the one measured misses an SLO, the next
-    candidate in `candidates_in_turn`, up to `fallbacks` more. A plan that holds narrowly
+    candidate (`next_in_turn`, corrected by `measured_bias`), up to `fallbacks` more. A plan that holds narrowly
     (`held_narrowly`) is measured again and has held only if it holds again. Then, once one
     held, up to `explore` cheaper candidates (`explore_cheaper`; objective "cost" only).
     Returns the cheapest that held every SLO (else the one that came closest, by `worst_ratio`
@@ -226,13 +244,23 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
     if explore < 0:
         raise VerifyError(f"explore: must be >= 0, got {explore}")
     attempts: list[Attempt] = []
-    for position, candidate in enumerate(candidates_in_turn(result, search.requirement, fallbacks + 1)):
-        if position:  # the search scored it on a sample of the workload: score the whole first
+    keys = [s.key for s in search.requirement.slos]
+    tried: list[Candidate] = []
+    for position in range(fallbacks + 1):
+        bias = measured_bias(attempts, keys)
+        candidate = next_in_turn(result, search, tried, bias) if position else result.best
+        if candidate is None:
+            break
+        tried.append(candidate)
+        if position:  # the search may have scored it on a sample of the workload: score the whole
             candidate = search.evaluate(candidate.hardware.name, candidate.params, full=True)
         plan = make_plan(result, search, cost_model, candidate)
         if position and result.feasible and not candidate.feasible:  # others were predicted to hold
             plan.notes.insert(0, f"predicted to miss ({candidate.binding} binds); launched because "
                                  "the plans ranked above it missed when measured")
+        if any(b > 1 for b in bias.values()):
+            plan.notes.insert(0, "picked with its predictions scaled by how far the plans before it measured "
+                                 "above theirs: " + ", ".join(f"{k} x{b:.2f}" for k, b in bias.items() if b > 1))
         measured = _measure(store, plan, position + 1, on_progress, via, repeats, required=not position)
         if measured is None:
             continue

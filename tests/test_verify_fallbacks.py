@@ -14,8 +14,9 @@ from planner.plan import Plan
 from planner.recommend import Requirement, Search, run_search
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
-from planner.verify import (MIN_CHANCE, MIN_SAVING, NARROW, Attempt, VerifyError, VerifyResult, candidates_in_turn,
-                            cheaper_in_turn, held_narrowly, verify_in_turn, worst_ratio)
+from planner.verify import (MIN_CHANCE, MIN_SAVING, NARROW, Attempt, Comparison, VerifyError, VerifyResult,
+                            cheaper_in_turn, deployment_key, held_narrowly, measured_bias, next_in_turn,
+                            verify_in_turn, worst_ratio)
 from planner.workload import Workload
 
 # At 8 clients, one sequence at a time queues every prompt behind 7 whole requests of 32-48
@@ -42,22 +43,59 @@ def _one_at_a_time(search: Search, result):
     return search.evaluate(result.best.hardware.name, params, full=True)
 
 
-def test_candidates_come_in_the_models_order_without_repeats(profiled, fitted):
+def test_the_next_candidate_is_the_models_pick_without_those_tried(profiled, fitted):
     _, (model_dir, _) = profiled
     search = _search(fitted, model_dir, QUEUE_BOUND)
     result = run_search(search, trials=24)
-    order = candidates_in_turn(result, search.requirement, 6)
-    assert order[0] is result.best
-    keys = [(c.config.model_dump_json(), c.replicas) for c in order]
-    assert len(set(keys)) == len(keys) == min(6, len({(c.config.model_dump_json(), c.replicas)
-                                                         for c in result.candidates if c.valid}))
-    feasible = [c for c in order if c.feasible]
-    # Feasible finalists first (cheapest first), then the rest by their chance of holding.
-    assert order[:len(feasible)] == feasible
-    assert [c.cost_per_million for c in feasible] == sorted(c.cost_per_million for c in feasible)
-    rest = order[len(feasible):]
-    assert [c.slo_chance for c in rest] == sorted((c.slo_chance for c in rest), reverse=True)
-    assert len(candidates_in_turn(result, search.requirement, 1)) == 1
+    tried = [result.best]
+    while (pick := next_in_turn(result, search, tried)) is not None:
+        pool: dict = {}  # a finalist's whole-workload prediction over the search's sample
+        for c in [*result.finalists, *result.candidates]:
+            if c.valid and c.prediction is not None and deployment_key(c) not in map(deployment_key, tried):
+                pool.setdefault(deployment_key(c), c)
+        others = list(pool.values())
+        if any(c.feasible for c in others):  # the cheapest predicted to hold
+            assert pick.feasible and pick.cost_per_million <= min(c.cost_per_million for c in others if c.feasible)
+        else:  # then the one most likely to hold
+            assert pick.slo_chance >= max(c.slo_chance for c in others) - 1e-12
+        tried.append(pick)
+    keys = [deployment_key(c) for c in tried]
+    assert len(set(keys)) == len(keys) == len({deployment_key(c) for c in result.candidates if c.valid})
+
+
+def test_a_miss_makes_the_next_pick_leave_room_for_it(profiled, fitted):
+    _, (model_dir, _) = profiled
+    search = _search(fitted, model_dir, QUEUE_BOUND)
+    result = run_search(search, trials=24)
+    plain = next_in_turn(result, search, [result.best])
+    assert plain is not None and plain.feasible
+    # As if the plans launched had measured TTFT p95 at 1.5x their predictions.
+    corrected = next_in_turn(result, search, [result.best], {"ttft_p95": 1.5})
+    assert corrected is not None
+    if corrected.feasible:  # it holds with the miss priced in, at no lower cost than the plain pick
+        assert corrected.cost_per_million >= plain.cost_per_million
+        assert corrected.violations["ttft_p95"] <= 0
+    # The plain pick, judged with the miss priced in, has less room than it had.
+    rejudged = search.rejudged(plain, {"ttft_p95": 1.5})
+    assert rejudged.violations["ttft_p95"] > plain.violations["ttft_p95"]
+    assert rejudged.slo_chance <= plain.slo_chance
+    assert rejudged.violations["itl_p95"] == pytest.approx(plain.violations["itl_p95"])
+    assert search.rejudged(plain, {}) is plain
+
+
+def test_the_measured_bias_is_the_geometric_mean_of_the_misses_and_never_under_one():
+    def measured(ttft: float, itl: float, predicted: float = 0.1) -> VerifyResult:
+        return VerifyResult(1, 1, {}, [Comparison("ttft_p95", predicted, None, None, ttft),
+                                       Comparison("itl_p95", predicted, None, None, itl),
+                                       Comparison("throughput_tok_s", 100.0, None, None, 50.0)], {})
+
+    first = Attempt(None, None, measured(0.12, 0.05), 1)
+    assert measured_bias([first], ["ttft_p95", "itl_p95"]) == {"ttft_p95": pytest.approx(1.2), "itl_p95": 1.0}
+    # A second launch counts as a measurement too.
+    second = Attempt(None, None, measured(0.1, 0.05), 2, confirmation=measured(0.15, 0.05))
+    bias = measured_bias([first, second], ["ttft_p95"])
+    assert bias == {"ttft_p95": pytest.approx((1.2 * 1.0 * 1.5) ** (1 / 3))}
+    assert measured_bias([], ["ttft_p95"]) == {}
 
 
 def test_a_plan_that_misses_gives_way_to_the_next_that_holds(profiled_copy, fitted):
