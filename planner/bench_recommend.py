@@ -363,7 +363,9 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
             lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), repeats=preset.repeats,
             explore=preset.explore)
         plan, chosen_candidate, verdict, rank = chosen.plan, chosen.candidate, chosen.deciding, chosen.rank
-        if rank > 1:  # chosen among several by measurement: judged on a fresh one
+        # Chosen among several, or on a second launch of its own, by measurement: a launch that
+        # chose a plan is its luckiest, so the verdict is a fresh one.
+        if rank > 1 or chosen.confirmation is not None:
             tell(f"{label}: measuring plan #{rank} again for the verdict")
             verdict = verify(truth, plan, repeats=preset.repeats)
         got, met = verdict.measured, verdict.all_met

@@ -273,9 +273,10 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
 
     plan, store = Plan.from_file(plan_file), Store(db)
     chosen, attempts = verified
-    launched = sum(len(a.result.run_ids) + (len(a.confirmation.run_ids) if a.confirmation else 0)
-                   for a in attempts)
+    launched = sum(len(r.run_ids) for a in attempts for r in a.launches)
     held, profiled = chosen.held, len(store.runs()) - launched
+    verdict = ("held" if held else "held on two launches, but by too little to count on"
+               if chosen.too_little_room else "did NOT hold")
     console.rule("[bold]summary")
     console.print(
         f"pilot measured {profiled} runs of the engine on this machine, learned how long "
@@ -286,7 +287,7 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
         f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
         f"${plan.cost.per_hour_usd:.2f}/h\n"
         f"  verified:  launched with pilot serve and measured over HTTP here, {len(chosen.deciding.run_ids)} "
-        f"runs; every SLO {'held' if held else 'did NOT hold'} (medians of the runs)"
+        f"runs; every SLO {verdict} (medians of the runs)"
         + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
         + "\n"
         f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"

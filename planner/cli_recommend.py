@@ -217,7 +217,7 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
     the next candidates in turn, and once one holds, `explore` cheaper ones
     (`planner.verify.verify_in_turn`). A plan other than the search's that is chosen replaces
     the one at `out`. Returns the chosen `Attempt` and all of them."""
-    from planner.verify import NARROW, VerifyError, verify_in_turn, worst_ratio
+    from planner.verify import NARROW, VerifyError, shortfall, verify_in_turn, worst_ratio
 
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
@@ -239,18 +239,16 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
             console.print(f"[yellow]{kind} #{attempt.rank}[/yellow] ({attempt.candidate.describe(short=True)}) "
                           "held, and a cheaper one held too")
             continue
-        missed = attempt.deciding
-        what = ", ".join(f"{name} measured {_ms(measured)}"
-                         for name, (_, measured, met) in missed.slos.items() if not met)
-        again = " on its second launch" if missed is attempt.confirmation else ""
         console.print(f"[red]{kind} #{attempt.rank}[/red] ({attempt.candidate.describe(short=True)}) "
-                      f"missed{again}: {what}")
+                      f"{shortfall(attempt)}")
     if chosen.confirmation is not None:
         why = ("a cheaper plan counts only if it holds twice" if chosen.cheaper else
                f"it held by under {NARROW:.0%} (worst SLO at {worst_ratio(chosen.result):.0%} of its limit)")
         console.print(f"plan #{chosen.rank} held on its first launch and was launched again, as {why}; "
                       "the second launch:")
     print_verified(chosen.deciding, chosen.rank)
+    if chosen.too_little_room:
+        console.print(f"[red]No plan held with room to count on.[/red] This one came closest: it {shortfall(chosen)}.")
     chosen.plan.write(out)  # with the notes on how it was chosen
     if chosen.rank > 1:
         why = ("cheaper than the plan that held first, held every SLO on two launches" if chosen.cheaper else

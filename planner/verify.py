@@ -10,10 +10,10 @@ this machine is one of them.
 
 `verify_in_turn` is `--fallbacks`: while the plan measured misses, the model's next candidate is
 launched and measured, picked with its predictions scaled by how far the plans before it
-measured above theirs, and the first that holds is kept; one that holds by less
-than `NARROW` on some SLO is launched a second time and kept only if it holds again. With
-`--explore`, once a plan holds, cheaper candidates the model was not sure enough of are launched
-too, and one is kept only if it holds on two measurements.
+measured above theirs, and the first that holds is kept; one that holds by less than `NARROW`
+on some SLO is launched a second time and kept only if it holds again, with room over the two
+(`room_needed`). With `--explore`, once a plan holds, cheaper candidates the model was not sure
+enough of are launched too, and one is kept only if it holds on two measurements, with room.
 """
 
 from __future__ import annotations
@@ -144,33 +144,6 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
 # ---------------------------------------------------------------- measured fallbacks
 
 
-@dataclass
-class Attempt:
-    """One plan launched and measured while looking for one that holds its SLOs."""
-
-    candidate: Candidate
-    plan: Plan
-    result: VerifyResult
-    rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
-    # A cheaper candidate tried once a plan held (`--explore`); its second measurement, where
-    # the first held and it is cheaper or held narrowly: then it is kept only if both held.
-    cheaper: bool = False
-    confirmation: VerifyResult | None = None
-
-    @property
-    def held(self) -> bool:
-        if not self.result.all_met:
-            return False
-        if self.confirmation is None:
-            return not self.cheaper  # a cheaper plan always needs its second launch
-        return self.confirmation.all_met
-
-    @property
-    def deciding(self) -> VerifyResult:
-        """The measurement that decided the verdict: the second where the first held."""
-        return self.confirmation if self.result.all_met and self.confirmation is not None else self.result
-
-
 def worst_ratio(result: VerifyResult) -> float:
     """The largest measured/limit over the SLOs: under 1 when every one held."""
     return max((measured / limit for limit, measured, _ in result.slos.values()), default=0.0)
@@ -186,6 +159,63 @@ NARROW = 0.10
 def held_narrowly(result: VerifyResult, narrow: float = NARROW) -> bool:
     """Every SLO held, and one by less than `narrow` (a share of its limit)."""
     return result.all_met and worst_ratio(result) > 1 - narrow
+
+
+def room_needed(launches: int, narrow: float = NARROW) -> float:
+    """The largest geometric mean of a plan's worst measured/limit ratios over `launches`
+    launches that counts as a hold: 1 - `narrow` for one, and nearer 1 for more. A plan's true
+    ratio is known better from more launches, but the next launch still moves by the host's
+    spread: the bar keeps the chance that the next launch holds the same as one launch at
+    1 - `narrow` gives it (a log-normal spread; the mean of n launches errs by 1/sqrt(n) of it)."""
+    if narrow >= 1:  # every hold is narrow, and none has room
+        return 0.0
+    return math.exp(math.log(1 - narrow) * math.sqrt((1 + 1 / launches) / 2))
+
+
+@dataclass
+class Attempt:
+    """One plan launched and measured while looking for one that holds its SLOs."""
+
+    candidate: Candidate
+    plan: Plan
+    result: VerifyResult
+    rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
+    # A cheaper candidate tried once a plan held (`--explore`); its second measurement, where
+    # the first held and it is cheaper or held narrowly: then it is kept only if both held.
+    cheaper: bool = False
+    confirmation: VerifyResult | None = None
+    narrow: float = NARROW
+
+    @property
+    def launches(self) -> list[VerifyResult]:
+        return [self.result] + ([self.confirmation] if self.confirmation is not None else [])
+
+    @property
+    def worst(self) -> float:
+        """The geometric mean of the launches' worst measured/limit ratios."""
+        ratios = [worst_ratio(r) for r in self.launches]
+        return math.exp(statistics.fmean(math.log(max(r, 1e-12)) for r in ratios))
+
+    @property
+    def held(self) -> bool:
+        """Every SLO held on the first launch with room (`narrow`); else, on a second launch too,
+        with room over the two together (`room_needed`). Two launches each a hair under a limit
+        do not count: the next launch misses about as often as it holds."""
+        if not self.result.all_met:
+            return False
+        if self.confirmation is None:
+            return not self.cheaper  # a cheaper plan always needs its second launch
+        return self.confirmation.all_met and self.worst <= room_needed(2, self.narrow)
+
+    @property
+    def too_little_room(self) -> bool:
+        """Every SLO held on every launch, but not with the room `held` asks."""
+        return all(r.all_met for r in self.launches) and not self.held and self.confirmation is not None
+
+    @property
+    def deciding(self) -> VerifyResult:
+        """The measurement that decided the verdict: the second where the first held."""
+        return self.confirmation if self.result.all_met and self.confirmation is not None else self.result
 
 
 def deployment_key(candidate: Candidate) -> tuple[str, str, int]:
@@ -207,17 +237,41 @@ def measured_bias(attempts: list[Attempt], keys: list[str]) -> dict[str, float]:
     return {k: max(1.0, math.exp(statistics.fmean(v))) for k, v in logs.items()}
 
 
+def twins(one: Candidate, other: Candidate, keys: list[str], tolerance: float = 0.01) -> bool:
+    """The simulator cannot tell them apart: the same hardware and replicas, and every metric in
+    `keys` and throughput predicted within `tolerance`. Knobs a workload never reaches (prefix
+    caching without shared prefixes, a token budget above every step's tokens) make such pairs."""
+    if (one.hardware.name, one.replicas) != (other.hardware.name, other.replicas):
+        return False
+    a, b = one.prediction, other.prediction
+    return a is not None and b is not None and all(
+        math.isclose(a.metrics[k], b.metrics[k], rel_tol=tolerance) for k in [*keys, "throughput_tok_s"])
+
+
+def _versions(result: SearchResult, tried: list[Candidate]) -> list[Candidate]:
+    """Every scoring of the deployments `tried`: the search's sample's and the whole workload's."""
+    keys = {deployment_key(c) for c in tried}
+    return [c for c in [*tried, *result.finalists, *result.candidates]
+            if deployment_key(c) in keys and c.prediction is not None]
+
+
 def next_in_turn(result: SearchResult, search: Search, tried: list[Candidate],
                  bias: dict[str, float] | None = None) -> Candidate | None:
     """The candidate the model picks once those `tried` are gone: with each one's SLO metrics
     multiplied by `bias` (`measured_bias` of the plans launched) and judged again, the best by
     the objective of those then predicted to hold (`rank`), else the one most likely to hold
-    (`closeness`). Only those that run and serve the load; a finalist's prediction, made on
-    the whole workload, is used over the search's sample."""
+    (`closeness`). Only those that run and serve the load, and none the simulator cannot tell
+    from one tried (`twins`): it would be the same launch again. A finalist's prediction, made
+    on the whole workload, is used over the search's sample (and a candidate is compared with
+    each version of those tried)."""
     seen = {deployment_key(c) for c in tried}
+    launched = _versions(result, tried)
+    keys = [s.key for s in search.requirement.slos]
+    versions = [c for c in [*result.finalists, *result.candidates] if c.prediction is not None and c.valid]
+    seen |= {deployment_key(c) for c in versions if any(twins(c, t, keys) for t in launched)}
     pool: dict[tuple[str, str, int], Candidate] = {}
-    for c in [*result.finalists, *result.candidates]:
-        if c.prediction is not None and c.valid and deployment_key(c) not in seen:
+    for c in versions:
+        if deployment_key(c) not in seen:
             pool.setdefault(deployment_key(c), c)
     judged = [search.rejudged(c, bias or {}) for c in pool.values()]
     feasible = [c for c in judged if c.feasible]
@@ -230,12 +284,12 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
                    fallbacks: int = 2, on_progress: Callable[[int, str, float], None] | None = None,
                    via: str = "engine", repeats: int = 3, explore: int = 0,
                    narrow: float = NARROW) -> tuple[Attempt, list[Attempt]]:
-    """Launch and measure the search's plan; while the one measured misses an SLO, the next
-    candidate (`next_in_turn`, corrected by `measured_bias`), up to `fallbacks` more. A plan that holds narrowly
-    (`held_narrowly`) is measured again and has held only if it holds again. Then, once one
-    held, up to `explore` cheaper candidates (`explore_cheaper`; objective "cost" only).
-    Returns the cheapest that held every SLO (else the one that came closest, by `worst_ratio`
-    of its deciding measurement) and every attempt in order.
+    """Launch and measure the search's plan; while the one measured has not held, the next
+    candidate (`next_in_turn`, corrected by `measured_bias`), up to `fallbacks` more. A plan
+    that holds narrowly (`held_narrowly`) is measured again and has held only if it holds
+    again, with room over the two launches (`Attempt.held`). Then, once one held, up to `explore` cheaper candidates (`explore_cheaper`; objective "cost" only).
+    Returns the cheapest that held every SLO (else the one that came closest, by `Attempt.worst`
+    over its launches) and every attempt in order.
 
     The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
     measured on; a measurement of the plan on the workload itself is not."""
@@ -264,7 +318,7 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
         measured = _measure(store, plan, position + 1, on_progress, via, repeats, required=not position)
         if measured is None:
             continue
-        attempt = Attempt(candidate, plan, measured, position + 1)
+        attempt = Attempt(candidate, plan, measured, position + 1, narrow=narrow)
         if held_narrowly(measured, narrow):
             attempt.confirmation = _measure(store, plan, position + 1, on_progress, via, repeats)
         attempts.append(attempt)
@@ -274,17 +328,19 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
     # Cheaper is what the objective "cost" asks for; the others are after something else.
     if held is not None and explore and search.requirement.objective == "cost":
         attempts += explore_cheaper(store, search, result, cost_model, held, attempts, explore,
-                                    on_progress, via, repeats)
+                                    on_progress, via, repeats, narrow)
     chosen = min((a for a in attempts if a.held), key=lambda a: a.candidate.cost_per_million, default=None) \
-        or min(attempts, key=lambda a: worst_ratio(a.deciding))
+        or min(attempts, key=lambda a: a.worst)
     if chosen.rank > 1:
         chosen.plan.notes.insert(0, _chosen_note(chosen, attempts))
     elif chosen.held and chosen.confirmation is not None:
         chosen.plan.notes.insert(0, f"held every SLO on two launches (the first by under {narrow:.0%} on "
                                     "some SLO, so it was launched again)")
+    elif chosen.too_little_room:
+        chosen.plan.notes.insert(0, f"no plan held with room; this one came closest: it {shortfall(chosen)}")
     elif any(a.cheaper for a in attempts):
         chosen.plan.notes.insert(0, "no cheaper plan held when measured: " + "; ".join(
-            f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}" for a in attempts if a.cheaper))
+            f"#{a.rank} {a.candidate.describe(short=True)} {shortfall(a)}" for a in attempts if a.cheaper))
     return chosen, attempts
 
 
@@ -311,14 +367,18 @@ def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate
     """Candidates cheaper than `than` that run and serve the load, not yet tried, and have at
     least `MIN_CHANCE` of holding, by the saving they are expected to bring: the model's chance
     that every SLO holds times the share of cost saved. A plan the model doubted can still hold,
-    and only a measurement says which."""
+    and only a measurement says which. None the simulator cannot tell from one tried (`twins`),
+    whose score would equal its own."""
     seen = {deployment_key(c) for c in tried}
+    keys = [s.key for s in result.slos]
+    launched = _versions(result, tried)
     budget = than.cost_per_million
     cheaper: dict[tuple[str, str, int], Candidate] = {}
     for c in result.candidates:
         key = deployment_key(c)
         if (c.prediction is not None and c.valid and key not in seen and c.slo_chance >= MIN_CHANCE
-                and c.cost_per_million < budget * (1 - MIN_SAVING)):
+                and c.cost_per_million < budget * (1 - MIN_SAVING)
+                and not any(twins(c, t, keys) for t in launched)):
             cheaper.setdefault(key, c)
     return sorted(cheaper.values(), key=lambda c: -c.slo_chance * (1 - c.cost_per_million / budget))
 
@@ -326,7 +386,7 @@ def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate
 def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_model: CostModel,
                     held: Attempt, tried: list[Attempt], explore: int,
                     on_progress: Callable[[int, str, float], None] | None = None,
-                    via: str = "engine", repeats: int = 3) -> list[Attempt]:
+                    via: str = "engine", repeats: int = 3, narrow: float = NARROW) -> list[Attempt]:
     """Up to `explore` launches of candidates cheaper than the cheapest plan that held so far
     (`cheaper_in_turn`). One that holds is measured a second time and counts only if it holds
     again: picking the cheapest of several plans that held once would pick the luckiest
@@ -345,7 +405,7 @@ def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_mod
         if measured is None:
             passed_over.append(pool[0])
             continue
-        attempt = Attempt(candidate, plan, measured, rank, cheaper=True)
+        attempt = Attempt(candidate, plan, measured, rank, cheaper=True, narrow=narrow)
         if measured.all_met:
             attempt.confirmation = _measure(store, plan, rank, on_progress, via, repeats)
         attempts.append(attempt)
@@ -354,14 +414,20 @@ def explore_cheaper(store: Store, search: Search, result: SearchResult, cost_mod
     return attempts
 
 
-def _missed(a: Attempt) -> str:
+def shortfall(a: Attempt) -> str:
+    """What kept `a` from holding: the SLOs it missed, or too little room over two launches."""
+    if a.too_little_room:
+        return (f"held twice by too little (worst SLO at {worst_ratio(a.result):.0%} and "
+                f"{worst_ratio(a.deciding):.0%} of its limit; a hold needs under "
+                f"{room_needed(2, a.narrow):.0%} over two launches)")
     result = a.deciding
-    return ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in result.slos.items()
-                     if not met) + (" on its second launch" if result is a.confirmation else "")
+    missed = ", ".join(f"{name} ({measured * 1e3:.3g} ms)" for name, (_, measured, met) in result.slos.items()
+                       if not met)
+    return f"missed {missed}" + (" on its second launch" if result is a.confirmation else "")
 
 
 def _chosen_note(chosen: Attempt, attempts: list[Attempt]) -> str:
-    others = "; ".join(f"#{a.rank} {a.candidate.describe(short=True)} missed {_missed(a)}"
+    others = "; ".join(f"#{a.rank} {a.candidate.describe(short=True)} {shortfall(a)}"
                        for a in attempts if a is not chosen and not a.held)
     if chosen.cheaper:
         replaced = next(a for a in attempts if a.held and not a.cheaper)
