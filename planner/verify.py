@@ -331,7 +331,7 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
                                     on_progress, via, repeats, narrow)
     chosen = min((a for a in attempts if a.held), key=lambda a: a.candidate.cost_per_million, default=None) \
         or min(attempts, key=lambda a: a.worst)
-    if chosen.rank > 1:
+    if chosen.rank > 1 or (not chosen.held and len(attempts) > 1):
         chosen.plan.notes.insert(0, _chosen_note(chosen, attempts))
     elif chosen.held and chosen.confirmation is not None:
         chosen.plan.notes.insert(0, f"held every SLO on two launches (the first by under {narrow:.0%} on "
@@ -435,5 +435,5 @@ def _chosen_note(chosen: Attempt, attempts: list[Attempt]) -> str:
                 f"({replaced.candidate.describe(short=True)}), which held, it held every SLO on two launches"
                 + (f"; {others}" if others else ""))
     verdict = ("held every SLO on two launches" if chosen.held and chosen.confirmation is not None
-               else "held every SLO" if chosen.held else "came closest")
+               else "held every SLO" if chosen.held else f"came closest: it {shortfall(chosen)}")
     return f"chosen by measurement on this machine: {others}; this plan (the model's #{chosen.rank}) {verdict}"

@@ -159,6 +159,9 @@ def test_when_none_holds_the_closest_measured_is_kept_and_the_cli_exits_1(profil
     assert len(attempts) == 2 and not any(a.result.all_met for a in attempts)
     assert chosen is min(attempts, key=lambda a: worst_ratio(a.result))
     assert worst_ratio(chosen.result) > 1
+    # Whichever came closest, the plan's notes name the others' misses and its own.
+    assert chosen.plan.notes[0].startswith("chosen by measurement on this machine: #")
+    assert f"(the model's #{chosen.rank}) came closest: it missed " in chosen.plan.notes[0]
 
     out = tmp_path / "plan.yaml"
     cli = CliRunner().invoke(app, [
