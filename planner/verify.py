@@ -181,7 +181,8 @@ class Attempt:
     result: VerifyResult
     rank: int  # 1: the search's own choice; 2: the next the model ranks; ...
     # A cheaper candidate tried once a plan held (`--explore`); its second measurement, where
-    # the first held and it is cheaper or held narrowly: then it is kept only if both held.
+    # the first held and it is cheaper or held narrowly: then it is kept only if both held,
+    # with room over the two (`held`).
     cheaper: bool = False
     confirmation: VerifyResult | None = None
     narrow: float = NARROW
@@ -230,8 +231,8 @@ def measured_bias(attempts: list[Attempt], keys: list[str]) -> dict[str, float]:
     in faster than predicted on them does not make the others safer."""
     logs: dict[str, list[float]] = {}
     for a in attempts:
-        for r in (a.result, a.confirmation):
-            for c in r.comparisons if r is not None else []:
+        for r in a.launches:
+            for c in r.comparisons:
                 if c.metric in keys and c.predicted > 0 and c.measured > 0:
                     logs.setdefault(c.metric, []).append(math.log(c.measured / c.predicted))
     return {k: max(1.0, math.exp(statistics.fmean(v))) for k, v in logs.items()}
@@ -287,9 +288,10 @@ def verify_in_turn(store: Store, search: Search, result: SearchResult, cost_mode
     """Launch and measure the search's plan; while the one measured has not held, the next
     candidate (`next_in_turn`, corrected by `measured_bias`), up to `fallbacks` more. A plan
     that holds narrowly (`held_narrowly`) is measured again and has held only if it holds
-    again, with room over the two launches (`Attempt.held`). Then, once one held, up to `explore` cheaper candidates (`explore_cheaper`; objective "cost" only).
-    Returns the cheapest that held every SLO (else the one that came closest, by `Attempt.worst`
-    over its launches) and every attempt in order.
+    again, with room over the two launches (`Attempt.held`). Then, once one held, up to
+    `explore` cheaper candidates (`explore_cheaper`; objective "cost" only). Returns the
+    cheapest that held every SLO (else the one that came closest, by `Attempt.worst` over its
+    launches) and every attempt in order.
 
     The model ranks by prediction, and a prediction is off by 10-20% on a workload it was not
     measured on; a measurement of the plan on the workload itself is not."""
