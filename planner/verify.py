@@ -249,11 +249,16 @@ def twins(one: Candidate, other: Candidate, keys: list[str], tolerance: float = 
         math.isclose(a.metrics[k], b.metrics[k], rel_tol=tolerance) for k in [*keys, "throughput_tok_s"])
 
 
-def _versions(result: SearchResult, tried: list[Candidate]) -> list[Candidate]:
-    """Every scoring of the deployments `tried`: the search's sample's and the whole workload's."""
-    keys = {deployment_key(c) for c in tried}
-    return [c for c in [*tried, *result.finalists, *result.candidates]
-            if deployment_key(c) in keys and c.prediction is not None]
+def _tried_or_twins(result: SearchResult, tried: list[Candidate],
+                    among: list[Candidate]) -> set[tuple[str, str, int]]:
+    """The deployments `tried`, and those of `among` the simulator cannot tell from one of them
+    (`twins`), compared with every scoring of those tried (the search's sample's and the whole
+    workload's): launching one would be the same launch again."""
+    gone = {deployment_key(c) for c in tried}
+    keys = [s.key for s in result.slos]
+    launched = [c for c in [*tried, *result.finalists, *result.candidates]
+                if deployment_key(c) in gone and c.prediction is not None]
+    return gone | {deployment_key(c) for c in among if any(twins(c, t, keys) for t in launched)}
 
 
 def next_in_turn(result: SearchResult, search: Search, tried: list[Candidate],
@@ -265,11 +270,8 @@ def next_in_turn(result: SearchResult, search: Search, tried: list[Candidate],
     from one tried (`twins`): it would be the same launch again. A finalist's prediction, made
     on the whole workload, is used over the search's sample (and a candidate is compared with
     each version of those tried)."""
-    seen = {deployment_key(c) for c in tried}
-    launched = _versions(result, tried)
-    keys = [s.key for s in search.requirement.slos]
     versions = [c for c in [*result.finalists, *result.candidates] if c.prediction is not None and c.valid]
-    seen |= {deployment_key(c) for c in versions if any(twins(c, t, keys) for t in launched)}
+    seen = _tried_or_twins(result, tried, versions)
     pool: dict[tuple[str, str, int], Candidate] = {}
     for c in versions:
         if deployment_key(c) not in seen:
@@ -371,16 +373,13 @@ def cheaper_in_turn(result: SearchResult, than: Candidate, tried: list[Candidate
     that every SLO holds times the share of cost saved. A plan the model doubted can still hold,
     and only a measurement says which. None the simulator cannot tell from one tried (`twins`),
     whose score would equal its own."""
-    seen = {deployment_key(c) for c in tried}
-    keys = [s.key for s in result.slos]
-    launched = _versions(result, tried)
+    seen = _tried_or_twins(result, tried, result.candidates)
     budget = than.cost_per_million
     cheaper: dict[tuple[str, str, int], Candidate] = {}
     for c in result.candidates:
         key = deployment_key(c)
         if (c.prediction is not None and c.valid and key not in seen and c.slo_chance >= MIN_CHANCE
-                and c.cost_per_million < budget * (1 - MIN_SAVING)
-                and not any(twins(c, t, keys) for t in launched)):
+                and c.cost_per_million < budget * (1 - MIN_SAVING)):
             cheaper.setdefault(key, c)
     return sorted(cheaper.values(), key=lambda c: -c.slo_chance * (1 - c.cost_per_million / budget))
 
