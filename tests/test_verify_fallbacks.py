@@ -77,13 +77,17 @@ def test_a_miss_makes_the_next_pick_leave_room_for_it(profiled, fitted):
     search = _search(fitted, model_dir, QUEUE_BOUND)
     result = run_search(search, trials=24)
     plain = next_in_turn(result, search, [result.best])
-    assert plain is not None and plain.feasible
+    assert plain is not None
     # As if the plans launched had measured TTFT p95 at 1.5x their predictions.
     corrected = next_in_turn(result, search, [result.best], {"ttft_p95": 1.5})
     assert corrected is not None
-    if corrected.feasible:  # it holds with the miss priced in, at no lower cost than the plain pick
-        assert corrected.cost_per_million >= plain.cost_per_million
+    # Whether any candidate besides the plan (and its twins) is predicted to hold depends on
+    # the session's profile: the pick is feasible whenever the plain pick still is with the
+    # miss priced in, and then at no lower cost than the plain pick.
+    assert corrected.feasible or not search.rejudged(plain, {"ttft_p95": 1.5}).feasible
+    if corrected.feasible:
         assert corrected.violations["ttft_p95"] <= 0
+        assert not plain.feasible or corrected.cost_per_million >= plain.cost_per_million
     # The plain pick, judged with the miss priced in, has less room than it had.
     rejudged = search.rejudged(plain, {"ttft_p95": 1.5})
     assert rejudged.violations["ttft_p95"] > plain.violations["ttft_p95"]
