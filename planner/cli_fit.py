@@ -157,3 +157,65 @@ def _model_path(store: Any, model_id: int) -> str:
 
     with store.session() as session:
         return session.get(Model, model_id).path
+
+
+@bench_app.command("fit")
+def bench_fit(
+    workdir: Path = typer.Option(Path("pilot-bench-fit"), "--workdir", help="models and the store "
+                                 "(reference.db) go here; a second run continues the profiling"),
+    budget: str = typer.Option("170s", "--budget", help="profiling time per model (0: fit the store as is)"),
+    models: Optional[str] = typer.Option(None, "--models", help="comma-separated subset of the reference "
+                                         "models (default: all eight)"),
+    folds: int = typer.Option(5, "--folds", help="cross-validation folds by run"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the report as JSON"),
+) -> None:
+    """The cost model's reference: profile eight model shapes here, fit, and print the
+    cross-validated errors against the targets and the host's noise floor."""
+    from planner.bench_fit import PAIR, REFERENCE_MODELS, run_fit_benchmark
+    from planner.cli_profile import parse_duration
+    from planner.cost_model import FitError
+
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else [*REFERENCE_MODELS, PAIR]
+    unknown = [m for m in names if m not in REFERENCE_MODELS and m != PAIR]
+    if unknown or not names:
+        _fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
+              f"{', '.join([*REFERENCE_MODELS, PAIR])}")
+    if folds < 2:
+        _fail(f"--folds: must be >= 2, got {folds}")
+    try:
+        seconds = 0.0 if budget.strip() in ("0", "0s") else parse_duration(budget)
+    except ValueError as err:
+        _fail(str(err))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("preparing models", total=seconds * len(names) or None)
+        spent: dict[str, float] = {}
+
+        def on_progress(label: str, elapsed: float) -> None:
+            spent[label.split(":")[0]] = elapsed
+            progress.update(task, completed=min(sum(spent.values()), seconds * len(names)),
+                            description=label[:60])
+
+        try:
+            result = run_fit_benchmark(workdir, seconds, names, folds=folds, on_progress=on_progress)
+        except (ValueError, FitError) as err:
+            _fail(str(err))
+    print_report(result.report)
+    summary = result.summary()
+    table = Table(title=f"Cost-model reference ({', '.join(result.report['data']['models'])})")
+    for column in ("cross-validation", "median APE", "p90 APE", "80% coverage"):
+        table.add_column(column, justify="left" if column == "cross-validation" else "right")
+    targets = result.report["targets"]
+    labels = {"by_run": "held-out runs", "by_model": "held-out model", "noise_floor": "noise floor (one run)"}
+    for section, figures in summary.items():
+        table.add_row(labels[section], f"{figures['median_ape']:.1%}", f"{figures['p90_ape']:.1%}",
+                      f"{figures['coverage']:.1%}" if "coverage" in figures else "")
+    table.add_row("target", f"{targets['median_ape']:.0%}", f"{targets['p90_ape']:.0%}",
+                  "{:.0%}-{:.0%}".format(*targets["coverage"]))
+    console.print(table)
+    console.print(f"{sum(result.runs.values())} new runs ({', '.join(f'{k} {v}' for k, v in result.runs.items())}) "
+                  f"in {result.seconds:.0f} s; store: sqlite:///{workdir / 'reference.db'}")
+    if out is not None:
+        out.write_text(json.dumps({"summary": summary, "runs": result.runs, "seconds": result.seconds,
+                                   "report": result.report}, indent=2))
+

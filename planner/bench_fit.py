@@ -1,0 +1,121 @@
+"""`pilot bench fit`: the cost model's reference benchmark.
+
+Profiles a fixed set of model shapes on this machine into one store (resumable: a second
+invocation continues each model's campaign), fits, and reports the cross-validated errors
+against the targets and against the host's own noise floor (one run against its repeats'
+median). The README's cost-model figures come from this command, so they can be measured again
+on any machine rather than trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.model_zoo import SHAPES, make_checkpoint
+from planner import cost_model as cm
+from planner.profiler import plan_campaign, profile
+from planner.search_space import SearchSpace
+from planner.store import Store
+from planner.workload import Workload
+
+# Eight shapes from 0.1M to 110M parameters, each bracketed by others in hidden size and depth,
+# so leaving one out asks the model to interpolate (the two ends excepted) rather than guess.
+_SMALL_VOCAB = {**SHAPES["tiny"], "vocab_size": 2048}
+REFERENCE_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": dict(SHAPES["tiny"]),
+    "h128": {**_SMALL_VOCAB, "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+    "h256": {**_SMALL_VOCAB, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2},
+    "h384": {**_SMALL_VOCAB, "vocab_size": 8192, "hidden_size": 384, "intermediate_size": 1024,
+             "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2,
+             "max_position_embeddings": 1024},
+    "h512": {**_SMALL_VOCAB, "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536,
+             "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "max_position_embeddings": 1024},
+    "h640": {**_SMALL_VOCAB, "vocab_size": 16384, "hidden_size": 640, "intermediate_size": 1792,
+             "num_hidden_layers": 8, "num_attention_heads": 10, "num_key_value_heads": 5,
+             "max_position_embeddings": 1024},
+    "llama-110m": dict(SHAPES["llama-110m"]),
+}
+# The eighth model: a trained byte-level target with its draft (`pilot models train`), so the
+# store holds speculative decoding at a real acceptance rate.
+PAIR = "pair"
+PAIR_TRAIN_S = 120.0
+
+# The profiling flags of the reference (README, "Cost model").
+ISL, OSL, NUM_REQUESTS, REPEATS = "32:256", "16:64", 16, 3
+
+
+@dataclass(frozen=True)
+class FitBenchmark:
+    report: dict[str, Any]
+    runs: dict[str, int]  # new runs per model in this invocation
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures: per cross-validation, median / p90 APE and coverage."""
+        out = {}
+        for section in ("by_run", "by_model"):
+            if section in self.report:
+                overall = self.report[section]["overall"]
+                out[section] = {k: overall[k] for k in ("median_ape", "p90_ape", "coverage")}
+        if "noise_floor" in self.report:
+            floor = self.report["noise_floor"]["overall"]
+            out["noise_floor"] = {k: floor[k] for k in ("median_ape", "p90_ape")}
+        return out
+
+
+def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_TRAIN_S
+                ) -> dict[str, tuple[str, str | None]]:
+    """Each model's checkpoint (and draft), made once per workdir."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for seed, name in enumerate(names):
+        target = workdir / "models" / name
+        if name == PAIR:
+            if not (target / "draft" / "config.json").is_file():
+                from planner.training import train_pair
+
+                train_pair(target, seconds=pair_train_s, seed=seed)
+            out[name] = (str(target / "target"), str(target / "draft"))
+            continue
+        if name not in REFERENCE_MODELS:
+            raise ValueError(f"models: unknown {name!r}; choose from {', '.join([*REFERENCE_MODELS, PAIR])}")
+        if not (target / "config.json").is_file():
+            shape = workdir / "models" / f"{name}.json"
+            shape.parent.mkdir(parents=True, exist_ok=True)
+            shape.write_text(json.dumps(REFERENCE_MODELS[name]))
+            make_checkpoint(shape, target, seed=seed, dtype="float32")
+        out[name] = (str(target), None)
+    return out
+
+
+def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*REFERENCE_MODELS, PAIR),
+                      folds: int = 5, space: str = "cpu", repeats: int = REPEATS,
+                      num_requests: int = NUM_REQUESTS, pair_train_s: float = PAIR_TRAIN_S,
+                      on_progress: Callable[[str, float], None] | None = None) -> FitBenchmark:
+    """Profile each model for `budget_s` (0: fit what the store holds), then fit and save."""
+    start = time.perf_counter()
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = Store(f"sqlite:///{workdir / 'reference.db'}")
+    models = make_models(workdir, names, pair_train_s)
+    workload = Workload.from_flags(ISL, OSL, concurrency=1, num_requests=num_requests)
+    search = SearchSpace.from_file(space)
+    runs: dict[str, int] = {}
+    for name, (model_dir, draft) in models.items() if budget_s > 0 else ():
+        campaign = plan_campaign(store, model_dir, search if draft else search.without_drafts(),
+                                 workload, draft, repeats=repeats)
+        result = profile(store, campaign, workload, budget_s,
+                         on_progress=(lambda label, elapsed, n=name: on_progress(f"{n}: {label}", elapsed))
+                         if on_progress else None)
+        runs[name] = len(result.run_ids)
+    if on_progress:
+        on_progress("fitting", 0.0)
+    fitted = cm.fit(store, folds=folds)
+    cm.save(store, fitted)
+    return FitBenchmark(fitted.report, runs, time.perf_counter() - start)
