@@ -1,0 +1,75 @@
+"""`pilot bench fit`: the cost model's reference benchmark, on two of its models for seconds."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.bench_fit import REFERENCE_MODELS, FitBenchmark, make_models, run_fit_benchmark
+from planner.cli import app
+
+runner = CliRunner()
+
+
+def _runs_in(workdir: Path) -> int:
+    with sqlite3.connect(workdir / "reference.db") as db:
+        return db.execute("SELECT count(*) FROM runs").fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FitBenchmark]:
+    workdir = tmp_path_factory.mktemp("bench-fit")
+    return workdir, run_fit_benchmark(workdir, budget_s=6, names=("tiny", "h128"), folds=2)
+
+
+def test_profiles_each_model_fits_and_continues(profiled: tuple[Path, FitBenchmark]) -> None:
+    tmp_path, first = profiled
+    assert set(first.runs) == {"tiny", "h128"} and all(n > 0 for n in first.runs.values())
+    assert first.report["data"]["models"] == sorted(["tiny", "h128"])
+    summary = first.summary()
+    assert set(summary) >= {"by_run", "by_model"}
+    for section in ("by_run", "by_model"):
+        assert 0 < summary[section]["median_ape"] <= summary[section]["p90_ape"]
+        assert 0 <= summary[section]["coverage"] <= 1
+    stored = _runs_in(tmp_path)
+    assert stored == sum(first.runs.values())
+    # Budget 0 fits what the store holds: the same runs, no new ones, no models remade.
+    made = (tmp_path / "models" / "tiny" / "config.json").stat().st_mtime_ns
+    again = run_fit_benchmark(tmp_path, budget_s=0, names=("tiny", "h128"), folds=2)
+    assert again.runs == {} and _runs_in(tmp_path) == stored
+    assert again.report["data"]["runs"] == first.report["data"]["runs"]
+    assert (tmp_path / "models" / "tiny" / "config.json").stat().st_mtime_ns == made
+
+
+def test_reference_models_are_distinct_shapes_ordered_by_size() -> None:
+    sizes = [s["hidden_size"] * s["num_hidden_layers"] for s in REFERENCE_MODELS.values()]
+    assert sizes == sorted(sizes) and len(set(sizes)) == len(sizes)
+    for name, shape in REFERENCE_MODELS.items():
+        assert shape["hidden_size"] % shape["num_attention_heads"] == 0, name
+        assert shape["num_attention_heads"] % shape["num_key_value_heads"] == 0, name
+
+
+def test_unknown_model_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="gpt-17"):
+        make_models(tmp_path, ["gpt-17"])
+    result = runner.invoke(app, ["bench", "fit", "--workdir", str(tmp_path), "--models", "tiny,gpt-17"])
+    assert result.exit_code != 0 and "--models" in result.output and "gpt-17" in result.output
+    result = runner.invoke(app, ["bench", "fit", "--workdir", str(tmp_path), "--budget", "soon"])
+    assert result.exit_code != 0 and "budget" in result.output and "soon" in result.output
+
+
+def test_cli_prints_the_table_and_writes_json(profiled: tuple[Path, FitBenchmark], tmp_path: Path) -> None:
+    workdir, first = profiled
+    out = tmp_path / "report.json"
+    result = runner.invoke(app, ["bench", "fit", "--workdir", str(workdir), "--models", "tiny,h128",
+                                 "--budget", "0", "--folds", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Cost-model reference" in result.output and "held-out model" in result.output
+    written = json.loads(out.read_text())
+    assert written["runs"] == {} and written["report"]["data"]["runs"] == first.report["data"]["runs"]
+    assert written["summary"]["by_run"]["median_ape"] == pytest.approx(
+        first.summary()["by_run"]["median_ape"])
