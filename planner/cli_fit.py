@@ -79,7 +79,7 @@ def print_report(report: dict[str, Any]) -> None:
                     if v != float("inf"))
     over = report["overheads_s"]
     console.print(f"Roofline efficiency (share of measured rate reached): {eff}. Overheads: "
-                  f"{over['step'] * 1e6:.0f} us/step, {over['seq'] * 1e6:.1f} us/sequence, "
+                  f"{over['step'] * 1e6:.0f} us/forward pass, {over['seq'] * 1e6:.1f} us/sequence, "
                   f"{over['layer_pass'] * 1e6:.1f} us/layer.")
 
 

@@ -42,7 +42,10 @@ FEATURES = (*PHYSICS[1:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel
             # How slow the host ran meanwhile against its typical moment (planner.host_speed):
             # one core, then every core at once. New features are appended, so trees saved before
             # them still index right.
-            "host_slowdown", "host_parallel_slowdown", "prefill_pass")
+            "host_slowdown", "host_parallel_slowdown", "prefill_pass",
+            # Forward passes the step runs: the target's, and with a draft, k draft passes for
+            # the decoding sequences. The per-step overhead is charged per pass (`per_pass_`).
+            "forward_passes")
 _PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:]]
 
 
@@ -91,7 +94,9 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_speculative_tokens": deployment.num_speculative_tokens,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
+    draft_passes = decoding * deployment.num_speculative_tokens if deployment.draft is not None else 0.0
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
+               "forward_passes": 1.0 + draft_passes + np.zeros(n),
                "prefill_pass": (comp["num_prefill_seqs"] > 0) * float(deployment.target.num_layers),
                **{k: np.full(n, float(v)) for k, v in constants.items()},
                "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
@@ -99,9 +104,17 @@ def feature_matrix(deployment: Deployment, device: Device,
     return np.column_stack([columns[name] for name in FEATURES])
 
 
-def _physics_columns(X: np.ndarray, count: int = len(PHYSICS)) -> np.ndarray:
-    """The first `count` PHYSICS columns (a model saved before the later ones has fewer)."""
-    return np.column_stack([np.ones(len(X)), X[:, _PHYSICS_COLUMNS[:count - 1]]])
+def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = True) -> np.ndarray:
+    """The first `count` PHYSICS columns (a model saved before the later ones has fewer).
+
+    `per_pass`: the fixed overhead ("step") is paid once per forward pass, so a speculative
+    step pays it k + 1 times. A draft's pass costs what any small model's pass costs (its
+    launch, its layers, its sampling), so with it per pass, a model profiled without a draft
+    prices one with a draft; charged once per step, only the draft term (fitted on profiled
+    pairs alone) did, and a pair never profiled came out 1.4-2x too fast. Models saved before
+    have it per step."""
+    first = X[:, FEATURES.index("forward_passes")] if per_pass else np.ones(len(X))
+    return np.column_stack([first, X[:, _PHYSICS_COLUMNS[:count - 1]]])
 
 
 class TreeEnsemble:
@@ -211,6 +224,7 @@ class StepTimeModel:
     learning_rate: float = 0.1
     random_state: int = 0
     physics_coef_: np.ndarray | None = None
+    per_pass_: bool = True  # the "step" overhead is per forward pass (`_physics_columns`)
     residual_: TreeEnsemble | None = None
     interval_: tuple[float, float] = (0.0, 0.0)  # log-ratio quantiles of held-out steps
     # Quantiles (at NOISE_LEVELS) of how a step's log-time strays from its run's typical
@@ -329,6 +343,7 @@ class StepTimeModel:
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
         physics = LinearRegression(fit_intercept=False, positive=True)
+        self.per_pass_ = True
         physics.fit(_physics_columns(X), y, sample_weight=1.0 / y ** 2)  # relative error
         self.physics_coef_ = physics.coef_.copy()
         residual = np.log(y) - np.log(self.predict_physics(X))
@@ -343,7 +358,7 @@ class StepTimeModel:
         """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
-        columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_))
+        columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_), self.per_pass_)
         return np.maximum(columns @ self.physics_coef_, 1e-7)
 
     def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
@@ -436,6 +451,7 @@ class StepTimeModel:
                              "pilot computes; run `pilot fit` again")
         model = cls(coverage=float(data["coverage"]))
         model.physics_coef_ = np.array(data["physics_coef"], dtype=float)
+        model.per_pass_ = "forward_passes" in stored
         model.residual_ = TreeEnsemble.from_dict(data["residual"])
         model.interval_ = (float(data["interval"][0]), float(data["interval"][1]))
         noise = data.get("noise")

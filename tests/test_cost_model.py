@@ -134,11 +134,59 @@ def test_a_prefill_costs_the_same_beside_many_decodes_as_beside_few():
 def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
     X, y = _prefilling_steps(np.random.default_rng(5), 1000, decodes_beside_prefill=16)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:-1]),
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("prefill_pass")]),
                                      "physics_coef": data["physics_coef"][:-1]})
     ones = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS)]]])
     np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ data["physics_coef"][:-1], 1e-7))
+
+
+def _decode_steps(rng: np.random.Generator, n: int, k: int, layers: int = 4,
+                  hidden: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Decode steps of a small target, with a draft proposing k tokens a sequence when k > 0.
+    The true time pays a fixed cost per forward pass: the target's, and each draft pass."""
+    target = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
+                        num_kv_heads=2, head_dim=hidden // 4, vocab_size=512)
+    draft = ModelShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, head_dim=16, vocab_size=512)
+    deployment = Deployment(target, "bfloat16", None, draft=draft if k else None, num_speculative_tokens=k)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    decode = rng.integers(1, 17, n)
+    steps = {"num_seqs": decode, "num_prefill_seqs": np.zeros(n, dtype=int), "num_decode_seqs": decode,
+             "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode * (k + 1),
+             "context_tokens": decode * rng.integers(16, 128, n), "num_draft_tokens": decode * k}
+    X = feature_matrix(deployment, device, steps)
+    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
+    truth = (2e-4 * (1 + k) + 1.5e-5 * cols["seq"] + 2e-5 * cols["layer_pass"]
+             + cols["weights_s"] / 0.3 + cols["compute_s"] / 0.4)
+    return X, truth * np.exp(rng.normal(scale=0.02, size=n))
+
+
+def test_a_draft_never_profiled_is_priced_by_its_forward_passes():
+    """Fitted on targets alone (of several depths and widths, so a pass's cost, a layer's and
+    the weights' come apart), the model prices a target with a draft: each draft pass pays the
+    fixed cost any forward pass does (`forward_passes`)."""
+    parts = [_decode_steps(np.random.default_rng(layers), 1000, k=0, layers=layers, hidden=hidden)
+             for layers, hidden in ((2, 512), (4, 128), (6, 256))]
+    X, y = np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    model = StepTimeModel().fit(X, y, np.repeat(np.arange(30), 100))
+    assert model.overheads_s["step"] == pytest.approx(2e-4, rel=0.15)
+    X_spec, y_spec = _decode_steps(np.random.default_rng(20), 1000, k=4)
+    assert set(np.unique(X_spec[:, FEATURES.index("forward_passes")])) == {5.0}
+    assert np.median(np.abs(np.log(model.predict_physics(X_spec) / y_spec))) < 0.05
+    # Charged once a step, as models saved before forward passes were, the draft is nearly free.
+    model.per_pass_ = False
+    assert np.median(model.predict_physics(X_spec) / y_spec) < 0.75
+
+
+def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_step():
+    X, y = _decode_steps(np.random.default_rng(8), 1000, k=2)
+    data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")])})
+    assert not older.per_pass_ and StepTimeModel.from_dict(data).per_pass_
+    once = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
+                                                   ("seq", "layer_pass", *TERMS, "prefill_pass")]]])
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ data["physics_coef"], 1e-7))
 
 
 def test_step_jitter_is_kept_per_process_layout():
