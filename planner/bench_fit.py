@@ -107,7 +107,8 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     workload = Workload.from_flags(ISL, OSL, concurrency=1, num_requests=num_requests)
     search = SearchSpace.from_file(space)
     runs: dict[str, int] = {}
-    for name, (model_dir, draft) in models.items() if budget_s > 0 else ():
+    profiling = models.items() if budget_s > 0 else ()
+    for name, (model_dir, draft) in profiling:
         campaign = plan_campaign(store, model_dir, search if draft else search.without_drafts(),
                                  workload, draft, repeats=repeats)
         result = profile(store, campaign, workload, budget_s,
