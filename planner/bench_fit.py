@@ -71,9 +71,18 @@ class FitBenchmark:
         return out
 
 
+def check_names(names: Sequence[str]) -> None:
+    """Before anything is made: every name is a reference model, and there is one at least."""
+    unknown = [n for n in names if n not in REFERENCE_MODELS and n != PAIR]
+    if unknown or not names:
+        raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join([*REFERENCE_MODELS, PAIR])}")
+
+
 def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_TRAIN_S
                 ) -> dict[str, tuple[str, str | None]]:
     """Each model's checkpoint (and draft), made once per workdir."""
+    check_names(names)
     out: dict[str, tuple[str, str | None]] = {}
     for seed, name in enumerate(names):
         target = workdir / "models" / name
@@ -84,8 +93,6 @@ def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_
                 train_pair(target, seconds=pair_train_s, seed=seed)
             out[name] = (str(target / "target"), str(target / "draft"))
             continue
-        if name not in REFERENCE_MODELS:
-            raise ValueError(f"models: unknown {name!r}; choose from {', '.join([*REFERENCE_MODELS, PAIR])}")
         if not (target / "config.json").is_file():
             shape = workdir / "models" / f"{name}.json"
             shape.parent.mkdir(parents=True, exist_ok=True)

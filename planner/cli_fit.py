@@ -171,18 +171,15 @@ def bench_fit(
 ) -> None:
     """The cost model's reference: profile eight model shapes here, fit, and print the
     cross-validated errors against the targets and the host's noise floor."""
-    from planner.bench_fit import PAIR, REFERENCE_MODELS, run_fit_benchmark
+    from planner.bench_fit import PAIR, REFERENCE_MODELS, check_names, run_fit_benchmark
     from planner.cli_profile import parse_duration
     from planner.cost_model import FitError
 
     names = [m.strip() for m in models.split(",") if m.strip()] if models else [*REFERENCE_MODELS, PAIR]
-    unknown = [m for m in names if m not in REFERENCE_MODELS and m != PAIR]
-    if unknown or not names:
-        _fail(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
-              f"{', '.join([*REFERENCE_MODELS, PAIR])}")
     if folds < 2:
         _fail(f"--folds: must be >= 2, got {folds}")
     try:
+        check_names(names)
         seconds = 0.0 if budget.strip() in ("0", "0s") else parse_duration(budget)
     except ValueError as err:
         _fail(str(err))

@@ -94,9 +94,8 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_speculative_tokens": deployment.num_speculative_tokens,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
     }
-    draft_passes = decoding * deployment.num_speculative_tokens if deployment.draft is not None else 0.0
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
-               "forward_passes": 1.0 + draft_passes + np.zeros(n),
+               "forward_passes": 1.0 + decoding * (deployment.num_speculative_tokens if deployment.draft else 0),
                "prefill_pass": (comp["num_prefill_seqs"] > 0) * float(deployment.target.num_layers),
                **{k: np.full(n, float(v)) for k, v in constants.items()},
                "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
