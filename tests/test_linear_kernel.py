@@ -21,6 +21,10 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.linear_supported(torch.float32, 
     (13, 100, 96),    # rows past one 12-row register tile, odd panel count
     (200, 48, 2050),  # several cache blocks of rows
     (7, 8, 32),       # fewer outputs than one panel (a MoE router)
+    # With AMX (bf16, 8 rows or more, K a multiple of 32), the tile unit's path:
+    (40, 1000, 384),  # two 16-row tiles and a short one, a masked last block
+    (300, 64, 2048),  # several cache blocks of rows
+    (8, 32, 32),      # one short tile, one block, one K step
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_f_linear(dtype, tol, rows, out_features, in_features, bias):
