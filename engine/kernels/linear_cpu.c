@@ -236,6 +236,37 @@ static inline void amx_tile(const uint16_t *x, int64_t ldx, const uint16_t *w, i
     _tile_stored(1, c + 16, 128);
 }
 
+/* `rows` rows of x against one packed block (tiles configured): whole tiles straight from x,
+ * the last rows, fewer than a tile, copied into zeroed rows of `*tail` (allocated on first
+ * need, freed by the caller): a tile's shape is set per thread, and a short one would mean
+ * configuring again. */
+static void amx_rows(const uint16_t *x, int64_t ldx, const uint16_t *wb, int64_t k, const void *bias,
+                     int64_t col, int64_t n, uint16_t *y, int64_t rows, uint16_t **tail) {
+    float c[AMX_ROWS * 32] __attribute__((aligned(64)));
+    const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
+    const __m512 b0 = bias16(bias, 1, col, m0), b1 = bias16(bias, 1, col + 16, m1);
+    for (int64_t r = 0; r < rows; r += AMX_ROWS) {
+        const int mr = (int)(rows - r < AMX_ROWS ? rows - r : AMX_ROWS);
+        const uint16_t *xr = x + r * ldx;
+        int64_t ld = ldx;
+        if (mr < AMX_ROWS) {
+            if (!*tail) *tail = (uint16_t *)calloc((size_t)(AMX_ROWS * k), 2);
+            for (int i = 0; i < mr; i++) memcpy(*tail + i * k, xr + i * ldx, (size_t)k * 2);
+            xr = *tail;
+            ld = k;
+        }
+        amx_tile(xr, ld, wb, k, c);
+        for (int i = 0; i < mr; i++) {
+            store16(y, (r + i) * n + col, _mm512_add_ps(_mm512_load_ps(c + i * 32), b0), 1, m0);
+            store16(y, (r + i) * n + col + 16, _mm512_add_ps(_mm512_load_ps(c + i * 32 + 16), b1), 1, m1);
+        }
+    }
+}
+
+static int amx_fits(int is_bf16, int64_t rows, int64_t k) {
+    return is_bf16 && rows >= AMX_MIN_ROWS && k % AMX_K == 0 && amx_usable();
+}
+
 static void amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, const void *bias, uint16_t *y,
                        int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t blocks = (n + 31) / 32;
@@ -244,35 +275,12 @@ static void amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, const 
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
-        float c[AMX_ROWS * 32] __attribute__((aligned(64)));
-        /* The last rows, fewer than a tile, are copied into zeroed rows: a tile's shape is set
-         * per thread, so a short one would mean configuring again. */
         uint16_t *tail = NULL;
         for (int64_t r0 = 0; r0 < m; r0 += mc) {
             const int64_t rows = m - r0 < mc ? m - r0 : mc;
 #pragma omp for schedule(static) nowait
-            for (int64_t b = 0; b < blocks; b++) {
-                const uint16_t *wb = w + b * 32 * k;
-                const int64_t col = 32 * b;
-                const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
-                const __m512 b0 = bias16(bias, 1, col, m0), b1 = bias16(bias, 1, col + 16, m1);
-                for (int64_t r = r0; r < r0 + rows; r += AMX_ROWS) {
-                    const int mr = (int)(r0 + rows - r < AMX_ROWS ? r0 + rows - r : AMX_ROWS);
-                    const uint16_t *xr = x + r * ldx;
-                    int64_t ld = ldx;
-                    if (mr < AMX_ROWS) {
-                        if (!tail) tail = (uint16_t *)calloc((size_t)(AMX_ROWS * k), 2);
-                        for (int i = 0; i < mr; i++) memcpy(tail + i * k, xr + i * ldx, (size_t)k * 2);
-                        xr = tail;
-                        ld = k;
-                    }
-                    amx_tile(xr, ld, wb, k, c);
-                    for (int i = 0; i < mr; i++) {
-                        store16(y, (r + i) * n + col, _mm512_add_ps(_mm512_load_ps(c + i * 32), b0), 1, m0);
-                        store16(y, (r + i) * n + col + 16, _mm512_add_ps(_mm512_load_ps(c + i * 32 + 16), b1), 1, m1);
-                    }
-                }
-            }
+            for (int64_t b = 0; b < blocks; b++)
+                amx_rows(x + r0 * ldx, ldx, w + b * 32 * k, k, bias, 32 * b, n, y + r0 * n, rows, &tail);
         }
         free(tail);
         _tile_release();
@@ -285,6 +293,16 @@ static void amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, const 
 void pilot_linear_block(const void *x, int64_t ldx, const void *block, int64_t k,
                         const void *bias, int64_t col, int64_t n, void *y, int64_t rows,
                         int is_bf16) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (amx_fits(is_bf16, rows, k)) { /* the quantized linears' dequantized blocks */
+        uint16_t *tail = NULL;
+        amx_configure();
+        amx_rows((const uint16_t *)x, ldx, (const uint16_t *)block, k, bias, col, n, (uint16_t *)y, rows, &tail);
+        _tile_release();
+        free(tail);
+        return;
+    }
+#endif
     const int elem = is_bf16 ? 2 : 4;
     for (int64_t r = 0; r < rows; r += MR) {
         const int mr = (int)(rows - r < MR ? rows - r : MR);
@@ -315,7 +333,7 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
     if (!(pilot_linear_caps() & (is_bf16 ? 2 : 1)) || (is_bf16 && k % 2)) return -1;
 #ifdef __AVX512F__
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (is_bf16 && m >= AMX_MIN_ROWS && k % AMX_K == 0 && amx_usable()) {
+    if (amx_fits(is_bf16, m, k)) {
         amx_linear((const uint16_t *)x, ldx, (const uint16_t *)w, bias, (uint16_t *)y, m, n, k, num_threads);
         return 0;
     }

@@ -6,7 +6,8 @@
  *   scales, mins  [ceil(N/32)][K / group][32]  float; w = q * scale (+ min, int4 only)
  * One row of x (decode) runs straight off the quantized bytes: the weights are the traffic, and
  * int8/int4 carry 2x/~3.5x fewer of them than bf16. More rows dequantize one block at a time into
- * a dense block in L2 and reuse the dense kernel's register tiles, so prefill stays compute-bound.
+ * a dense block in L2 and reuse the dense kernel's register tiles (AMX tiles for bf16 where the
+ * CPU has them), so prefill stays compute-bound.
  * x, y, bias are fp32 or bf16 (is_bf16), accumulation fp32.
  */
 #include <stdint.h>
