@@ -186,7 +186,7 @@ static void row(const void *x, const void *w, int64_t k, const void *bias, int64
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define AMX_MIN_ROWS 8 /* below this the vdpbf16ps tile (MR rows) is as fast */
+#define AMX_MIN_ROWS 8 /* at 8 rows the tiles ran 2.7x the vdpbf16ps tile; fewer were not tried */
 #define AMX_ROWS 16    /* rows of x per tile */
 #define AMX_K 32       /* bf16 values of K per tile step */
 
