@@ -65,9 +65,10 @@ class FitBenchmark:
             if section in self.report:
                 overall = self.report[section]["overall"]
                 out[section] = {k: overall[k] for k in ("median_ape", "p90_ape", "coverage")}
-        if "noise_floor" in self.report:
-            floor = self.report["noise_floor"]["overall"]
-            out["noise_floor"] = {k: floor[k] for k in ("median_ape", "p90_ape")}
+        for section in ("noise_floor", "median_noise_floor"):
+            if self.report.get(section):
+                floor = self.report[section]["overall"]
+                out[section] = {k: floor[k] for k in ("median_ape", "p90_ape")}
         return out
 
 

@@ -61,6 +61,13 @@ def print_report(report: dict[str, Any]) -> None:
             f"{single['median_ape']:.1%} median, {single['p90_ape']:.1%} p90 ({single['coverage']:.0%} "
             f"covered); one run strays from its repeats' median by {floor['overall']['median_ape']:.1%} "
             f"median, {floor['overall']['p90_ape']:.1%} p90 (the noise floor of single runs here).")
+        if report.get("median_noise_floor"):
+            medians = report["median_noise_floor"]["overall"]
+            console.print(
+                f"A perfect model would still err about {medians['median_ape']:.1%} median, "
+                f"{medians['p90_ape']:.1%} p90 against those medians (estimated by drawing each "
+                f"measurement's repeats again from the pooled spread of runs): the floor the "
+                f"held-out errors above stand on.")
     if "host_speed" in report:
         host = report["host_speed"]
         p10, _, p90 = host["slowdown_p10_p50_p90"]
@@ -203,7 +210,8 @@ def bench_fit(
     for column in ("cross-validation", "median APE", "p90 APE", "80% coverage"):
         table.add_column(column, justify="left" if column == "cross-validation" else "right")
     targets = result.report["targets"]
-    labels = {"by_run": "held-out runs", "by_model": "held-out model", "noise_floor": "noise floor (one run)"}
+    labels = {"by_run": "held-out runs", "by_model": "held-out model", "noise_floor": "noise floor (one run)",
+              "median_noise_floor": "noise floor (medians, est.)"}
     for section, figures in summary.items():
         table.add_row(labels[section], f"{figures['median_ape']:.1%}", f"{figures['p90_ape']:.1%}",
                       f"{figures['coverage']:.1%}" if "coverage" in figures else "")

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from planner import host_speed
 from planner.fit_data import (METRICS, RunData, data_version, host_key, host_references, length_coverage,
                               load_runs, set_host_slowdown)
+from planner.noise_floor import median_noise_floor, noise_floor
 from planner.step_model import StepTimeModel, feature_matrix
 from planner.store import CostModelRow, Store
 
@@ -271,29 +272,6 @@ def by_measurement(values: np.ndarray, groups: np.ndarray,
     return np.array([how(values[groups == g], axis=0) for g in range(groups.max() + 1)])
 
 
-def noise_floor(measured: np.ndarray, groups: np.ndarray) -> dict[str, Any] | None:
-    """How far one run strays from the median of its repeats' other runs, per metric: the error
-    a perfect model would still show against single runs on this machine. None without repeats."""
-    apes: dict[str, list[float]] = {m: [] for m in METRICS}
-    sizes = np.bincount(groups)
-    for i, g in enumerate(groups):
-        if sizes[g] < 2:
-            continue
-        others = np.median(measured[(groups == g) & (np.arange(len(groups)) != i)], axis=0)
-        for j, m in enumerate(METRICS):
-            if measured[i, j] > 0 and others[j] > 0:
-                apes[m].append(abs(measured[i, j] / others[j] - 1))
-    every = [a for values in apes.values() for a in values]
-    if not every:
-        return None
-
-    def summary(a: list[float]) -> dict[str, float]:
-        return {"median_ape": float(np.median(a)), "p90_ape": float(np.quantile(a, 0.9))}
-
-    return {"measurements": int((sizes >= 2).sum()), "runs": int(sizes[sizes >= 2].sum()),
-            "metrics": {m: summary(a) for m, a in apes.items() if a}, "overall": summary(every)}
-
-
 def _measurement_key(run: RunData) -> str:
     lengths = [(len(q.prompt_token_ids), q.output_tokens) for q in run.requests]
     return json.dumps([run.model_fingerprint, run.spec_name, run.config, run.deployment, run.load_kind,
@@ -323,6 +301,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     if repeated:
         report["by_run"]["single_runs"] = accuracy(measured, predicted, by_run_folds, step_errors)["overall"]
         report["noise_floor"] = noise_floor(measured, groups)
+        report["median_noise_floor"] = median_noise_floor(measured, groups, seed)
     report["measurements"] = len(first)
     read = [r.host_slowdown for r in runs if r.host_probe_s is not None]
     if read:

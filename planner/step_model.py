@@ -343,8 +343,15 @@ class StepTimeModel:
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
         physics = LinearRegression(fit_intercept=False, positive=True)
         self.per_pass_ = True
-        physics.fit(_physics_columns(X), y, sample_weight=1.0 / y ** 2)  # relative error
+        columns = _physics_columns(X)
+        physics.fit(columns, y, sample_weight=1.0 / y ** 2)  # relative error
         self.physics_coef_ = physics.coef_.copy()
+        draft, weights = PHYSICS.index("draft_s"), PHYSICS.index("weights_s")
+        if not columns[:, draft].any():
+            # No step here ran a draft, so its coefficient is 0 by default and a draft would
+            # cost only its passes' overheads. A draft pass is a small model's decode: price its
+            # roofline as the target's weight reads are priced.
+            self.physics_coef_[draft] = self.physics_coef_[weights]
         residual = np.log(y) - np.log(self.predict_physics(X))
         booster = HistGradientBoostingRegressor(
             max_iter=self.max_iter, max_depth=self.max_depth, learning_rate=self.learning_rate,

@@ -144,7 +144,8 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
 def _decode_steps(rng: np.random.Generator, n: int, k: int, layers: int = 4,
                   hidden: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Decode steps of a small target, with a draft proposing k tokens a sequence when k > 0.
-    The true time pays a fixed cost per forward pass: the target's, and each draft pass."""
+    The true time pays a fixed cost per forward pass: the target's, and each draft pass, and
+    the draft reads its weights as the target does."""
     target = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
                         num_kv_heads=2, head_dim=hidden // 4, vocab_size=512)
     draft = ModelShape(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -158,19 +159,21 @@ def _decode_steps(rng: np.random.Generator, n: int, k: int, layers: int = 4,
     X = feature_matrix(deployment, device, steps)
     cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
     truth = (2e-4 * (1 + k) + 1.5e-5 * cols["seq"] + 2e-5 * cols["layer_pass"]
-             + cols["weights_s"] / 0.3 + cols["compute_s"] / 0.4)
+             + (cols["weights_s"] + cols["draft_s"]) / 0.3 + cols["compute_s"] / 0.4)
     return X, truth * np.exp(rng.normal(scale=0.02, size=n))
 
 
 def test_a_draft_never_profiled_is_priced_by_its_forward_passes():
     """Fitted on targets alone (of several depths and widths, so a pass's cost, a layer's and
     the weights' come apart), the model prices a target with a draft: each draft pass pays the
-    fixed cost any forward pass does (`forward_passes`)."""
+    fixed cost any forward pass does (`forward_passes`), and reads its weights at the
+    efficiency the target's were read."""
     parts = [_decode_steps(np.random.default_rng(layers), 1000, k=0, layers=layers, hidden=hidden)
              for layers, hidden in ((2, 512), (4, 128), (6, 256))]
     X, y = np.vstack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     model = StepTimeModel().fit(X, y, np.repeat(np.arange(30), 100))
     assert model.overheads_s["step"] == pytest.approx(2e-4, rel=0.15)
+    assert model.efficiency["draft_s"] == model.efficiency["weights_s"] == pytest.approx(0.3, rel=0.15)
     X_spec, y_spec = _decode_steps(np.random.default_rng(20), 1000, k=4)
     assert set(np.unique(X_spec[:, FEATURES.index("forward_passes")])) == {5.0}
     assert np.median(np.abs(np.log(model.predict_physics(X_spec) / y_spec))) < 0.05
@@ -419,6 +422,24 @@ def test_repeats_are_judged_by_their_median_and_show_the_noise_floor():
     assert floor["overall"]["median_ape"] == pytest.approx(np.median(ape))
     assert floor["metrics"]["itl_p50"]["p90_ape"] == pytest.approx(np.quantile(ape, 0.9))
     assert cost_model.noise_floor(measured, np.arange(6)) is None
+
+
+def test_the_median_floor_is_what_a_perfect_model_errs_against_medians_of_repeats():
+    # 400 configurations, each measured 3 times with log-normal noise of sd 0.2 about its true
+    # value: a model predicting the true values exactly errs against the medians by the floor.
+    rng = np.random.default_rng(1)
+    m = len(cost_model.METRICS)
+    true = rng.uniform(1, 10, size=(400, m))
+    groups = np.repeat(np.arange(400), 3)
+    measured = true[groups] * np.exp(rng.normal(0, 0.2, size=(1200, m)))
+    perfect = np.abs(cost_model.by_measurement(measured, groups) / true - 1)
+    floor = cost_model.median_noise_floor(measured, groups)
+    assert floor["measurements"] == 400
+    assert floor["overall"]["median_ape"] == pytest.approx(np.median(perfect), rel=0.1)
+    assert floor["overall"]["p90_ape"] == pytest.approx(np.quantile(perfect, 0.9), rel=0.1)
+    # Below the single-run floor: a median of three strays less than one run does.
+    assert floor["overall"]["median_ape"] < 0.8 * cost_model.noise_floor(measured, groups)["overall"]["median_ape"]
+    assert cost_model.median_noise_floor(measured, np.arange(1200)) is None
 
 
 def test_each_process_layout_is_bounded_by_its_own_held_out_errors(profiled, fitted):
