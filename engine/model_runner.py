@@ -24,7 +24,7 @@ from engine.models.llama import LlamaForCausalLM
 from engine.sampler import sample
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import DraftProposer, verify
+from engine.spec_decode import DraftProposer, row_probs, verify
 
 logger = logging.getLogger(__name__)
 
@@ -189,12 +189,25 @@ class ModelRunner:
                             [s.generator or self.generator for s in seqs])
             for idx, token in zip(plain, tokens):
                 result[idx] = [token]
-        for idx in spans:
+        drafted = [idx for idx in spans if out.scheduled[idx].spec_token_ids]
+        # The target's distributions at every sampled drafted row, in one call.
+        sampled = [idx for idx in drafted if not out.scheduled[idx].seq.params.greedy]
+        target_probs: dict[int, torch.Tensor] = {}
+        if sampled:
+            rows_of = [r for idx in sampled for r in range(spans[idx].start, spans[idx].stop)]
+            params = [out.scheduled[idx].seq.params for idx in sampled
+                      for _ in range(spans[idx].stop - spans[idx].start)]
+            probs = row_probs(logits[rows_of], params)
+            first = 0
+            for idx in sampled:
+                width = spans[idx].stop - spans[idx].start
+                target_probs[idx] = probs[first:first + width]
+                first += width
+        for idx in drafted:
             item = out.scheduled[idx]
-            if item.spec_token_ids:
-                seq = item.seq
-                result[idx] = verify(logits[spans[idx]], item.spec_token_ids, seq.draft_probs,
-                                     seq.params, seq.generator or self.generator)
+            seq = item.seq
+            result[idx] = verify(logits[spans[idx]], item.spec_token_ids, seq.draft_probs,
+                                 seq.params, seq.generator or self.generator, target_probs.get(idx))
         return result
 
     def propose(self, seqs: list[Sequence]) -> None:

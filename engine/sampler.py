@@ -30,8 +30,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 def filtered_probs(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
     """Softmax over each row's top-k, then top-p, tokens (temperature already applied)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[-1]
+    if all(k < 0 or k >= vocab for k in top_ks) and all(p >= 1.0 for p in top_ps):
+        # Nothing to cut: the sort and scatter below cost a drafted sequence more than its pass.
+        return logits.softmax(dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
     k = torch.tensor([vocab if k < 0 else min(k, vocab) for k in top_ks], device=logits.device)
     drop = ranks >= k.unsqueeze(1)

@@ -32,8 +32,15 @@ if TYPE_CHECKING:
 
 def request_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, vocab] logits -> the distributions this request samples from (temperature, top-k/p)."""
-    return filtered_probs(logits / params.temperature, [params.top_k] * logits.shape[0],
-                          [params.top_p] * logits.shape[0])
+    return row_probs(logits, [params] * logits.shape[0])
+
+
+def row_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[n, vocab] logits -> each row's distribution under its own request's parameters: one
+    call for every sampled row of a step, where a call per sequence cost more than the draft's
+    forward pass."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    return filtered_probs(logits / temps.unsqueeze(1), [p.top_k for p in params], [p.top_p for p in params])
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -43,9 +50,11 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 
 def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
-           params: SamplingParams, generator: torch.Generator) -> list[int]:
-    """target_logits: [k + 1, vocab] at the last token and each draft. Returns the accepted
-    drafts followed by one token from the target (a correction, or a bonus after all k)."""
+           params: SamplingParams, generator: torch.Generator,
+           target_probs: torch.Tensor | None = None) -> list[int]:
+    """target_logits: [k + 1, vocab] at the last token and each draft (`target_probs`: their
+    distributions under `params`, if already computed). Returns the accepted drafts followed by
+    one token from the target (a correction, or a bonus after all k)."""
     if params.greedy:
         best = target_logits.argmax(dim=-1).tolist()
         out = []
@@ -55,11 +64,15 @@ def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
             out.append(d)
         return out + [best[len(out)]]
     assert draft_probs is not None, "sampled drafts need the draft's probabilities"
-    p = request_probs(target_logits, params)
+    p = request_probs(target_logits, params) if target_probs is None else target_probs
+    # Every draft's two probabilities and its uniform in three reads, not three per draft.
+    index = torch.arange(len(drafts), device=p.device)
+    chosen = torch.tensor(drafts, device=p.device)
+    p_draft, q_draft = p[index, chosen].tolist(), draft_probs[index, chosen].tolist()
+    uniforms = torch.rand(len(drafts), generator=generator, device=p.device).tolist()
     out = []
     for i, d in enumerate(drafts):
-        u = torch.rand((), generator=generator, device=p.device).item()
-        if u * float(draft_probs[i, d]) <= float(p[i, d]):  # u < p/q without dividing by 0
+        if uniforms[i] * q_draft[i] <= p_draft[i]:  # u < p/q without dividing by 0
             out.append(d)
             continue
         residual = (p[i] - draft_probs[i]).clamp_min_(0)
@@ -101,12 +114,17 @@ class DraftProposer:
                 row += items[idx].num_new_tokens
                 rows.append((idx, row - 1))
             logits = self.draft.compute_logits(hidden[[r for _, r in rows]])
-            for (idx, _), row_logits in zip(rows, logits):
-                seq = items[idx].seq
+            seqs_in_rows = [items[idx].seq for idx, _ in rows]
+            best = logits.argmax(dim=-1).tolist()
+            sampled = [i for i, seq in enumerate(seqs_in_rows) if not seq.params.greedy]
+            q_rows = row_probs(logits[sampled], [seqs_in_rows[i].params for i in sampled]) if sampled else None
+            q_of = {i: n for n, i in enumerate(sampled)}
+            for i, seq in enumerate(seqs_in_rows):
                 if seq.params.greedy:
-                    seq.spec_token_ids.append(int(row_logits.argmax()))
+                    seq.spec_token_ids.append(best[i])
                 else:
-                    q = request_probs(row_logits.unsqueeze(0), seq.params)[0]
+                    assert q_rows is not None
+                    q = q_rows[q_of[i]]
                     seq.spec_token_ids.append(_draw(q, seq.generator or self.runner.generator))
                     probs[id(seq)].append(q)
         for s in seqs:

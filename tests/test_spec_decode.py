@@ -7,7 +7,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.model_zoo import make_checkpoint
-from engine.spec_decode import verify
+from engine.spec_decode import request_probs, row_probs, verify
 from planner.training import BOS, stdlib_corpus
 
 
@@ -125,6 +125,20 @@ def test_rejection_rule_preserves_the_target_distribution(k):
         counts[out[0]] += 1
     tv = 0.5 * (counts / trials - p[0]).abs().sum().item()
     assert tv < 0.02, f"first-token distribution off the target's by TV {tv:.3f}"
+
+
+def test_one_call_gives_each_row_its_own_requests_distribution():
+    """A step's sampled rows go through one call; each row must come out as its own request's
+    distribution alone would, the unfiltered ones (which skip the sort) included."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=2.0, top_k=50),
+              SamplingParams(temperature=0.5, top_k=3, top_p=0.9)]
+    together = row_probs(logits, params)
+    for i, request in enumerate(params):
+        torch.testing.assert_close(together[i], request_probs(logits[i:i + 1], request)[0])
+    torch.testing.assert_close(together[0], (logits[0] / 0.7).softmax(-1))
+    assert (together[1] > 0).sum() == 5 and (together[4] > 0).sum() <= 3
 
 
 def test_greedy_verification_keeps_drafts_while_they_match():
