@@ -21,8 +21,10 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.linear_supported(torch.float32, 
     (13, 100, 96),    # rows past one 12-row register tile, odd panel count
     (200, 48, 2050),  # several cache blocks of rows
     (7, 8, 32),       # fewer outputs than one panel (a MoE router)
-    # With AMX (bf16, 8 rows or more, K a multiple of 32), the tile unit's path:
+    # With AMX (bf16, 3 rows or more, K a multiple of 32), the tile unit's path (the two above
+    # with 3 and 7 rows as well):
     (40, 1000, 384),  # two 16-row tiles and a short one, a masked last block
+    (5, 3072, 512),   # a decode batch: one short tile met by many blocks
     (300, 64, 2048),  # several cache blocks of rows
     (8, 32, 32),      # one short tile, one block, one K step
 ])
@@ -38,6 +40,21 @@ def test_matches_f_linear(dtype, tol, rows, out_features, in_features, bias):
     ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
     assert out.dtype == dtype and out.shape == (rows, out_features)
     assert (out.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_a_short_tile_of_strided_bf16_rows():
+    """The rows past the last whole 16-row tile are copied out of a row-strided x."""
+    if not cpu_kernels.linear_supported(torch.bfloat16, CPU, 512):
+        pytest.skip("bfloat16 not supported by this CPU")
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(96, 512, generator=gen).to(torch.bfloat16)
+    packed = cpu_kernels.pack_linear_weight(weight)
+    for rows in (4, 21):
+        wide = torch.randn(rows, 600, generator=gen).to(torch.bfloat16)
+        view = wide[:, 40:552]
+        ref = view.float() @ weight.float().T
+        out = cpu_kernels.linear(view, packed, None, 96).float()
+        assert (out - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
 
 
 def test_strided_and_batched_inputs():

@@ -6,7 +6,7 @@
   (AVX-512 where the CPU has it, portable C otherwise).
 - Linear layers on panel-packed weights (AVX-512, and AVX512-BF16 for bfloat16): batch-1
   decode streams the weights at the machine's read bandwidth, where oneDNN's packed GEMM reached
-  ~75% of it; at prefill sizes the two run level. Where the CPU has AMX, bf16 at 8 rows or more
+  ~75% of it; at prefill sizes the two run level. Where the CPU has AMX, bf16 at 3 rows or more
   runs on its tile unit from the same packed weights (`linear_uses_amx`): on a 2-core Xeon
   1.2x oneDNN's GEMM at 256 rows (more at 8-64) and 4-7x the AVX-512 tile.
 
@@ -156,7 +156,7 @@ def linear_supported(dtype: torch.dtype, device: torch.device, in_features: int)
 
 
 def linear_uses_amx() -> bool:
-    """Whether bf16 linears of 8 rows or more (prefill, large decode batches) run on AMX tiles."""
+    """Whether bf16 linears of 3 rows or more (prefill, decode batches, speculative verification) run on AMX tiles."""
     lib = load()
     return lib is not None and bool(lib.pilot_linear_caps() & 4)
 

@@ -186,7 +186,11 @@ static void row(const void *x, const void *w, int64_t k, const void *bias, int64
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define AMX_MIN_ROWS 8 /* at 8 rows the tiles ran 2.7x the vdpbf16ps tile; fewer were not tried */
+#define AMX_MIN_ROWS 3 /* from 3 rows the tiles beat the vdpbf16ps tile (each row of which costs
+                         * another pass of arithmetic); at 2 they tie, and 1 row streams */
+/* The quantized linears' blocks are dequantized one at a time, which costs more than either
+ * tile's arithmetic: at 3-7 rows the tiles gained nothing there (int8 and int4, 512 x 3072). */
+#define AMX_MIN_ROWS_DEQUANTIZED 8
 #define AMX_ROWS 16    /* rows of x per tile */
 #define AMX_K 32       /* bf16 values of K per tile step */
 
@@ -237,25 +241,19 @@ static inline void amx_tile(const uint16_t *x, int64_t ldx, const uint16_t *w, i
 }
 
 /* `rows` rows of x against one packed block (tiles configured): whole tiles straight from x,
- * the last rows, fewer than a tile, copied into zeroed rows of `*tail` (allocated on first
- * need, freed by the caller): a tile's shape is set per thread, and a short one would mean
- * configuring again. */
+ * the last rows, fewer than a tile, from `last`: those rows copied into a zeroed tile of their
+ * own (a tile's shape is set per thread, and a short one would mean configuring again). */
 static void amx_rows(const uint16_t *x, int64_t ldx, const uint16_t *wb, int64_t k, const void *bias,
-                     int64_t col, int64_t n, uint16_t *y, int64_t rows, uint16_t **tail) {
+                     int64_t col, int64_t n, uint16_t *y, int64_t rows, const uint16_t *last) {
     float c[AMX_ROWS * 32] __attribute__((aligned(64)));
     const __mmask16 m0 = column_mask(col, n), m1 = column_mask(col + 16, n);
     const __m512 b0 = bias16(bias, 1, col, m0), b1 = bias16(bias, 1, col + 16, m1);
     for (int64_t r = 0; r < rows; r += AMX_ROWS) {
         const int mr = (int)(rows - r < AMX_ROWS ? rows - r : AMX_ROWS);
-        const uint16_t *xr = x + r * ldx;
-        int64_t ld = ldx;
-        if (mr < AMX_ROWS) {
-            if (!*tail) *tail = (uint16_t *)calloc((size_t)(AMX_ROWS * k), 2);
-            for (int i = 0; i < mr; i++) memcpy(*tail + i * k, xr + i * ldx, (size_t)k * 2);
-            xr = *tail;
-            ld = k;
-        }
-        amx_tile(xr, ld, wb, k, c);
+        if (mr < AMX_ROWS)
+            amx_tile(last, k, wb, k, c);
+        else
+            amx_tile(x + r * ldx, ldx, wb, k, c);
         for (int i = 0; i < mr; i++) {
             store16(y, (r + i) * n + col, _mm512_add_ps(_mm512_load_ps(c + i * 32), b0), 1, m0);
             store16(y, (r + i) * n + col + 16, _mm512_add_ps(_mm512_load_ps(c + i * 32 + 16), b1), 1, m1);
@@ -263,28 +261,43 @@ static void amx_rows(const uint16_t *x, int64_t ldx, const uint16_t *wb, int64_t
     }
 }
 
-static int amx_fits(int is_bf16, int64_t rows, int64_t k) {
-    return is_bf16 && rows >= AMX_MIN_ROWS && k % AMX_K == 0 && amx_usable();
+/* The rows of x past its last whole tile, copied into a zeroed tile (NULL if there are none).
+ * Made once a call: copied again for every weight block, it cost a decode batch of 8 rows more
+ * than the tile arithmetic did. */
+static uint16_t *amx_last_tile(const uint16_t *x, int64_t ldx, int64_t rows, int64_t k) {
+    const int64_t whole = rows / AMX_ROWS * AMX_ROWS;
+    if (whole == rows) return NULL;
+    uint16_t *last = (uint16_t *)calloc((size_t)(AMX_ROWS * k), 2);
+    if (!last) return NULL;
+    for (int64_t i = whole; i < rows; i++) memcpy(last + (i - whole) * k, x + i * ldx, (size_t)k * 2);
+    return last;
 }
 
-static void amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, const void *bias, uint16_t *y,
-                       int64_t m, int64_t n, int64_t k, int num_threads) {
+static int amx_fits(int is_bf16, int64_t rows, int64_t k, int64_t min_rows) {
+    return is_bf16 && rows >= min_rows && k % AMX_K == 0 && amx_usable();
+}
+
+static int amx_linear(const uint16_t *x, int64_t ldx, const uint16_t *w, const void *bias, uint16_t *y,
+                      int64_t m, int64_t n, int64_t k, int num_threads) {
     const int64_t blocks = (n + 31) / 32;
     int64_t mc = BLOCK_BYTES / (k * 2) / AMX_ROWS * AMX_ROWS;
     if (mc < AMX_ROWS) mc = AMX_ROWS;
+    /* Row blocks are whole tiles, so only the last block's last tile is short. */
+    uint16_t *last = amx_last_tile(x, ldx, m, k);
+    if (!last && m % AMX_ROWS) return -1;
 #pragma omp parallel num_threads(num_threads)
     {
         amx_configure();
-        uint16_t *tail = NULL;
         for (int64_t r0 = 0; r0 < m; r0 += mc) {
             const int64_t rows = m - r0 < mc ? m - r0 : mc;
 #pragma omp for schedule(static) nowait
             for (int64_t b = 0; b < blocks; b++)
-                amx_rows(x + r0 * ldx, ldx, w + b * 32 * k, k, bias, 32 * b, n, y + r0 * n, rows, &tail);
+                amx_rows(x + r0 * ldx, ldx, w + b * 32 * k, k, bias, 32 * b, n, y + r0 * n, rows, last);
         }
-        free(tail);
         _tile_release();
     }
+    free(last);
+    return 0;
 }
 #endif
 
@@ -294,12 +307,13 @@ void pilot_linear_block(const void *x, int64_t ldx, const void *block, int64_t k
                         const void *bias, int64_t col, int64_t n, void *y, int64_t rows,
                         int is_bf16) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_fits(is_bf16, rows, k)) { /* the quantized linears' dequantized blocks */
-        uint16_t *tail = NULL;
+    uint16_t *last;
+    if (amx_fits(is_bf16, rows, k, AMX_MIN_ROWS_DEQUANTIZED) /* the quantized linears' blocks */
+        && ((last = amx_last_tile((const uint16_t *)x, ldx, rows, k)) || rows % AMX_ROWS == 0)) {
         amx_configure();
-        amx_rows((const uint16_t *)x, ldx, (const uint16_t *)block, k, bias, col, n, (uint16_t *)y, rows, &tail);
+        amx_rows((const uint16_t *)x, ldx, (const uint16_t *)block, k, bias, col, n, (uint16_t *)y, rows, last);
         _tile_release();
-        free(tail);
+        free(last);
         return;
     }
 #endif
@@ -333,10 +347,9 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
     if (!(pilot_linear_caps() & (is_bf16 ? 2 : 1)) || (is_bf16 && k % 2)) return -1;
 #ifdef __AVX512F__
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    if (amx_fits(is_bf16, m, k)) {
-        amx_linear((const uint16_t *)x, ldx, (const uint16_t *)w, bias, (uint16_t *)y, m, n, k, num_threads);
-        return 0;
-    }
+    if (amx_fits(is_bf16, m, k, AMX_MIN_ROWS)
+        && amx_linear((const uint16_t *)x, ldx, (const uint16_t *)w, bias, (uint16_t *)y, m, n, k, num_threads) == 0)
+        return 0; /* else the tail's copy found no memory: the register tile needs none */
 #endif
     const int elem = is_bf16 ? 2 : 4;
     const int64_t blocks = (n + 31) / 32, block_elems = 32 * k;

@@ -5,7 +5,7 @@ the weight is repacked once, after loading, into the first of these that the mac
 - panels for the engine's own kernel (AVX-512; bf16 needs AVX512-BF16): batch 1 reads the weights
   at the machine's streaming bandwidth, 1.1-1.8x oneDNN's packed GEMM, and larger batches run
   level with oneDNN (measured on a 2-core AMD EPYC, fp32 and bf16); on a CPU with AMX, bf16
-  batches of 8 rows or more run on its tile unit from the same panels, at or above oneDNN;
+  batches of 3 rows or more run on its tile unit from the same panels, at or above oneDNN;
 - oneDNN's pre-packed layout: ~73% of the read bandwidth at batch 1, against ~40% for
   `F.linear` on the plain row-major weight.
 Elsewhere (CUDA, float16, no compiler) it is `F.linear` on the plain weight.
