@@ -127,8 +127,9 @@ def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, 
     assert 1.3 < np.median(model.step_model.predict(slow_X) / model.step_model.predict(typical_X)) < 1.9
     if reading == "host_probe_s":  # plans take the one-core reading, and a typical every-core one
         # The predictor passes a planning-time slowdown through to the simulator's clock (one
-        # configuration's ITL, not the median step: it moves less than 1.3x at times).
-        assert itl(SLOW) > 1.2 * itl(1.0)
+        # configuration's ITL, not the median step: on measured runs it has moved 1.17x). Not
+        # passed through, the two would be equal: the simulation is seeded.
+        assert itl(SLOW) > 1.1 * itl(1.0)
     # Without the reading the same stretched runs are unexplained, and held-out runs err more.
     with sqlite3.connect(db) as conn:
         conn.execute(f"UPDATE runs SET {reading} = NULL")
