@@ -50,8 +50,8 @@ def median_noise_floor(measured: np.ndarray, groups: np.ndarray, seed: int = 0) 
     repeats say little about their own spread; that assumes every configuration is as noisy as
     the typical one, which spreads the tails of the noisiest over all."""
     sizes = np.bincount(groups)
-    repeated = sizes[groups] >= 2
-    if not repeated.any():
+    members = [np.flatnonzero(groups == g) for g in np.flatnonzero(sizes >= 2)]
+    if not members:
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log(np.where(measured > 0, measured, np.nan))
@@ -60,8 +60,8 @@ def median_noise_floor(measured: np.ndarray, groups: np.ndarray, seed: int = 0) 
     apes: dict[str, np.ndarray] = {}
     for j, metric in enumerate(METRICS):
         deviations = []
-        for g in np.flatnonzero(sizes >= 2):
-            values = logs[groups == g, j]
+        for runs in members:
+            values = logs[runs, j]
             values = values[np.isfinite(values)]
             if len(values) >= 2:
                 scale = np.sqrt(len(values) / (len(values) - 1))
