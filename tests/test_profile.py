@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import select
 
+from planner.cli_fit import print_report
 from planner.cli_profile import parse_duration
 from planner.export import export, run_records
 from planner.profiler import plan_campaign, profile
@@ -97,7 +98,7 @@ def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp
     assert first.run_ids[0] not in second.run_ids
 
 
-def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, space, tmp_path):
+def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, space, tmp_path, capsys):
     from planner.cost_model import fit, measurement_groups
     from planner.fit_data import load_runs
 
@@ -123,6 +124,10 @@ def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, sp
     assert all(m["runs"] <= 4 for m in report["by_run"]["metrics"].values())
     assert report["noise_floor"]["runs"] == 12 and report["noise_floor"]["overall"]["p90_ape"] > 0
     assert set(report["by_run"]["single_runs"]) == {"median_ape", "p90_ape", "coverage"}
+    medians = report["median_noise_floor"]
+    assert medians["measurements"] == 4 and 0 < medians["overall"]["median_ape"] <= medians["overall"]["p90_ape"]
+    print_report(report)
+    assert "A perfect model would still err about" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         plan_campaign(store, model_dir, search, workload, repeats=0)
 
