@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.sampler import filtered_probs
+from engine.sampler import draw, filtered_probs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
@@ -115,18 +115,17 @@ class DraftProposer:
                 rows.append((idx, row - 1))
             logits = self.draft.compute_logits(hidden[[r for _, r in rows]])
             seqs_in_rows = [items[idx].seq for idx, _ in rows]
-            best = logits.argmax(dim=-1).tolist()
+            greedy = [i for i, seq in enumerate(seqs_in_rows) if seq.params.greedy]
             sampled = [i for i, seq in enumerate(seqs_in_rows) if not seq.params.greedy]
-            q_rows = row_probs(logits[sampled], [seqs_in_rows[i].params for i in sampled]) if sampled else None
-            q_of = {i: n for n, i in enumerate(sampled)}
-            for i, seq in enumerate(seqs_in_rows):
-                if seq.params.greedy:
-                    seq.spec_token_ids.append(best[i])
-                else:
-                    assert q_rows is not None
-                    q = q_rows[q_of[i]]
-                    seq.spec_token_ids.append(_draw(q, seq.generator or self.runner.generator))
-                    probs[id(seq)].append(q)
+            if greedy:
+                for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                    seqs_in_rows[i].spec_token_ids.append(token)
+            if sampled:
+                q_rows = row_probs(logits[sampled], [seqs_in_rows[i].params for i in sampled])
+                picks = draw(q_rows, [seqs_in_rows[i].generator or self.runner.generator for i in sampled])
+                for n, (i, token) in enumerate(zip(sampled, picks)):
+                    seqs_in_rows[i].spec_token_ids.append(token)
+                    probs[id(seqs_in_rows[i])].append(q_rows[n])
         for s in seqs:
             if budget[id(s)] > 0:
                 s.num_draft_computed = s.num_tokens - 1 + len(s.spec_token_ids)

@@ -7,6 +7,7 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.model_zoo import make_checkpoint
+from engine.sampler import draw
 from engine.spec_decode import request_probs, row_probs, verify
 from planner.training import BOS, stdlib_corpus
 
@@ -139,6 +140,24 @@ def test_one_call_gives_each_row_its_own_requests_distribution():
         torch.testing.assert_close(together[i], request_probs(logits[i:i + 1], request)[0])
     torch.testing.assert_close(together[0], (logits[0] / 0.7).softmax(-1))
     assert (together[1] > 0).sum() == 5 and (together[4] > 0).sum() <= 3
+
+
+def test_one_draw_per_generator_keeps_each_rows_distribution_and_each_seed():
+    """Rows sharing a generator take their noise in one call: every row must still follow its
+    own distribution, and a row with its own seed must draw what it draws alone."""
+    probs = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.0, 0.1, 0.3, 0.6], [0.25, 0.25, 0.25, 0.25]])
+    shared = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3, 4)
+    trials = 6000
+    for t in range(trials):
+        own, alone = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
+        tokens = draw(probs, [shared, own, shared])
+        assert tokens[1] == draw(probs[1:2], [alone])[0]
+        for row, token in enumerate(tokens):
+            counts[row, token] += 1
+    tv = 0.5 * (counts / trials - probs).abs().sum(dim=1)
+    assert (tv < 0.03).all(), f"rows off their distributions by TV {tv.tolist()}"
+    assert counts[0, 3] == 0 and counts[1, 0] == 0  # a zero-probability token is never drawn
 
 
 def test_greedy_verification_keeps_drafts_while_they_match():
