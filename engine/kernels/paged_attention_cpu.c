@@ -18,6 +18,13 @@
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 #define TILE 16
+/* A head size that is not a multiple of 16 (a small draft's 24, say) takes the vector path
+ * through masked loads, which for bf16 need AVX-512 BW and VL. */
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MASKED_BF16_LOADS 1
+#else
+#define MASKED_BF16_LOADS 0
+#endif
 
 static inline const void *row_ptr(const void *cache, int elem, const int64_t *table, int64_t pos,
                                   int block_size, int64_t stride, int offset) {
@@ -43,6 +50,19 @@ static inline __m512 load16(const void *src, int is_bf16) {
     return _mm512_loadu_ps(src);
 }
 
+/* The first lanes of `mask` from src, zeros in the rest: a head size that is not a multiple of
+ * 16 ends in a short chunk, and reading past it would touch the next head's (or no) memory. */
+static inline __m512 load16_mask(const void *src, int is_bf16, __mmask16 mask) {
+    if (mask == 0xFFFF) return load16(src, is_bf16);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    if (is_bf16) {
+        __m256i raw = _mm256_maskz_loadu_epi16(mask, src);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    }
+#endif
+    return _mm512_maskz_loadu_ps(mask, src);
+}
+
 /* 16 vectors in, one out: lane j holds the sum of v[j]'s lanes. ~45 shuffles and adds for 16
  * dot products, where reducing each on its own costs ~8 dependent operations apiece. */
 static inline __m512 transpose_sum16(const __m512 v[TILE]) {
@@ -62,18 +82,21 @@ static inline __m512 transpose_sum16(const __m512 v[TILE]) {
                          _mm512_shuffle_f32x4(oct[0], oct[1], 0xdd));
 }
 
-/* One (sequence, kv head), d = 16 * CH: `group` query heads share its keys and values.
+/* One (sequence, kv head), 16 * (CH - 1) < d <= 16 * CH: `group` query heads share its keys
+ * and values; the last chunk of a head size that is not a multiple of 16 is masked.
  * Per tile of 16 tokens: scores for all 16 at once (a register per token, then one transposed
  * sum), an online-softmax update, then the weighted values. bf16 keys meet bf16 queries in
  * vdpbf16ps without conversion; bf16 values are widened once per tile and reused by the group. */
 static inline __attribute__((always_inline)) void attend_avx512_ch(
     const int CH, const void *q, const void *k_cache, const void *v_cache, int is_bf16,
-    const int64_t *table, int64_t ctx, float *out, int kvh, int group, int kv_heads,
+    const int64_t *table, int64_t ctx, float *out, int kvh, int group, int kv_heads, int d,
     int block_size, float scale) {
-    const int d = 16 * CH, elem = is_bf16 ? 2 : 4;
+    const int elem = is_bf16 ? 2 : 4;
     const int64_t stride = (int64_t)kv_heads * d;
+    const __mmask16 tail = d % 16 ? (__mmask16)((1u << (d % 16)) - 1u) : (__mmask16)0xFFFF;
+#define CHUNK_MASK(c) ((c) == CH - 1 ? tail : (__mmask16)0xFFFF)
 #ifdef __AVX512BF16__
-    const int pair_dot = is_bf16 && CH % 2 == 0;
+    const int pair_dot = is_bf16 && d % 32 == 0;
 #else
     const int pair_dot = 0;
 #endif
@@ -86,7 +109,7 @@ static inline __attribute__((always_inline)) void attend_avx512_ch(
     for (int g = 0; g < group; g++) {
         const char *qg = (const char *)q + (int64_t)(kvh * group + g) * d * elem;
         for (int c = 0; c < CH; c++) {
-            _mm512_store_ps(qs[g] + 16 * c, load16(qg + c * 16 * elem, is_bf16));
+            _mm512_store_ps(qs[g] + 16 * c, load16_mask(qg + c * 16 * elem, is_bf16, CHUNK_MASK(c)));
             _mm512_store_ps(acc[g] + 16 * c, _mm512_setzero_ps());
         }
         m[g] = -INFINITY;
@@ -114,7 +137,7 @@ static inline __attribute__((always_inline)) void attend_avx512_ch(
         if (widen_v)
             for (int j = 0; j < n; j++)
                 for (int c = 0; c < CH; c++)
-                    _mm512_store_ps(vt[j] + 16 * c, load16(vrow[j] + c * 32, 1));
+                    _mm512_store_ps(vt[j] + 16 * c, load16_mask(vrow[j] + c * 32, 1, CHUNK_MASK(c)));
         const __mmask16 live = (__mmask16)((1u << n) - 1u);
         for (int g = 0; g < group; g++) {
             __m512 dot[TILE];
@@ -136,7 +159,7 @@ static inline __attribute__((always_inline)) void attend_avx512_ch(
                 for (int j = 0; j < TILE; j++) {
                     __m512 sum = _mm512_setzero_ps();
                     for (int c = 0; c < CH; c++)
-                        sum = _mm512_fmadd_ps(qv[c], load16(krow[j] + c * 16 * elem, is_bf16), sum);
+                        sum = _mm512_fmadd_ps(qv[c], load16_mask(krow[j] + c * 16 * elem, is_bf16, CHUNK_MASK(c)), sum);
                     dot[j] = sum;
                 }
             }
@@ -156,7 +179,7 @@ static inline __attribute__((always_inline)) void attend_avx512_ch(
                 const __m512 pj = _mm512_set1_ps(ps[j]);
                 for (int c = 0; c < CH; c++) {
                     const __m512 vv = widen_v ? _mm512_load_ps(vt[j] + 16 * c)
-                                              : load16(vrow[j] + c * 16 * elem, is_bf16);
+                                              : load16_mask(vrow[j] + c * 16 * elem, is_bf16, CHUNK_MASK(c));
                     a[c] = _mm512_fmadd_ps(pj, vv, a[c]);
                 }
             }
@@ -166,26 +189,28 @@ static inline __attribute__((always_inline)) void attend_avx512_ch(
     for (int g = 0; g < group; g++) {
         const __m512 inv = _mm512_set1_ps(1.f / l[g]);
         for (int c = 0; c < CH; c++)
-            _mm512_storeu_ps(out + (int64_t)g * d + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), inv));
+            _mm512_mask_storeu_ps(out + (int64_t)g * d + 16 * c, CHUNK_MASK(c),
+                                  _mm512_mul_ps(_mm512_load_ps(acc[g] + 16 * c), inv));
     }
+#undef CHUNK_MASK
 }
 
 #define ATTEND_CASE(N)                                                                        \
     case N:                                                                                   \
         attend_avx512_ch(N, q, k_cache, v_cache, is_bf16, table, ctx, out, kvh, group,        \
-                         kv_heads, block_size, scale);                                        \
+                         kv_heads, d, block_size, scale);                                     \
         break;
 
-/* d % 16 == 0, d <= MAX_HEAD_DIM; common head sizes get code with the loop bounds fixed. */
+/* d <= MAX_HEAD_DIM; common head sizes get code with the loop bounds fixed. */
 static void attend_avx512(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
                           const int64_t *table, int64_t ctx, float *out, int kvh, int group,
                           int kv_heads, int d, int block_size, float scale) {
-    switch (d / 16) {
+    switch ((d + 15) / 16) {
         ATTEND_CASE(1) ATTEND_CASE(2) ATTEND_CASE(4) ATTEND_CASE(6) ATTEND_CASE(8)
         ATTEND_CASE(16)
     default:
-        attend_avx512_ch(d / 16, q, k_cache, v_cache, is_bf16, table, ctx, out, kvh, group,
-                         kv_heads, block_size, scale);
+        attend_avx512_ch((d + 15) / 16, q, k_cache, v_cache, is_bf16, table, ctx, out, kvh, group,
+                         kv_heads, d, block_size, scale);
     }
 }
 #endif
@@ -243,7 +268,7 @@ int paged_decode_attention_strided(const void *q, int64_t q_stride, const void *
         const char *qb = (const char *)q + b * q_stride * elem;
         float res[MAX_GROUP * MAX_HEAD_DIM];
 #ifdef __AVX512F__
-        if (d % 16 == 0)
+        if (d % 16 == 0 || MASKED_BF16_LOADS)
             attend_avx512(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
                           context_lens[b], res, kvh, group, kv_heads, d, block_size, scale);
         else
