@@ -31,7 +31,7 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[
 
     An exponential race (argmax of p / E, E ~ Exp(1)) is a draw from p. Rows that share a
     generator (every request without its own seed shares the engine's) take their noise in one
-    call, where a call per row cost a batch of drafted sequences more than the draft's pass; a
+    call: a call per row cost eight drafted sequences about what the draft's layers take. A
     request with its own seed reads its own generator exactly as when it runs alone."""
     tokens = [0] * probs.shape[0]
     by_generator: dict[int, list[int]] = {}
