@@ -44,9 +44,7 @@ def row_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
-    # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())
+    return draw(probs.unsqueeze(0), [generator])[0]
 
 
 def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Tensor | None,
