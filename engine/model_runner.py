@@ -21,10 +21,10 @@ from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernel
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
-from engine.sampler import sample
+from engine.sampler import row_probs, sample
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import DraftProposer, row_probs, verify
+from engine.spec_decode import DraftProposer, verify
 
 logger = logging.getLogger(__name__)
 

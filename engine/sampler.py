@@ -15,15 +15,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     if not random_rows:
         return greedy.tolist()
     tokens = greedy.tolist()
-    rows = torch.tensor(random_rows, device=logits.device)
-    sub = logits[rows]
-    temps = torch.tensor([params[i].temperature for i in random_rows], device=logits.device)
-    probs = filtered_probs(sub / temps.unsqueeze(1),
-                            [params[i].top_k for i in random_rows],
-                            [params[i].top_p for i in random_rows])
+    probs = row_probs(logits[random_rows], [params[i] for i in random_rows])
     for i, token in zip(random_rows, draw(probs, [generators[i] for i in random_rows])):
         tokens[i] = token
     return tokens
+
+
+def row_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[n, vocab] logits -> each row's distribution under its own request's parameters: one
+    call for every sampled row of a step (plain sampling, each draft round, verification),
+    where a call per sequence cost more than the draft's forward pass."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    return filtered_probs(logits / temps.unsqueeze(1), [p.top_k for p in params], [p.top_p for p in params])
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:

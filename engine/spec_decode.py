@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.sampler import draw, filtered_probs
+from engine.sampler import draw, row_probs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
@@ -33,14 +33,6 @@ if TYPE_CHECKING:
 def request_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[n, vocab] logits -> the distributions this request samples from (temperature, top-k/p)."""
     return row_probs(logits, [params] * logits.shape[0])
-
-
-def row_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """[n, vocab] logits -> each row's distribution under its own request's parameters: one
-    call for every sampled row of a step, where a call per sequence cost more than the draft's
-    forward pass."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
-    return filtered_probs(logits / temps.unsqueeze(1), [p.top_k for p in params], [p.top_p for p in params])
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:

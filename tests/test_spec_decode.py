@@ -7,8 +7,8 @@ import torch
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.model_zoo import make_checkpoint
-from engine.sampler import draw
-from engine.spec_decode import request_probs, row_probs, verify
+from engine.sampler import draw, row_probs
+from engine.spec_decode import request_probs, verify
 from planner.training import BOS, stdlib_corpus
 
 
