@@ -10,6 +10,7 @@ on any machine rather than trusted.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 
 from engine.model_zoo import SHAPES, make_checkpoint
 from planner import cost_model as cm
-from planner.profiler import plan_campaign, profile
+from planner.profiler import plan_again, plan_campaign, profile
 from planner.search_space import SearchSpace
 from planner.store import Store
 from planner.workload import Workload
@@ -65,7 +66,7 @@ class FitBenchmark:
             if section in self.report:
                 overall = self.report[section]["overall"]
                 out[section] = {k: overall[k] for k in ("median_ape", "p90_ape", "coverage")}
-        for section in ("noise_floor", "median_noise_floor"):
+        for section in ("noise_floor", "median_noise_floor", "sitting_noise_floor"):
             if self.report.get(section):
                 floor = self.report[section]["overall"]
                 out[section] = {k: floor[k] for k in ("median_ape", "p90_ape")}
@@ -106,8 +107,12 @@ def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_
 def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*REFERENCE_MODELS, PAIR),
                       folds: int = 5, space: str = "cpu", repeats: int = REPEATS,
                       num_requests: int = NUM_REQUESTS, pair_train_s: float = PAIR_TRAIN_S,
+                      again: float = 0.0,
                       on_progress: Callable[[str, float], None] | None = None) -> FitBenchmark:
-    """Profile each model for `budget_s` (0: fit what the store holds), then fit and save."""
+    """Profile each model for `budget_s` (0: fit what the store holds), then fit and save.
+
+    `again` > 0 then measures that share of each model's measurements a second time, after every
+    model's first sitting, so the report can say how far a median moves between sittings."""
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{workdir / 'reference.db'}")
@@ -115,14 +120,19 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     workload = Workload.from_flags(ISL, OSL, concurrency=1, num_requests=num_requests)
     search = SearchSpace.from_file(space)
     runs: dict[str, int] = {}
-    profiling = models.items() if budget_s > 0 else ()
-    for name, (model_dir, draft) in profiling:
-        campaign = plan_campaign(store, model_dir, search if draft else search.without_drafts(),
-                                 workload, draft, repeats=repeats)
-        result = profile(store, campaign, workload, budget_s,
-                         on_progress=(lambda label, elapsed, n=name: on_progress(f"{n}: {label}", elapsed))
-                         if on_progress else None)
-        runs[name] = len(result.run_ids)
+    campaigns = {name: plan_campaign(store, model_dir, search if draft else search.without_drafts(),
+                                     workload, draft, repeats=repeats)
+                 for name, (model_dir, draft) in models.items()} if budget_s > 0 or again > 0 else {}
+
+    def reporting(name: str) -> Callable[[str, float], None] | None:
+        return (lambda label, elapsed: on_progress(f"{name}: {label}", elapsed)) if on_progress else None
+
+    for name, campaign in campaigns.items() if budget_s > 0 else ():
+        runs[name] = len(profile(store, campaign, workload, budget_s, on_progress=reporting(name)).run_ids)
+    for name, campaign in campaigns.items() if again > 0 else ():
+        second = plan_again(store, campaign, again, repeats)
+        done = len(profile(store, second, workload, math.inf, on_progress=reporting(f"{name} again")).run_ids)
+        runs[name] = runs.get(name, 0) + done
     if on_progress:
         on_progress("fitting", 0.0)
     fitted = cm.fit(store, folds=folds)

@@ -68,6 +68,13 @@ def print_report(report: dict[str, Any]) -> None:
                 f"{medians['p90_ape']:.1%} p90 against those medians (estimated by drawing each "
                 f"measurement's repeats again from the pooled spread of runs): the floor the "
                 f"held-out errors above stand on.")
+        if report.get("sitting_noise_floor"):
+            sittings = report["sitting_noise_floor"]
+            console.print(
+                f"Measured again in a later sitting ({sittings['pairs']} measurements), a median moved "
+                f"by about {sittings['overall']['median_ape']:.1%} median, {sittings['overall']['p90_ape']:.1%} "
+                f"p90 (the ratio of two sittings' medians, log over sqrt 2): the floor with the host's "
+                f"spells in it, which repeats back to back share.")
     if "host_speed" in report:
         host = report["host_speed"]
         p10, _, p90 = host["slowdown_p10_p50_p90"]
@@ -174,6 +181,8 @@ def bench_fit(
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated subset of the reference "
                                          "models (default: all eight)"),
     folds: int = typer.Option(5, "--folds", help="cross-validation folds by run"),
+    again: float = typer.Option(0.0, "--again", help="then measure this share (0-1) of each model's "
+                                "measurements a second time, for the noise floor between sittings"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the report as JSON"),
 ) -> None:
     """The cost model's reference: profile eight model shapes here, fit, and print the
@@ -185,6 +194,8 @@ def bench_fit(
     names = [m.strip() for m in models.split(",") if m.strip()] if models else [*REFERENCE_MODELS, PAIR]
     if folds < 2:
         _fail(f"--folds: must be >= 2, got {folds}")
+    if not 0 <= again <= 1:
+        _fail(f"--again: must be a share from 0 to 1, got {again}")
     try:
         check_names(names)
         seconds = 0.0 if budget.strip() in ("0", "0s") else parse_duration(budget)
@@ -192,16 +203,18 @@ def bench_fit(
         _fail(str(err))
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task("preparing models", total=seconds * len(names) or None)
+        # The second sitting takes about `again` of the first one's time.
+        total = seconds * len(names) * (1 + again)
+        task = progress.add_task("preparing models", total=total or None)
         spent: dict[str, float] = {}
 
         def on_progress(label: str, elapsed: float) -> None:
             spent[label.split(":")[0]] = elapsed
-            progress.update(task, completed=min(sum(spent.values()), seconds * len(names)),
-                            description=label[:60])
+            progress.update(task, completed=min(sum(spent.values()), total), description=label[:60])
 
         try:
-            result = run_fit_benchmark(workdir, seconds, names, folds=folds, on_progress=on_progress)
+            result = run_fit_benchmark(workdir, seconds, names, folds=folds, again=again,
+                                       on_progress=on_progress)
         except (ValueError, FitError) as err:
             _fail(str(err))
     print_report(result.report)
@@ -211,7 +224,8 @@ def bench_fit(
         table.add_column(column, justify="left" if column == "cross-validation" else "right")
     targets = result.report["targets"]
     labels = {"by_run": "held-out runs", "by_model": "held-out model", "noise_floor": "noise floor (one run)",
-              "median_noise_floor": "noise floor (medians, est.)"}
+              "median_noise_floor": "noise floor (medians, est.)",
+              "sitting_noise_floor": "noise floor (medians, two sittings)"}
     for section, figures in summary.items():
         table.add_row(labels[section], f"{figures['median_ape']:.1%}", f"{figures['p90_ape']:.1%}",
                       f"{figures['coverage']:.1%}" if "coverage" in figures else "")

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from planner import host_speed
 from planner.fit_data import (METRICS, RunData, data_version, host_key, host_references, length_coverage,
                               load_runs, set_host_slowdown)
-from planner.noise_floor import median_noise_floor, noise_floor
+from planner.noise_floor import median_noise_floor, noise_floor, sitting_noise_floor
 from planner.step_model import StepTimeModel, feature_matrix
 from planner.store import CostModelRow, Store
 
@@ -302,6 +302,8 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         report["by_run"]["single_runs"] = accuracy(measured, predicted, by_run_folds, step_errors)["overall"]
         report["noise_floor"] = noise_floor(measured, groups)
         report["median_noise_floor"] = median_noise_floor(measured, groups, seed)
+        sittings = np.array([-r.run_id if r.sitting is None else r.sitting for r in runs])
+        report["sitting_noise_floor"] = sitting_noise_floor(measured, groups, sittings)
     report["measurements"] = len(first)
     read = [r.host_slowdown for r in runs if r.host_probe_s is not None]
     if read:

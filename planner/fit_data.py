@@ -17,7 +17,8 @@ from planner import host_speed
 from planner.roofline import Deployment, Device, ModelShape
 from planner.simulator import SimRequest, Simulator, StepTime, unique_prompts
 from planner.step_model import COMPOSITION, jitter_class
-from planner.store import EngineConfigRow, Hardware, Model, RequestRow, Run, StepRow, Store, fingerprint
+from planner.store import (EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run, StepRow, Store,
+                           fingerprint)
 from planner.workload import Workload, WorkloadError
 
 # What the cost model predicts of a run, and is judged on.
@@ -50,6 +51,8 @@ class RunData:
     # when unknown): step features, so a slow moment is not mistaken for a slow config.
     host_slowdown: float = 1.0
     host_parallel_slowdown: float = 1.0
+    # The campaign that ran it: a sitting of repeats (None: measured outside a campaign).
+    sitting: int | None = None
 
     def step_features(self) -> dict[str, np.ndarray]:
         """The steps' columns `step_model.feature_matrix` reads, the run's host slowdowns included."""
@@ -153,6 +156,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
         if run_ids is not None:
             query = query.where(Run.id.in_(run_ids))
         runs = list(session.scalars(query))
+        sittings = {e: c for e, c in session.execute(select(Experiment.id, Experiment.campaign_id))}
         drafts: dict[str, ModelShape] = {}
         for run in runs:
             model: Model = run.model
@@ -183,7 +187,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
                 rates, config, deployment, device_for(rates, deployment), run.load_kind, run.load_value,
                 requests, {**run.latency, "throughput_tok_s": run.throughput_tok_s},
                 steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate,
-                run.host_probe_s, run.host_probe_parallel_s))
+                run.host_probe_s, run.host_probe_parallel_s, sitting=sittings.get(run.experiment_id)))
     return out
 
 

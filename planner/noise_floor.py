@@ -7,6 +7,7 @@ what this host allows rather than against zero.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -77,3 +78,36 @@ def median_noise_floor(measured: np.ndarray, groups: np.ndarray, seed: int = 0) 
     return {"measurements": int(len(counts)), "draws": DRAWS,
             "metrics": {m: _summary(a) for m, a in apes.items()},
             "overall": _summary(np.concatenate(list(apes.values())))}
+
+
+def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.ndarray) -> dict[str, Any] | None:
+    """How far the median of a measurement's repeats in one sitting strays from the median of
+    its repeats in another (`pilot bench fit --again`), per metric: the error a perfect model
+    would show against one sitting's median. None without a measurement taken in two sittings
+    of two runs or more each.
+
+    Unlike `median_noise_floor`, this needs no assumption about the spread: repeats back to back
+    share the host's spell of the moment, which their own spread cannot show. If each sitting's
+    median strays from the typical value by e (independently), two medians differ by about
+    sqrt(2) times e, so the log of their ratio over sqrt(2) is a draw of the floor (taken with
+    either sign, as the spell may slow the run or speed it)."""
+    apes: dict[str, list[float]] = {m: [] for m in METRICS}
+    pairs = 0
+    for g in np.unique(groups):
+        mine = groups == g
+        medians = []
+        for s in np.unique(sittings[mine]):
+            runs = measured[mine & (sittings == s)]
+            if len(runs) >= 2:
+                medians.append(np.median(runs, axis=0))
+        for a, b in itertools.combinations(medians, 2):
+            pairs += 1
+            for j, m in enumerate(METRICS):
+                if a[j] > 0 and b[j] > 0:
+                    # Either median may be the high one: a draw of each sign.
+                    e = np.log(a[j] / b[j]) / np.sqrt(2)
+                    apes[m] += [abs(float(np.expm1(e))), abs(float(np.expm1(-e)))]
+    every = [a for values in apes.values() for a in values]
+    if not every:
+        return None
+    return {"pairs": pairs, "metrics": {m: _summary(a) for m, a in apes.items() if a}, "overall": _summary(every)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import random
 import socket
 import subprocess
 import time
@@ -176,6 +177,47 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
             except IntegrityError:  # another profiler planned it first: same plan, keep theirs
                 session.rollback()
     return campaign
+
+
+def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int = 1,
+               seed: int = 0) -> Campaign:
+    """A second sitting for a random `fraction` of `campaign`'s finished measurements (each
+    configuration and load level that has a run), `repeats` runs each, found if it exists.
+
+    Repeats back to back share whatever spell the host is in, so their spread understates how
+    far a measurement moves from one sitting to the next; measuring some again later shows it
+    (`noise_floor.sitting_noise_floor`). The runs join the same measurements in the store."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    key = fingerprint({"again": campaign.fingerprint, "fraction": fraction, "repeats": repeats, "seed": seed})
+    with store.session() as session:
+        existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
+        if existing is not None:
+            return existing
+        done = session.execute(
+            select(Experiment.engine_config_id, Experiment.load_kind, Experiment.load_value,
+                   func.min(Experiment.position))
+            .where(Experiment.campaign_id == campaign.id, Experiment.status == "done")
+            .group_by(Experiment.engine_config_id, Experiment.load_kind, Experiment.load_value)).all()
+    if not done:
+        raise ValueError(f"campaign {campaign.id} has no finished measurement to measure again")
+    picked = random.Random(seed).sample(range(len(done)), max(1, round(fraction * len(done))))
+    # In the first sitting's order, so one engine serves a configuration's load levels in turn.
+    chosen = sorted((done[i] for i in picked), key=lambda row: row[3])
+    again = store.get_or_create(Campaign, key, hardware_id=campaign.hardware_id, model_id=campaign.model_id,
+                                workload_id=campaign.workload_id, space=campaign.space)
+    with store.session() as session:
+        if session.scalar(select(Experiment.id).where(Experiment.campaign_id == again.id).limit(1)) is None:
+            session.add_all(Experiment(campaign_id=again.id, position=i * repeats + r, engine_config_id=config_id,
+                                       load_kind=kind, load_value=value)
+                            for i, (config_id, kind, value, _) in enumerate(chosen) for r in range(repeats))
+            try:
+                session.commit()
+            except IntegrityError:  # planned by another profiler first: the same sample
+                session.rollback()
+    return again
 
 
 def _me() -> str:

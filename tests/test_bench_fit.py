@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -73,3 +74,20 @@ def test_cli_prints_the_table_and_writes_json(profiled: tuple[Path, FitBenchmark
     assert written["runs"] == {} and written["report"]["data"]["runs"] == first.report["data"]["runs"]
     assert written["summary"]["by_run"]["median_ape"] == pytest.approx(
         first.summary()["by_run"]["median_ape"])
+
+
+def test_again_measures_a_share_in_a_second_sitting(profiled: tuple[Path, FitBenchmark], tmp_path: Path) -> None:
+    workdir, first = profiled
+    shutil.copytree(workdir / "models", tmp_path / "models")
+    # SQLite's backup, not a file copy: the store is in WAL mode.
+    with sqlite3.connect(workdir / "reference.db") as source, sqlite3.connect(tmp_path / "reference.db") as target:
+        source.backup(target)
+    result = runner.invoke(app, ["bench", "fit", "--workdir", str(tmp_path), "--models", "tiny,h128",
+                                 "--budget", "0", "--folds", "2", "--again", "0.25"])
+    assert result.exit_code == 0, result.output
+    added = _runs_in(tmp_path) - _runs_in(workdir)
+    assert added > 0 and added % 3 == 0  # each measurement again, three runs back to back
+    assert "noise floor (medians, two sittings)" in result.output
+    assert "Measured again in a later sitting" in " ".join(result.output.split())
+    result = runner.invoke(app, ["bench", "fit", "--workdir", str(tmp_path), "--again", "1.5"])
+    assert result.exit_code != 0 and "--again" in result.output and "1.5" in result.output

@@ -442,6 +442,32 @@ def test_the_median_floor_is_what_a_perfect_model_errs_against_medians_of_repeat
     assert cost_model.median_noise_floor(measured, np.arange(1200)) is None
 
 
+def test_the_sitting_floor_sees_the_spells_that_repeats_back_to_back_share():
+    # 400 configurations, each measured in two sittings of 3 runs: each sitting is off by a
+    # spell of sd 0.15 that its 3 runs share, then each run by sd 0.1 on its own. Against one
+    # sitting's median a perfect model errs by the spell and the median's own noise; the
+    # spread of repeats sees only the latter, the two sittings see both.
+    rng = np.random.default_rng(2)
+    m = len(cost_model.METRICS)
+    true = rng.uniform(1, 10, size=(400, m))
+    groups = np.repeat(np.arange(400), 6)
+    sittings = np.repeat(np.arange(800), 3)
+    spells = rng.normal(0, 0.15, size=(800, m))
+    measured = true[groups] * np.exp(spells[sittings] + rng.normal(0, 0.1, size=(2400, m)))
+    one_sitting = cost_model.by_measurement(measured, sittings) / true[np.repeat(np.arange(400), 2)]
+    perfect = np.abs(one_sitting - 1)
+    floor = cost_model.sitting_noise_floor(measured, groups, sittings)
+    assert floor["pairs"] == 400
+    assert floor["overall"]["median_ape"] == pytest.approx(np.median(perfect), rel=0.1)
+    assert floor["overall"]["p90_ape"] == pytest.approx(np.quantile(perfect, 0.9), rel=0.1)
+    # Drawn from the repeats' spread alone, the floor misses the spells by half or more.
+    within = cost_model.median_noise_floor(measured, sittings)["overall"]["median_ape"]
+    assert within < 0.6 * floor["overall"]["median_ape"]
+    # One sitting, or sittings of a single run, say nothing about it.
+    assert cost_model.sitting_noise_floor(measured, groups, np.zeros(2400, dtype=int)) is None
+    assert cost_model.sitting_noise_floor(measured, groups, np.arange(2400)) is None
+
+
 def test_each_process_layout_is_bounded_by_its_own_held_out_errors(profiled, fitted):
     runs = load_runs(profiled[0])
     assert {cost_model.layout_of(r.config) for r in runs} == {"single"}

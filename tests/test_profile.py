@@ -19,7 +19,7 @@ from sqlalchemy import select
 from planner.cli_fit import print_report
 from planner.cli_profile import parse_duration
 from planner.export import export, run_records
-from planner.profiler import plan_campaign, profile
+from planner.profiler import plan_again, plan_campaign, profile
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
 from planner.store import Experiment, Hardware, RequestRow, StepRow, Store
@@ -126,10 +126,29 @@ def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, sp
     assert set(report["by_run"]["single_runs"]) == {"median_ape", "p90_ape", "coverage"}
     medians = report["median_noise_floor"]
     assert medians["measurements"] == 4 and 0 < medians["overall"]["median_ape"] <= medians["overall"]["p90_ape"]
+    assert report["sitting_noise_floor"] is None  # one sitting so far
     print_report(report)
     assert "A perfect model would still err about" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
         plan_campaign(store, model_dir, search, workload, repeats=0)
+
+    # A second sitting of half the measurements, 2 runs each: they join the same measurements.
+    again = plan_again(store, campaign, 0.5, repeats=2)
+    assert plan_again(store, campaign, 0.5, repeats=2).id == again.id != campaign.id
+    second = profile(store, again, workload, budget_s=600)
+    assert second.planned == 2 * 2 and len(second.run_ids) == 4 and not second.failed
+    runs = load_runs(store)
+    groups = measurement_groups(runs)
+    assert sorted(np.bincount(groups).tolist()) == [3, 3, 5, 5]
+    assert {r.sitting for r in runs} == {campaign.id, again.id}
+    report = fit(store, folds=2).report
+    assert report["measurements"] == 4
+    assert report["sitting_noise_floor"]["pairs"] == 2
+    assert 0 < report["sitting_noise_floor"]["overall"]["median_ape"] <= report["sitting_noise_floor"]["overall"]["p90_ape"]
+    print_report(report)
+    assert "Measured again in a later sitting (2 measurements)" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        plan_again(store, campaign, 0)
 
 
 def test_a_configuration_the_model_cannot_run_is_recorded_as_failed(model_dir, tmp_path):
