@@ -197,6 +197,9 @@ class ScenarioResult:
     # grid's are minutes apart, and on this host the same configuration measured minutes apart
     # moved its throughput by up to 30%.
     paired_overspend: float = math.nan
+    # Whether the grid's best met every SLO in that measurement again (None: not measured): the
+    # ground truth's own repeatability, the ceiling a success rate on this host reads against.
+    best_held_again: bool | None = None
 
 
 @dataclass
@@ -224,6 +227,8 @@ class BenchResult:
     # Over the plans that met, clipped at 0 (`ScenarioResult.paired_overspend`).
     paired_median_overspend: float = math.nan
     paired_mean_overspend: float = math.nan
+    # Of the scenarios whose grid's best was measured again, the share where it met every SLO.
+    best_success_rate: float = math.nan
     anchors: dict[str, float] = field(default_factory=lambda: {
         "llm_pilot_success": ANCHOR_SUCCESS, "target_success": TARGET_SUCCESS,
         "llm_pilot_overspend": ANCHOR_OVERSPEND, "target_overspend": TARGET_OVERSPEND})
@@ -261,7 +266,8 @@ def summarize(preset: str, settings: dict[str, Any], scenarios: list[ScenarioRes
         first_median_overspend=_median(_clipped(s.first_overspend for s in scenarios if s.first_met)),
         first_mean_overspend=_mean(_clipped(s.first_overspend for s in scenarios if s.first_met)),
         paired_median_overspend=_median(_clipped(s.paired_overspend for s in met)),
-        paired_mean_overspend=_mean(_clipped(s.paired_overspend for s in met)))
+        paired_mean_overspend=_mean(_clipped(s.paired_overspend for s in met)),
+        best_success_rate=_mean([float(s.best_held_again) for s in scenarios if s.best_held_again is not None]))
 
 
 # ---------------------------------------------------------------- the measurement
@@ -384,11 +390,13 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
                   if attempts else math.inf)
     drift: dict[str, float] = {}
     paired = math.nan
+    best_held_again = None
     if best is not None:
         tell(f"{label}: measuring the plan and the grid's best again, in alternation")
         (mine, _), (again, _) = measure_grid(truth, model_dir, workload, w.concurrency,
                                              [plan.engine, configs[grid.index(best)]], repeats=preset.repeats)
         drift = {k: again[k] / best.measured[k] for k in keys} if again else {}
+        best_held_again = all(again[s.key] <= s.limit_s for s in slos) if again else None
         if mine and again:
             paired = overspend(cost_per_million(plan.cost.per_hour_usd, mine["throughput_tok_s"] * plan.replicas),
                                cost_per_million(price, again["throughput_tok_s"]))
@@ -409,7 +417,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
         host_slowdown=slowdown, first_recommended=describe_config(first.engine),
         first_met=bool(attempts) and attempts[0].held,
         first_overspend=overspend(first_cost, best_cost), tries=max(1, len(attempts)), rank=rank,
-        explored=sum(a.cheaper for a in attempts), paired_overspend=paired)
+        explored=sum(a.cheaper for a in attempts), paired_overspend=paired, best_held_again=best_held_again)
 
 
 def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = None,

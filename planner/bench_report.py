@@ -77,8 +77,12 @@ def summary_line(result: BenchResult) -> str:
             f"Engine defaults cost "
             f"{result.median_default_ratio:.2f}x the best (median). The grid's best, measured again "
             f"after each plan, was {result.median_host_drift:.2f}x as slow as in the grid (median of "
-            f"the slowest SLO metric: the host's own drift). {result.seconds:.0f} s; work in "
-            f"{result.workdir}.")
+            f"the slowest SLO metric: the host's own drift)"
+            + (f", and met every SLO again in {result.best_success_rate:.0%} of the "
+               f"{sum(s.best_held_again is not None for s in result.scenarios)} scenarios: the ground "
+               f"truth's own repeatability, the ceiling for success on this host"
+               if math.isfinite(result.best_success_rate) else "")
+            + f". {result.seconds:.0f} s; work in {result.workdir}.")
 
 
 def print_results(result: BenchResult, console: Any) -> None:

@@ -191,7 +191,7 @@ def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_di
 
 def _scenario(met: bool, over: float, default_ratio: float = 2.0,
               drift: dict[str, float] | None = None, rank: int = 1, first_over: float | None = None,
-              explored: int = 0, paired: float = math.nan) -> ScenarioResult:
+              explored: int = 0, paired: float = math.nan, best_held: bool | None = None) -> ScenarioResult:
     return ScenarioResult(
         model="tiny", workload="chat", concurrency=8, slos=["ttft_p95<=100ms", "itl_p95<=5ms"], slo_margin=0.1,
         grid=[GridPoint("bf16 seqs64 tok2048", {"ttft_p95": 0.01}, 1.0, True, True)], grid_feasible=1,
@@ -203,7 +203,7 @@ def _scenario(met: bool, over: float, default_ratio: float = 2.0,
         host_drift=drift if drift is not None else {"ttft_p95": 0.9, "itl_p95": 1.1},
         first_recommended="int4 seqs1 tok256" if rank > 1 else "int8 seqs8 tok512",
         first_met=met and (rank == 1 or explored > 0), first_overspend=over if first_over is None else first_over,
-        tries=rank, rank=rank, explored=explored, paired_overspend=paired)
+        tries=rank, rank=rank, explored=explored, paired_overspend=paired, best_held_again=best_held)
 
 
 def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
@@ -233,6 +233,10 @@ def test_summary_counts_successes_and_takes_overspend_over_the_plans_that_met():
                                      _scenario(True, 0.1), _scenario(False, 0.0, paired=0.5)], {}, 1.0, "/tmp/x")
     assert paired.paired_median_overspend == pytest.approx(0.02) and paired.paired_mean_overspend == pytest.approx(0.02)
     assert math.isnan(result.paired_median_overspend)
+    # The grid's best, measured again: how often the ground truth itself held, over those measured.
+    again = summarize("quick", {}, [_scenario(True, 0.1, best_held=True), _scenario(True, 0.1, best_held=False),
+                                    _scenario(False, 0.1, best_held=False), _scenario(True, 0.1)], {}, 1.0, "/tmp/x")
+    assert again.best_success_rate == pytest.approx(1 / 3) and math.isnan(result.best_success_rate)
     nobody = summarize("quick", {}, [_scenario(False, 0.1)], {}, 1.0, "/tmp/x")
     assert nobody.success_rate == 0.0 and math.isnan(nobody.median_overspend)
     assert nobody.to_json()["median_overspend"] is None  # JSON has no NaN
@@ -243,8 +247,8 @@ def test_the_report_shows_every_scenario_against_the_targets():
 
     from planner.bench_report import print_results
 
-    result = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.10), _scenario(False, -0.5),
-                                                   _scenario(True, 0.0, rank=3)],
+    result = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.10, best_held=True), _scenario(False, -0.5),
+                                                   _scenario(True, 0.0, rank=3, best_held=False)],
                        {"runs": {"tiny": 9}, "workload": "x"}, 1.0, "/tmp/x")
     console = Console(record=True, width=250)
     print_results(result, console)
@@ -255,6 +259,7 @@ def test_the_report_shows_every_scenario_against_the_targets():
     assert "67% of 3 scenarios" in text and "LLM-Pilot 80%" in text and "target >= 95%" in text
     assert "(plan #3, by measurement: #1 int4 seqs1 tok256 missed)" in " ".join(text.split())
     assert "first plans alone met in 33%" in " ".join(text.split())
+    assert "met every SLO again in 50% of the 2 scenarios" in " ".join(text.split())
     assert "launched 2 more plans in all, 0 of them cheaper ones explored" in " ".join(text.split())
     # A cheaper plan found by exploring, after the search's own plan held.
     explored = summarize("quick", {"grid_size": 1}, [_scenario(True, 0.0, rank=2, first_over=0.4, explored=1)],
@@ -329,6 +334,9 @@ def test_quick_preset_end_to_end(tmp_path):
         assert s.met == meets(s.measured, slos)
         assert s.overspend == pytest.approx(s.measured_cost / s.best_cost - 1)
         assert math.isfinite(s.paired_overspend)  # the plan and the best, measured again side by side
+        assert s.best_held_again == all(s.host_drift[k] * g.measured[k] <= slo.limit_s
+                                        for slo in slos for k in [slo.key]
+                                        for g in s.grid if g.config == s.best_config)
         # Planned at the host's speed when planning, read against the calibration runs'.
         assert 0.2 < s.host_slowdown < 5 and s.host_slowdown != 1.0
     assert math.isfinite(result.median_default_ratio)
