@@ -74,7 +74,10 @@ def print_report(report: dict[str, Any]) -> None:
                 f"Measured again in a later sitting ({sittings['pairs']} measurements), a median moved "
                 f"by about {sittings['overall']['median_ape']:.1%} median, {sittings['overall']['p90_ape']:.1%} "
                 f"p90 (the ratio of two sittings' medians, log over sqrt 2): the floor with the host's "
-                f"spells in it, which repeats back to back share.")
+                f"spells in it, which repeats back to back share. Judged by the median of 3 sittings "
+                f"it would be about {sittings['medians_of']['3']['median_ape']:.1%} / "
+                f"{sittings['medians_of']['3']['p90_ape']:.1%}, of 5 about "
+                f"{sittings['medians_of']['5']['median_ape']:.1%} / {sittings['medians_of']['5']['p90_ape']:.1%}.")
     if "host_speed" in report:
         host = report["host_speed"]
         p10, _, p90 = host["slowdown_p10_p50_p90"]

@@ -80,7 +80,8 @@ def median_noise_floor(measured: np.ndarray, groups: np.ndarray, seed: int = 0) 
             "overall": _summary(np.concatenate(list(apes.values())))}
 
 
-def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.ndarray) -> dict[str, Any] | None:
+def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.ndarray,
+                        seed: int = 0) -> dict[str, Any] | None:
     """How far the median of a measurement's repeats in one sitting strays from the median of
     its repeats in another (`pilot bench fit --again`), per metric: the error a perfect model
     would show against one sitting's median. None without a measurement taken in two sittings
@@ -89,9 +90,12 @@ def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.n
     Unlike `median_noise_floor`, this needs no assumption about the spread: repeats back to back
     share the host's spell of the moment, which their own spread cannot show. If each sitting's
     median strays from the typical value by e (independently), two medians differ by about
-    sqrt(2) times e, so the log of their ratio over sqrt(2) is a draw of the floor (taken with
-    either sign, as the spell may slow the run or speed it)."""
-    apes: dict[str, list[float]] = {m: [] for m in METRICS}
+    sqrt(2) times e, so the log of their ratio over sqrt(2) is a draw of e (taken with either
+    sign, as the spell may slow the run or speed it).
+
+    `medians_of` says what judging by the median of k sittings would leave (k draws of e, their
+    median): the measuring a target on this host would need, assuming sittings independent."""
+    draws: dict[str, list[float]] = {m: [] for m in METRICS}
     pairs = 0
     for g in np.unique(groups):
         mine = groups == g
@@ -104,10 +108,17 @@ def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.n
             pairs += 1
             for j, m in enumerate(METRICS):
                 if a[j] > 0 and b[j] > 0:
-                    # Either median may be the high one: a draw of each sign.
-                    e = np.log(a[j] / b[j]) / np.sqrt(2)
-                    apes[m] += [abs(float(np.expm1(e))), abs(float(np.expm1(-e)))]
-    every = [a for values in apes.values() for a in values]
-    if not every:
+                    e = float(np.log(a[j] / b[j]) / np.sqrt(2))
+                    draws[m] += [e, -e]
+    drawn = {m: np.array(e) for m, e in draws.items() if e}
+    if not drawn:
         return None
-    return {"pairs": pairs, "metrics": {m: _summary(a) for m, a in apes.items() if a}, "overall": _summary(every)}
+    rng = np.random.default_rng(seed)
+
+    def floor(k: int) -> dict[str, Any]:
+        apes = {m: np.abs(np.expm1(e if k == 1 else np.median(rng.choice(e, size=(DRAWS * 10, k)), axis=1)))
+                for m, e in drawn.items()}
+        return {"metrics": {m: _summary(a) for m, a in apes.items()},
+                "overall": _summary(np.concatenate(list(apes.values())))}
+
+    return {"pairs": pairs, **floor(1), "medians_of": {str(k): floor(k)["overall"] for k in (3, 5)}}

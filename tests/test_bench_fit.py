@@ -89,5 +89,6 @@ def test_again_measures_a_share_in_a_second_sitting(profiled: tuple[Path, FitBen
     assert added > 0 and added % 3 == 0  # each measurement again, three runs back to back
     assert "noise floor (medians, two sittings)" in result.output
     assert "Measured again in a later sitting" in " ".join(result.output.split())
+    assert "Judged by the median of 3 sittings it would be about" in " ".join(result.output.split())
     result = runner.invoke(app, ["bench", "fit", "--workdir", str(tmp_path), "--again", "1.5"])
     assert result.exit_code != 0 and "--again" in result.output and "1.5" in result.output
