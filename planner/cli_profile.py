@@ -46,11 +46,14 @@ def profile(
                                 "to back; `pilot fit` judges predictions against their median"),
     via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
                                                      "through pilot serve and the OpenAI API (http)"),
+    again: Optional[float] = typer.Option(None, "--again", help="instead of going on with the campaign, "
+                                          "measure this share (0-1] of its finished measurements again: "
+                                          "a later sitting, for `pilot fit`'s floor between sittings"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
     from engine.model_config import CheckpointError
-    from planner.profiler import plan_campaign
+    from planner.profiler import plan_again, plan_campaign
     from planner.profiler import profile as run_profile
     from planner.search_space import SearchSpace, SearchSpaceError
     from planner.slo import SLOError, parse_slos
@@ -63,6 +66,8 @@ def profile(
         _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
     if repeats < 1:
         _fail(f"--repeats: must be >= 1, got {repeats}")
+    if again is not None and not 0 < again <= 1:
+        _fail(f"--again: must be a share in (0, 1], got {again}")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
@@ -81,6 +86,8 @@ def profile(
         with console.status("detecting hardware, planning the campaign"):
             campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None,
                                      repeats=repeats)
+            if again is not None:
+                campaign = plan_again(store, campaign, again, repeats)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
         _fail(str(err))
     columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),

@@ -268,8 +268,14 @@ def test_cli_profile_lists_and_exports(model_dir, space, tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "8 new runs (0 from earlier invocations), 0 failed, 0 of 8 experiments left" in " ".join(result.output.split())
+    # A later sitting of half of it: a campaign of its own, resumed like any other.
+    result = runner.invoke(app, args + ["--again", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert "4 new runs (0 from earlier invocations), 0 failed, 0 of 4 experiments left" in " ".join(result.output.split())
+    result = runner.invoke(app, args + ["--again", "0.5"])
+    assert "0 new runs (4 from earlier invocations)" in " ".join(result.output.split())
     listed = runner.invoke(app, ["runs", "list", "--db", db])
-    assert listed.exit_code == 0 and "8 runs" in listed.output
+    assert listed.exit_code == 0 and "12 runs" in listed.output
     out = tmp_path / "steps.parquet"
     exported = runner.invoke(app, ["runs", "export", "--out", str(out), "--format", "parquet",
                                    "--table", "steps", "--db", db])
@@ -292,7 +298,7 @@ def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path)
 @pytest.mark.parametrize("flag, value, field", [
     ("--budget", "soon", "budget"), ("--slo", "ttft_p95<=5us", "unit"), ("--isl", "a:b", "isl"),
     ("--space", "nowhere", "search space not found"), ("--db", "nosuchdialect://x", "--db"),
-    ("--repeats", "0", "--repeats: must be >= 1, got 0"),
+    ("--repeats", "0", "--repeats: must be >= 1, got 0"), ("--again", "1.5", "--again: must be a share in (0, 1], got 1.5"),
 ])
 def test_cli_profile_bad_input_names_the_field(model_dir, tmp_path, flag, value, field):
     from typer.testing import CliRunner
