@@ -243,7 +243,7 @@ def quickstart(
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
     isl, osl = "16:64", "8:32"
     cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
-                        num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine",
+                        num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
                         db=db)
     cli_profile.runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
