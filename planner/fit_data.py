@@ -156,7 +156,8 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
         if run_ids is not None:
             query = query.where(Run.id.in_(run_ids))
         runs = list(session.scalars(query))
-        sittings = {e: c for e, c in session.execute(select(Experiment.id, Experiment.campaign_id))}
+        sittings = {r: c for r, c in session.execute(
+            select(Run.id, Experiment.campaign_id).join(Experiment, Run.experiment_id == Experiment.id))}
         drafts: dict[str, ModelShape] = {}
         for run in runs:
             model: Model = run.model
@@ -187,7 +188,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
                 rates, config, deployment, device_for(rates, deployment), run.load_kind, run.load_value,
                 requests, {**run.latency, "throughput_tok_s": run.throughput_tok_s},
                 steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate,
-                run.host_probe_s, run.host_probe_parallel_s, sitting=sittings.get(run.experiment_id)))
+                run.host_probe_s, run.host_probe_parallel_s, sitting=sittings.get(run.id)))
     return out
 
 
