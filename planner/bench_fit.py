@@ -70,6 +70,9 @@ class FitBenchmark:
             if self.report.get(section):
                 floor = self.report[section]["overall"]
                 out[section] = {k: floor[k] for k in ("median_ape", "p90_ape")}
+        judged = (self.report.get("sitting_noise_floor") or {}).get("judged_by")
+        if judged and judged["sittings"] > 1:
+            out["judged_noise_floor"] = {k: judged[k] for k in ("median_ape", "p90_ape", "sittings")}
         return out
 
 
@@ -107,12 +110,18 @@ def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_
 def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*REFERENCE_MODELS, PAIR),
                       folds: int = 5, space: str = "cpu", repeats: int = REPEATS,
                       num_requests: int = NUM_REQUESTS, pair_train_s: float = PAIR_TRAIN_S,
-                      again: float = 0.0,
+                      again: float = 0.0, sittings: int = 1,
                       on_progress: Callable[[str, float], None] | None = None) -> FitBenchmark:
     """Profile each model for `budget_s` (0: fit what the store holds), then fit and save.
 
-    `again` > 0 then measures that share of each model's measurements a second time, after every
-    model's first sitting, so the report can say how far a median moves between sittings."""
+    Then `sittings` - 1 later sittings measure each model's measurements again (the share
+    `again` of them; all where it is 0), each after every model's previous one, so a
+    measurement's runs span the host's spells and the report can say how far a median moves
+    between sittings. `again` > 0 alone means one later sitting."""
+    if sittings < 1:
+        raise ValueError(f"--sittings: must be >= 1, got {sittings}")
+    sittings = max(sittings, 2 if again > 0 else 1)
+    share = again or 1.0
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{workdir / 'reference.db'}")
@@ -122,17 +131,19 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     runs: dict[str, int] = {}
     campaigns = {name: plan_campaign(store, model_dir, search if draft else search.without_drafts(),
                                      workload, draft, repeats=repeats)
-                 for name, (model_dir, draft) in models.items()} if budget_s > 0 or again > 0 else {}
+                 for name, (model_dir, draft) in models.items()} if budget_s > 0 or sittings > 1 else {}
 
     def reporting(name: str) -> Callable[[str, float], None] | None:
         return (lambda label, elapsed: on_progress(f"{name}: {label}", elapsed)) if on_progress else None
 
     for name, campaign in campaigns.items() if budget_s > 0 else ():
         runs[name] = len(profile(store, campaign, workload, budget_s, on_progress=reporting(name)).run_ids)
-    for name, campaign in campaigns.items() if again > 0 else ():
-        second = plan_again(store, campaign, again, repeats)
-        done = len(profile(store, second, workload, math.inf, on_progress=reporting(f"{name} again")).run_ids)
-        runs[name] = runs.get(name, 0) + done
+    for sitting in range(2, sittings + 1):
+        for name, campaign in campaigns.items():
+            later = plan_again(store, campaign, share, repeats, sitting=sitting)
+            label = f"{name} sitting {sitting}"
+            done = len(profile(store, later, workload, math.inf, on_progress=reporting(label)).run_ids)
+            runs[name] = runs.get(name, 0) + done
     if on_progress:
         on_progress("fitting", 0.0)
     fitted = cm.fit(store, folds=folds)

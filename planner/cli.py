@@ -244,7 +244,7 @@ def quickstart(
     isl, osl = "16:64", "8:32"
     cli_profile.profile(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
                         num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
-                        db=db)
+                        sitting=2, db=db)
     cli_profile.runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
     cli_fit.fit(db=db, folds=3, as_json=False, plot=None)

@@ -49,6 +49,9 @@ def profile(
     again: Optional[float] = typer.Option(None, "--again", help="instead of going on with the campaign, "
                                           "measure this share (0-1] of its finished measurements again: "
                                           "a later sitting, for `pilot fit`'s floor between sittings"),
+    sitting: int = typer.Option(2, "--sitting", help="with --again, which sitting this is (the campaign "
+                                "is the first): each later one measures the same share, so every "
+                                "measurement in it gets a median over all its sittings"),
     db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
@@ -68,6 +71,10 @@ def profile(
         _fail(f"--repeats: must be >= 1, got {repeats}")
     if again is not None and not 0 < again <= 1:
         _fail(f"--again: must be a share in (0, 1], got {again}")
+    if sitting < 2:
+        _fail(f"--sitting: must be >= 2 (the campaign itself is the first sitting), got {sitting}")
+    if sitting != 2 and again is None:
+        _fail(f"--sitting: {sitting} needs --again (the share of measurements that sitting measures)")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
@@ -87,7 +94,7 @@ def profile(
             campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None,
                                      repeats=repeats)
             if again is not None:
-                campaign = plan_again(store, campaign, again, repeats)
+                campaign = plan_again(store, campaign, again, repeats, sitting=sitting)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
         _fail(str(err))
     columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),

@@ -302,7 +302,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         report["by_run"]["single_runs"] = accuracy(measured, predicted, by_run_folds, step_errors)["overall"]
         report["noise_floor"] = noise_floor(measured, groups)
         report["median_noise_floor"] = median_noise_floor(measured, groups, seed)
-        sittings = np.array([-r.run_id if r.sitting is None else r.sitting for r in runs])
+        sittings = np.array([-1 if r.sitting is None else r.sitting for r in runs])
         report["sitting_noise_floor"] = sitting_noise_floor(measured, groups, sittings)
     report["measurements"] = len(first)
     read = [r.host_slowdown for r in runs if r.host_probe_s is not None]

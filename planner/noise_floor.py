@@ -82,10 +82,12 @@ def median_noise_floor(measured: np.ndarray, groups: np.ndarray, seed: int = 0) 
 
 def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.ndarray,
                         seed: int = 0) -> dict[str, Any] | None:
-    """How far the median of a measurement's repeats in one sitting strays from the median of
-    its repeats in another (`pilot bench fit --again`), per metric: the error a perfect model
-    would show against one sitting's median. None without a measurement taken in two sittings
-    of two runs or more each.
+    """How far the median of a measurement's runs in one sitting strays from the median of its
+    runs in another (`pilot bench fit --sittings`, `--again`), per metric: the error a perfect
+    model would show against one sitting's median. A sitting of a single run is paired only with
+    others of a single run, and sittings of two runs or more with each other (a median of three
+    against one run would mix two floors); a negative sitting is a run taken outside any
+    campaign, and is left out. None without a measurement in two sittings.
 
     Unlike `median_noise_floor`, this needs no assumption about the spread: repeats back to back
     share the host's spell of the moment, which their own spread cannot show. If each sitting's
@@ -94,22 +96,25 @@ def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.n
     sign, as the spell may slow the run or speed it).
 
     `medians_of` says what judging by the median of k sittings would leave (k draws of e, their
-    median): the measuring a target on this host would need, assuming sittings independent."""
+    median), assuming sittings independent; `judged_by` is that floor at the number of sittings
+    the paired measurements typically have, the floor of the truth the fit report judges by."""
     draws: dict[str, list[float]] = {m: [] for m in METRICS}
-    pairs = 0
+    pairs, counts = 0, []
     for g in np.unique(groups):
         mine = groups == g
-        medians = []
-        for s in np.unique(sittings[mine]):
+        by_size: dict[int, list[np.ndarray]] = {}
+        for s in np.unique(sittings[mine & (sittings >= 0)]):
             runs = measured[mine & (sittings == s)]
-            if len(runs) >= 2:
-                medians.append(np.median(runs, axis=0))
-        for a, b in itertools.combinations(medians, 2):
-            pairs += 1
-            for j, m in enumerate(METRICS):
-                if a[j] > 0 and b[j] > 0:
-                    e = float(np.log(a[j] / b[j]) / np.sqrt(2))
-                    draws[m] += [e, -e]
+            by_size.setdefault(min(len(runs), 2), []).append(np.median(runs, axis=0))
+        for medians in by_size.values():
+            if len(medians) >= 2:
+                counts.append(len(medians))
+            for a, b in itertools.combinations(medians, 2):
+                pairs += 1
+                for j, m in enumerate(METRICS):
+                    if a[j] > 0 and b[j] > 0:
+                        e = float(np.log(a[j] / b[j]) / np.sqrt(2))
+                        draws[m] += [e, -e]
     drawn = {m: np.array(e) for m, e in draws.items() if e}
     if not drawn:
         return None
@@ -121,4 +126,7 @@ def sitting_noise_floor(measured: np.ndarray, groups: np.ndarray, sittings: np.n
         return {"metrics": {m: _summary(a) for m, a in apes.items()},
                 "overall": _summary(np.concatenate(list(apes.values())))}
 
-    return {"pairs": pairs, **floor(1), "medians_of": {str(k): floor(k)["overall"] for k in (3, 5)}}
+    typical = int(np.median(counts))
+    return {"pairs": pairs, "measurements": len(counts), **floor(1),
+            "medians_of": {str(k): floor(k)["overall"] for k in (3, 5)},
+            "judged_by": {"sittings": typical, **floor(typical)["overall"]}}

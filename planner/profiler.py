@@ -180,9 +180,11 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
 
 
 def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int = 1,
-               seed: int = 0) -> Campaign:
-    """A second sitting for a random `fraction` of `campaign`'s finished measurements (each
-    configuration and load level that has a run), `repeats` runs each, found if it exists.
+               seed: int = 0, sitting: int = 2) -> Campaign:
+    """A later sitting (the `sitting`-th, the campaign itself being the first) for a random
+    `fraction` of `campaign`'s finished measurements (each configuration and load level that has
+    a run), `repeats` runs each, found if it exists. Every later sitting with the same `seed`
+    measures the same share, so each of those measurements has a median over all the sittings.
 
     Repeats back to back share whatever spell the host is in, so their spread understates how
     far a measurement moves from one sitting to the next; measuring some again later shows it
@@ -191,7 +193,11 @@ def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int =
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    key = fingerprint({"again": campaign.fingerprint, "fraction": fraction, "repeats": repeats, "seed": seed})
+    if sitting < 2:
+        raise ValueError(f"sitting must be >= 2 (the campaign is the first), got {sitting}")
+    # The second sitting keeps the key it had before later ones existed, so it resumes.
+    key = fingerprint({"again": campaign.fingerprint, "fraction": fraction, "repeats": repeats, "seed": seed}
+                      | ({"sitting": sitting} if sitting > 2 else {}))
     with store.session() as session:
         existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
         if existing is not None:

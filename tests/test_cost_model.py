@@ -472,9 +472,37 @@ def test_the_sitting_floor_sees_the_spells_that_repeats_back_to_back_share():
     assert floor["medians_of"]["3"]["median_ape"] == pytest.approx(np.median(of_three), rel=0.15)
     assert floor["medians_of"]["3"]["p90_ape"] == pytest.approx(np.quantile(of_three, 0.9), rel=0.15)
     assert floor["medians_of"]["5"]["p90_ape"] < floor["medians_of"]["3"]["p90_ape"] < floor["overall"]["p90_ape"]
-    # One sitting, or sittings of a single run, say nothing about it.
+    # Each measurement's truth is the median of its two sittings: that floor is the one judged by.
+    assert floor["measurements"] == 400 and floor["judged_by"]["sittings"] == 2
+    # One sitting, or runs taken outside any campaign (a negative sitting), say nothing about it.
     assert cost_model.sitting_noise_floor(measured, groups, np.zeros(2400, dtype=int)) is None
-    assert cost_model.sitting_noise_floor(measured, groups, np.arange(2400)) is None
+    assert cost_model.sitting_noise_floor(measured, groups, np.full(2400, -1)) is None
+
+
+def test_sittings_of_one_run_each_give_the_floor_of_their_median():
+    # 400 configurations, each measured once in each of five sittings: every run is off by its
+    # sitting's spell (sd 0.15) and its own noise (sd 0.1). The truth a fit judges by is the
+    # median of the five; the floor of that truth comes from pairs of single-run sittings.
+    rng = np.random.default_rng(3)
+    m = len(cost_model.METRICS)
+    true = rng.uniform(1, 10, size=(400, m))
+    groups = np.repeat(np.arange(400), 5)
+    sittings = np.tile(np.arange(5), 400)
+    noise = rng.normal(0, 0.15, size=(2000, m)) + rng.normal(0, 0.1, size=(2000, m))
+    measured = true[groups] * np.exp(noise)
+    floor = cost_model.sitting_noise_floor(measured, groups, sittings)
+    assert floor["pairs"] == 400 * 10 and floor["measurements"] == 400
+    single = np.abs(measured / true[groups] - 1)
+    assert floor["overall"]["median_ape"] == pytest.approx(np.median(single), rel=0.1)
+    truth = np.abs(cost_model.by_measurement(measured, groups) / true - 1)
+    assert floor["judged_by"]["sittings"] == 5
+    assert floor["judged_by"]["median_ape"] == pytest.approx(np.median(truth), rel=0.15)
+    assert floor["judged_by"]["p90_ape"] == pytest.approx(np.quantile(truth, 0.9), rel=0.15)
+    # A sitting of three runs is not paired with one of a single run: their medians stray by
+    # different amounts. Here each measurement's first sitting holds three, the others one.
+    mixed = np.where(sittings == 1, 0, sittings)
+    floor_mixed = cost_model.sitting_noise_floor(measured, groups, mixed)
+    assert floor_mixed["pairs"] == 400 * 3 and floor_mixed["judged_by"]["sittings"] == 3
 
 
 def test_each_process_layout_is_bounded_by_its_own_held_out_errors(profiled, fitted):

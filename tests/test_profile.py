@@ -146,9 +146,22 @@ def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, sp
     assert report["sitting_noise_floor"]["pairs"] == 2
     assert 0 < report["sitting_noise_floor"]["overall"]["median_ape"] <= report["sitting_noise_floor"]["overall"]["p90_ape"]
     print_report(report)
-    assert "Measured again in a later sitting (2 measurements)" in " ".join(capsys.readouterr().err.split())
+    assert "Measured in later sittings (2 measurements, 2 pairs of sittings)" in " ".join(
+        capsys.readouterr().err.split())
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
         plan_again(store, campaign, 0)
+
+    # A third sitting of the same share: the same measurements, in a campaign of its own.
+    third = plan_again(store, campaign, 0.5, repeats=2, sitting=3)
+    assert third.id not in (campaign.id, again.id)
+    assert len(profile(store, third, workload, budget_s=600).run_ids) == 4
+    runs = load_runs(store)
+    assert sorted(np.bincount(measurement_groups(runs)).tolist()) == [3, 3, 7, 7]
+    floor = fit(store, folds=2).report["sitting_noise_floor"]
+    # Three sittings of two runs or more: three pairs in each measurement, judged by their median.
+    assert floor["pairs"] == 6 and floor["judged_by"]["sittings"] == 3
+    with pytest.raises(ValueError, match="sitting must be >= 2"):
+        plan_again(store, campaign, 0.5, sitting=1)
 
 
 def test_a_configuration_the_model_cannot_run_is_recorded_as_failed(model_dir, tmp_path):
@@ -274,8 +287,11 @@ def test_cli_profile_lists_and_exports(model_dir, space, tmp_path):
     assert "4 new runs (0 from earlier invocations), 0 failed, 0 of 4 experiments left" in " ".join(result.output.split())
     result = runner.invoke(app, args + ["--again", "0.5"])
     assert "0 new runs (4 from earlier invocations)" in " ".join(result.output.split())
+    # The third sitting of the same half.
+    result = runner.invoke(app, args + ["--again", "0.5", "--sitting", "3"])
+    assert "4 new runs (0 from earlier invocations)" in " ".join(result.output.split())
     listed = runner.invoke(app, ["runs", "list", "--db", db])
-    assert listed.exit_code == 0 and "12 runs" in listed.output
+    assert listed.exit_code == 0 and "16 runs" in listed.output
     out = tmp_path / "steps.parquet"
     exported = runner.invoke(app, ["runs", "export", "--out", str(out), "--format", "parquet",
                                    "--table", "steps", "--db", db])
@@ -299,6 +315,7 @@ def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path)
     ("--budget", "soon", "budget"), ("--slo", "ttft_p95<=5us", "unit"), ("--isl", "a:b", "isl"),
     ("--space", "nowhere", "search space not found"), ("--db", "nosuchdialect://x", "--db"),
     ("--repeats", "0", "--repeats: must be >= 1, got 0"), ("--again", "1.5", "--again: must be a share in (0, 1], got 1.5"),
+    ("--sitting", "1", "--sitting: must be >= 2"), ("--sitting", "3", "--sitting: 3 needs --again"),
 ])
 def test_cli_profile_bad_input_names_the_field(model_dir, tmp_path, flag, value, field):
     from typer.testing import CliRunner
