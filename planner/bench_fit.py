@@ -107,6 +107,12 @@ def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_
     return out
 
 
+def later_sittings(sittings: int, again: float) -> tuple[int, float]:
+    """How many sittings follow each model's first, and the share of measurements each takes
+    (`again`; all where it is 0). `again` > 0 with one sitting asked means one later sitting."""
+    return max(sittings, 2 if again > 0 else 1) - 1, again or 1.0
+
+
 def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*REFERENCE_MODELS, PAIR),
                       folds: int = 5, space: str = "cpu", repeats: int = REPEATS,
                       num_requests: int = NUM_REQUESTS, pair_train_s: float = PAIR_TRAIN_S,
@@ -120,8 +126,7 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     between sittings. `again` > 0 alone means one later sitting."""
     if sittings < 1:
         raise ValueError(f"--sittings: must be >= 1, got {sittings}")
-    sittings = max(sittings, 2 if again > 0 else 1)
-    share = again or 1.0
+    later, share = later_sittings(sittings, again)
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     store = Store(f"sqlite:///{workdir / 'reference.db'}")
@@ -131,14 +136,14 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     runs: dict[str, int] = {}
     campaigns = {name: plan_campaign(store, model_dir, search if draft else search.without_drafts(),
                                      workload, draft, repeats=repeats)
-                 for name, (model_dir, draft) in models.items()} if budget_s > 0 or sittings > 1 else {}
+                 for name, (model_dir, draft) in models.items()} if budget_s > 0 or later else {}
 
     def reporting(name: str) -> Callable[[str, float], None] | None:
         return (lambda label, elapsed: on_progress(f"{name}: {label}", elapsed)) if on_progress else None
 
     for name, campaign in campaigns.items() if budget_s > 0 else ():
         runs[name] = len(profile(store, campaign, workload, budget_s, on_progress=reporting(name)).run_ids)
-    for sitting in range(2, sittings + 1):
+    for sitting in range(2, later + 2):
         for name, campaign in campaigns.items():
             later = plan_again(store, campaign, share, repeats, sitting=sitting)
             label = f"{name} sitting {sitting}"

@@ -201,7 +201,7 @@ def bench_fit(
 ) -> None:
     """The cost model's reference: profile eight model shapes here, fit, and print the
     cross-validated errors against the targets and the host's noise floor."""
-    from planner.bench_fit import PAIR, REFERENCE_MODELS, check_names, run_fit_benchmark
+    from planner.bench_fit import PAIR, REFERENCE_MODELS, check_names, later_sittings, run_fit_benchmark
     from planner.cli_profile import parse_duration
     from planner.cost_model import FitError
 
@@ -222,8 +222,8 @@ def bench_fit(
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
         # Each later sitting takes about its share of the first one's time.
-        later = max(sittings, 2 if again > 0 else 1) - 1
-        total = seconds * len(names) * (1 + later * (again or 1.0))
+        later, share = later_sittings(sittings, again)
+        total = seconds * len(names) * (1 + later * share)
         task = progress.add_task("preparing models", total=total or None)
         spent: dict[str, float] = {}
 
