@@ -56,6 +56,10 @@ MIN_JITTER_STEPS = 200  # and a duration band with fewer steps, its layout's who
 # further. Measured p95/p50 of ITL for two replicas: 2.6 for 0.2 ms steps, 1.2-1.3 for 3 ms ones;
 # one spread for all had predicted 1.75 for both.
 DURATION_BANDS_S = (0.25e-3, 0.5e-3, 1e-3, 2e-3, 4e-3)
+# Decode steps of this many sequences or more keep their own jitter ("<key>:wide"). Within a run,
+# a tp1dp1 decode step of 16 sequences had a 98th percentile 1.27x its median, one of 1-4
+# sequences 1.5-1.8x: the narrow steps' stalls, pooled, made ITL p95 at 16 clients 21% too slow.
+WIDE_BATCH = 8
 
 
 def duration_band(seconds: float) -> int:
@@ -273,6 +277,9 @@ class StepTimeModel:
         other's steps. One spread for both made ITL p95 at one client (a replica alone) 23% too
         slow, and at 4 and 16 clients 6-7% too fast. (Prefill steps split the same way made
         TTFT p95 at 4 and 16 clients further too fast, so they keep the layout's spread.)
+        Decode steps of `WIDE_BATCH` sequences or more also apart ("<layout>:wide", busy or
+        alone likewise): at 16 clients one step's stall delays 16 gaps at once, so ITL p95 is
+        about the 98th percentile of the steps, and wide steps stall less than narrow ones.
         Each of these also per duration band of the steps' typical time ("<key>@<band>",
         `DURATION_BANDS_S`) where the band has enough steps and runs."""
         order = np.argsort(groups, kind="stable")
@@ -286,6 +293,7 @@ class StepTimeModel:
         run_layouts = np.array([jitter_class(dp, tp) for dp, tp in parallel])
         replicated = parallel[:, 0] > 1
         busy = X[:, FEATURES.index("busy_peers")] > 0
+        wide = X[:, FEATURES.index("num_seqs")] >= WIDE_BATCH
         bands = np.searchsorted(DURATION_BANDS_S, typical)
         noise: dict[str, np.ndarray] = {}
         for prefix, kind in (("", ~prefilling), ("prefill/", prefilling)):
@@ -306,27 +314,33 @@ class StepTimeModel:
                         noise[f"{key}@{band}"] = np.quantile(within[mine], NOISE_LEVELS)
 
             keep(f"{prefix}all", np.ones(len(runs), dtype=bool), min_runs=1)
+            widths = ((("", np.ones(len(runs), dtype=bool)),) if prefix else
+                      (("", np.ones(len(runs), dtype=bool)), (":wide", wide[kind])))
             for name in np.unique(run_layouts):
-                keep(f"{prefix}{name}", step_layouts == name)
-                if prefix or not replicated[run_layouts == name].any():
-                    continue
-                for state, steps in (("busy", busy[kind]), ("alone", ~busy[kind])):
-                    keep(f"{prefix}{name}/{state}", (step_layouts == name) & steps)
+                for suffix, width in widths:
+                    keep(f"{prefix}{name}{suffix}", (step_layouts == name) & width)
+                    if prefix or not replicated[run_layouts == name].any():
+                        continue
+                    for state, steps in (("busy", busy[kind]), ("alone", ~busy[kind])):
+                        keep(f"{prefix}{name}/{state}{suffix}", (step_layouts == name) & steps & width)
         return noise
 
     def jitter_quantiles(self, layout: str, busy: bool | None = None,
-                         band: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         band: int | None = None, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(decode, prefill) log-quantiles of step jitter for a process layout: its own where it
         had enough runs, else all runs'; a model saved before prefill jitter was kept apart
         replays its one distribution for both. `busy` True or False: for steps taken while
         other replicas work, or alone, where the layout had enough runs of such steps. `band`
-        (`duration_band`): for steps of that typical duration, where there were enough."""
+        (`duration_band`): for steps of that typical duration, where there were enough. `wide`:
+        for decode steps of `WIDE_BATCH` sequences or more, where there were enough."""
         if self.noise_ is None:
             raise RuntimeError("StepTimeModel has no jitter (fit it with calibrate, or load one)")
         decode_keys = [layout, "all"]
         if busy is not None:
             decode_keys.insert(0, f"{layout}/{'busy' if busy else 'alone'}")
         prefill_keys = [f"prefill/{key}" for key in decode_keys]
+        if wide:
+            decode_keys = [f"{key}:wide" for key in decode_keys[:-1]] + decode_keys
         decode = self._most_specific(decode_keys, band)
         prefill = self._most_specific(prefill_keys, band)
         return decode, (decode if prefill is None else prefill)
@@ -412,9 +426,9 @@ class StepTimeModel:
             layout = jitter_class(deployment.data_parallel_size, deployment.tensor_parallel_size)
             replicated = deployment.data_parallel_size > 1
 
-            def quantiles(stream: tuple[bool, bool, int]) -> np.ndarray:
-                prefilling, busy, band = stream
-                return self.jitter_quantiles(layout, busy if replicated else None, band)[prefilling]
+            def quantiles(stream: tuple[bool, bool, int, bool]) -> np.ndarray:
+                prefilling, busy, band, wide = stream
+                return self.jitter_quantiles(layout, busy if replicated else None, band, wide)[prefilling]
 
             jitter = QuasiJitter(quantiles, seed)
 
@@ -433,7 +447,7 @@ class StepTimeModel:
             seconds, band = known
             if jitter is None:
                 return seconds
-            return seconds * jitter((c.num_prefill_seqs > 0, busy_peers > 0, band))
+            return seconds * jitter((c.num_prefill_seqs > 0, busy_peers > 0, band, c.num_seqs >= WIDE_BATCH))
 
         return predict
 
