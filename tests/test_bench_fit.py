@@ -104,7 +104,9 @@ def test_again_measures_a_share_in_a_second_sitting(profiled: tuple[Path, FitBen
     summary = json.loads(out.read_text())["summary"]
     # Three sittings, but a first one the budget cut short may hold a single run, unpaired.
     assert summary["judged_noise_floor"]["sittings"] in (2, 3)
-    assert summary["judged_noise_floor"]["p90_ape"] < summary["sitting_noise_floor"]["p90_ape"]
+    # The median of two or three sittings strays less than one does. (The median error, not the
+    # p90: from a few dozen pairs the p90 of a median of two came out above one sitting's in CI.)
+    assert summary["judged_noise_floor"]["median_ape"] < summary["sitting_noise_floor"]["median_ape"]
     assert "noise floor (all sittings)" in result.output
     assert "judged by the median of their" in " ".join(result.output.split())
     for flag, value in (("--sittings", "0"), ("--repeats", "0")):
