@@ -314,12 +314,11 @@ class StepTimeModel:
             def spread(steps: np.ndarray) -> np.ndarray:
                 if prefix:  # a run has few prefill steps: pooled
                     return np.quantile(within[steps], NOISE_LEVELS)
-                mine = runs[steps]
-                counts = np.bincount(mine)
-                per_run = [np.quantile(within[steps][mine == r], NOISE_LEVELS)
-                           for r in np.flatnonzero(counts >= MIN_RUN_STEPS)]
+                values, owners = within[steps], runs[steps]
+                per_run = [np.quantile(values[owners == r], NOISE_LEVELS)
+                           for r in np.flatnonzero(np.bincount(owners) >= MIN_RUN_STEPS)]
                 if len(per_run) < MIN_SPREAD_RUNS:
-                    return np.quantile(within[steps], NOISE_LEVELS)
+                    return np.quantile(values, NOISE_LEVELS)
                 return np.mean(per_run, axis=0)
 
             def keep(key: str, steps: np.ndarray, min_runs: int = MIN_JITTER_RUNS) -> None:
@@ -331,9 +330,9 @@ class StepTimeModel:
                     if mine.sum() >= MIN_JITTER_STEPS and len(np.unique(runs[mine])) >= MIN_JITTER_RUNS:
                         noise[f"{key}@{band}"] = spread(mine)
 
-            keep(f"{prefix}all", np.ones(len(runs), dtype=bool), min_runs=1)
-            widths = ((("", np.ones(len(runs), dtype=bool)),) if prefix else
-                      (("", np.ones(len(runs), dtype=bool)), (":wide", wide[kind])))
+            every = np.ones(len(runs), dtype=bool)
+            keep(f"{prefix}all", every, min_runs=1)
+            widths = [("", every)] + ([] if prefix else [(":wide", wide[kind])])
             for name in np.unique(run_layouts):
                 for suffix, width in widths:
                     keep(f"{prefix}{name}{suffix}", (step_layouts == name) & width)

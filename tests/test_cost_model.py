@@ -192,6 +192,16 @@ def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_st
     np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ data["physics_coef"], 1e-7))
 
 
+def _replay_clocks(model: StepTimeModel, data_parallel_size: int = 1) -> tuple:
+    """The jittered and the typical step clocks the replay would use, for one 8-layer bf16 shape."""
+    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
+                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
+                                          "vocab_size": 8000}), "bfloat16", None,
+                            data_parallel_size=data_parallel_size)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    return model.step_time(deployment, device), model.step_time(deployment, device, seed=None)
+
+
 def test_step_jitter_is_kept_per_process_layout():
     rng = np.random.default_rng(3)
     X, y = _synthetic_steps(rng, 1500)
@@ -227,11 +237,7 @@ def test_short_steps_replay_the_longer_stalls_of_their_duration_band():
               for band in (short, long)}
     assert spread[short] > 0.3 and spread[long] < spread[short] / 2
     # The replay: a one-sequence step stalls often, a long batched one seldom.
-    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
-                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
-                                          "vocab_size": 8000}), "bfloat16", None)
-    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
-    step, typical = model.step_time(deployment, device), model.step_time(deployment, device, seed=None)
+    step, typical = _replay_clocks(model)
     from engine.observer import StepComposition
     stalled = {}
     for name, c in (("short", StepComposition(1, 0, 1, 0, 1, 64)),
@@ -255,11 +261,7 @@ def test_wide_decode_steps_replay_the_calmer_jitter_of_wide_steps():
     assert wide_q[97] < 0.1 < 0.3 < narrow_q[97]
     assert "dp1-tp1:wide" in model.noise_ and not any(k.startswith("prefill/") and ":wide" in k for k in model.noise_)
     # The replay draws a wide step's jitter from the wide spread, a narrow one's from the rest.
-    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
-                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
-                                          "vocab_size": 8000}), "bfloat16", None)
-    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
-    step, typical = model.step_time(deployment, device), model.step_time(deployment, device, seed=None)
+    step, typical = _replay_clocks(model)
     from engine.observer import StepComposition
     stalled = {}
     for name, seqs in (("narrow", WIDE_BATCH - 1), ("wide", WIDE_BATCH)):
@@ -325,14 +327,10 @@ def test_data_parallel_steps_replay_the_jitter_of_their_peers_state():
     assert spread["busy"] > 0.4 > 0.15 > spread["alone"]
     assert {"dp2-tp1/busy", "dp2-tp1/alone"} <= set(model.noise_)
     # The replay draws from the state each step is in.
-    deployment = Deployment(ModelShape(**{"hidden_size": 512, "intermediate_size": 1536, "num_layers": 8,
-                                          "num_heads": 8, "num_kv_heads": 4, "head_dim": 64,
-                                          "vocab_size": 8000}), "bfloat16", None, data_parallel_size=2)
-    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
-    step = model.step_time(deployment, device)
+    step, typical_clock = _replay_clocks(model, data_parallel_size=2)
     from engine.observer import StepComposition
     decode = StepComposition(8, 0, 8, 0, 8, 2048)
-    typical = model.step_time(deployment, device, seed=None)(decode, 0)
+    typical = typical_clock(decode, 0)
     ratios = {state: np.array([step(decode, peers) / typical for _ in range(400)])
               for state, peers in (("alone", 0), ("busy", 1))}
     assert (ratios["busy"] > 1.5).mean() > 0.1 > 0.01 > (ratios["alone"] > 1.5).mean()
