@@ -646,16 +646,18 @@ def _within_targets(drift: dict[str, float], errors: dict[str, list[float]]) -> 
 
 def test_the_simulator_predicts_real_runs_it_never_saw(profiled, fitted, tmp_path):
     _, (model_dir, _) = profiled
-    drift, errors = _held_out_errors(model_dir, fitted)
-    if not _within_targets(drift, errors):
-        # Each profile run is measured once, so a spell of a shared runner's noise during the
-        # profile is learnt as the speed of the configurations it hit (seen in CI once: an int8
-        # configuration predicted at 2.2x its measured ITL). A simulator that is wrong misses
-        # again on a fresh profile; one that met noise does not.
-        store, _ = profile_two_models(tmp_path, model_dir)
-        first = (drift, errors)
-        drift, errors = _held_out_errors(model_dir, cost_model.fit(store, folds=4))
-        assert _within_targets(drift, errors), (first, (drift, errors))
+    attempts = [_held_out_errors(model_dir, fitted)]
+    # Each profile run is measured once, so a spell of a shared runner's noise during the profile
+    # is learnt as the speed of the configurations it hit (seen in CI: an int8 configuration
+    # predicted at 2.2x its measured ITL; once, a fresh profile taken to check that ran at half
+    # the speed of the runs it was checked against). A simulator that is wrong misses on every
+    # fresh profile; one that met noise does not, so up to two more are taken.
+    for attempt in range(2):
+        if _within_targets(*attempts[-1]):
+            break
+        store, _ = profile_two_models(tmp_path / f"again{attempt}", model_dir)
+        attempts.append(_held_out_errors(model_dir, cost_model.fit(store, folds=4)))
+    assert _within_targets(*attempts[-1]), attempts
 
 
 def test_unmeasured_hardware_is_predicted_from_its_spec_and_says_so(profiled, fitted, tmp_path):

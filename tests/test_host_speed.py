@@ -113,11 +113,11 @@ def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, 
     assert model.report["host_speed"][steady] == pytest.approx([1.0] * 3)
     spec = next(iter(model.hardware))
 
-    config = EngineConfig.model_validate(next(r.config for r in load_runs(copy) if r.config["model"] == model_dir))
+    configs = {json.dumps(r.config, sort_keys=True): r.config for r in load_runs(copy) if r.config["model"] == model_dir}
 
-    def itl(slowdown: float) -> float:
+    def itl(config: dict, slowdown: float) -> float:
         predictor = Predictor(model, model_dir, small_workload(), host_slowdowns={spec: slowdown})
-        return predictor.predict(config, spec).metrics["itl_p50"]
+        return predictor.predict(EngineConfig.model_validate(config), spec).metrics["itl_p50"]
 
     # The steps it was fitted on, priced at a slow moment against a typical one.
     X, _, _ = cost_model.training_arrays(load_runs(copy))
@@ -126,10 +126,12 @@ def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, 
     slow_X[:, column], typical_X[:, column] = SLOW, 1.0
     assert 1.3 < np.median(model.step_model.predict(slow_X) / model.step_model.predict(typical_X)) < 1.9
     if reading == "host_probe_s":  # plans take the one-core reading, and a typical every-core one
-        # The predictor passes a planning-time slowdown through to the simulator's clock (one
-        # configuration's ITL, not the median step: on measured runs it has moved 1.17x). Not
-        # passed through, the two would be equal: the simulation is seeded.
-        assert itl(SLOW) > 1.1 * itl(1.0)
+        # The predictor passes a planning-time slowdown through to the simulator's clock (the
+        # profiled configurations' ITL, not the median step: on measured runs it has moved 1.17x).
+        # Not passed through, the two would be equal: the simulation is seeded. The median over
+        # configurations, as the trees may learn the slow moment weakly for one (in a noisy CI
+        # profile, one configuration moved 1.03x).
+        assert np.median([itl(c, SLOW) / itl(c, 1.0) for c in configs.values()]) > 1.1
     # Without the reading the same stretched runs are unexplained, and held-out runs err more.
     with sqlite3.connect(db) as conn:
         conn.execute(f"UPDATE runs SET {reading} = NULL")
