@@ -84,7 +84,10 @@ def hardware_row(store: Store, measure: bool = True) -> Hardware:
         memory_gb=(detected.gpus[0].memory_gb if detected.gpus else detected.cpu.memory_gb),
         details=identity)
     if measure and kind == "cpu" and row.measurement is None:
-        measurement = asdict(hw.measure_cpu())
+        # Every thread this process may use, not the current count: an engine run earlier in
+        # the process leaves its own (one, in `pilot bench recommend`'s ground-truth store,
+        # which then read a third of the bandwidth and half the matmul rate).
+        measurement = asdict(hw.measure_cpu(threads=detected.cpu.usable_threads))
         with store.session() as session:
             session.execute(update(Hardware).where(Hardware.id == row.id)
                             .values(measurement=measurement, measured_at=utcnow()))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from sqlalchemy import select
 
 from planner.cli_fit import print_report
@@ -83,6 +84,22 @@ def test_a_campaign_stores_runs_requests_and_steps(model_dir, space, tmp_path):
         for run in runs:
             steps = session.scalars(select(StepRow).where(StepRow.run_id == run.id)).all()
             assert max(s.num_running + s.num_waiting for s in steps) <= run.load_value
+
+
+def test_the_machine_is_measured_on_every_thread_whatever_an_engine_left_set(tmp_path):
+    # An engine sets the process's thread count and leaves it set; the host's rates are the
+    # machine's, so they are read on every usable thread all the same.
+    from planner import hardware as hw
+    from planner.profiler import hardware_row
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = hardware_row(Store(_db(tmp_path / "pilot.db")))
+        assert row.measurement["threads"] == hw.detect().cpu.usable_threads
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp_path):
