@@ -655,7 +655,9 @@ def test_the_simulator_predicts_real_runs_it_never_saw(profiled, fitted, tmp_pat
     for attempt in range(2):
         if _within_targets(*attempts[-1]):
             break
-        store, _ = profile_two_models(tmp_path / f"again{attempt}", model_dir)
+        fresh = tmp_path / f"again{attempt}"
+        fresh.mkdir()
+        store, _ = profile_two_models(fresh, model_dir)
         attempts.append(_held_out_errors(model_dir, cost_model.fit(store, folds=4)))
     assert _within_targets(*attempts[-1]), attempts
 
