@@ -22,14 +22,16 @@ import sklearn
 from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import LinearRegression
 
+from engine.model_runner import prefills_row_by_row
 from engine.observer import StepComposition
 from planner.roofline import TERMS, Deployment, Device, step_terms, weight_bytes_per_param
 
 COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_tokens",
                "num_decode_tokens", "context_tokens", "num_draft_tokens")
-# "prefill_pass": a layer pass of the PyTorch path for a step that prefills. Decode-only steps
-# run each layer in one fused C call; a step with a prompt or chunk in it runs them op by op,
-# a fixed cost the roofline does not see. Measured here: a 16-token prefill beside 11 decodes
+# "prefill_pass": a layer pass of the PyTorch path for a step that prefills through it. Decode-only
+# steps, and steps whose prompts and chunks are short (`engine.model_runner.prefills_row_by_row`),
+# run each layer in one fused C call; a step with longer ones runs them op by op, a fixed cost the
+# roofline does not see. Measured here: a 16-token prefill beside 11 decodes
 # cost 0.28 ms more than the decodes alone, as it did beside none. Left to the trees, which learn
 # ratios, that cost was charged as 2.5x the whole step: mixed steps of many decodes came out 70%
 # too slow. (A pass per prefilling sequence as well fitted held-out models a little better but
@@ -91,6 +93,8 @@ def feature_matrix(deployment: Deployment, device: Device,
                        comp["num_prefill_tokens"], comp["num_decode_tokens"], comp["context_tokens"],
                        comp["num_draft_tokens"])
     decoding = (comp["num_decode_seqs"] > 0).astype(float)
+    op_by_op = (comp["num_prefill_seqs"] > 0) & ~prefills_row_by_row(comp["num_prefill_seqs"],
+                                                                      comp["num_prefill_tokens"])
     draft_layers = deployment.draft.num_layers if deployment.draft is not None else 0
     layer_pass = deployment.target.num_layers + decoding * deployment.num_speculative_tokens * draft_layers
     constants = {
@@ -103,7 +107,7 @@ def feature_matrix(deployment: Deployment, device: Device,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
                "forward_passes": 1.0 + decoding * (deployment.num_speculative_tokens if deployment.draft else 0),
-               "prefill_pass": (comp["num_prefill_seqs"] > 0) * float(deployment.target.num_layers),
+               "prefill_pass": op_by_op * float(deployment.target.num_layers),
                **{k: np.full(n, float(v)) for k, v in constants.items()},
                "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
                "host_parallel_slowdown": optional("host_parallel_slowdown", 1.0)}

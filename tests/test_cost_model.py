@@ -20,6 +20,7 @@ from planner.load import run_load
 from planner.predict import predict
 from planner.roofline import TERMS, Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
+from engine.model_runner import ROW_BY_ROW_MEAN_PREFILL
 from planner.step_model import (FEATURES, NOISE_LEVELS, WIDE_BATCH, QuasiJitter, StepTimeModel, TreeEnsemble,
                                 duration_band, feature_matrix)
 from planner.store import Store
@@ -95,15 +96,15 @@ def test_step_time_model_learns_a_roofline_and_round_trips_without_pickle():
 
 def _prefilling_steps(rng: np.random.Generator, n: int, decodes_beside_prefill: int) -> tuple[np.ndarray, np.ndarray]:
     """Small-model steps whose true time has a fixed cost per layer whenever the step prefills
-    (the engine's op-by-op path) on top of the roofline; prefills sit beside at most
-    `decodes_beside_prefill` decodes."""
+    (prompts long enough for the engine's op-by-op path) on top of the roofline; prefills sit
+    beside at most `decodes_beside_prefill` decodes."""
     shape = ModelShape(**{"hidden_size": 64, "intermediate_size": 128, "num_layers": 4,
                           "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 512})
     deployment = Deployment(shape, "bfloat16", None)
     device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
     prefilling = rng.random(n) < 0.3
     decode = np.where(prefilling, rng.integers(0, decodes_beside_prefill + 1, n), rng.integers(1, 17, n))
-    prompt = np.where(prefilling, rng.integers(8, 64, n), 0)
+    prompt = np.where(prefilling, rng.integers(ROW_BY_ROW_MEAN_PREFILL + 1, 400, n), 0)
     steps = {"num_seqs": decode + prefilling, "num_prefill_seqs": prefilling.astype(int),
              "num_decode_seqs": decode, "num_prefill_tokens": prompt, "num_decode_tokens": decode,
              "context_tokens": decode * rng.integers(16, 128, n) + prompt,
@@ -129,6 +130,22 @@ def test_a_prefill_costs_the_same_beside_many_decodes_as_beside_few():
     # The fixed cost is found as what it is, an overhead per layer pass, not hidden in a ratio.
     assert model.overheads_s["prefill_pass"] == pytest.approx(8e-5, rel=0.15)
     assert np.median(np.abs(np.log(model.predict(X_new[mixed]) / y_new[mixed]))) < 0.03
+
+
+def test_short_prompts_are_charged_no_prefill_pass():
+    """The engine runs a step whose prompts average ROW_BY_ROW_MEAN_PREFILL tokens or fewer as
+    fused decode rows: no op-by-op layer passes to charge; longer ones pay a pass per layer."""
+    shape = ModelShape(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4,
+                       num_kv_heads=2, head_dim=16, vocab_size=512)
+    deployment = Deployment(shape, "bfloat16", None)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    limit = ROW_BY_ROW_MEAN_PREFILL
+    prefills, tokens = np.array([0, 1, 1, 2, 2, 12]), np.array([0, limit, limit + 1, 2 * limit, 2 * limit + 1, 12 * 16])
+    steps = {"num_seqs": prefills + 3, "num_prefill_seqs": prefills, "num_decode_seqs": np.full(6, 3),
+             "num_prefill_tokens": tokens, "num_decode_tokens": np.full(6, 3),
+             "context_tokens": tokens + 300, "num_draft_tokens": np.zeros(6, dtype=int)}
+    passes = feature_matrix(deployment, device, steps)[:, FEATURES.index("prefill_pass")]
+    assert passes.tolist() == [0, 0, 4, 0, 4, 0]
 
 
 def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():

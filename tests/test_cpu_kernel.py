@@ -79,7 +79,49 @@ def test_engine_outputs_equal_with_and_without_kernel(tmp_path):
     outputs = {}
     for use_kernel in (True, False):
         llm = LLM(EngineConfig(model=str(model), dtype="float32", num_threads=1, block_size=8))
-        assert llm.engine.runner.use_cpu_kernel  # available on this machine (module skip otherwise)
-        llm.engine.runner.use_cpu_kernel = use_kernel
+        runner = llm.engine.runner
+        assert runner.decode_backend == "cpu"  # available on this machine (module skip otherwise)
+        if not use_kernel:  # PyTorch's attention over gathered copies, layer by layer
+            runner.decode_backend, runner.model.decode_layers = None, None
         outputs[use_kernel] = [o.token_ids for o in llm.generate(prompts, params)]
     assert outputs[True] == outputs[False]
+
+
+class _CountingLayers:
+    """The runner's fused decode layers, counting the steps they run."""
+
+    def __init__(self, layers) -> None:
+        self.layers, self.calls = layers, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.layers(*args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_short_prompts_run_as_fused_decode_rows_and_match_the_prefill_path(tmp_path, monkeypatch, dtype):
+    """A step of short prompts is attended row by row and runs the fused decode layers; the
+    same step through the prefill path (each prompt attended apart, layers op by op) must give
+    the same logits and tokens."""
+    from engine import model_runner
+
+    model = make_checkpoint("tiny", tmp_path / "tiny", seed=5, dtype="float32")
+    prompts = [list(range(100 + 7 * n, 100 + 8 * n)) for n in (3, 12, 20, 16, 9)]  # mean 12 tokens
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    seen, default = {}, model_runner.ROW_BY_ROW_MEAN_PREFILL
+    for mean in (default, 0):
+        monkeypatch.setattr(model_runner, "ROW_BY_ROW_MEAN_PREFILL", mean)
+        llm = LLM(EngineConfig(model=str(model), dtype=dtype, num_threads=1, block_size=8,
+                               enable_prefix_caching=False))
+        counter = _CountingLayers(llm.engine.runner.model.decode_layers)
+        llm.engine.runner.model.decode_layers = counter
+        first = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
+        fused_prefill = counter.calls
+        outputs = llm.generate(prompts, params)
+        seen[mean] = ([o.token_ids for o in first], [o.token_ids for o in outputs],
+                      llm.score(prompts[2]), fused_prefill)
+    rows, pytorch = seen[default], seen[0]
+    assert rows[3] == 1 and pytorch[3] == 0  # the prompts' one step: fused, then not
+    assert rows[0] == pytorch[0] and rows[1] == pytorch[1]
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    assert torch.allclose(rows[2], pytorch[2], atol=tol, rtol=tol)
