@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import select
 
 from engine import EngineConfig
+from engine.model_config import ModelConfig
 from planner.profiler import config_row, hardware_row, model_row, profile, workload_row
 from planner.search_space import SearchSpace
 from planner.slo import SLO
@@ -188,7 +189,7 @@ def default_config(space: SearchSpace, base: EngineConfig) -> EngineConfig:
 def grid_configs(space: SearchSpace, base: EngineConfig, size: int) -> tuple[list[EngineConfig], int]:
     """The space's first `size` configurations in coverage order, the default among them
     (first, if coverage order did not already start there); returns (configs, default index)."""
-    configs = space.configs(base, max_parallel=os.cpu_count() or 1)
+    configs = space.configs(base, max_parallel=os.cpu_count() or 1, model=ModelConfig.from_dir(base.model))
     default = default_config(space, base)
     same = [i for i, c in enumerate(configs) if c == default]
     if same and same[0] < size:

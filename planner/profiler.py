@@ -161,7 +161,8 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
         if existing is not None:
             return existing
     configs = space.configs(base_config(model_dir, workload), draft,
-                            max_parallel=max_parallel or os.cpu_count() or 1)
+                            max_parallel=max_parallel or os.cpu_count() or 1,
+                            model=ModelConfig.from_dir(model_dir))
     rows = [config_row(store, c) for c in configs]
     campaign = store.get_or_create(Campaign, key, hardware_id=hardware.id, model_id=model.id,
                                    workload_id=load.id, space=space.model_dump(mode="json"))

@@ -25,9 +25,7 @@ import numpy as np
 import optuna
 
 from engine import EngineConfig
-from engine.distributed import check_shardable
 from engine.model_config import ModelConfig
-from engine.quantization import check_scheme
 from planner import hardware as hw
 from planner.cost_model import CostModel
 from planner.fit_data import METRICS
@@ -35,7 +33,7 @@ from planner.candidate import (OBJECTIVES, Candidate, RecommendError, Requiremen
                                pareto_front, rank)
 from planner.predict import Prediction, Predictor, length_notes
 from planner.profiler import base_config
-from planner.search_space import SearchSpace, SearchSpaceError
+from planner.search_space import SearchSpace, SearchSpaceError, quantizable, shardable
 from planner.slo import SLO
 from planner.workload import ClosedLoopArrival, PoissonArrival, Workload
 
@@ -141,7 +139,7 @@ class Search:
                                   "left out (measure the pair with `pilot profile --draft`)")
         cfg = self.model_config
         if "tensor_parallel_size" in knobs:  # sizes the model cannot be split into never run
-            sizes = [t for t in space.values("tensor_parallel_size") if _shardable(cfg, t)]
+            sizes = [t for t in space.values("tensor_parallel_size") if shardable(cfg, t)]
             knobs["tensor_parallel_size"] = sizes or [1]
         return space.model_copy(update={"knobs": knobs})
 
@@ -161,7 +159,7 @@ class Search:
             config = self.spaces[hardware]._config(self.base, point, self.draft_dir, max_parallel)
         except SearchSpaceError:
             return None
-        if config is None or not _quantizable(self.model_config, config):
+        if config is None or not quantizable(self.model_config, config):
             return None
         if spec.kind == "gpu":
             config = config.model_copy(update={"device": "cuda"})
@@ -273,28 +271,6 @@ class Search:
             scored[mid] = self._score(candidate, predictor, mid)
             low, high = (low, mid) if scored[mid].feasible else (mid, high)
         return scored[high]
-
-
-def _quantizable(cfg: ModelConfig, config: EngineConfig) -> bool:
-    """Whether every linear layer's inputs (one rank's share) fit the quantization scheme."""
-    if config.quantization is None:
-        return True
-    tp = config.tensor_parallel_size
-    inputs = {cfg.hidden_size, cfg.intermediate_size // tp, cfg.num_attention_heads * cfg.head_dim // tp}
-    try:
-        for features in inputs:
-            check_scheme(config.quantization, config.quantization_group_size, features)
-        return True
-    except ValueError:
-        return False
-
-
-def _shardable(cfg: Any, size: int) -> bool:
-    try:
-        check_shardable(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, size)
-        return True
-    except ValueError:
-        return False
 
 
 def run_search(search: Search, trials: int = 150, storage: str | None = None,

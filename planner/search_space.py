@@ -19,6 +19,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import EngineConfig
+from engine.distributed import check_shardable
+from engine.model_config import ModelConfig
+from engine.quantization import check_scheme
 from planner.files import read_mapping
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -119,9 +122,11 @@ class SearchSpace(BaseModel):
         return spec.values() if isinstance(spec, IntRange) else list(spec)
 
     def configs(self, base: EngineConfig, speculative_model: str | None = None,
-                max_parallel: int | None = None) -> list[EngineConfig]:
+                max_parallel: int | None = None, model: ModelConfig | None = None) -> list[EngineConfig]:
         """Every valid configuration, in coverage order. `base` carries the model and the
-        settings outside the space; `max_parallel` caps tensor x data parallel processes."""
+        settings outside the space; `max_parallel` caps tensor x data parallel processes. Given
+        the `model`'s config, sizes it cannot be split into and quantization groups its layers
+        cannot hold are left out (`fits_model`): they would only fail at launch."""
         names = list(self.knobs)
         grid = list(itertools.product(*(self.values(n) for n in names)))
         rng = np.random.default_rng(0)
@@ -130,7 +135,7 @@ class SearchSpace(BaseModel):
         valid: list[tuple[tuple[Any, ...], EngineConfig]] = []
         for point in grid:
             config = self._config(base, dict(zip(names, point)), speculative_model, max_parallel)
-            if config is not None:
+            if config is not None and (model is None or fits_model(model, config)):
                 valid.append((point, config))
         if not valid:
             raise SearchSpaceError(f"search space {self.name!r}: no valid configuration for "
@@ -163,6 +168,35 @@ class SearchSpace(BaseModel):
             where = ".".join(str(p) for p in first["loc"])
             raise SearchSpaceError(f"search space {self.name!r}: {where}: {first['msg']} "
                                    f"(got {first.get('input')!r})") from err
+
+
+def quantizable(model: ModelConfig, config: EngineConfig) -> bool:
+    """Whether every linear layer's inputs (one rank's share) fit the quantization scheme."""
+    if config.quantization is None:
+        return True
+    tp = config.tensor_parallel_size
+    inputs = {model.hidden_size, model.intermediate_size // tp, model.num_attention_heads * model.head_dim // tp}
+    try:
+        for features in inputs:
+            check_scheme(config.quantization, config.quantization_group_size, features)
+        return True
+    except ValueError:
+        return False
+
+
+def shardable(model: ModelConfig, size: int) -> bool:
+    """Whether the model splits into `size` tensor-parallel ranks."""
+    try:
+        check_shardable(model.num_attention_heads, model.num_key_value_heads, model.intermediate_size, size)
+        return True
+    except ValueError:
+        return False
+
+
+def fits_model(model: ModelConfig, config: EngineConfig) -> bool:
+    """Whether the engine can load `model` as `config` asks: its parallel split and its
+    quantization groups."""
+    return shardable(model, config.tensor_parallel_size) and quantizable(model, config)
 
 
 def _normalise(point: tuple[Any, ...], choices: list[list[Any]]) -> np.ndarray:

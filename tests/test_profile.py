@@ -23,7 +23,7 @@ from planner.export import export, run_records
 from planner.profiler import plan_again, plan_campaign, profile
 from planner.search_space import SearchSpace
 from planner.slo import parse_slos
-from planner.store import Experiment, Hardware, RequestRow, StepRow, Store
+from planner.store import EngineConfigRow, Experiment, Hardware, RequestRow, StepRow, Store
 from planner.workload import Workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,20 +181,35 @@ def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, sp
         plan_again(store, campaign, 0.5, sitting=1)
 
 
-def test_a_configuration_the_model_cannot_run_is_recorded_as_failed(model_dir, tmp_path):
+def test_a_configuration_that_fails_at_launch_is_recorded_as_failed(model_dir, tmp_path):
+    path = tmp_path / "space.yaml"
+    # A KV budget of 24 KiB holds 96 tokens of the tiny model in bfloat16 but 48 in float32,
+    # fewer than the workload's max_model_len of 64: the float32 engines refuse to start.
+    path.write_text(SPACE.replace("  quantization: [null, int8]\n", "  dtype: [bfloat16, float32]\n")
+                    .replace("  dtype: float32\n", "  kv_cache_memory_bytes: 24576\n"))
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload(num_requests=2)
+    result = profile(store, plan_campaign(store, model_dir, SearchSpace.from_file(path), workload),
+                     workload, budget_s=600)
+    assert len(result.run_ids) == 4 and len(result.failed) == 4
+    assert all("max_model_len=64" in error for _, error in result.failed)
+    with store.session() as session:
+        statuses = sorted(e.status for e in session.scalars(select(Experiment)))
+    assert statuses == ["done"] * 4 + ["failed"] * 4
+
+
+def test_a_configuration_the_model_cannot_be_loaded_as_is_never_planned(model_dir, tmp_path):
     path = tmp_path / "space.yaml"
     # int4 groups of 48 do not divide the tiny model's 64 hidden features.
     path.write_text(SPACE.replace("[null, int8]", "[int8, int4]")
                     .replace("  num_threads: 1\n", "  num_threads: 1\n  quantization_group_size: 48\n"))
     store = Store(_db(tmp_path / "pilot.db"))
     workload = _workload(num_requests=2)
-    result = profile(store, plan_campaign(store, model_dir, SearchSpace.from_file(path), workload),
-                     workload, budget_s=600)
-    assert len(result.run_ids) == 4 and len(result.failed) == 4
-    assert all("quantization_group_size=48" in error for _, error in result.failed)
+    campaign = plan_campaign(store, model_dir, SearchSpace.from_file(path), workload)
     with store.session() as session:
-        statuses = sorted(e.status for e in session.scalars(select(Experiment)))
-    assert statuses == ["done"] * 4 + ["failed"] * 4
+        planned = [session.get(EngineConfigRow, e.engine_config_id).quantization
+                   for e in session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id))]
+    assert planned == ["int8"] * 4  # two batch caps at two load levels
 
 
 def _profile_command(model_dir: str, space: Path, db: str, budget: str = "10m") -> list[str]:
