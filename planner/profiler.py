@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -186,8 +186,8 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
 def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int = 1,
                seed: int = 0, sitting: int = 2) -> Campaign:
     """A later sitting (the `sitting`-th, the campaign itself being the first) for a random
-    `fraction` of `campaign`'s finished measurements (each configuration and load level that has
-    a run), `repeats` runs each, found if it exists. Every later sitting with the same `seed`
+    `fraction` of `campaign`'s finished measurements (each configuration and load level with all
+    its repeats run, or where none has, with a run), `repeats` runs each, found if it exists. Every later sitting with the same `seed`
     measures the same share, so each of those measurements has a median over all the sittings.
 
     Repeats back to back share whatever spell the host is in, so their spread understates how
@@ -206,13 +206,19 @@ def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int =
         existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
         if existing is not None:
             return existing
-        done = session.execute(
+        finished = func.sum(case((Experiment.status == "done", 1), else_=0))
+        measured = session.execute(
             select(Experiment.engine_config_id, Experiment.load_kind, Experiment.load_value,
-                   func.min(Experiment.position))
-            .where(Experiment.campaign_id == campaign.id, Experiment.status == "done")
-            .group_by(Experiment.engine_config_id, Experiment.load_kind, Experiment.load_value)).all()
-    if not done:
+                   func.min(Experiment.position), finished, func.count())
+            .where(Experiment.campaign_id == campaign.id)
+            .group_by(Experiment.engine_config_id, Experiment.load_kind, Experiment.load_value)
+            .having(finished > 0)).all()
+    if not measured:
         raise ValueError(f"campaign {campaign.id} has no finished measurement to measure again")
+    # Measurements with all their repeats, where there are any: one the budget cut short has a
+    # first sitting of fewer runs, which the sittings' floor cannot pair with a full one.
+    whole = [row[:4] for row in measured if row[4] == row[5]]
+    done = whole or [row[:4] for row in measured]
     picked = random.Random(seed).sample(range(len(done)), max(1, round(fraction * len(done))))
     # In the first sitting's order, so one engine serves a configuration's load levels in turn.
     chosen = sorted((done[i] for i in picked), key=lambda row: row[3])

@@ -181,6 +181,26 @@ def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, sp
         plan_again(store, campaign, 0.5, sitting=1)
 
 
+def test_a_later_sitting_takes_measurements_with_all_their_repeats(model_dir, space, tmp_path):
+    """A measurement the budget cut short (fewer runs than repeats) has nothing to pair a full
+    later sitting with; where whole ones exist, later sittings take only those."""
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload(num_requests=2)
+    campaign = plan_campaign(store, model_dir, SearchSpace.from_file(space), workload, repeats=2)
+    with store.session() as session, session.begin():
+        first, second, *_ = session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)
+                                            .order_by(Experiment.position)).all()[::2]
+        whole = (first.engine_config_id, first.load_value)
+        for e in session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)):
+            if (e.engine_config_id, e.load_value) == whole or e.position == second.position:
+                e.status = "done"  # the first measurement whole, the second one run of two
+    again = plan_again(store, campaign, 1.0, repeats=2)
+    with store.session() as session:
+        taken = {(e.engine_config_id, e.load_value)
+                 for e in session.scalars(select(Experiment).where(Experiment.campaign_id == again.id))}
+    assert taken == {whole}
+
+
 def test_a_configuration_that_fails_at_launch_is_recorded_as_failed(model_dir, tmp_path):
     path = tmp_path / "space.yaml"
     # A KV budget of 24 KiB holds 96 tokens of the tiny model in bfloat16 but 48 in float32,
