@@ -187,8 +187,9 @@ def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int =
                seed: int = 0, sitting: int = 2) -> Campaign:
     """A later sitting (the `sitting`-th, the campaign itself being the first) for a random
     `fraction` of `campaign`'s finished measurements (each configuration and load level with all
-    its repeats run, or where none has, with a run), `repeats` runs each, found if it exists. Every later sitting with the same `seed`
-    measures the same share, so each of those measurements has a median over all the sittings.
+    its repeats run, or where none has, with a run), `repeats` runs each, found if it exists.
+    Every later sitting with the same `seed` measures the same share, so each of those
+    measurements has a median over all the sittings.
 
     Repeats back to back share whatever spell the host is in, so their spread understates how
     far a measurement moves from one sitting to the next; measuring some again later shows it
