@@ -41,11 +41,15 @@ load:
 """
 
 
+def _space_file(tmp_path: Path, text: str = SPACE) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture
 def space(tmp_path) -> Path:
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE)
-    return path
+    return _space_file(tmp_path)
 
 
 def _workload(num_requests: int = 6, osl: str = "4:12") -> Workload:
@@ -202,11 +206,10 @@ def test_a_later_sitting_takes_measurements_with_all_their_repeats(model_dir, sp
 
 
 def test_a_configuration_that_fails_at_launch_is_recorded_as_failed(model_dir, tmp_path):
-    path = tmp_path / "space.yaml"
     # A KV budget of 24 KiB holds 96 tokens of the tiny model in bfloat16 but 48 in float32,
     # fewer than the workload's max_model_len of 64: the float32 engines refuse to start.
-    path.write_text(SPACE.replace("  quantization: [null, int8]\n", "  dtype: [bfloat16, float32]\n")
-                    .replace("  dtype: float32\n", "  kv_cache_memory_bytes: 24576\n"))
+    path = _space_file(tmp_path, SPACE.replace("  quantization: [null, int8]\n", "  dtype: [bfloat16, float32]\n")
+                       .replace("  dtype: float32\n", "  kv_cache_memory_bytes: 24576\n"))
     store = Store(_db(tmp_path / "pilot.db"))
     workload = _workload(num_requests=2)
     result = profile(store, plan_campaign(store, model_dir, SearchSpace.from_file(path), workload),
@@ -219,10 +222,9 @@ def test_a_configuration_that_fails_at_launch_is_recorded_as_failed(model_dir, t
 
 
 def test_a_configuration_the_model_cannot_be_loaded_as_is_never_planned(model_dir, tmp_path):
-    path = tmp_path / "space.yaml"
     # int4 groups of 48 do not divide the tiny model's 64 hidden features.
-    path.write_text(SPACE.replace("[null, int8]", "[int8, int4]")
-                    .replace("  num_threads: 1\n", "  num_threads: 1\n  quantization_group_size: 48\n"))
+    path = _space_file(tmp_path, SPACE.replace("[null, int8]", "[int8, int4]")
+                       .replace("  num_threads: 1\n", "  num_threads: 1\n  quantization_group_size: 48\n"))
     store = Store(_db(tmp_path / "pilot.db"))
     workload = _workload(num_requests=2)
     campaign = plan_campaign(store, model_dir, SearchSpace.from_file(path), workload)
@@ -355,8 +357,7 @@ def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path)
 
     from planner.cli import app
 
-    space = tmp_path / "space.yaml"
-    space.write_text(SPACE.replace("max_num_seqs: [1, 8]", "num_speculative_tokens: [0, 2]"))
+    space = _space_file(tmp_path, SPACE.replace("max_num_seqs: [1, 8]", "num_speculative_tokens: [0, 2]"))
     result = CliRunner().invoke(app, ["profile", "--model", model_dir, "--space", str(space), "--isl", "8",
                                       "--osl", "4", "--num-requests", "2", "--db", _db(tmp_path / "p.db")])
     assert result.exit_code == 0, result.output
