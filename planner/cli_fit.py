@@ -104,7 +104,9 @@ def print_report(report: dict[str, Any]) -> None:
     over = report["overheads_s"]
     console.print(f"Roofline efficiency (share of measured rate reached): {eff}. Overheads: "
                   f"{over['step'] * 1e6:.0f} us/forward pass, {over['seq'] * 1e6:.1f} us/sequence, "
-                  f"{over['layer_pass'] * 1e6:.1f} us/layer.")
+                  f"{over['layer_pass'] * 1e6:.1f} us/layer."
+                  + (f" Weight reads within {report['cache_mib']:.0f} MiB are priced as cached."
+                     if report.get("cache_mib") else ""))
 
 
 @app.command()

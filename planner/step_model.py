@@ -36,9 +36,14 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 # ratios, that cost was charged as 2.5x the whole step: mixed steps of many decodes came out 70%
 # too slow. (A pass per prefilling sequence as well fitted held-out models a little better but
 # was charged three times what a burst of a dozen short prompts costs.)
-PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass")
+# "weights_cached_s": the share of the weight reads that the last-level cache serves
+# (`StepTimeModel.cache_bytes_`), priced apart from the rest, which "weights_s" then holds.
+# Measured on a 2-core EPYC (32 MiB L3), one-sequence decode steps took 0.75x the DRAM roofline
+# of their weight reads for a 7 MB model and 2.1x for a 220 MB one: one rate for both had every
+# model held out of the fit 20-30% off, the small ones slow and the large ones fast.
+PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s")
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
-FEATURES = (*PHYSICS[1:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
+FEATURES = (*PHYSICS[1:-2], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
             "busy_peers",
             # How slow the host ran meanwhile against its typical moment (planner.host_speed):
@@ -47,9 +52,18 @@ FEATURES = (*PHYSICS[1:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel
             "host_slowdown", "host_parallel_slowdown", "prefill_pass",
             # Forward passes the step runs: the target's, and with a draft, k draft passes for
             # the decoding sequences. The per-step overhead is charged per pass (`per_pass_`).
-            "forward_passes")
-_PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:]]
-
+            "forward_passes",
+            # Weight bytes every process of the deployment holds at once (replicas x ranks):
+            # what competes for the one cache of a CPU host.
+            "resident_weight_bytes")
+_PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:-1]]
+# Effective cache sizes `fit` chooses from (0: no cache term), by how well the physics alone fits.
+# Effective, not the datasheet's: on a shared host the processes of other tenants hold part of it.
+CACHE_GRID_BYTES = (0, *(2 ** k * 2 ** 20 for k in range(8)))
+# A cache term must cut the physics' mean squared log error by this share to be kept.
+CACHE_MIN_GAIN = 0.02
+CACHE_TIE = 0.01  # losses within this share of the best count as a tie
+CACHE_FIT_ROWS = 50_000
 
 MIN_JITTER_RUNS = 10  # a process layout with fewer runs replays the jitter of all runs
 MIN_JITTER_STEPS = 200  # and a duration band with fewer steps, its layout's whole spread
@@ -104,6 +118,8 @@ def feature_matrix(deployment: Deployment, device: Device,
                                                          deployment.group_size),
         "num_speculative_tokens": deployment.num_speculative_tokens,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
+        "resident_weight_bytes": deployment.weight_bytes * deployment.tensor_parallel_size
+                                 * deployment.data_parallel_size,
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
                "forward_passes": 1.0 + decoding * (deployment.num_speculative_tokens if deployment.draft else 0),
@@ -114,7 +130,8 @@ def feature_matrix(deployment: Deployment, device: Device,
     return np.column_stack([columns[name] for name in FEATURES])
 
 
-def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = True) -> np.ndarray:
+def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = True,
+                     cache_bytes: float = 0.0) -> np.ndarray:
     """The first `count` PHYSICS columns (a model saved before the later ones has fewer).
 
     `per_pass`: the fixed overhead ("step") is paid once per forward pass, so a speculative
@@ -122,9 +139,46 @@ def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = 
     launch, its layers, its sampling), so with it per pass, a model profiled without a draft
     prices one with a draft; charged once per step, only the draft term (fitted on profiled
     pairs alone) did, and a pair never profiled came out 1.4-2x too fast. Models saved before
-    have it per step."""
+    have it per step.
+
+    `cache_bytes`: with all `count` columns, the weight reads are split by the share of every
+    process's weights that fits in that much cache ("weights_cached_s") and the rest
+    ("weights_s")."""
     first = X[:, FEATURES.index("forward_passes")] if per_pass else np.ones(len(X))
-    return np.column_stack([first, X[:, _PHYSICS_COLUMNS[:count - 1]]])
+    columns = np.column_stack([first, X[:, _PHYSICS_COLUMNS[:count - 1]]])
+    if count < len(PHYSICS):
+        return columns
+    weights = PHYSICS.index("weights_s")
+    resident = np.maximum(X[:, FEATURES.index("resident_weight_bytes")], 1.0)
+    cached = columns[:, weights] * np.minimum(1.0, cache_bytes / resident)
+    columns[:, weights] -= cached
+    return np.column_stack([columns, cached])
+
+
+def _physics_fit(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative coefficients minimising relative error."""
+    physics = LinearRegression(fit_intercept=False, positive=True)
+    physics.fit(columns, y, sample_weight=1.0 / y ** 2)
+    return physics.coef_.copy()
+
+
+def _cache_bytes(X: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """The effective cache that lets the physics fit these steps best (`CACHE_GRID_BYTES`), or 0
+    where no cache term earns `CACHE_MIN_GAIN`."""
+    rows = np.random.default_rng(seed).permutation(len(y))[:CACHE_FIT_ROWS]
+    X, y = X[rows], y[rows]
+
+    def loss(cache_bytes: float) -> float:
+        columns = _physics_columns(X, cache_bytes=cache_bytes)
+        return float(np.mean(np.log(np.maximum(columns @ _physics_fit(columns, y), 1e-7) / y) ** 2))
+
+    losses = {c: loss(c) for c in CACHE_GRID_BYTES}
+    # The smallest of those that fit about as well: a cache larger than every model but the
+    # smallest is a constant for the rest, which the per-pass overhead fits as well, so the
+    # steps cannot tell it from a smaller one, and the larger would price a model of a size
+    # between at the cache's rate.
+    best = min(c for c in CACHE_GRID_BYTES if losses[c] <= (1 + CACHE_TIE) * min(losses.values()))
+    return float(best) if losses[best] < (1 - CACHE_MIN_GAIN) * losses[0] else 0.0
 
 
 class TreeEnsemble:
@@ -235,6 +289,7 @@ class StepTimeModel:
     random_state: int = 0
     physics_coef_: np.ndarray | None = None
     per_pass_: bool = True  # the "step" overhead is per forward pass (`_physics_columns`)
+    cache_bytes_: float = 0.0  # the effective cache that serves weight reads (`_cache_bytes`)
     residual_: TreeEnsemble | None = None
     interval_: tuple[float, float] = (0.0, 0.0)  # log-ratio quantiles of held-out steps
     # Quantiles (at NOISE_LEVELS) of how a step's log-time strays from its run's typical
@@ -376,16 +431,15 @@ class StepTimeModel:
         return None
 
     def _fit(self, X: np.ndarray, y: np.ndarray) -> StepTimeModel:
-        physics = LinearRegression(fit_intercept=False, positive=True)
         self.per_pass_ = True
-        columns = _physics_columns(X)
-        physics.fit(columns, y, sample_weight=1.0 / y ** 2)  # relative error
-        self.physics_coef_ = physics.coef_.copy()
+        self.cache_bytes_ = _cache_bytes(X, y, self.random_state)
+        columns = _physics_columns(X, cache_bytes=self.cache_bytes_)
+        self.physics_coef_ = _physics_fit(columns, y)
         draft, weights = PHYSICS.index("draft_s"), PHYSICS.index("weights_s")
         if not columns[:, draft].any():
             # No step here ran a draft, so its coefficient is 0 by default and a draft would
             # cost only its passes' overheads. A draft pass is a small model's decode: price its
-            # roofline as the target's weight reads are priced.
+            # roofline as the target's weight reads from memory are priced.
             self.physics_coef_[draft] = self.physics_coef_[weights]
         residual = np.log(y) - np.log(self.predict_physics(X))
         booster = HistGradientBoostingRegressor(
@@ -399,7 +453,8 @@ class StepTimeModel:
         """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
-        columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_), self.per_pass_)
+        columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_), self.per_pass_,
+                                   self.cache_bytes_)
         return np.maximum(columns @ self.physics_coef_, 1e-7)
 
     def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
@@ -419,7 +474,8 @@ class StepTimeModel:
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
         coef = dict(zip(PHYSICS, self.physics_coef_))
-        return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf")) for name in TERMS}
+        return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf"))
+                for name in (*TERMS, "weights_cached_s") if name in coef}
 
     @property
     def overheads_s(self) -> dict[str, float]:
@@ -476,7 +532,8 @@ class StepTimeModel:
         if self.physics_coef_ is None or self.residual_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
         return {"features": list(FEATURES), "physics": list(PHYSICS),
-                "physics_coef": self.physics_coef_.tolist(), "residual": self.residual_.to_dict(),
+                "physics_coef": self.physics_coef_.tolist(), "cache_bytes": self.cache_bytes_,
+                "residual": self.residual_.to_dict(),
                 "interval": list(self.interval_), "coverage": self.coverage,
                 "noise": None if self.noise_ is None else {k: v.tolist() for k, v in self.noise_.items()},
                 "sklearn_version": sklearn.__version__}
@@ -493,6 +550,7 @@ class StepTimeModel:
         model = cls(coverage=float(data["coverage"]))
         model.physics_coef_ = np.array(data["physics_coef"], dtype=float)
         model.per_pass_ = "forward_passes" in stored
+        model.cache_bytes_ = float(data.get("cache_bytes", 0.0))
         model.residual_ = TreeEnsemble.from_dict(data["residual"])
         model.interval_ = (float(data["interval"][0]), float(data["interval"][1]))
         noise = data.get("noise")

@@ -21,8 +21,8 @@ from planner.predict import predict
 from planner.roofline import TERMS, Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
 from engine.model_runner import ROW_BY_ROW_MEAN_PREFILL
-from planner.step_model import (FEATURES, NOISE_LEVELS, WIDE_BATCH, QuasiJitter, StepTimeModel, TreeEnsemble,
-                                duration_band, feature_matrix)
+from planner.step_model import (CACHE_GRID_BYTES, FEATURES, NOISE_LEVELS, WIDE_BATCH, QuasiJitter,
+                                StepTimeModel, TreeEnsemble, duration_band, feature_matrix)
 from planner.store import Store
 from profiled import profile_two_models, small_workload
 
@@ -152,10 +152,68 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
     X, y = _prefilling_steps(np.random.default_rng(5), 1000, decodes_beside_prefill=16)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
     older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("prefill_pass")]),
-                                     "physics_coef": data["physics_coef"][:-1]})
+                                     "physics_coef": data["physics_coef"][:-2]})
     ones = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS)]]])
-    np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ data["physics_coef"][:-1], 1e-7))
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ data["physics_coef"][:-2], 1e-7))
+
+
+def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
+                         cache_mib: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """Decode steps of one model of a family whose host serves the first `cache_mib` of the
+    weights from cache at 3x the memory roofline and reads the rest at 0.5x of it."""
+    shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
+                       num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
+    deployment = Deployment(shape, "bfloat16", None)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    decode = rng.integers(1, 17, n)
+    steps = {"num_seqs": decode, "num_prefill_seqs": np.zeros(n, dtype=int), "num_decode_seqs": decode,
+             "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode,
+             "context_tokens": decode * rng.integers(16, 256, n), "num_draft_tokens": np.zeros(n, dtype=int)}
+    X = feature_matrix(deployment, device, steps)
+    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
+    cached = min(1.0, cache_mib * 2**20 / deployment.weight_bytes)
+    truth = (1.5e-4 + 1e-5 * cols["seq"] + 2e-5 * cols["layer_pass"] + cols["weights_s"] * cached / 3.0
+             + cols["weights_s"] * (1 - cached) / 0.5 + cols["compute_s"] / 0.4)
+    return X, truth * np.exp(rng.normal(scale=0.02, size=n))
+
+
+FAMILY = ((128, 2), (256, 4), (384, 6), (512, 6), (768, 8), (1024, 12))
+
+
+def test_weights_the_cache_holds_are_priced_apart_and_carry_to_a_model_never_seen():
+    """One rate for every weight byte fits neither a model whose weights stay in the host's
+    cache nor one that streams them from memory; with the cache's share priced apart, a model
+    left out of the fit is predicted from the others."""
+    held = FAMILY.index((256, 4))
+    parts = [_cached_family_steps(np.random.default_rng(i), 600, hidden, layers)
+             for i, (hidden, layers) in enumerate(FAMILY)]
+    X = np.vstack([p[0] for i, p in enumerate(parts) if i != held])
+    y = np.concatenate([p[1] for i, p in enumerate(parts) if i != held])
+    model = StepTimeModel().fit(X, y, np.repeat(np.arange(50), -(-len(y) // 50))[:len(y)])
+    assert 4 * 2**20 <= model.cache_bytes_ <= 16 * 2**20
+    assert model.efficiency["weights_s"] == pytest.approx(0.5, rel=0.2)
+    X_new, y_new = parts[held]
+    assert np.median(np.abs(np.log(model.predict_physics(X_new) / y_new))) < 0.08
+    assert np.median(np.abs(np.log(model.predict(X_new) / y_new))) < 0.08
+    restored = StepTimeModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    np.testing.assert_allclose(restored.predict(X_new), model.predict(X_new))
+
+    # The same steps without the cache term miss the model left out.
+    uncached = StepTimeModel()
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("planner.step_model.CACHE_GRID_BYTES", (0,))
+    try:
+        uncached.fit(X, y, calibrate=False)
+    finally:
+        monkey.undo()
+    assert uncached.cache_bytes_ == 0.0
+    assert np.median(np.abs(np.log(uncached.predict_physics(X_new) / y_new))) > 0.15
+
+
+def test_no_cache_term_where_the_steps_show_none():
+    X, y = _synthetic_steps(np.random.default_rng(1), 1500)
+    assert StepTimeModel().fit(X, y, calibrate=False).cache_bytes_ == 0.0
 
 
 def _decode_steps(rng: np.random.Generator, n: int, k: int, layers: int = 4,
@@ -202,11 +260,12 @@ def test_a_draft_never_profiled_is_priced_by_its_forward_passes():
 def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_step():
     X, y = _decode_steps(np.random.default_rng(8), 1000, k=2)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")])})
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")]),
+                                     "physics_coef": data["physics_coef"][:-1]})
     assert not older.per_pass_ and StepTimeModel.from_dict(data).per_pass_
     once = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS, "prefill_pass")]]])
-    np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ data["physics_coef"], 1e-7))
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ data["physics_coef"][:-1], 1e-7))
 
 
 def _replay_clocks(model: StepTimeModel, data_parallel_size: int = 1) -> tuple:
@@ -729,6 +788,7 @@ def test_cli_fit_prints_the_report_and_json(profiled, tmp_path):
     report = json.loads(result.output)
     assert report["by_run"]["folds"] == 3 and "by_model" in report and report["id"] >= 1
     longest = report["data"]["prompt_tokens"]
+    assert report["cache_mib"] == 0 or report["cache_mib"] in [c / 2**20 for c in CACHE_GRID_BYTES]
     plot = tmp_path / "accuracy.png"
     result = runner.invoke(app, ["fit", "--db", store.url, "--folds", "3", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
