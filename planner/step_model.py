@@ -41,9 +41,13 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 # Measured on a 2-core EPYC (32 MiB L3), one-sequence decode steps took 0.75x the DRAM roofline
 # of their weight reads for a 7 MB model and 2.1x for a 220 MB one: one rate for both had every
 # model held out of the fit 20-30% off, the small ones slow and the large ones fast.
-PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s")
+# "int4_unpack_s": an int4 weight's parameters over the FLOP rate. Unpacking two weights from a
+# byte, then scaling them and adding the group's minimum, is work per weight, not per byte read:
+# one-sequence decode steps of int4 models took 2-4x what their bytes at the memory rate would.
+PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s", "int4_unpack_s")
+_DIRECT = PHYSICS[1:PHYSICS.index("weights_cached_s")]  # read straight from FEATURES
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
-FEATURES = (*PHYSICS[1:-2], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
+FEATURES = (*_DIRECT[:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
             "busy_peers",
             # How slow the host ran meanwhile against its typical moment (planner.host_speed):
@@ -55,8 +59,8 @@ FEATURES = (*PHYSICS[1:-2], *COMPOSITION, "tensor_parallel_size", "data_parallel
             "forward_passes",
             # Weight bytes every process of the deployment holds at once (replicas x ranks):
             # what competes for the one cache of a CPU host.
-            "resident_weight_bytes")
-_PHYSICS_COLUMNS = [FEATURES.index(name) for name in PHYSICS[1:-1]]
+            "resident_weight_bytes", "int4_unpack_s")
+_PHYSICS_COLUMNS = [FEATURES.index(name) for name in _DIRECT]
 # Effective cache sizes `fit` chooses from (0: no cache term), by how well the physics alone fits.
 # Effective, not the datasheet's: on a shared host the processes of other tenants hold part of it.
 CACHE_GRID_BYTES = (0, *(2 ** k * 2 ** 20 for k in range(8)))
@@ -120,6 +124,8 @@ def feature_matrix(deployment: Deployment, device: Device,
         "num_layers": deployment.target.num_layers, "hidden_size": deployment.target.hidden_size,
         "resident_weight_bytes": deployment.weight_bytes * deployment.tensor_parallel_size
                                  * deployment.data_parallel_size,
+        "int4_unpack_s": (deployment.target.weight_params / deployment.tensor_parallel_size / device.flops
+                          if deployment.quantization == "int4" else 0.0),
     }
     columns = {"seq": comp["num_seqs"], "layer_pass": layer_pass, **terms, **comp,
                "forward_passes": 1.0 + decoding * (deployment.num_speculative_tokens if deployment.draft else 0),
@@ -146,13 +152,16 @@ def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = 
     ("weights_s")."""
     first = X[:, FEATURES.index("forward_passes")] if per_pass else np.ones(len(X))
     columns = np.column_stack([first, X[:, _PHYSICS_COLUMNS[:count - 1]]])
-    if count < len(PHYSICS):
+    if count <= PHYSICS.index("weights_cached_s"):
         return columns
     weights = PHYSICS.index("weights_s")
     resident = np.maximum(X[:, FEATURES.index("resident_weight_bytes")], 1.0)
     cached = columns[:, weights] * np.minimum(1.0, cache_bytes / resident)
     columns[:, weights] -= cached
-    return np.column_stack([columns, cached])
+    columns = np.column_stack([columns, cached])
+    if count <= PHYSICS.index("int4_unpack_s"):
+        return columns
+    return np.column_stack([columns, X[:, FEATURES.index("int4_unpack_s")]])
 
 
 def _physics_fit(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -475,7 +484,7 @@ class StepTimeModel:
             raise RuntimeError("StepTimeModel is not fitted")
         coef = dict(zip(PHYSICS, self.physics_coef_))
         return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf"))
-                for name in (*TERMS, "weights_cached_s") if name in coef}
+                for name in (*TERMS, "weights_cached_s", "int4_unpack_s") if name in coef}
 
     @property
     def overheads_s(self) -> dict[str, float]:

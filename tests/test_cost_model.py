@@ -21,7 +21,7 @@ from planner.predict import predict
 from planner.roofline import TERMS, Deployment, Device, ModelShape
 from planner.slo import RequestLatency, summarize
 from engine.model_runner import ROW_BY_ROW_MEAN_PREFILL
-from planner.step_model import (CACHE_GRID_BYTES, FEATURES, NOISE_LEVELS, WIDE_BATCH, QuasiJitter,
+from planner.step_model import (CACHE_GRID_BYTES, FEATURES, NOISE_LEVELS, PHYSICS, WIDE_BATCH, QuasiJitter,
                                 StepTimeModel, TreeEnsemble, duration_band, feature_matrix)
 from planner.store import Store
 from profiled import profile_two_models, small_workload
@@ -152,10 +152,11 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
     X, y = _prefilling_steps(np.random.default_rng(5), 1000, decodes_beside_prefill=16)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
     older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("prefill_pass")]),
-                                     "physics_coef": data["physics_coef"][:-2]})
+                                     "physics_coef": data["physics_coef"][:PHYSICS.index("prefill_pass")]})
     ones = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS)]]])
-    np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ data["physics_coef"][:-2], 1e-7))
+    kept = data["physics_coef"][:PHYSICS.index("prefill_pass")]
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ kept, 1e-7))
 
 
 def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
@@ -211,6 +212,54 @@ def test_weights_the_cache_holds_are_priced_apart_and_carry_to_a_model_never_see
     assert np.median(np.abs(np.log(uncached.predict_physics(X_new) / y_new))) > 0.15
 
 
+def _int4_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
+                       quantization: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode steps of one model of a family, in bf16 or int4, on a host that unpacks an int4
+    weight in the time 20 FLOPs take at its matmul rate, on top of reading its bytes."""
+    shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
+                       num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
+    deployment = Deployment(shape, "bfloat16", quantization, group_size=32)
+    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
+    decode = rng.integers(1, 17, n)
+    steps = {"num_seqs": decode, "num_prefill_seqs": np.zeros(n, dtype=int), "num_decode_seqs": decode,
+             "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode,
+             "context_tokens": decode * rng.integers(16, 256, n), "num_draft_tokens": np.zeros(n, dtype=int)}
+    X = feature_matrix(deployment, device, steps)
+    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
+    unpack = 20 * shape.weight_params / device.flops if quantization == "int4" else 0.0
+    truth = 1.5e-4 + 1e-5 * cols["seq"] + cols["weights_s"] / 0.5 + cols["compute_s"] / 0.4 + unpack
+    return X, truth * np.exp(rng.normal(scale=0.02, size=n))
+
+
+def test_int4_weights_are_charged_per_weight_unpacked_and_carry_to_a_model_never_seen():
+    shapes = ((256, 2), (512, 4), (768, 6), (1024, 8))
+    parts = {(h, q): _int4_family_steps(np.random.default_rng(i), 400, h, layers, q)
+             for i, ((h, layers), q) in enumerate((s, q) for s in shapes for q in (None, "int4"))}
+    fitted = [p for (h, _), p in parts.items() if h != 512]
+    X, y = np.vstack([p[0] for p in fitted]), np.concatenate([p[1] for p in fitted])
+    model = StepTimeModel().fit(X, y, calibrate=False)
+    assert model.physics_coef_[PHYSICS.index("int4_unpack_s")] == pytest.approx(20, rel=0.15)
+    X_new, y_new = parts[(512, "int4")]
+    assert np.median(np.abs(np.log(model.predict(X_new) / y_new))) < 0.03
+    # Without the term (the column zeroed), only the bytes and the trees are left to price it.
+    column = FEATURES.index("int4_unpack_s")
+    blind = StepTimeModel().fit(np.where(np.arange(X.shape[1]) == column, 0.0, X), y, calibrate=False)
+    X_blind = np.where(np.arange(X.shape[1]) == column, 0.0, X_new)
+    assert np.median(np.abs(np.log(blind.predict(X_blind) / y_new))) > 0.05
+
+    # A model saved before the term (with the cache split) still predicts as it did.
+    data = model.to_dict()
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("int4_unpack_s")]),
+                                     "physics_coef": data["physics_coef"][:-1]})
+    direct = [FEATURES.index(n) for n in PHYSICS[1:PHYSICS.index("weights_cached_s")]]
+    columns = np.column_stack([X_new[:, FEATURES.index("forward_passes")], X_new[:, direct]])
+    weights, resident = PHYSICS.index("weights_s"), X_new[:, FEATURES.index("resident_weight_bytes")]
+    cached = columns[:, weights] * np.minimum(1.0, model.cache_bytes_ / resident)
+    columns[:, weights] -= cached
+    expected = np.column_stack([columns, cached]) @ data["physics_coef"][:-1]
+    np.testing.assert_allclose(older.predict_physics(X_new), np.maximum(expected, 1e-7))
+
+
 def test_no_cache_term_where_the_steps_show_none():
     X, y = _synthetic_steps(np.random.default_rng(1), 1500)
     assert StepTimeModel().fit(X, y, calibrate=False).cache_bytes_ == 0.0
@@ -261,11 +310,12 @@ def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_st
     X, y = _decode_steps(np.random.default_rng(8), 1000, k=2)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
     older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")]),
-                                     "physics_coef": data["physics_coef"][:-1]})
+                                     "physics_coef": data["physics_coef"][:-2]})
+    kept = data["physics_coef"][:PHYSICS.index("weights_cached_s")]
     assert not older.per_pass_ and StepTimeModel.from_dict(data).per_pass_
     once = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS, "prefill_pass")]]])
-    np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ data["physics_coef"][:-1], 1e-7))
+    np.testing.assert_allclose(older.predict_physics(X), np.maximum(once @ kept, 1e-7))
 
 
 def _replay_clocks(model: StepTimeModel, data_parallel_size: int = 1) -> tuple:
