@@ -39,14 +39,15 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 # "weights_cached_s": the share of the weight reads that the last-level cache serves
 # (`StepTimeModel.cache_bytes_`), priced apart from the rest, which "weights_s" then holds.
 # Measured on a 2-core EPYC (32 MiB L3), one-sequence decode steps took 0.75x the DRAM roofline
-# of their weight reads for a 7 MB model and 2.1x for a 220 MB one: one rate for both had every
-# model held out of the fit 20-30% off, the small ones slow and the large ones fast.
+# of their weight reads for a 7 MB model and 2.1x for a 220 MB one. With one rate for both,
+# such models held out of the fit came out 20-30% off.
 # "int4_unpack_s": an int4 weight's parameters over the FLOP rate. Unpacking two weights from a
 # byte, then scaling them and adding the group's minimum, is work per weight, not per byte read:
 # one-sequence decode steps of int4 models took 2-4x what their bytes at the memory rate would.
 PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s", "int4_unpack_s")
 _DIRECT = PHYSICS[1:PHYSICS.index("weights_cached_s")]  # read straight from FEATURES
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
+# "prefill_pass" came later than the other direct terms, so it sits further on in FEATURES.
 FEATURES = (*_DIRECT[:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_size",
             "weight_bytes_per_param", "num_speculative_tokens", "num_layers", "hidden_size",
             "busy_peers",

@@ -159,20 +159,27 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
     np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ kept, 1e-7))
 
 
-def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
-                         cache_mib: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
-    """Decode steps of one model of a family whose host serves the first `cache_mib` of the
-    weights from cache at 3x the memory roofline and reads the rest at 0.5x of it."""
+def _family_decode_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
+                         quantization: str | None = None
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray], Deployment]:
+    """Features of n decode steps of one model of a family (its columns by name too)."""
     shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
                        num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
-    deployment = Deployment(shape, "bfloat16", None)
+    deployment = Deployment(shape, "bfloat16", quantization, group_size=32)
     device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
     decode = rng.integers(1, 17, n)
     steps = {"num_seqs": decode, "num_prefill_seqs": np.zeros(n, dtype=int), "num_decode_seqs": decode,
              "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode,
              "context_tokens": decode * rng.integers(16, 256, n), "num_draft_tokens": np.zeros(n, dtype=int)}
     X = feature_matrix(deployment, device, steps)
-    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
+    return X, {name: X[:, i] for i, name in enumerate(FEATURES)}, deployment
+
+
+def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
+                         cache_mib: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """Decode steps of one model of a family whose host serves the first `cache_mib` of the
+    weights from cache at 3x the memory roofline and reads the rest at 0.5x of it."""
+    X, cols, deployment = _family_decode_steps(rng, n, hidden, layers)
     cached = min(1.0, cache_mib * 2**20 / deployment.weight_bytes)
     truth = (1.5e-4 + 1e-5 * cols["seq"] + 2e-5 * cols["layer_pass"] + cols["weights_s"] * cached / 3.0
              + cols["weights_s"] * (1 - cached) / 0.5 + cols["compute_s"] / 0.4)
@@ -182,7 +189,7 @@ def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: 
 FAMILY = ((128, 2), (256, 4), (384, 6), (512, 6), (768, 8), (1024, 12))
 
 
-def test_weights_the_cache_holds_are_priced_apart_and_carry_to_a_model_never_seen():
+def test_weights_the_cache_holds_are_priced_apart_and_carry_to_a_model_never_seen(monkeypatch):
     """One rate for every weight byte fits neither a model whose weights stay in the host's
     cache nor one that streams them from memory; with the cache's share priced apart, a model
     left out of the fit is predicted from the others."""
@@ -201,13 +208,8 @@ def test_weights_the_cache_holds_are_priced_apart_and_carry_to_a_model_never_see
     np.testing.assert_allclose(restored.predict(X_new), model.predict(X_new))
 
     # The same steps without the cache term miss the model left out.
-    uncached = StepTimeModel()
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr("planner.step_model.CACHE_GRID_BYTES", (0,))
-    try:
-        uncached.fit(X, y, calibrate=False)
-    finally:
-        monkey.undo()
+    monkeypatch.setattr("planner.step_model.CACHE_GRID_BYTES", (0,))
+    uncached = StepTimeModel().fit(X, y, calibrate=False)
     assert uncached.cache_bytes_ == 0.0
     assert np.median(np.abs(np.log(uncached.predict_physics(X_new) / y_new))) > 0.15
 
@@ -216,17 +218,9 @@ def _int4_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: in
                        quantization: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Decode steps of one model of a family, in bf16 or int4, on a host that unpacks an int4
     weight in the time 20 FLOPs take at its matmul rate, on top of reading its bytes."""
-    shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
-                       num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
-    deployment = Deployment(shape, "bfloat16", quantization, group_size=32)
-    device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
-    decode = rng.integers(1, 17, n)
-    steps = {"num_seqs": decode, "num_prefill_seqs": np.zeros(n, dtype=int), "num_decode_seqs": decode,
-             "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode,
-             "context_tokens": decode * rng.integers(16, 256, n), "num_draft_tokens": np.zeros(n, dtype=int)}
-    X = feature_matrix(deployment, device, steps)
-    cols = {name: X[:, i] for i, name in enumerate(FEATURES)}
-    unpack = 20 * shape.weight_params / device.flops if quantization == "int4" else 0.0
+    X, cols, deployment = _family_decode_steps(rng, n, hidden, layers, quantization)
+    flops = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5}).flops
+    unpack = 20 * deployment.target.weight_params / flops if quantization == "int4" else 0.0
     truth = 1.5e-4 + 1e-5 * cols["seq"] + cols["weights_s"] / 0.5 + cols["compute_s"] / 0.4 + unpack
     return X, truth * np.exp(rng.normal(scale=0.02, size=n))
 
