@@ -161,7 +161,7 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
 
 def _family_decode_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
                          quantization: str | None = None
-                         ) -> tuple[np.ndarray, dict[str, np.ndarray], Deployment]:
+                         ) -> tuple[np.ndarray, dict[str, np.ndarray], Deployment, Device]:
     """Features of n decode steps of one model of a family (its columns by name too)."""
     shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
                        num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
@@ -172,14 +172,14 @@ def _family_decode_steps(rng: np.random.Generator, n: int, hidden: int, layers: 
              "num_prefill_tokens": np.zeros(n, dtype=int), "num_decode_tokens": decode,
              "context_tokens": decode * rng.integers(16, 256, n), "num_draft_tokens": np.zeros(n, dtype=int)}
     X = feature_matrix(deployment, device, steps)
-    return X, {name: X[:, i] for i, name in enumerate(FEATURES)}, deployment
+    return X, {name: X[:, i] for i, name in enumerate(FEATURES)}, deployment, device
 
 
 def _cached_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
                          cache_mib: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
     """Decode steps of one model of a family whose host serves the first `cache_mib` of the
     weights from cache at 3x the memory roofline and reads the rest at 0.5x of it."""
-    X, cols, deployment = _family_decode_steps(rng, n, hidden, layers)
+    X, cols, deployment, _ = _family_decode_steps(rng, n, hidden, layers)
     cached = min(1.0, cache_mib * 2**20 / deployment.weight_bytes)
     truth = (1.5e-4 + 1e-5 * cols["seq"] + 2e-5 * cols["layer_pass"] + cols["weights_s"] * cached / 3.0
              + cols["weights_s"] * (1 - cached) / 0.5 + cols["compute_s"] / 0.4)
@@ -218,9 +218,8 @@ def _int4_family_steps(rng: np.random.Generator, n: int, hidden: int, layers: in
                        quantization: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Decode steps of one model of a family, in bf16 or int4, on a host that unpacks an int4
     weight in the time 20 FLOPs take at its matmul rate, on top of reading its bytes."""
-    X, cols, deployment = _family_decode_steps(rng, n, hidden, layers, quantization)
-    flops = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5}).flops
-    unpack = 20 * deployment.target.weight_params / flops if quantization == "int4" else 0.0
+    X, cols, deployment, device = _family_decode_steps(rng, n, hidden, layers, quantization)
+    unpack = 20 * deployment.target.weight_params / device.flops if quantization == "int4" else 0.0
     truth = 1.5e-4 + 1e-5 * cols["seq"] + cols["weights_s"] / 0.5 + cols["compute_s"] / 0.4 + unpack
     return X, truth * np.exp(rng.normal(scale=0.02, size=n))
 
