@@ -152,14 +152,21 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     hardware, model, load = hardware_row(store, measure_hardware), model_row(store, model_dir), workload_row(store, workload)
-    identity = {"hardware": hardware.fingerprint, "model": model.fingerprint,
-                "workload": load.fingerprint, "space": space.model_dump(mode="json"), "draft": draft}
-    # Only when repeating, so campaigns planned before repeats existed keep their key (resume).
-    key = fingerprint(identity | ({"repeats": repeats} if repeats > 1 else {}))
+    # The draft by its absolute path, so `--workdir ref` and `--workdir /tmp/ref` resume one
+    # campaign; a campaign keyed by the path as it was typed is still found.
+    spellings = dict.fromkeys([str(Path(draft).resolve()), draft] if draft else [draft])
+    keys = [fingerprint({"hardware": hardware.fingerprint, "model": model.fingerprint,
+                         "workload": load.fingerprint, "space": space.model_dump(mode="json"),
+                         "draft": spelling}
+                        # Only when repeating, so campaigns planned before repeats keep their key.
+                        | ({"repeats": repeats} if repeats > 1 else {}))
+            for spelling in spellings]
+    key = keys[0]
     with store.session() as session:
-        existing = session.scalar(select(Campaign).where(Campaign.fingerprint == key))
-        if existing is not None:
-            return existing
+        found = {c.fingerprint: c for c in session.scalars(select(Campaign).where(Campaign.fingerprint.in_(keys)))}
+        for known in keys:
+            if known in found:
+                return found[known]
     configs = space.configs(base_config(model_dir, workload), draft,
                             max_parallel=max_parallel or os.cpu_count() or 1,
                             model=ModelConfig.from_dir(model_dir))

@@ -119,6 +119,27 @@ def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp
     assert first.run_ids[0] not in second.run_ids
 
 
+def test_a_draft_named_by_another_path_resumes_its_campaign(model_dir, space, tmp_path, monkeypatch):
+    from planner.store import Campaign, Model, WorkloadRow, fingerprint
+
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload, search = _workload(), SearchSpace.from_file(space)
+    monkeypatch.chdir(Path(model_dir).parent)
+    relative = Path(model_dir).name
+    first = plan_campaign(store, model_dir, search, workload, draft=relative)
+    assert plan_campaign(store, model_dir, search, workload, draft=str(Path(model_dir).resolve())).id == first.id
+    # A campaign planned before drafts were keyed by their absolute path is still resumed.
+    with store.session() as session:
+        campaign = session.get(Campaign, first.id)
+        identity = {"hardware": session.get(Hardware, campaign.hardware_id).fingerprint,
+                    "model": session.get(Model, campaign.model_id).fingerprint,
+                    "workload": session.get(WorkloadRow, campaign.workload_id).fingerprint,
+                    "space": search.model_dump(mode="json"), "draft": relative}
+        campaign.fingerprint = fingerprint(identity)
+        session.commit()
+    assert plan_campaign(store, model_dir, search, workload, draft=relative).id == first.id
+
+
 def test_repeats_measure_each_configuration_and_level_back_to_back(model_dir, space, tmp_path, capsys):
     from planner.cost_model import fit, measurement_groups
     from planner.fit_data import load_runs
