@@ -107,6 +107,11 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{over['layer_pass'] * 1e6:.1f} us/layer."
                   + (f" Weight reads within {report['cache_mib']:.0f} MiB are priced as cached."
                      if report.get("cache_mib") else ""))
+    work = report.get("work_flops", {})
+    if work:
+        items = {"int4_unpack_s": "int4 weight unpacked", "attention_scores_s": "attention score"}
+        console.print("Work priced per item, in FLOPs at the matmul rate: "
+                      + ", ".join(f"{value:.1f} per {items[name]}" for name, value in work.items()) + ".")
 
 
 @app.command()

@@ -350,6 +350,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
                          "coverage": list(TARGETS["coverage"])}
     report["efficiency"] = step_model.efficiency
     report["overheads_s"] = step_model.overheads_s
+    report["work_flops"] = step_model.work_flops
     report["cache_mib"] = step_model.cache_bytes_ / 2**20
     report["step_interval"] = list(step_model.interval_)
     hardware = {r.spec_name: r.hardware_rates for r in runs}

@@ -174,7 +174,12 @@ def step_terms(deployment: Deployment, device: Device, num_seqs: np.ndarray,
         draft_flops = 2.0 * deployment.draft.active_params * decoding * deployment.num_speculative_tokens
         draft = passes * deployment.draft_weight_bytes / device.memory_bandwidth + draft_flops / device.flops
     ones = np.ones_like(tokens, dtype=float)
+    # A score (one query head against one context token) costs more than its FLOPs: its
+    # softmax exponent, and the decode kernel's walk of the block table, do not grow with the
+    # head dimension the FLOPs count. Not one of TERMS: it came later and is appended.
+    scores = shape.num_layers * shape.num_heads * pairs / tp
     return {
+        "attention_scores_s": scores / device.flops,
         "weights_s": ones * deployment.weight_bytes / device.memory_bandwidth,
         "kv_read_s": kv_bytes / device.memory_bandwidth,
         "compute_s": (linear_flops + attention_flops + head_flops) / device.flops,

@@ -44,7 +44,14 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 # "int4_unpack_s": an int4 weight's parameters over the FLOP rate. Unpacking two weights from a
 # byte, then scaling them and adding the group's minimum, is work per weight, not per byte read:
 # one-sequence decode steps of int4 models took 2-4x what their bytes at the memory rate would.
-PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s", "int4_unpack_s")
+# "attention_scores_s": attention's scores (layers x query heads x token pairs) over the FLOP
+# rate (`roofline.step_terms`). The byte and FLOP terms priced a score by the head dimension, so
+# models with narrow heads and long contexts came out fast and wide ones slow; priced apart,
+# one score took about 2 ns on a 2-core EPYC, near ten times its FLOPs. Held-out models fitted
+# 7.5% / 22.3% median / p90 without it and 6.9% / 21.4% with it; held-out runs, 4.6% / 14.1%
+# and 4.4% / 13.6%.
+PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s", "int4_unpack_s",
+           "attention_scores_s")
 _DIRECT = PHYSICS[1:PHYSICS.index("weights_cached_s")]  # read straight from FEATURES
 NOISE_LEVELS = np.linspace(0.005, 0.995, 100)
 # "prefill_pass" came later than the other direct terms, so it sits further on in FEATURES.
@@ -60,7 +67,7 @@ FEATURES = (*_DIRECT[:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_
             "forward_passes",
             # Weight bytes every process of the deployment holds at once (replicas x ranks):
             # what competes for the one cache of a CPU host.
-            "resident_weight_bytes", "int4_unpack_s")
+            "resident_weight_bytes", "int4_unpack_s", "attention_scores_s")
 _PHYSICS_COLUMNS = [FEATURES.index(name) for name in _DIRECT]
 # Effective cache sizes `fit` chooses from (0: no cache term), by how well the physics alone fits.
 # Effective, not the datasheet's: on a shared host the processes of other tenants hold part of it.
@@ -160,9 +167,8 @@ def _physics_columns(X: np.ndarray, count: int = len(PHYSICS), per_pass: bool = 
     cached = columns[:, weights] * np.minimum(1.0, cache_bytes / resident)
     columns[:, weights] -= cached
     columns = np.column_stack([columns, cached])
-    if count <= PHYSICS.index("int4_unpack_s"):
-        return columns
-    return np.column_stack([columns, X[:, FEATURES.index("int4_unpack_s")]])
+    later = [FEATURES.index(name) for name in PHYSICS[PHYSICS.index("int4_unpack_s"):count]]
+    return np.column_stack([columns, X[:, later]])
 
 
 def _physics_fit(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -485,7 +491,16 @@ class StepTimeModel:
             raise RuntimeError("StepTimeModel is not fitted")
         coef = dict(zip(PHYSICS, self.physics_coef_))
         return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf"))
-                for name in (*TERMS, "weights_cached_s", "int4_unpack_s") if name in coef}
+                for name in (*TERMS, "weights_cached_s") if name in coef}
+
+    @property
+    def work_flops(self) -> dict[str, float]:
+        """Work priced per item rather than per byte or FLOP, in FLOPs of the matmul rate: per
+        int4 weight unpacked, per attention score."""
+        if self.physics_coef_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        coef = dict(zip(PHYSICS, self.physics_coef_))
+        return {name: float(coef[name]) for name in ("int4_unpack_s", "attention_scores_s") if name in coef}
 
     @property
     def overheads_s(self) -> dict[str, float]:

@@ -160,11 +160,11 @@ def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
 
 
 def _family_decode_steps(rng: np.random.Generator, n: int, hidden: int, layers: int,
-                         quantization: str | None = None
+                         quantization: str | None = None, heads: int = 4
                          ) -> tuple[np.ndarray, dict[str, np.ndarray], Deployment, Device]:
     """Features of n decode steps of one model of a family (its columns by name too)."""
-    shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=4,
-                       num_kv_heads=2, head_dim=hidden // 4, vocab_size=4096)
+    shape = ModelShape(hidden_size=hidden, intermediate_size=3 * hidden, num_layers=layers, num_heads=heads,
+                       num_kv_heads=heads // 2, head_dim=hidden // heads, vocab_size=4096)
     deployment = Deployment(shape, "bfloat16", quantization, group_size=32)
     device = Device.for_deployment(deployment, "cpu", 60.0, {"bf16": 1.0, "fp32": 0.5})
     decode = rng.integers(1, 17, n)
@@ -242,15 +242,49 @@ def test_int4_weights_are_charged_per_weight_unpacked_and_carry_to_a_model_never
 
     # A model saved before the term (with the cache split) still predicts as it did.
     data = model.to_dict()
+    before = PHYSICS.index("int4_unpack_s")
     older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("int4_unpack_s")]),
-                                     "physics_coef": data["physics_coef"][:-1]})
+                                     "physics_coef": data["physics_coef"][:before]})
     direct = [FEATURES.index(n) for n in PHYSICS[1:PHYSICS.index("weights_cached_s")]]
     columns = np.column_stack([X_new[:, FEATURES.index("forward_passes")], X_new[:, direct]])
     weights, resident = PHYSICS.index("weights_s"), X_new[:, FEATURES.index("resident_weight_bytes")]
     cached = columns[:, weights] * np.minimum(1.0, model.cache_bytes_ / resident)
     columns[:, weights] -= cached
-    expected = np.column_stack([columns, cached]) @ data["physics_coef"][:-1]
+    expected = np.column_stack([columns, cached]) @ data["physics_coef"][:before]
     np.testing.assert_allclose(older.predict_physics(X_new), np.maximum(expected, 1e-7))
+
+
+def test_attention_is_charged_per_score_and_carries_to_heads_never_seen():
+    """On a host where a score costs 4,000 FLOPs' time whatever the head dimension, a model
+    whose heads are narrower than any fitted is predicted from the others; priced by its bytes
+    and FLOPs alone, its long-context steps come out fast."""
+    def steps(seed: int, hidden: int, heads: int) -> tuple[np.ndarray, np.ndarray]:
+        X, cols, _, _ = _family_decode_steps(np.random.default_rng(seed), 400, hidden, 4, heads=heads)
+        truth = (1.5e-4 + 1e-5 * cols["seq"] + cols["weights_s"] / 0.5 + cols["kv_read_s"] / 0.5
+                 + cols["compute_s"] / 0.4 + 4000 * cols["attention_scores_s"])
+        return X, truth * np.exp(np.random.default_rng(seed + 100).normal(scale=0.02, size=len(truth)))
+
+    fitted = [steps(i, hidden, heads) for i, (hidden, heads) in enumerate(((256, 4), (256, 8), (512, 4),
+                                                                          (512, 8), (768, 4), (768, 12)))]
+    X, y = np.vstack([p[0] for p in fitted]), np.concatenate([p[1] for p in fitted])
+    X_new, y_new = steps(9, 512, 32)  # head dimension 16, where the others have 32 to 192
+    model = StepTimeModel().fit(X, y, calibrate=False)
+    assert model.physics_coef_[PHYSICS.index("attention_scores_s")] == pytest.approx(4000, rel=0.15)
+    assert np.median(np.abs(np.log(model.predict(X_new) / y_new))) < 0.03
+    column = FEATURES.index("attention_scores_s")
+    blind = StepTimeModel().fit(np.where(np.arange(X.shape[1]) == column, 0.0, X), y, calibrate=False)
+    X_blind = np.where(np.arange(X.shape[1]) == column, 0.0, X_new)
+    assert np.median(np.log(blind.predict(X_blind) / y_new)) < -0.1
+
+    # A model saved before the term still predicts as it did: its coefficients stop before it.
+    data = model.to_dict()
+    before = PHYSICS.index("attention_scores_s")
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:column]),
+                                     "physics_coef": data["physics_coef"][:before]})
+    scores = X_new[:, column] * data["physics_coef"][before]
+    np.testing.assert_allclose(older.predict_physics(X_new), model.predict_physics(X_new) - scores)
+    restored = StepTimeModel.from_dict(json.loads(json.dumps(data)))
+    np.testing.assert_allclose(restored.predict(X_new), model.predict(X_new))
 
 
 def test_no_cache_term_where_the_steps_show_none():
@@ -832,10 +866,13 @@ def test_cli_fit_prints_the_report_and_json(profiled, tmp_path):
     assert report["by_run"]["folds"] == 3 and "by_model" in report and report["id"] >= 1
     longest = report["data"]["prompt_tokens"]
     assert report["cache_mib"] == 0 or report["cache_mib"] in [c / 2**20 for c in CACHE_GRID_BYTES]
+    assert set(report["work_flops"]) == {"int4_unpack_s", "attention_scores_s"}
+    assert all(value >= 0 for value in report["work_flops"].values())
     plot = tmp_path / "accuracy.png"
     result = runner.invoke(app, ["fit", "--db", store.url, "--folds", "3", "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     assert "Held-out runs" in result.output and "Held-out models" in result.output
+    assert "per attention score" in " ".join(result.output.split())
     # Every profiled run carries a reading (the store may hold other tests' runs by now).
     assert re.search(r"Host speed: (\d+) of \1 runs carry a probe reading", " ".join(result.output.split()))
     assert f"prompts up to {longest} tokens" in " ".join(result.output.split())
