@@ -47,9 +47,9 @@ COMPOSITION = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_t
 # "attention_scores_s": attention's scores (layers x query heads x token pairs) over the FLOP
 # rate (`roofline.step_terms`). The byte and FLOP terms priced a score by the head dimension, so
 # models with narrow heads and long contexts came out fast and wide ones slow; priced apart,
-# one score took about 2 ns on a 2-core EPYC, near ten times its FLOPs. Held-out models fitted
-# 7.5% / 22.3% median / p90 without it and 6.9% / 21.4% with it; held-out runs, 4.6% / 14.1%
-# and 4.4% / 13.6%.
+# one score took about 2 ns on a 2-core EPYC, 2,850 FLOPs' time where its dot products count
+# 4 per head dimension (256 at 64). Held-out models fitted 7.5% / 22.3% median / p90 without
+# it and 6.9% / 21.4% with it; held-out runs, 4.6% / 14.1% and 4.4% / 13.6%.
 PHYSICS = ("step", "seq", "layer_pass", *TERMS, "prefill_pass", "weights_cached_s", "int4_unpack_s",
            "attention_scores_s")
 _DIRECT = PHYSICS[1:PHYSICS.index("weights_cached_s")]  # read straight from FEATURES

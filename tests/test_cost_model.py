@@ -336,9 +336,9 @@ def test_a_draft_never_profiled_is_priced_by_its_forward_passes():
 def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_step():
     X, y = _decode_steps(np.random.default_rng(8), 1000, k=2)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")]),
-                                     "physics_coef": data["physics_coef"][:-2]})
     kept = data["physics_coef"][:PHYSICS.index("weights_cached_s")]
+    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")]),
+                                     "physics_coef": kept})
     assert not older.per_pass_ and StepTimeModel.from_dict(data).per_pass_
     once = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS, "prefill_pass")]]])
