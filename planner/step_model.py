@@ -484,12 +484,16 @@ class StepTimeModel:
         mid = self.predict(X)
         return mid, mid * np.exp(self.interval_[0]), mid * np.exp(self.interval_[1])
 
+    def _coefficients(self) -> dict[str, float]:
+        """The physics coefficients by term name (a model saved before later terms has fewer)."""
+        if self.physics_coef_ is None:
+            raise RuntimeError("StepTimeModel is not fitted")
+        return dict(zip(PHYSICS, self.physics_coef_))
+
     @property
     def efficiency(self) -> dict[str, float]:
         """Share of the roofline throughput each term achieves (1 / its coefficient)."""
-        if self.physics_coef_ is None:
-            raise RuntimeError("StepTimeModel is not fitted")
-        coef = dict(zip(PHYSICS, self.physics_coef_))
+        coef = self._coefficients()
         return {name: (1.0 / coef[name] if coef[name] > 0 else float("inf"))
                 for name in (*TERMS, "weights_cached_s") if name in coef}
 
@@ -497,16 +501,12 @@ class StepTimeModel:
     def work_flops(self) -> dict[str, float]:
         """Work priced per item rather than per byte or FLOP, in FLOPs of the matmul rate: per
         int4 weight unpacked, per attention score."""
-        if self.physics_coef_ is None:
-            raise RuntimeError("StepTimeModel is not fitted")
-        coef = dict(zip(PHYSICS, self.physics_coef_))
+        coef = self._coefficients()
         return {name: float(coef[name]) for name in ("int4_unpack_s", "attention_scores_s") if name in coef}
 
     @property
     def overheads_s(self) -> dict[str, float]:
-        if self.physics_coef_ is None:
-            raise RuntimeError("StepTimeModel is not fitted")
-        coef = dict(zip(PHYSICS, self.physics_coef_))
+        coef = self._coefficients()
         return {name: float(coef[name]) for name in ("step", "seq", "layer_pass", "prefill_pass")
                 if name in coef}
 
