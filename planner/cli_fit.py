@@ -196,7 +196,7 @@ def bench_fit(
                                  "(reference.db) go here; a second run continues the profiling"),
     budget: str = typer.Option("170s", "--budget", help="profiling time per model (0: fit the store as is)"),
     models: Optional[str] = typer.Option(None, "--models", help="comma-separated subset of the reference "
-                                         "models (default: all eight)"),
+                                         "models (default: all nine)"),
     folds: int = typer.Option(5, "--folds", help="cross-validation folds by run"),
     repeats: int = typer.Option(3, "--repeats", help="runs of each measurement back to back in a sitting"),
     sittings: int = typer.Option(1, "--sittings", help="then measure each model's measurements again in "
@@ -206,7 +206,7 @@ def bench_fit(
                                 "take (0: all); alone, one later sitting of this share"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the report as JSON"),
 ) -> None:
-    """The cost model's reference: profile eight model shapes here, fit, and print the
+    """The cost model's reference: profile nine models here, fit, and print the
     cross-validated errors against the targets and the host's noise floor."""
     from planner.bench_fit import PAIR, REFERENCE_MODELS, check_names, later_sittings, run_fit_benchmark
     from planner.cli_profile import parse_duration
