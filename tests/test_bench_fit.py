@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from engine.model_config import ModelConfig
 from planner.bench_fit import REFERENCE_MODELS, FitBenchmark, make_models, run_fit_benchmark
 from planner.cli import app
 from planner.roofline import ModelShape
@@ -58,12 +59,8 @@ def test_reference_models_are_distinct_shapes_ordered_by_size() -> None:
 def test_reference_models_leave_no_wide_gap_in_weight_bytes_from_h256_on() -> None:
     """A last-level cache's edge (a few MiB to tens) must fall between models close in size, or
     the model left out beside it is priced at the wrong side of the edge."""
-    def bf16_bytes(s: dict) -> float:
-        head_dim = s["hidden_size"] // s["num_attention_heads"]
-        return 2.0 * ModelShape(s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"],
-                                s["num_attention_heads"], s["num_key_value_heads"], head_dim,
-                                s["vocab_size"]).weight_params
-    sizes = [bf16_bytes(s) for s in REFERENCE_MODELS.values()]
+    sizes = [2.0 * ModelShape.from_config(ModelConfig.from_dict(shape)).weight_params
+             for shape in REFERENCE_MODELS.values()]
     assert sizes == sorted(sizes)
     upper = sizes[list(REFERENCE_MODELS).index("h256"):]
     assert max(b / a for a, b in zip(upper, upper[1:])) <= 2.2
