@@ -69,6 +69,18 @@ FEATURES = (*_DIRECT[:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_
             # what competes for the one cache of a CPU host.
             "resident_weight_bytes", "int4_unpack_s", "attention_scores_s")
 _PHYSICS_COLUMNS = [FEATURES.index(name) for name in _DIRECT]
+# What the residual trees see in place of FEATURES (`StepTimeModel.residual_inputs`): each
+# physics term's share of the physics prediction first, then FEATURES with the roofline seconds
+# and the model's size zeroed. A ratio the trees learn from shares (a step that is mostly weight
+# reads at two ranks runs 20% over its roofline) carries to a model never fitted; one learned
+# from seconds or widths is each model's own, and a model outside the fitted range took the
+# offset of whichever one sat at the edge. On the nine-model reference (AMD EPYC, 2 cores),
+# leaving one model out, median / p90 APE went from 6.4% / 20.3% to 5.9% / 16.9%, and holding
+# out runs from 4.2% / 13.4% to 3.9% / 13.0%: llama-110m, the largest, had come out 15-30% fast
+# on its decode steps where the physics alone erred 4-18%.
+RESIDUAL_INPUTS = ("shares", "features")
+_HIDDEN_FROM_TREES = np.isin(FEATURES, (*TERMS, "int4_unpack_s", "attention_scores_s",
+                                        "num_layers", "hidden_size", "resident_weight_bytes"))
 # Effective cache sizes `fit` chooses from (0: no cache term), by how well the physics alone fits.
 # Effective, not the datasheet's: on a shared host the processes of other tenants hold part of it.
 CACHE_GRID_BYTES = (0, *(2 ** k * 2 ** 20 for k in range(8)))
@@ -303,6 +315,9 @@ class StepTimeModel:
     max_depth: int = 6
     learning_rate: float = 0.1
     random_state: int = 0
+    # What the residual trees see: "shares" (`_HIDDEN_FROM_TREES`), or "features": FEATURES as
+    # they are, as models saved before shares did.
+    residual_inputs: str = "shares"
     physics_coef_: np.ndarray | None = None
     per_pass_: bool = True  # the "step" overhead is per forward pass (`_physics_columns`)
     cache_bytes_: float = 0.0  # the effective cache that serves weight reads (`_cache_bytes`)
@@ -320,6 +335,9 @@ class StepTimeModel:
             raise ValueError(f"need as many steps as durations, got {len(X)} and {len(y)}")
         if (y <= 0).any():
             raise ValueError("step durations must be > 0")
+        if self.residual_inputs not in RESIDUAL_INPUTS:
+            raise ValueError(f"residual_inputs: unknown {self.residual_inputs!r}; choose from "
+                             f"{', '.join(RESIDUAL_INPUTS)}")
         groups = np.zeros(len(y)) if groups is None else np.asarray(groups)
         # Calibrate the interval on whole runs held out (steps within a run are alike).
         rng = np.random.default_rng(self.random_state)
@@ -461,7 +479,7 @@ class StepTimeModel:
         booster = HistGradientBoostingRegressor(
             max_iter=self.max_iter, max_depth=self.max_depth, learning_rate=self.learning_rate,
             early_stopping=False, random_state=self.random_state)
-        booster.fit(X, residual)
+        booster.fit(self._tree_inputs(X), residual)
         self.residual_ = TreeEnsemble.from_sklearn(booster)
         return self
 
@@ -473,11 +491,19 @@ class StepTimeModel:
                                    self.cache_bytes_)
         return np.maximum(columns @ self.physics_coef_, 1e-7)
 
+    def _tree_inputs(self, X: np.ndarray) -> np.ndarray:
+        if self.residual_inputs == "features":
+            return X
+        assert self.physics_coef_ is not None
+        parts = _physics_columns(X, len(self.physics_coef_), self.per_pass_, self.cache_bytes_) * self.physics_coef_
+        shares = parts / np.maximum(parts.sum(axis=1, keepdims=True), 1e-12)
+        return np.column_stack([shares, np.where(_HIDDEN_FROM_TREES, 0.0, X)])
+
     def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
         base = self.predict_physics(X)
         if not calibrated or self.residual_ is None:
             return base
-        return base * np.exp(self.residual_.predict(X))
+        return base * np.exp(self.residual_.predict(self._tree_inputs(np.asarray(X, dtype=float))))
 
     def predict_interval(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prediction, low, high): the interval covers `coverage` of held-out steps."""
@@ -558,7 +584,7 @@ class StepTimeModel:
             raise RuntimeError("StepTimeModel is not fitted")
         return {"features": list(FEATURES), "physics": list(PHYSICS),
                 "physics_coef": self.physics_coef_.tolist(), "cache_bytes": self.cache_bytes_,
-                "residual": self.residual_.to_dict(),
+                "residual": self.residual_.to_dict(), "residual_inputs": self.residual_inputs,
                 "interval": list(self.interval_), "coverage": self.coverage,
                 "noise": None if self.noise_ is None else {k: v.tolist() for k, v in self.noise_.items()},
                 "sklearn_version": sklearn.__version__}
@@ -577,6 +603,9 @@ class StepTimeModel:
         model.per_pass_ = "forward_passes" in stored
         model.cache_bytes_ = float(data.get("cache_bytes", 0.0))
         model.residual_ = TreeEnsemble.from_dict(data["residual"])
+        model.residual_inputs = str(data.get("residual_inputs", "features"))
+        if model.residual_inputs not in RESIDUAL_INPUTS:
+            raise ValueError(f"residual_inputs: unknown {model.residual_inputs!r}; run `pilot fit` again")
         model.interval_ = (float(data["interval"][0]), float(data["interval"][1]))
         noise = data.get("noise")
         if isinstance(noise, list):  # saved before jitter was kept per process layout
