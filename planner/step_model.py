@@ -75,9 +75,10 @@ _PHYSICS_COLUMNS = [FEATURES.index(name) for name in _DIRECT]
 # reads at two ranks runs 20% over its roofline) carries to a model never fitted; one learned
 # from seconds or widths is each model's own, and a model outside the fitted range took the
 # offset of whichever one sat at the edge. On the nine-model reference (AMD EPYC, 2 cores),
-# leaving one model out, median / p90 APE went from 6.4% / 20.3% to 5.9% / 16.9%, and holding
-# out runs from 4.2% / 13.4% to 3.9% / 13.0%: llama-110m, the largest, had come out 15-30% fast
-# on its decode steps where the physics alone erred 4-18%.
+# leaving one model out, median / p90 APE went from 6.4% / 20.3% to 6.1% / 17.0%, and holding
+# out runs from 4.2% / 13.4% to 3.9% / 13.0%. Left out, llama-110m (the largest) had its bf16
+# decode steps come out 14% and 26% fast at one and two ranks, where the physics alone erred
+# +4% and -16%.
 RESIDUAL_INPUTS = ("shares", "features")
 _HIDDEN_FROM_TREES = np.isin(FEATURES, (*TERMS, "int4_unpack_s", "attention_scores_s",
                                         "num_layers", "hidden_size", "resident_weight_bytes"))
