@@ -496,7 +496,8 @@ class StepTimeModel:
         if self.residual_inputs == "features":
             return X
         assert self.physics_coef_ is not None
-        parts = _physics_columns(X, len(self.physics_coef_), self.per_pass_, self.cache_bytes_) * self.physics_coef_
+        columns = _physics_columns(X, len(self.physics_coef_), self.per_pass_, self.cache_bytes_)
+        parts = columns * self.physics_coef_
         shares = parts / np.maximum(parts.sum(axis=1, keepdims=True), 1e-12)
         return np.column_stack([shares, np.where(_HIDDEN_FROM_TREES, 0.0, X)])
 
