@@ -476,36 +476,41 @@ class StepTimeModel:
             # cost only its passes' overheads. A draft pass is a small model's decode: price its
             # roofline as the target's weight reads from memory are priced.
             self.physics_coef_[draft] = self.physics_coef_[weights]
-        residual = np.log(y) - np.log(self.predict_physics(X))
+        parts = self._physics_parts(X)
+        residual = np.log(y) - np.log(np.maximum(parts.sum(axis=1), 1e-7))
         booster = HistGradientBoostingRegressor(
             max_iter=self.max_iter, max_depth=self.max_depth, learning_rate=self.learning_rate,
             early_stopping=False, random_state=self.random_state)
-        booster.fit(self._tree_inputs(X), residual)
+        booster.fit(self._tree_inputs(X, parts), residual)
         self.residual_ = TreeEnsemble.from_sklearn(booster)
         return self
 
-    def predict_physics(self, X: np.ndarray) -> np.ndarray:
-        """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
+    def _physics_parts(self, X: np.ndarray) -> np.ndarray:
+        """[n, terms]: each physics term's seconds, as fitted."""
         if self.physics_coef_ is None:
             raise RuntimeError("StepTimeModel is not fitted")
         columns = _physics_columns(np.asarray(X, dtype=float), len(self.physics_coef_), self.per_pass_,
                                    self.cache_bytes_)
-        return np.maximum(columns @ self.physics_coef_, 1e-7)
+        return columns * self.physics_coef_
 
-    def _tree_inputs(self, X: np.ndarray) -> np.ndarray:
+    def predict_physics(self, X: np.ndarray) -> np.ndarray:
+        """The roofline-and-overheads part alone: what carries to unmeasured hardware."""
+        return np.maximum(self._physics_parts(X).sum(axis=1), 1e-7)
+
+    def _tree_inputs(self, X: np.ndarray, parts: np.ndarray) -> np.ndarray:
+        """What the trees read for steps X, whose physics terms came to `parts`."""
         if self.residual_inputs == "features":
             return X
-        assert self.physics_coef_ is not None
-        columns = _physics_columns(X, len(self.physics_coef_), self.per_pass_, self.cache_bytes_)
-        parts = columns * self.physics_coef_
         shares = parts / np.maximum(parts.sum(axis=1, keepdims=True), 1e-12)
         return np.column_stack([shares, np.where(_HIDDEN_FROM_TREES, 0.0, X)])
 
     def predict(self, X: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        base = self.predict_physics(X)
+        X = np.asarray(X, dtype=float)
+        parts = self._physics_parts(X)
+        base = np.maximum(parts.sum(axis=1), 1e-7)
         if not calibrated or self.residual_ is None:
             return base
-        return base * np.exp(self.residual_.predict(self._tree_inputs(np.asarray(X, dtype=float))))
+        return base * np.exp(self.residual_.predict(self._tree_inputs(X, parts)))
 
     def predict_interval(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prediction, low, high): the interval covers `coverage` of held-out steps."""
