@@ -41,7 +41,7 @@ def pytorch_paths(monkeypatch):
 def trained_pair(tmp_path_factory):
     """A byte-level target and draft trained for a few seconds on the standard library's source
     (`pilot models train`, shortened): weights with the statistics of trained ones."""
-    from planner.training import SMALL_TARGET, train_pair
+    from planner.bench.training import SMALL_TARGET, train_pair
 
     out = tmp_path_factory.mktemp("trained")
     target, draft = train_pair(out, seconds=600, max_steps=80, batch_size=8, seq_len=128,
@@ -52,7 +52,7 @@ def trained_pair(tmp_path_factory):
 @pytest.fixture(scope="session")
 def profiled(tmp_path_factory, model_dir):
     """A real profile of two tiny models (16 runs each) in a SQLite store: (store, model dirs)."""
-    from profiled import profile_two_models
+    from support.profiled import profile_two_models
 
     return profile_two_models(tmp_path_factory.mktemp("fit"), model_dir)
 
@@ -60,7 +60,7 @@ def profiled(tmp_path_factory, model_dir):
 @pytest.fixture(scope="session")
 def fitted(profiled):
     """The cost model fitted on `profiled` and saved in its store."""
-    from planner import cost_model
+    from planner.costmodel import fit as cost_model
 
     store, _ = profiled
     model = cost_model.fit(store, folds=4)
@@ -74,7 +74,7 @@ def profiled_copy(profiled, fitted, tmp_path):
     session's store stays as profiled, so the tests that read it do not depend on the order."""
     import sqlite3
 
-    from planner.store import Store
+    from planner.store.database import Store
 
     store, model_dirs = profiled
     copy = tmp_path / "pilot.db"

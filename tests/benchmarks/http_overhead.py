@@ -11,9 +11,9 @@ import numpy as np
 
 from engine.model_zoo import make_checkpoint
 from engine import EngineConfig
-from planner.http_measure import OverHTTP
-from planner.workload import Workload
-from planner.profiler import InProcess
+from planner.measure.http import OverHTTP
+from planner.spec.workload import Workload
+from planner.measure.profiler import InProcess
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama-110m"
 d = tempfile.mkdtemp()
 m = make_checkpoint(shape, d + "/m", seed=0, dtype="bfloat16" if shape != "tiny" else "float32")

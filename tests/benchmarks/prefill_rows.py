@@ -23,7 +23,7 @@ from pathlib import Path
 from engine import LLM, SamplingParams
 from engine import model_runner
 from engine.model_zoo import make_checkpoint
-from planner.bench_fit import REFERENCE_MODELS
+from planner.bench.fit import REFERENCE_MODELS
 
 BURSTS = [(1, 16), (1, 64), (1, 128), (1, 256), (4, 16), (12, 16), (12, 32), (4, 64), (16, 64), (8, 128)]
 

@@ -1,0 +1,191 @@
+"""`pilot profile` and `pilot runs ...`: the measurement side of the CLI (registered by cli.py)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from planner.cli import _fail, app, console
+
+runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
+app.add_typer(runs_app, name="runs")
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str, field: str = "budget") -> float:
+    """Seconds in "90", "90s", "10m", "1h30m"; an error naming `field` otherwise."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None or not any(match.groups()):
+        raise ValueError(f"{field}: cannot read {text!r} as a duration (e.g. 90s, 10m, 1h30m)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"{field}: must be positive, got {text!r}")
+    return total
+
+
+@app.command()
+def profile(
+    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    space: Optional[str] = typer.Option(None, "--space", help="search space: a file, or a built-in "
+                                        "name (cpu, gpu); default: the one for this machine"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),
+    isl: str = typer.Option("32:256", "--isl", help="input lengths: N, LOW:HIGH or normal:MEAN,STD"),
+    osl: str = typer.Option("16:128", "--osl", help="output lengths, as --isl"),
+    num_requests: int = typer.Option(32, "--num-requests", help="requests per run"),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative knobs"),
+    slo: Optional[str] = typer.Option(None, "--slo", help="also record goodput under these SLOs"),
+    budget: str = typer.Option("10m", "--budget", help="wall-clock budget of this invocation"),
+    repeats: int = typer.Option(1, "--repeats", help="runs of each configuration and load level, back "
+                                "to back; `pilot fit` judges predictions against their median"),
+    via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
+                                                     "through pilot serve and the OpenAI API (http)"),
+    again: Optional[float] = typer.Option(None, "--again", help="instead of going on with the campaign, "
+                                          "measure this share (0-1] of its finished measurements again: "
+                                          "a later sitting, for `pilot fit`'s floor between sittings"),
+    sitting: int = typer.Option(2, "--sitting", help="with --again, which sitting this is (the campaign "
+                                "is the first): each later one measures the same share, so every "
+                                "measurement in it gets a median over all its sittings"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+) -> None:
+    """Run the engine over a search space on this machine and store every run (resumable)."""
+    from engine.model_config import CheckpointError
+    from planner.measure.profiler import plan_again, plan_campaign
+    from planner.measure.profiler import profile as run_profile
+    from planner.spec.search_space import SearchSpace, SearchSpaceError
+    from planner.spec.slo import SLOError, parse_slos
+    from planner.store.database import Store
+    from planner.spec.workload import Workload, WorkloadError
+
+    from planner.measure.profiler import VIA
+
+    if via not in VIA:
+        _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
+    if repeats < 1:
+        _fail(f"--repeats: must be >= 1, got {repeats}")
+    if again is not None and not 0 < again <= 1:
+        _fail(f"--again: must be a share in (0, 1], got {again}")
+    if sitting < 2:
+        _fail(f"--sitting: must be >= 2 (the campaign itself is the first sitting), got {sitting}")
+    if sitting != 2 and again is None:
+        _fail(f"--sitting: {sitting} needs --again (the share of measurements that sitting measures)")
+    try:
+        seconds = parse_duration(budget)
+        slos = parse_slos(slo) if slo else None
+        load = (Workload.from_file(workload) if workload is not None else
+                Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
+        if space is None:
+            from planner.spec.hardware import detect
+
+            space = "gpu" if detect().gpus else "cpu"
+        search = SearchSpace.from_file(space)
+        if draft is None and any(search.values("num_speculative_tokens") if "num_speculative_tokens"
+                                 in search.knobs else []):
+            console.print("no --draft: speculative decoding is left out of the space")
+            search = search.without_drafts()
+        store = Store(db)
+        with console.status("detecting hardware, planning the campaign"):
+            campaign = plan_campaign(store, str(model), search, load, str(draft) if draft else None,
+                                     repeats=repeats)
+            if again is not None:
+                campaign = plan_again(store, campaign, again, repeats, sitting=sitting)
+    except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
+        _fail(str(err))
+    columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+               TextColumn("left"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("profiling", total=seconds)
+
+        def on_progress(label: str, elapsed: float) -> None:
+            progress.update(task, completed=min(elapsed, seconds), description=label[:60])
+
+        try:
+            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print("interrupted: finished runs are kept; run the same command to continue")
+            raise typer.Exit(130)
+        progress.update(task, completed=seconds)
+    console.print(f"campaign {result.campaign_id}: {len(result.run_ids)} new runs "
+                  f"({result.done_before} from earlier invocations), {len(result.failed)} failed, "
+                  f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
+    for experiment_id, error in result.failed[:5]:
+        console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
+
+
+@app.command("hardware")
+def hardware_list(
+    spec_dir: list[Path] = typer.Option([], "--dir", help="extra directory of spec YAML files"),
+) -> None:
+    """The hardware specs and prices pilot knows, and what this machine is."""
+    from planner.spec.hardware import HardwareSpecError, detect, load_specs
+
+    try:
+        specs = load_specs(list(spec_dir) or None)
+    except (HardwareSpecError, FileNotFoundError) as err:
+        _fail(str(err))
+    table = Table(title="hardware specs (profiles/hardware)")
+    for col in ("name", "memory GB", "GB/s", "bf16 TFLOPS", "$/hour"):
+        table.add_column(col, justify="left" if col == "name" else "right")
+    for name, spec in sorted(specs.items()):
+        table.add_row(name, f"{spec.memory_gb:g}", f"{spec.memory_bandwidth_gbs:g}",
+                      f"{spec.peak_tflops['bf16']:g}", f"{spec.price_per_hour_usd:.2f}")
+    console.print(table)
+    found = detect()
+    if found.gpus:
+        console.print(f"this machine: {len(found.gpus)} x {found.gpus[0].name} "
+                      f"({found.gpus[0].memory_gb:.0f} GB, driver {found.driver_version}) -> {found.spec_name}")
+    else:
+        cpu = found.cpu
+        console.print(f"this machine: {cpu.model}, {cpu.usable_threads} threads, "
+                      f"{cpu.memory_gb:.1f} GB, AVX-512 {'yes' if cpu.avx512 else 'no'} -> cpu-host")
+
+
+@runs_app.command("list")
+def runs_list(
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    limit: int = typer.Option(50, help="most recent runs shown"),
+) -> None:
+    """The stored runs: configuration, load and headline metrics."""
+    from planner.measure.export import run_records
+    from planner.store.database import Store
+
+    try:
+        records = run_records(Store(db))[-limit:]
+    except ValueError as err:
+        _fail(str(err))
+    table = Table(title=f"{len(records)} runs")
+    for col in ("id", "model", "config", "load", "tok/s", "ttft p50", "itl p50", "e2e p95"):
+        table.add_column(col, justify="right" if col not in ("model", "config", "load") else "left")
+    for r in records:
+        config = f"{r['quantization'] or r['dtype']} seqs={r['max_num_seqs']} tp={r['tensor_parallel_size']} " \
+                 f"dp={r['data_parallel_size']}" + (f" k={r['num_speculative_tokens']}" if r['num_speculative_tokens'] else "")
+        load = f"{'c' if r['load_kind'] == 'concurrency' else 'rate '}={r['load_value']:g}"
+        table.add_row(str(r["run_id"]), r["model"], config, load,
+                      f"{r['throughput_tok_s']:.1f}", f"{r['ttft_p50'] * 1e3:.0f} ms",
+                      f"{r['itl_p50'] * 1e3:.1f} ms", f"{r['e2e_p95']:.2f} s")
+    console.print(table)
+
+
+@runs_app.command("export")
+def runs_export(
+    out: Path = typer.Option(..., "--out", help="file to write"),
+    fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
+    table: str = typer.Option("runs", "--table", help="runs, requests or steps"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+) -> None:
+    """Write a table of the store to CSV or Parquet."""
+    from planner.measure.export import export
+    from planner.store.database import Store
+
+    try:
+        count = export(Store(db), out, fmt, table)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"wrote {count} {table} to {out}")

@@ -1,0 +1,372 @@
+"""`pilot recommend`: an Optuna search for the cheapest deployment that meets the SLOs.
+
+Each trial picks a hardware type and the engine knobs of that hardware's search space; the
+simulator (the engine's own scheduler, the fitted step-time model) predicts the deployment at the
+required load, and the replicas are as many as the load needs. The constraints go to Optuna
+through `Trial.set_constraint` (Optuna 5), one named constraint per SLO plus the request rate,
+the memory fit and the configuration's validity, so the study in the store shows, trial by trial,
+which limit each configuration broke. An SLO is held not to the prediction's middle (a plan that
+only meets its targets on average misses them about half the time it is launched) but to what
+the metric stays under with the requirement's confidence, by the cost model's held-out errors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+
+from engine import EngineConfig
+from engine.model_config import ModelConfig
+from planner.spec import hardware as hw
+from planner.costmodel.fit import CostModel
+from planner.costmodel.fit_data import METRICS
+from planner.search.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, closest, improved,
+                               pareto_front, rank)
+from planner.costmodel.predict import Prediction, Predictor, length_notes
+from planner.measure.profiler import base_config
+from planner.spec.search_space import SearchSpace, SearchSpaceError, quantizable, shardable
+from planner.spec.slo import SLO
+from planner.spec.workload import ClosedLoopArrival, PoissonArrival, Workload
+
+SEARCH_REQUESTS = 100  # per trial; the finalists are simulated again with the whole workload
+FINALISTS = 5
+# A replica keeps up with a rate up to this share of its capacity (requests/s with its batch
+# full); past it the queue grows without bound and the SLOs only look met in a short run.
+MAX_UTILISATION = 0.95
+# Which interval stands in for an SLO's own when the cost model has none for that statistic.
+_INTERVAL_FOR = {"ttft": "ttft_p95", "itl": "itl_p95", "tpot": "itl_p95", "e2e": "itl_p95"}
+Progress = Callable[[int, int, "Candidate | None"], None]  # (done, total, best so far)
+
+
+@dataclass
+class SearchResult:
+    best: Candidate  # the cheapest feasible, or the closest to feasible
+    feasible: bool
+    finalists: list[Candidate]
+    pareto: list[Candidate]  # feasible candidates no other beats on both cost and latency
+    default: Candidate | None  # the engine's default configuration, for comparison
+    candidates: list[Candidate]  # every distinct deployment evaluated
+    space_size: int
+    trials: int
+    seconds: float
+    study_name: str | None
+    notes: list[str]
+    slos: list[SLO] = field(default_factory=list)
+
+
+def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) -> float:
+    """What `key` (e.g. "ttft_p95") stays under with probability `level`, by the held-out errors
+    of the cost model; a statistic the cost model was not judged on borrows the nearest one's."""
+    return model.bound(_judged_as(key), prediction.metrics[key], level, prediction.seen_model,
+                       prediction.layout)
+
+
+def slo_chance(prediction: Prediction, key: str, model: CostModel, limit_s: float) -> float:
+    """The chance `key` stays under `limit_s` (the inverse of `slo_bound`)."""
+    return model.chance_under(_judged_as(key), prediction.metrics[key], limit_s,
+                              prediction.seen_model, prediction.layout)
+
+
+def _judged_as(key: str) -> str:
+    """The metric whose held-out errors stand for `key`'s: itself, or the nearest judged one."""
+    return key if key in METRICS else _INTERVAL_FOR[key.split("_")[0]]
+
+
+class Search:
+    """The pieces of one search: the predictor, the spaces per hardware type, the requirement."""
+
+    def __init__(self, cost_model: CostModel, model_dir: str, workload: Workload,
+                 requirement: Requirement, hardware: list[str] | None = None,
+                 space: SearchSpace | None = None, max_devices: int = 8,
+                 draft_dir: str | None = None, acceptance_rate: float | None = None,
+                 seed: int = 0, host_slowdowns: dict[str, float] | None = None) -> None:
+        self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
+        self.max_devices = max_devices
+        if max_devices < 1:
+            raise RecommendError(f"--max-devices: must be >= 1, got {max_devices}")
+        names = hardware or sorted(cost_model.hardware)
+        if not names:
+            raise RecommendError("--hardware: the cost model has no measured hardware; name one")
+        try:
+            self.specs = {name: hw.get_spec(name) for name in names}
+        except hw.HardwareSpecError as err:
+            raise RecommendError(f"--hardware: {err}") from None
+        self.notes: list[str] = length_notes(cost_model, workload)
+        self.acceptance_rate = acceptance_rate
+        self.draft_dir = draft_dir
+        self.base = base_config(model_dir, workload)
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.spaces = {name: self._space(spec, space) for name, spec in self.specs.items()}
+        # The plan's workload carries the load it was planned for.
+        arrival = (PoissonArrival(rate=requirement.load_value) if requirement.load_kind == "rate"
+                   else ClosedLoopArrival(concurrency=math.ceil(requirement.load_value)))
+        workload = workload.model_copy(update={"arrival": arrival})
+        self.workload = workload
+        search_workload = workload.model_copy(update={"num_requests": min(workload.num_requests,
+                                                                           SEARCH_REQUESTS)})
+        self.host_slowdowns = dict(host_slowdowns or {})
+        for name, slowdown in self.host_slowdowns.items():
+            self.notes.append(f"predicted for {name} running {slowdown:.2f}x its typical probe time "
+                              f"(a host_speed reading taken when planning)")
+        self.predictor = Predictor(cost_model, model_dir, search_workload, draft_dir, seed,
+                                   self.host_slowdowns)
+        self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed,
+                                        self.host_slowdowns)
+        self.mean_output_tokens = float(np.mean([s.output_tokens for s in workload.sample()]))
+        self._cache: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Candidate] = {}
+        self._capacity: dict[tuple[str, str, int], float] = {}
+        kinds = {spec.kind for spec in self.specs.values()}
+        self._prefix = len(kinds) > 1  # a mixed study names each kind's knobs apart
+
+    def _space(self, spec: hw.HardwareSpec, given: SearchSpace | None) -> SearchSpace:
+        space = given or SearchSpace.from_file(spec.kind)
+        knobs = dict(space.knobs)
+        if "num_speculative_tokens" in knobs and any(space.values("num_speculative_tokens")):
+            if self.draft_dir is None:
+                knobs["num_speculative_tokens"] = [0]
+            elif self.acceptance_rate is None:
+                knobs["num_speculative_tokens"] = [0]
+                self.notes.append("no measured acceptance rate for this draft: speculative decoding "
+                                  "left out (measure the pair with `pilot profile --draft`)")
+        cfg = self.model_config
+        if "tensor_parallel_size" in knobs:  # sizes the model cannot be split into never run
+            sizes = [t for t in space.values("tensor_parallel_size") if shardable(cfg, t)]
+            knobs["tensor_parallel_size"] = sizes or [1]
+        return space.model_copy(update={"knobs": knobs})
+
+
+    @property
+    def space_size(self) -> int:
+        return sum(math.prod(len(space.values(k)) for k in space.knobs) for space in self.spaces.values())
+
+    def param(self, hardware: str, knob: str) -> str:
+        return f"{self.specs[hardware].kind}.{knob}" if self._prefix else knob
+
+    def config(self, hardware: str, point: dict[str, Any]) -> EngineConfig | None:
+        """The engine config of `point`, or None where the space rules it out."""
+        spec = self.specs[hardware]
+        max_parallel = spec.max_devices_per_node if spec.kind == "gpu" else (os.cpu_count() or 1)
+        try:
+            config = self.spaces[hardware]._config(self.base, point, self.draft_dir, max_parallel)
+        except SearchSpaceError:
+            return None
+        if config is None or not quantizable(self.model_config, config):
+            return None
+        if spec.kind == "gpu":
+            config = config.model_copy(update={"device": "cuda"})
+        return config
+
+    def evaluate(self, hardware: str, point: dict[str, Any], full: bool = False) -> Candidate:
+        """Score one point: cached, since the sampler proposes the same point more than once."""
+        key = (hardware, tuple(sorted(point.items(), key=lambda kv: kv[0])), full)
+        if key not in self._cache:
+            self._cache[key] = self._evaluate(hardware, point, full)
+        return self._cache[key]
+
+    def _evaluate(self, hardware: str, point: dict[str, Any], full: bool) -> Candidate:
+        spec, config = self.specs[hardware], self.config(hardware, point)
+        if config is None:
+            return Candidate(spec, self.base, point, violations={"valid": 1.0})
+        per_replica = (config.tensor_parallel_size * config.data_parallel_size
+                       if spec.kind == "gpu" else 1)
+        candidate = Candidate(spec, config, point, devices_per_replica=per_replica)
+        predictor = self.full_predictor if full else self.predictor
+        try:
+            predictor.kv_blocks(config, spec)
+        except ValueError:
+            candidate.violations = {"valid": 0.0, "memory": 1.0}
+            return candidate
+        max_replicas = self.max_devices // per_replica
+        if max_replicas < 1:
+            candidate.violations = {"valid": 1.0}
+            return candidate
+        return self._replicate(candidate, predictor, max_replicas)
+
+    def _score(self, candidate: Candidate, predictor: Predictor, replicas: int) -> Candidate:
+        req = self.requirement
+        load = (req.load_value / replicas if req.load_kind == "rate"
+                else max(1, math.ceil(req.load_value / replicas)))
+        k = candidate.config.num_speculative_tokens
+        prediction = predictor.predict(candidate.config, candidate.hardware, req.load_kind, load,
+                                       self.acceptance_rate if k else None)
+        out = Candidate(candidate.hardware, candidate.config, candidate.params, replicas,
+                        candidate.devices_per_replica, prediction, load)
+        out.violations = {"valid": 0.0, "memory": 0.0}
+        self._judge_slos(out)
+        if req.load_kind == "rate":
+            out.violations["rate"] = load / (MAX_UTILISATION * self.capacity(candidate, predictor)) - 1
+            out.output_tokens_per_s = req.load_value * self.mean_output_tokens
+        else:
+            out.output_tokens_per_s = replicas * prediction.metrics["throughput_tok_s"]
+        out.cost_per_hour = replicas * out.devices_per_replica * candidate.hardware.price_per_hour_usd
+        return out
+
+    def _judge_slos(self, out: Candidate) -> None:
+        """Each SLO's violation (its bound at the requirement's level against the limit) and the
+        chance that every one holds, from `out.prediction`."""
+        req, prediction = self.requirement, out.prediction
+        assert prediction is not None
+        out.slo_chance = 1.0
+        for slo in req.slos:
+            out.violations[slo.key] = slo_bound(prediction, slo.key, self.cost_model,
+                                                req.slo_level) / slo.limit_s - 1
+            out.slo_chance *= slo_chance(prediction, slo.key, self.cost_model, slo.limit_s)
+
+    def rejudged(self, candidate: Candidate, scale: dict[str, float]) -> Candidate:
+        """`candidate` judged again with its predicted metrics multiplied by `scale` (metric ->
+        factor; others as they were): what it would be were the model off by that much."""
+        if candidate.prediction is None or not scale:
+            return candidate
+        p = candidate.prediction
+        scaled = replace(p, metrics={k: v * scale.get(k, 1.0) for k, v in p.metrics.items()})
+        out = replace(candidate, prediction=scaled, violations=dict(candidate.violations))
+        self._judge_slos(out)
+        return out
+
+    def capacity(self, candidate: Candidate, predictor: Predictor) -> float:
+        """Requests per second one replica completes with every batch slot busy (closed loop)."""
+        key = (candidate.hardware.name, candidate.config.model_dump_json(), id(predictor))
+        if key not in self._capacity:
+            c = candidate.config
+            busy = c.max_num_seqs * c.data_parallel_size
+            k = c.num_speculative_tokens
+            full = predictor.predict(c, candidate.hardware, "concurrency", busy,
+                                     self.acceptance_rate if k else None)
+            self._capacity[key] = max(full.metrics["request_rate"], 1e-12)
+        return self._capacity[key]
+
+    def _replicate(self, candidate: Candidate, predictor: Predictor, max_replicas: int) -> Candidate:
+        """The fewest replicas that meet the requirement: double until it holds, then bisect."""
+        scored = {1: self._score(candidate, predictor, 1)}
+        if scored[1].feasible or max_replicas == 1:
+            return scored[1]
+        low, high = 1, None
+        replicas = 1
+        if self.requirement.load_kind == "rate":  # jump to what one replica's capacity implies
+            capacity = MAX_UTILISATION * self.capacity(candidate, predictor)
+            replicas = math.ceil(self.requirement.load_value / capacity)
+        replicas = min(max_replicas, max(2, replicas))
+        while True:
+            scored[replicas] = self._score(candidate, predictor, replicas)
+            if scored[replicas].feasible:
+                high = replicas
+                break
+            low = replicas
+            if replicas >= max_replicas or not improved(scored[replicas], scored[1]):
+                break  # more replicas do not help: a latency floor, not a load problem
+            replicas = min(max_replicas, replicas * 2)
+        if high is None:
+            return closest(list(scored.values()), self.requirement.slos)
+        while high - low > 1:
+            mid = (low + high) // 2
+            scored[mid] = self._score(candidate, predictor, mid)
+            low, high = (low, mid) if scored[mid].feasible else (mid, high)
+        return scored[high]
+
+
+def run_search(search: Search, trials: int = 150, storage: str | None = None,
+               study_name: str | None = None, on_progress: Progress | None = None) -> SearchResult:
+    """Run the study, confirm the finalists on the whole workload, and pick the plan."""
+    if trials < 1:
+        raise RecommendError(f"--trials: must be >= 1, got {trials}")
+    start = time.perf_counter()
+    req = search.requirement
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=search.seed, multivariate=True, group=True,
+                                             n_startup_trials=min(20, max(1, trials // 4)))
+    memory = optuna.storages.InMemoryStorage()
+    # Named by model and time, with a random tail: two searches in one second must not collide.
+    name = study_name or (f"recommend-{Path(search.base.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                          f"-{uuid.uuid4().hex[:6]}")
+    study = optuna.create_study(storage=memory, study_name=name, sampler=sampler,
+                                direction=OBJECTIVES[req.objective])
+    names = list(search.specs)
+    for hardware in names:  # the engine's defaults are always scored: the baseline to beat
+        study.enqueue_trial(_default_params(search, hardware), skip_if_exists=True)
+    evaluated: dict[int, Candidate] = {}
+
+    def objective(trial: optuna.Trial) -> float:
+        hardware = trial.suggest_categorical("hardware", names) if len(names) > 1 else names[0]
+        space = search.spaces[hardware]
+        point = {k: trial.suggest_categorical(search.param(hardware, k), space.values(k))
+                 for k in space.knobs}
+        candidate = search.evaluate(hardware, point)
+        for constraint, value in candidate.violations.items():
+            trial.set_constraint(constraint, float(value))
+        trial.set_user_attr("replicas", candidate.replicas)
+        trial.set_user_attr("cost_per_million_usd", _finite(candidate.cost_per_million))
+        if candidate.prediction is not None:
+            for slo in req.slos:
+                trial.set_user_attr(slo.key, candidate.prediction.metrics[slo.key])
+        candidate.trial = trial.number
+        evaluated[trial.number] = candidate
+        value = candidate.score(req.objective, req.slos)
+        if not math.isfinite(value):
+            value = 1e12 if OBJECTIVES[req.objective] == "minimize" else 0.0
+        return value
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_progress:
+            feasible = [c for c in evaluated.values() if c.feasible]
+            on_progress(len(evaluated), trials, rank(feasible, req)[0] if feasible else None)
+
+    study.optimize(objective, n_trials=trials, callbacks=[callback])
+    distinct = list({id(c): c for c in evaluated.values()}.values())
+    feasible = rank([c for c in distinct if c.feasible], req)
+    finalists = _confirm(search, feasible[:FINALISTS]) if feasible else []
+    confirmed = rank([c for c in finalists if c.feasible], req)
+    if confirmed:
+        best, ok = confirmed[0], True
+    else:
+        pool = finalists or [c for c in distinct if c.prediction is not None] or distinct
+        best, ok = closest(pool, req.slos), False
+    default = search.evaluate(names[0], _default_point(search, names[0]), full=True)
+    if storage is not None:
+        optuna.copy_study(from_study_name=name, from_storage=memory, to_storage=storage,
+                          to_study_name=name)
+    return SearchResult(best, ok, finalists, pareto_front(distinct, req.slos), default, distinct,
+                        search.space_size, trials, time.perf_counter() - start,
+                        name if storage is not None else None, list(search.notes), list(req.slos))
+
+
+def _confirm(search: Search, candidates: list[Candidate]) -> list[Candidate]:
+    """The finalists again, on the whole workload rather than the search's sample."""
+    out = []
+    for c in candidates:
+        confirmed = search.evaluate(c.hardware.name, c.params, full=True)
+        confirmed.trial = c.trial
+        out.append(confirmed)
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _default_point(search: Search, hardware: str) -> dict[str, Any]:
+    """The engine's defaults where the space offers them, else the space's first value."""
+    space, default = search.spaces[hardware], EngineConfig(model=search.base.model)
+    point = {}
+    for knob in space.knobs:
+        values = space.values(knob)
+        value = (default.num_speculative_tokens or 0) if knob == "num_speculative_tokens" else getattr(default, knob)
+        if knob == "dtype" and value == "auto" and "bfloat16" in values:
+            value = "bfloat16"
+        point[knob] = value if value in values else values[0]
+    return point
+
+
+def _default_params(search: Search, hardware: str) -> dict[str, Any]:
+    params = {search.param(hardware, k): v for k, v in _default_point(search, hardware).items()}
+    return ({"hardware": hardware} if len(search.specs) > 1 else {}) | params
