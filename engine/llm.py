@@ -9,8 +9,8 @@ import torch
 from rich.progress import Progress
 
 from engine.config import EngineConfig
-from engine.data_parallel import DataParallelEngine
 from engine.llm_engine import LLMEngine
+from engine.parallel.data_parallel import DataParallelEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput, StreamToken
 

@@ -15,14 +15,15 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.distributed import TensorParallel, check_shardable
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.observer import StepObserver, StepStats
+from engine.parallel.distributed import TensorParallel
+from engine.parallel.tensor_parallel import TensorParallelWorkers, rank_config
+from engine.rules import check_shardable
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import RequestOutput, Sequence
-from engine.tensor_parallel import TensorParallelWorkers, rank_config
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)

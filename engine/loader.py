@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.distributed import TensorParallel
 from engine.model_config import CheckpointError, ModelConfig
 from engine.models.llama import LlamaForCausalLM, checkpoint_shapes, linear_shapes
-from engine.quantization import DEFAULT_GROUP_SIZE, QuantizedWeight, check_scheme, quantize
+from engine.parallel.distributed import TensorParallel
+from engine.quantization import DEFAULT_GROUP_SIZE, QuantizedWeight, quantize
+from engine.rules import check_scheme
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -10,87 +10,25 @@ import os
 
 import torch
 
-from engine import tensor_parallel
 from engine.config import EngineConfig
-from engine.distributed import TensorParallel
+from engine.device import available_host_memory, resolve_device, resolve_dtype
 from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
 from engine.kernels import gpu as gpu_kernels
 from engine.kernels.cpu_layers import DecodeLayers
-from engine.layers.attention import AttentionMetadata, DecodeGroup, DecodeKernelArgs, PrefillSpan
+from engine.layers.attention import AttentionMetadata
 from engine.loader import load_model
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel.distributed import TensorParallel, send_step
+from engine.rules import num_kv_blocks
 from engine.sampler import row_probs, sample
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence
 from engine.spec_decode import DraftProposer, verify
+from engine.step_inputs import StepInputBuilder
 
 logger = logging.getLogger(__name__)
-
-# Most context tokens gathered for one decode group: keeps one layer's gathered keys and values
-# for the group (fp32, 8 MiB each at 256 kv features) within the last-level cache of a small CPU.
-DECODE_GROUP_TOKENS = 8192
-# Continuations of a context up to this many tokens are attended like decodes, row by row.
-ROW_BY_ROW_MAX_TOKENS = 8
-# So are a step's prompts and prefill chunks, given a decode kernel, when they average at most
-# this many tokens; with only decode-like rows left, the CPU runs the step's layers as the fused
-# decode calls. Prefill otherwise attends each prompt in a call of its own and runs the layers op
-# by op. Measured (bf16, 2 cores, AMD EPYC; op by op -> row by row): tiny, a 16-token prompt
-# 0.54 -> 0.28 ms and a dozen 1.68 -> 0.99 ms; h256, a dozen 6.5 -> 4.6 ms; llama-110m, eight of
-# 128 tokens 480 -> 436 ms. Longer prompts lose: row by row each token re-reads its context, and
-# tiny's 256-token prompt took 1.31x as long.
-ROW_BY_ROW_MEAN_PREFILL = 128
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, model_config: ModelConfig) -> torch.dtype:
-    if name == "auto":
-        name = model_config.torch_dtype if model_config.torch_dtype in DTYPES else "float32"
-    return DTYPES[name]
-
-
-def available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def num_kv_blocks(config: EngineConfig, bytes_per_block: int, max_len: int, device_type: str,
-                  free_bytes: int, total_bytes: int = 0) -> int:
-    """The KV blocks an engine with `config` allocates, given its device's free memory (after
-    the weights) and, on CUDA, its total; the planner sizes simulated caches with this too."""
-    if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    budget = config.kv_cache_memory_bytes
-    if budget is None:
-        if device_type == "cuda":
-            budget = int(total_bytes * config.gpu_memory_utilization) - (total_bytes - free_bytes)
-        else:
-            # Enough for every sequence at full length, but never more than a quarter of RAM.
-            wanted = config.max_num_seqs * max_len // config.block_size * bytes_per_block
-            budget = min(wanted, free_bytes // 4)
-    blocks = budget // bytes_per_block
-    if blocks < 1:
-        raise ValueError(
-            f"kv cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; "
-            "raise kv_cache_memory_bytes (or gpu_memory_utilization)")
-    return int(blocks)
 
 
 class ModelRunner:
@@ -124,16 +62,28 @@ class ModelRunner:
         # Decode attention straight from the block cache where a kernel exists: the compiled C
         # one on the CPU, Triton on CUDA; otherwise gathered copies through PyTorch's attention.
         self.use_cpu_kernel = cpu_kernels.available(self.dtype, self.device) and not config.torch_compile
-        self.decode_backend = ("cpu" if self.use_cpu_kernel
-                               else "triton" if gpu_kernels.available(self.device.type) else None)
+        self.inputs = StepInputBuilder(
+            self.block_size, self.device, self.attn_dtype,
+            "cpu" if self.use_cpu_kernel else "triton" if gpu_kernels.available(self.device.type) else None)
         for model in (self.model, self.draft):
             if model is not None and self.use_cpu_kernel and DecodeLayers.supported(model):
                 model.decode_layers = DecodeLayers(model)
         # Decode-only steps: the batch and context lengths vary from step to step, so shapes are
         # dynamic from the start rather than recompiled for each new one.
         self.compiled = torch.compile(self.model, dynamic=True) if config.torch_compile else None
-        self.proposer = (DraftProposer(self, self.draft, config.num_speculative_tokens or 1, max_positions)
+        self.proposer = (DraftProposer(self.draft, self.inputs, self.generator,
+                                       config.num_speculative_tokens or 1, max_positions)
                          if self.draft is not None else None)
+
+    @property
+    def decode_backend(self) -> str | None:
+        """The decode-attention kernel steps use ("cpu", "triton"), None for gathered copies;
+        the draft proposer's steps follow it too (they share `inputs`)."""
+        return self.inputs.decode_backend
+
+    @decode_backend.setter
+    def decode_backend(self, backend: str | None) -> None:
+        self.inputs.decode_backend = backend
 
     # -- KV cache -----------------------------------------------------------------------------
 
@@ -174,7 +124,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> list[list[int] | None]:
         """Run the step. Per scheduled sequence: None mid-prefill, else its new tokens (one, or
         with speculative decoding the accepted drafts and one more)."""
-        order, input_ids, positions, meta = self._prepare(out.scheduled)
+        order, input_ids, positions, meta = self.inputs.build(out.scheduled)
         hidden = self._forward(input_ids, positions, meta)
         rows: list[int] = []
         spans: dict[int, slice] = {}  # scheduled index -> its rows among `rows`
@@ -226,13 +176,13 @@ class ModelRunner:
     @torch.inference_mode()
     def logits_all(self, item: ScheduledSequence) -> torch.Tensor:
         """Logits at every computed position of one sequence: [num_new_tokens, vocab]."""
-        _, input_ids, positions, meta = self._prepare([item])
+        _, input_ids, positions, meta = self.inputs.build([item])
         return self.model.compute_logits(self._forward(input_ids, positions, meta))
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
         if self.tp.enabled:  # the other ranks run the same pass on their shards
-            tensor_parallel.send_step(input_ids, positions, meta)
+            send_step(input_ids, positions, meta)
         return self.run_model(input_ids, positions, meta)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -241,84 +191,6 @@ class ModelRunner:
         if self.compiled is not None and not meta.prefills:
             return self.compiled(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)
-
-    def _additive(self, blocked: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(blocked.shape, dtype=self.attn_dtype, device=self.device).masked_fill_(
-            blocked, float("-inf"))
-
-    def _prepare(self, items: list[ScheduledSequence]
-                 ) -> tuple[list[int], torch.Tensor, torch.Tensor, AttentionMetadata]:
-        # Decodes, and short continuations of a context (speculative verification, a draft
-        # catching up), are attended row by row from the block cache, each token reading its
-        # own prefix; prompts and longer chunks go through the prefill path, unless they are
-        # short enough to go row by row too.
-        prefilling = [it for it in items if not it.is_decode]
-        short = self.decode_backend is not None and prefills_row_by_row(
-            len(prefilling), sum(it.num_new_tokens for it in prefilling))
-        decodes = sorted((i for i, it in enumerate(items) if short or _row_by_row(it)),
-                         key=lambda i: items[i].context_len)
-        prefills = [i for i, it in enumerate(items) if not (short or _row_by_row(it))]
-        order = decodes + prefills
-        bs, dev = self.block_size, self.device
-        row_items = [idx for idx in decodes for _ in range(items[idx].num_new_tokens)]
-        decode_ctx = [p + 1 for idx in decodes for p in range(items[idx].start, items[idx].context_len)]
-
-        # Built as Python lists and converted once: a dozen small tensor ops here cost more than
-        # a batch-1 decode step's attention.
-        token_ids: list[int] = []
-        position_list: list[int] = []
-        slot_list: list[int] = []
-        for idx in order:
-            it = items[idx]
-            table = it.seq.block_table
-            token_ids.extend(it.token_ids)
-            position_list.extend(range(it.start, it.context_len))
-            slot_list.extend(table[p // bs] * bs + p % bs for p in range(it.start, it.context_len))
-        input_ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(position_list, dtype=torch.long, device=dev)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_list, dtype=torch.long, device=dev),
-                                 num_decode_tokens=len(row_items), compute_dtype=self.attn_dtype)
-
-        def block_tables(indices: list[int]) -> torch.Tensor:
-            tables = [items[idx].seq.block_table for idx in indices]
-            width = max(len(t) for t in tables)
-            return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-
-        def context_slots(indices: list[int]) -> torch.Tensor:  # [N, width * bs]
-            return (block_tables(indices).unsqueeze(-1) * bs + torch.arange(bs, device=dev)).flatten(1)
-
-        if decodes and self.decode_backend is not None:
-            meta.decode_kernel = DecodeKernelArgs(
-                block_tables=block_tables(row_items), context_lens=torch.tensor(decode_ctx, device=dev),
-                max_context=max(decode_ctx), block_size=bs, backend=self.decode_backend)
-            decode_groups = []
-        else:
-            decode_groups = _decode_groups(decode_ctx)
-        for first, last in decode_groups:
-            ctx = decode_ctx[first:last]
-            longest = max(ctx)
-            slots = context_slots(row_items[first:last])[:, :longest].contiguous()  # one layout: one compiled graph
-            group = DecodeGroup(start=first, context_slots=slots)
-            if min(ctx) != longest:
-                lens = torch.tensor(ctx, device=dev)
-                padded = torch.arange(longest, device=dev) >= lens.unsqueeze(1)
-                group.mask = self._additive(padded).view(len(ctx), 1, 1, longest)
-                # Masked, but must still read written memory: NaN * 0 would poison the output.
-                group.context_slots = torch.where(padded, slots[:, :1], slots)
-            meta.decode_groups.append(group)
-
-        start = len(row_items)
-        for idx in prefills:
-            it = items[idx]
-            span = PrefillSpan(start=start, length=it.num_new_tokens)
-            if it.start > 0:
-                span.context_slots = context_slots([idx])[0, :it.context_len]
-                keys = torch.arange(it.context_len, device=dev)
-                queries = torch.arange(it.start, it.context_len, device=dev)
-                span.mask = self._additive(keys.unsqueeze(0) > queries.unsqueeze(1))
-            meta.prefills.append(span)
-            start += it.num_new_tokens
-        return order, input_ids, positions, meta
 
 
 def _draft_config(path: str, target: ModelConfig, max_positions: int) -> ModelConfig:
@@ -338,28 +210,3 @@ def _kv_features(model: LlamaForCausalLM) -> int:
     """Key (or value) features per token and layer in this rank's cache."""
     attn = model.layers[0].self_attn
     return attn.num_kv_heads * attn.head_dim
-
-
-def prefills_row_by_row(num_prefill_seqs: int, num_prefill_tokens: int) -> bool:
-    """Whether a step whose prefills (`StepComposition`'s count and tokens) are these attends
-    them row by row, where the runner has a decode kernel: the planner prices steps by this
-    (elementwise, on NumPy arrays of steps)."""
-    return (num_prefill_seqs > 0) & (num_prefill_tokens <= ROW_BY_ROW_MEAN_PREFILL * num_prefill_seqs)
-
-
-def _row_by_row(item: ScheduledSequence) -> bool:
-    return item.num_new_tokens == 1 or (item.start > 0 and item.num_new_tokens <= ROW_BY_ROW_MAX_TOKENS)
-
-
-def _decode_groups(context_lens: list[int]) -> list[tuple[int, int]]:
-    """Split context lengths (mostly ascending) into [first, last) runs of at most
-    DECODE_GROUP_TOKENS tokens once padded to the run's longest."""
-    groups, first, longest = [], 0, 0
-    for i, length in enumerate(context_lens):
-        longest = max(longest, length)
-        if i > first and (i - first + 1) * longest > DECODE_GROUP_TOKENS:
-            groups.append((first, i))
-            first, longest = i, length
-    if context_lens:
-        groups.append((first, len(context_lens)))
-    return groups

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = {"int8": 8, "int4": 4}
+from engine.rules import check_scheme
+
 DEFAULT_GROUP_SIZE = 128
 CHECKPOINT_FORMAT = "pilot"  # quantization_config.quant_method of a pre-quantized directory
 
@@ -100,19 +101,6 @@ def quantized_shapes(prefix: str, n: int, k: int, bits: int, group_size: int) ->
     if bits == 4:
         shapes[f"{prefix}.mins"] = (n, groups)
     return shapes
-
-
-def check_scheme(method: str, group_size: int, in_features: int) -> tuple[int, int]:
-    """(bits, effective group size) for quantizing a layer with `in_features` inputs."""
-    if method not in METHODS:
-        raise ValueError(f"quantization: unknown method {method!r}; choose from {', '.join(METHODS)}")
-    bits = METHODS[method]
-    if bits == 8:
-        return bits, in_features  # per output channel: one group spans the row
-    if group_size <= 0 or in_features % group_size or group_size % 2:
-        raise ValueError(f"quantization_group_size={group_size} must be even and divide every "
-                         f"layer's input features (a layer has {in_features})")
-    return bits, group_size
 
 
 def quantize(weight: torch.Tensor, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:

@@ -20,7 +20,8 @@ from engine.loader import open_safetensors, safetensors_files
 from engine.model_config import CheckpointError, ModelConfig
 from engine.model_zoo import write_checkpoint
 from engine.models.llama import checkpoint_shapes, linear_shapes
-from engine.quantization import CHECKPOINT_FORMAT, METHODS, check_scheme, quantize
+from engine.quantization import CHECKPOINT_FORMAT, quantize
+from engine.rules import METHODS, check_scheme
 
 # Files beside the weights that a quantized copy keeps.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")

@@ -11,7 +11,9 @@ for token.
 The draft shares the target's block tables (its own KV cache, same block ids and slots), so a
 preempted or finished sequence frees both at once; rejected positions are simply recomputed.
 After each step the `DraftProposer` catches the draft up on the tokens it has not seen (the
-prompt, or the last accepted tokens) and proposes the next k.
+prompt, or the last accepted tokens) and proposes the next k. It is handed the draft (whose
+layers hold the draft's KV cache), the runner's step-input builder (the block tables' slots and
+attention metadata, as the target's steps get them) and the runner's default generator.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.rules import draft_budget
 from engine.sampler import draw, row_probs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from engine.model_runner import ModelRunner
     from engine.models.llama import LlamaForCausalLM
+    from engine.step_inputs import StepInputBuilder
 
 
 def request_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -72,11 +75,14 @@ def verify(target_logits: torch.Tensor, drafts: list[int], draft_probs: torch.Te
 
 
 class DraftProposer:
-    """Runs the draft model on the runner's block tables and proposes k tokens per sequence."""
+    """Runs the draft model on the runner's block tables and proposes k tokens per sequence:
+    `inputs` builds its steps, `generator` draws for sampled requests without a seed."""
 
-    def __init__(self, runner: ModelRunner, draft: LlamaForCausalLM, k: int, max_model_len: int) -> None:
-        self.runner = runner
+    def __init__(self, draft: LlamaForCausalLM, inputs: StepInputBuilder, generator: torch.Generator,
+                 k: int, max_model_len: int) -> None:
         self.draft = draft
+        self.inputs = inputs
+        self.generator = generator
         self.k = k
         self.max_model_len = max_model_len
 
@@ -97,7 +103,7 @@ class DraftProposer:
                      if j == 0 else
                      ScheduledSequence(s, 1, s.num_tokens - 1 + j, spec_token_ids=s.spec_token_ids)
                      for s in active]
-            order, input_ids, positions, meta = self.runner._prepare(items)
+            order, input_ids, positions, meta = self.inputs.build(items)
             hidden = self.draft(input_ids, positions, meta)
             rows, row = [], 0
             for idx in order:
@@ -112,7 +118,7 @@ class DraftProposer:
                     seqs_in_rows[i].spec_token_ids.append(token)
             if sampled:
                 q_rows = row_probs(logits[sampled], [seqs_in_rows[i].params for i in sampled])
-                picks = draw(q_rows, [seqs_in_rows[i].generator or self.runner.generator for i in sampled])
+                picks = draw(q_rows, [seqs_in_rows[i].generator or self.generator for i in sampled])
                 for n, (i, token) in enumerate(zip(sampled, picks)):
                     seqs_in_rows[i].spec_token_ids.append(token)
                     probs[id(seqs_in_rows[i])].append(q_rows[n])
@@ -124,12 +130,3 @@ class DraftProposer:
 
     def _budget(self, seq: Sequence) -> int:
         return draft_budget(seq, self.k, self.max_model_len)
-
-
-def draft_budget(seq: Sequence, k: int, max_model_len: int) -> int:
-    """Drafts worth proposing: within the context limit and the tokens still wanted (the
-    planner's simulator proposes by the same rule)."""
-    room = min(k, max_model_len - seq.num_tokens)
-    if seq.params.max_tokens is not None:
-        room = min(room, seq.params.max_tokens - seq.num_output_tokens - 1)
-    return max(0, room)

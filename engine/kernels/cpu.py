@@ -43,8 +43,32 @@ PARALLEL_ATTENTION_WORK = 8192
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("PILOT_CACHE") or Path.home() / ".cache" / "pilot"
-    return Path(root) / "kernels"
+    """Where the built library goes: never beside the sources, which in an installed package may
+    be read-only or shared. $PILOT_CACHE/kernels where set; else the user's cache
+    ($XDG_CACHE_HOME/pilot/kernels, ~/.cache/pilot/kernels); else, where that cannot be written,
+    a folder of this user's own in the temp dir. The file name carries the sources' and this
+    CPU's digest, so one folder serves several versions and machines."""
+    if os.environ.get("PILOT_CACHE"):
+        return Path(os.environ["PILOT_CACHE"]) / "kernels"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    try:
+        user = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "pilot" / "kernels"
+        user.mkdir(parents=True, exist_ok=True)
+        if os.access(user, os.W_OK | os.X_OK):
+            return user
+    except (OSError, RuntimeError):  # RuntimeError: no home directory
+        pass
+    uid = os.getuid()
+    scratch = Path(tempfile.gettempdir()) / f"pilot-kernels-{uid}"
+    try:
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        # A library found here gets loaded: only a folder this user owns and no one else can write.
+        info = scratch.stat()
+        if info.st_uid == uid and not info.st_mode & 0o022:
+            return scratch
+    except OSError:
+        pass
+    raise OSError("no writable cache folder for the CPU kernels (set PILOT_CACHE)")
 
 
 def _build(sources: list[Path], target: Path, compiler: str) -> None:
@@ -70,12 +94,12 @@ def load() -> ctypes.CDLL | None:
     if compiler is None:
         logger.info("no C compiler found: the CPU kernels are off, PyTorch paths are used")
         return None
-    # Built with -march=native: key it by this CPU as well as by the source.
-    digest = hashlib.sha256(_cpu_signature().encode())
-    for source in SOURCES + HEADERS:
-        digest.update(source.read_bytes())
-    target = _cache_dir() / f"pilot_cpu-{digest.hexdigest()[:16]}.so"
     try:
+        # Built with -march=native: key it by this CPU as well as by the source.
+        digest = hashlib.sha256(_cpu_signature().encode())
+        for source in SOURCES + HEADERS:
+            digest.update(source.read_bytes())
+        target = _cache_dir() / f"pilot_cpu-{digest.hexdigest()[:16]}.so"
         if not target.is_file():
             _build(SOURCES, target, compiler)
         lib = ctypes.CDLL(str(target))

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine import distributed
 from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata
+from engine.parallel import distributed
 
 if TYPE_CHECKING:
     from engine.layers.linear import Linear

@@ -6,8 +6,8 @@ the weight is repacked once, after loading, into the first of these that the mac
   at the machine's streaming bandwidth, 1.1-1.8x oneDNN's packed GEMM, and larger batches run
   level with oneDNN (measured on a 2-core AMD EPYC, fp32 and bf16); on a CPU with AMX, bf16
   batches of 3 rows or more run on its tile unit from the same panels, at or above oneDNN;
-- oneDNN's pre-packed layout: ~73% of the read bandwidth at batch 1, against ~40% for
-  `F.linear` on the plain row-major weight.
+- oneDNN's pre-packed layout (bf16 only where oneDNN runs it: AVX-512 or AVX-NE-CONVERT): ~73%
+  of the read bandwidth at batch 1, against ~40% for `F.linear` on the plain row-major weight.
 Elsewhere (CUDA, float16, no compiler) it is `F.linear` on the plain weight.
 
 A weight-only quantized layer (`set_quantized`) holds int8/int4 weights instead: packed for the
@@ -15,6 +15,8 @@ CPU kernel, or as they are for the PyTorch fallback, which dequantizes them on e
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,16 @@ _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
 
 def _onednn_packable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in _ONEDNN_PACKABLE
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and (weight.dtype != torch.bfloat16 or _onednn_bf16()))
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_bf16() -> bool:
+    """oneDNN packs bf16 weights only where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
+    elsewhere (an AVX2 host) the reorder raises, and bf16 stays a plain PyTorch linear."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
 
 
 class Linear(nn.Module):

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import TensorParallel
 from engine.kernels import cpu as cpu_kernels
 from engine.layers.attention import AttentionMetadata, paged_attention
 from engine.layers.linear import Linear
 from engine.layers.rotary import RotaryEmbedding, RotaryStep, apply_rotary
 from engine.model_config import ModelConfig
-from engine.quantization import QuantizedWeight, check_scheme, quantized_shapes
+from engine.parallel.distributed import TensorParallel
+from engine.quantization import QuantizedWeight, quantized_shapes
+from engine.rules import check_scheme
 
 
 class RMSNorm(nn.Module):

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.data_parallel import DataParallelEngine
 from engine.llm_engine import LLMEngine
 from engine.observer import StepStats
+from engine.parallel.data_parallel import DataParallelEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.model_zoo import SHAPES, make_checkpoint
+from planner.spec.errors import FieldError
 from planner.costmodel import fit as cm
 from planner.measure.profiler import plan_again, plan_campaign, profile
 from planner.spec.search_space import SearchSpace
@@ -87,8 +88,8 @@ def check_names(names: Sequence[str]) -> None:
     """Before anything is made: every name is a reference model, and there is one at least."""
     unknown = [n for n in names if n not in REFERENCE_MODELS and n != PAIR]
     if unknown or not names:
-        raise ValueError(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join([*REFERENCE_MODELS, PAIR])}")
+        raise FieldError(f"unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join([*REFERENCE_MODELS, PAIR])}", field="models")
 
 
 def make_models(workdir: Path, names: Sequence[str], pair_train_s: float = PAIR_TRAIN_S
@@ -124,15 +125,17 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
                       folds: int = 5, space: str = "cpu", repeats: int = REPEATS,
                       num_requests: int = NUM_REQUESTS, pair_train_s: float = PAIR_TRAIN_S,
                       again: float = 0.0, sittings: int = 1,
-                      on_progress: Callable[[str, float], None] | None = None) -> FitBenchmark:
-    """Profile each model for `budget_s` (0: fit what the store holds), then fit and save.
+                      on_progress: Callable[[str, float], None] | None = None,
+                      max_runs: int | None = None) -> FitBenchmark:
+    """Profile each model for `budget_s` (0: fit what the store holds) or `max_runs` runs,
+    whichever ends first, then fit and save.
 
     Then `sittings` - 1 later sittings measure each model's measurements again (the share
     `again` of them; all where it is 0), each after every model's previous one, so a
     measurement's runs span the host's spells and the report can say how far a median moves
     between sittings. `again` > 0 alone means one later sitting."""
     if sittings < 1:
-        raise ValueError(f"--sittings: must be >= 1, got {sittings}")
+        raise FieldError(f"must be >= 1, got {sittings}", field="sittings")
     later, share = later_sittings(sittings, again)
     start = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,8 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
         return (lambda label, elapsed: on_progress(f"{name}: {label}", elapsed)) if on_progress else None
 
     for name, campaign in campaigns.items() if budget_s > 0 else ():
-        runs[name] = len(profile(store, campaign, workload, budget_s, on_progress=reporting(name)).run_ids)
+        runs[name] = len(profile(store, campaign, workload, budget_s, on_progress=reporting(name),
+                                 max_runs=max_runs).run_ids)
     for sitting in range(2, later + 2):
         for name, campaign in campaigns.items():
             later = plan_again(store, campaign, share, repeats, sitting=sitting)

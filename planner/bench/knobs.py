@@ -25,8 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from engine import LLM, EngineConfig, SamplingParams
-from engine.layers.linear import Linear
+from engine import LLM, EngineConfig, Linear, SamplingParams
 from planner.bench.engine import _machine_name, default_model_dir, offline_workload
 from planner.bench.training import BOS, stdlib_corpus, train_pair
 

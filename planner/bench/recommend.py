@@ -118,6 +118,8 @@ class Preset:
     # Runs per grid configuration and per plan, judged on each metric's median (`pilot recommend
     # --repeats`): a single run on a shared host moves 10-20% with the host's slow spells.
     repeats: int = 3
+    # Calibration runs per model at most (None: as many as `budget_s` holds).
+    calibration_runs: int | None = None
 
 
 PRESETS = {
@@ -312,7 +314,7 @@ def calibrate(store: Store, models: dict[str, str], preset: Preset,
     runs = {}
     for name, model_dir in models.items():
         campaign = plan_campaign(store, model_dir, space, workload, repeats=preset.calibration_repeats)
-        result = profile(store, campaign, workload, budget_s=preset.budget_s,
+        result = profile(store, campaign, workload, budget_s=preset.budget_s, max_runs=preset.calibration_runs,
                          on_progress=(lambda label, _e, n=name: on_progress(f"calibrating {n}: {label}"))
                          if on_progress else None)
         runs[name] = len(result.run_ids)

@@ -44,22 +44,22 @@ def fetch_server_info(url: str, api_key: str | None = None, timeout_s: float = 3
     try:
         response = httpx.get(f"{url.rstrip('/')}/v1/models", headers=headers, timeout=timeout_s)
     except httpx.InvalidURL as err:
-        raise BenchError(f"--url: {url!r} is not a URL ({err})") from None
+        raise BenchError(f"{url!r} is not a URL ({err})", field="url") from None
     except httpx.HTTPError as err:
-        raise BenchError(f"--url: cannot reach {url} ({type(err).__name__}: {err}); "
-                         f"is the server running?") from None
+        raise BenchError(f"cannot reach {url} ({type(err).__name__}: {err}); "
+                         f"is the server running?", field="url") from None
     if response.status_code in (401, 403):
-        raise BenchError(f"--api-key: {url} refused it (HTTP {response.status_code}: "
-                         f"{error_message(response.content)})")
+        raise BenchError(f"{url} refused it (HTTP {response.status_code}: "
+                         f"{error_message(response.content)})", field="api_key")
     if response.status_code >= 400:
-        raise BenchError(f"--url: GET {url}/v1/models answered HTTP {response.status_code}: "
-                         f"{error_message(response.content)}")
+        raise BenchError(f"GET {url}/v1/models answered HTTP {response.status_code}: "
+                         f"{error_message(response.content)}", field="url")
     try:
         first = response.json()["data"][0]
         model = str(first["id"])
     except (ValueError, KeyError, IndexError, TypeError):
-        raise BenchError(f"--url: {url}/v1/models is not an OpenAI model list: "
-                         f"{response.text[:200]!r}") from None
+        raise BenchError(f"{url}/v1/models is not an OpenAI model list: "
+                         f"{response.text[:200]!r}", field="url") from None
     pilot = first.get("pilot") if isinstance(first.get("pilot"), dict) else {}
     vocab = pilot.get("vocab_size")
     return ServerInfo(model, first.get("max_model_len"), pilot.get("engine"),
@@ -139,29 +139,29 @@ def resolve_load(workload: Workload, profile: str | None, rate: float | None,
     """(profile, the workload with that arrival process, load kind, load value). Without a
     profile: --rate means Poisson, --concurrency a closed loop, neither the workload's own."""
     if profile is not None and profile not in PROFILES:
-        raise BenchError(f"--profile: unknown profile {profile!r} — expected one of {', '.join(PROFILES)}")
+        raise BenchError(f"unknown profile {profile!r} — expected one of {', '.join(PROFILES)}", field="profile")
     if rate is not None and not (math.isfinite(rate) and rate > 0):
-        raise BenchError(f"--rate: must be a positive number of requests per second, got {rate!r}")
+        raise BenchError(f"must be a positive number of requests per second, got {rate!r}", field="rate")
     if concurrency is not None and concurrency < 1:
-        raise BenchError(f"--concurrency: must be >= 1, got {concurrency!r}")
+        raise BenchError(f"must be >= 1, got {concurrency!r}", field="concurrency")
     if profile is None:
         if rate is not None and concurrency is not None:
-            raise BenchError(f"give one of --rate ({rate:g}) or --concurrency ({concurrency}), not both")
+            raise BenchError(f"give one of rate ({rate:g}) or concurrency ({concurrency}), not both", field="rate")
         profile = "poisson" if rate is not None else "concurrent" if concurrency is not None else None
     if profile in ("poisson", "constant"):
         if rate is None:
-            raise BenchError(f"--rate is required with --profile {profile}")
+            raise BenchError(f"is required with profile {profile}", field="rate")
         if concurrency is not None:
-            raise BenchError(f"--concurrency {concurrency} does not apply to --profile {profile} "
-                             f"(an open loop at --rate {rate:g})")
+            raise BenchError(f"{concurrency} does not apply to profile {profile} "
+                             f"(an open loop at rate {rate:g})", field="concurrency")
         arrival = PoissonArrival(rate=rate) if profile == "poisson" else ConstantArrival(rate=rate)
         return profile, workload.model_copy(update={"arrival": arrival}), "rate", rate
     if profile == "concurrent":
         if concurrency is None:
-            raise BenchError("--concurrency is required with --profile concurrent")
+            raise BenchError("is required with profile concurrent", field="concurrency")
         if rate is not None:
-            raise BenchError(f"--rate {rate:g} does not apply to --profile concurrent "
-                             f"(a closed loop of --concurrency {concurrency})")
+            raise BenchError(f"{rate:g} does not apply to profile concurrent "
+                             f"(a closed loop of concurrency {concurrency})", field="rate")
         closed = workload.model_copy(update={"arrival": ClosedLoopArrival(concurrency=concurrency)})
         return profile, closed, "concurrency", float(concurrency)
     if profile == "sweep":
@@ -181,25 +181,26 @@ def check_flags(workload: Workload, profile: str | None, rate: float | None,
                 vocab_size: int | None, sweep_steps: int) -> None:
     """Raise BenchError naming the first bad flag: all that can be checked without the server."""
     if endpoint not in ENDPOINTS:
-        raise BenchError(f"--endpoint: unknown endpoint {endpoint!r} — expected one of {', '.join(ENDPOINTS)}")
+        raise BenchError(f"unknown endpoint {endpoint!r} — expected one of {', '.join(ENDPOINTS)}", field="endpoint")
     if requests is not None and duration_s is not None:
-        raise BenchError(f"give one of --requests ({requests}) or --duration ({duration_s:g} s), not both")
+        raise BenchError(f"give one of requests ({requests}) or duration ({duration_s:g} s), not both",
+                         field="requests")
     if requests is not None and requests < 1:
-        raise BenchError(f"--requests: must be >= 1, got {requests}")
+        raise BenchError(f"must be >= 1, got {requests}", field="requests")
     if timeout_s is None or not timeout_s > 0:
-        raise BenchError(f"--timeout: must be > 0 seconds, got {timeout_s!r}")
+        raise BenchError(f"must be > 0 seconds, got {timeout_s!r}", field="timeout")
     if vocab_size is not None and vocab_size < 1:
-        raise BenchError(f"--vocab-size: must be >= 1, got {vocab_size}")
+        raise BenchError(f"must be >= 1, got {vocab_size}", field="vocab_size")
     if profile == "sweep":
         if not slos:
-            raise BenchError("--profile sweep needs --slo: it looks for the highest rate that meets them "
-                             "(e.g. --slo 'ttft_p95<=500ms,itl_p95<=50ms')")
+            raise BenchError("profile sweep needs SLOs: it looks for the highest rate that meets them "
+                             "(e.g. 'ttft_p95<=500ms,itl_p95<=50ms')", field="slo")
         if rate is not None:
-            raise BenchError(f"--rate {rate:g} does not apply to --profile sweep: the sweep finds the rate")
+            raise BenchError(f"{rate:g} does not apply to profile sweep: the sweep finds the rate", field="rate")
         if concurrency is not None and concurrency < 1:
-            raise BenchError(f"--concurrency: must be >= 1, got {concurrency!r}")
+            raise BenchError(f"must be >= 1, got {concurrency!r}", field="concurrency")
         if sweep_steps < 1:
-            raise BenchError(f"--sweep-steps: must be >= 1, got {sweep_steps}")
+            raise BenchError(f"must be >= 1, got {sweep_steps}", field="sweep_steps")
     else:
         resolve_load(workload, profile, rate, concurrency)  # bad flags fail before any request
 
@@ -224,8 +225,8 @@ def run_bench_serve(url: str, workload: Workload, profile: str | None = None, *,
     server = server or fetch_server_info(url, api_key, min(timeout_s, 30.0))
     vocab = vocab_size or server.vocab_size
     if vocab is None:
-        raise BenchError(f"--vocab-size: {url} does not report its vocabulary size (only a pilot server "
-                         f"does); pass --vocab-size")
+        raise BenchError(f"{url} does not report its vocabulary size (only a pilot server "
+                         f"does); pass --vocab-size", field="vocab_size")
     target = Target(url.rstrip("/"), model or server.model, endpoint, api_key, timeout_s)  # type: ignore[arg-type]
 
     def measure(label: str, prof: str | None, r: float | None, c: int | None) -> RunResult:
@@ -294,19 +295,19 @@ def engine_config_for_record(server: ServerInfo | None, config_file: Path | None
         try:
             config = EngineConfig.from_file(config_file)
         except (FileNotFoundError, ValueError) as err:
-            raise BenchError(f"--config: {err}") from None
+            raise BenchError(f"{err}", field="config") from None
     elif server is not None and server.engine:
         try:
             config = EngineConfig.model_validate(server.engine)
         except ValueError as err:
-            raise BenchError(f"--record: the server's engine config does not validate ({err}); "
-                             f"pass --config FILE") from None
+            raise BenchError(f"the server's engine config does not validate ({err}); "
+                             f"pass --config FILE", field="record") from None
     else:
-        raise BenchError("--record: the server does not report its engine config (only a pilot server "
-                         "does); pass --config FILE with the engine config or plan it runs")
+        raise BenchError("the server does not report its engine config (only a pilot server "
+                         "does); pass --config FILE with the engine config or plan it runs", field="record")
     if not (Path(config.model) / "config.json").is_file():
-        raise BenchError(f"--record: the model directory {config.model!r} of the engine config is not "
-                         f"on this machine; the store describes a model by its config.json")
+        raise BenchError(f"the model directory {config.model!r} of the engine config is not "
+                         f"on this machine; the store describes a model by its config.json", field="record")
     return config
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from engine.layers.rotary import rope_inv_freq
+from engine import rope_inv_freq
 from engine.model_zoo import write_checkpoint
 
 BOS, EOS = 256, 257

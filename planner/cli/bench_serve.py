@@ -1,4 +1,4 @@
-"""`pilot bench serve`: load-test a running OpenAI-compatible server (registered by cli.py)."""
+"""`pilot bench serve`: load-test a running OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli import _fail, bench_app, console, open_store
+from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration
 
 _STATS = ("p50", "p90", "p99")
 _METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"), ("e2e", "E2E"))
@@ -85,7 +85,6 @@ def print_result(bench: Any) -> None:
             console.print(f"[bold red]no rate measured meets {', '.join(map(str, bench.slos))}[/bold red]")
 
 
-@bench_app.command("serve")
 def bench_serve(
     url: str = typer.Option("http://127.0.0.1:8000", "--url", help="the server's base URL"),
     model: Optional[str] = typer.Option(None, "--model", help="model name; default: the first of GET /v1/models"),
@@ -111,7 +110,7 @@ def bench_serve(
     sweep_steps: int = typer.Option(5, "--sweep-steps", help="Poisson runs of the sweep's bisection"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results (every request) here"),
     record: bool = typer.Option(False, "--record", help="store each run in --db"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    db: Db = None,
     config: Optional[Path] = typer.Option(None, "--config", help="the server's engine config or plan file "
                                           "(for --record when the server is not pilot)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="workload seed (prompts, lengths, arrivals)"),
@@ -120,12 +119,12 @@ def bench_serve(
     """Replay a workload against an OpenAI-compatible server and measure latency and goodput."""
     from planner.bench.serve import (check_flags, engine_config_for_record, fetch_server_info,
                                      record_http_run, run_bench_serve)
-    from planner.loadgen.http_load import BenchError, parse_duration
+    from planner.loadgen.http_load import BenchError
     from planner.spec.slo import SLOError, parse_slos
     from planner.spec.workload import Workload, WorkloadError
 
     try:
-        seconds = parse_duration(duration) if duration is not None else None
+        seconds = parse_duration(duration, "--duration") if duration is not None else None
         slos = parse_slos(slo) if slo else None
         if workload is not None:
             load = Workload.from_file(workload)
@@ -142,7 +141,7 @@ def bench_serve(
         engine = engine_config_for_record(server, config) if record else None
         store = open_store(db) if record else None
     except (BenchError, SLOError, WorkloadError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
@@ -164,7 +163,7 @@ def bench_serve(
                                     api_key=api_key, vocab_size=vocab_size, timeout_s=timeout, seed=seed,
                                     sweep_steps=sweep_steps, server=server, on_progress=on_progress)
         except BenchError as err:
-            _fail(str(err))
+            fail_error(err)
     print_result(bench)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,7 @@
-"""`pilot profile` and `pilot runs ...`: the measurement side of the CLI (registered by cli.py)."""
+"""`pilot profile` and `pilot runs ...`: the measurement side of the CLI."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -10,27 +9,10 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from planner.cli import _fail, app, console
+from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
-app.add_typer(runs_app, name="runs")
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
-
-
-def parse_duration(text: str, field: str = "budget") -> float:
-    """Seconds in "90", "90s", "10m", "1h30m"; an error naming `field` otherwise."""
-    match = _DURATION.match(text.strip())
-    if not text.strip() or match is None or not any(match.groups()):
-        raise ValueError(f"{field}: cannot read {text!r} as a duration (e.g. 90s, 10m, 1h30m)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise ValueError(f"{field}: must be positive, got {text!r}")
-    return total
-
-
-@app.command()
 def profile(
     model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
     space: Optional[str] = typer.Option(None, "--space", help="search space: a file, or a built-in "
@@ -42,6 +24,8 @@ def profile(
     draft: Optional[Path] = typer.Option(None, "--draft", help="draft model for speculative knobs"),
     slo: Optional[str] = typer.Option(None, "--slo", help="also record goodput under these SLOs"),
     budget: str = typer.Option("10m", "--budget", help="wall-clock budget of this invocation"),
+    max_runs: Optional[int] = typer.Option(None, "--max-runs", help="stop after this many runs (a "
+                                           "count: the same profile on any host), or at --budget"),
     repeats: int = typer.Option(1, "--repeats", help="runs of each configuration and load level, back "
                                 "to back; `pilot fit` judges predictions against their median"),
     via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
@@ -52,7 +36,7 @@ def profile(
     sitting: int = typer.Option(2, "--sitting", help="with --again, which sitting this is (the campaign "
                                 "is the first): each later one measures the same share, so every "
                                 "measurement in it gets a median over all its sittings"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    db: Db = None,
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
     from engine.model_config import CheckpointError
@@ -66,15 +50,17 @@ def profile(
     from planner.measure.profiler import VIA
 
     if via not in VIA:
-        _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
+        fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
+    if max_runs is not None and max_runs < 1:
+        fail(f"--max-runs: must be >= 1, got {max_runs}")
     if repeats < 1:
-        _fail(f"--repeats: must be >= 1, got {repeats}")
+        fail(f"--repeats: must be >= 1, got {repeats}")
     if again is not None and not 0 < again <= 1:
-        _fail(f"--again: must be a share in (0, 1], got {again}")
+        fail(f"--again: must be a share in (0, 1], got {again}")
     if sitting < 2:
-        _fail(f"--sitting: must be >= 2 (the campaign itself is the first sitting), got {sitting}")
+        fail(f"--sitting: must be >= 2 (the campaign itself is the first sitting), got {sitting}")
     if sitting != 2 and again is None:
-        _fail(f"--sitting: {sitting} needs --again (the share of measurements that sitting measures)")
+        fail(f"--sitting: {sitting} needs --again (the share of measurements that sitting measures)")
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
@@ -96,22 +82,23 @@ def profile(
             if again is not None:
                 campaign = plan_again(store, campaign, again, repeats, sitting=sitting)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
-        _fail(str(err))
+        fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                TextColumn("left"), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("profiling", total=seconds)
+        # A count of runs has no time to fill: the bar then only shows it is working.
+        task = progress.add_task("profiling", total=None if max_runs else seconds)
 
         def on_progress(label: str, elapsed: float) -> None:
             progress.update(task, completed=min(elapsed, seconds), description=label[:60])
 
         try:
-            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via)
+            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via, max_runs=max_runs)
         except KeyboardInterrupt:
             progress.stop()
             console.print("interrupted: finished runs are kept; run the same command to continue")
             raise typer.Exit(130)
-        progress.update(task, completed=seconds)
+        progress.update(task, total=1, completed=1)
     console.print(f"campaign {result.campaign_id}: {len(result.run_ids)} new runs "
                   f"({result.done_before} from earlier invocations), {len(result.failed)} failed, "
                   f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
@@ -119,7 +106,6 @@ def profile(
         console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
 
 
-@app.command("hardware")
 def hardware_list(
     spec_dir: list[Path] = typer.Option([], "--dir", help="extra directory of spec YAML files"),
 ) -> None:
@@ -129,7 +115,7 @@ def hardware_list(
     try:
         specs = load_specs(list(spec_dir) or None)
     except (HardwareSpecError, FileNotFoundError) as err:
-        _fail(str(err))
+        fail_error(err)
     table = Table(title="hardware specs (profiles/hardware)")
     for col in ("name", "memory GB", "GB/s", "bf16 TFLOPS", "$/hour"):
         table.add_column(col, justify="left" if col == "name" else "right")
@@ -149,7 +135,7 @@ def hardware_list(
 
 @runs_app.command("list")
 def runs_list(
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    db: Db = None,
     limit: int = typer.Option(50, help="most recent runs shown"),
 ) -> None:
     """The stored runs: configuration, load and headline metrics."""
@@ -159,7 +145,7 @@ def runs_list(
     try:
         records = run_records(Store(db))[-limit:]
     except ValueError as err:
-        _fail(str(err))
+        fail_error(err)
     table = Table(title=f"{len(records)} runs")
     for col in ("id", "model", "config", "load", "tok/s", "ttft p50", "itl p50", "e2e p95"):
         table.add_column(col, justify="right" if col not in ("model", "config", "load") else "left")
@@ -178,7 +164,7 @@ def runs_export(
     out: Path = typer.Option(..., "--out", help="file to write"),
     fmt: str = typer.Option("csv", "--format", help="csv or parquet"),
     table: str = typer.Option("runs", "--table", help="runs, requests or steps"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    db: Db = None,
 ) -> None:
     """Write a table of the store to CSV or Parquet."""
     from planner.measure.export import export
@@ -187,5 +173,5 @@ def runs_export(
     try:
         count = export(Store(db), out, fmt, table)
     except ValueError as err:
-        _fail(str(err))
+        fail_error(err)
     console.print(f"wrote {count} {table} to {out}")

@@ -1,4 +1,5 @@
-"""`pilot recommend` and `pilot schema` (registered by cli.py)."""
+"""`pilot recommend` and `pilot schema`: search for a plan, write it, and optionally launch and
+measure it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli import _fail, app, console, open_store
+from planner.cli._common import Db, console, fail, fail_error, open_store
 
 
 def _ms(seconds: float) -> str:
@@ -67,7 +68,6 @@ def print_result(result: Any, plan: Any) -> None:
     console.print(f"  SGLang: {plan.launch['sglang']}")
 
 
-@app.command()
 def recommend(
     model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
     slo: str = typer.Option(..., "--slo", help='targets, e.g. "ttft_p95<=500ms,itl_p95<=50ms"'),
@@ -106,56 +106,33 @@ def recommend(
                              "moment (typical) or as fast as a probe finds it now (now)"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
-    db: Optional[str] = typer.Option(None, "--db", help="SQLAlchemy URL; default sqlite:///pilot.db"),
+    db: Db = None,
 ) -> None:
     """Search for the cheapest configuration that meets the SLOs and write it as a plan."""
     from engine.model_config import CheckpointError
     from planner.costmodel import fit as cm
-    from planner.costmodel.fit_data import measured_acceptance
     from planner.search.plan import make_plan
-    from planner.search.recommend import RecommendError, Requirement, Search, run_search
-    from planner.spec.search_space import SearchSpace, SearchSpaceError
-    from planner.spec.slo import SLOError, parse_slos
-    from planner.spec.workload import Workload, WorkloadError
+    from planner.search.recommend import run_search
+    from planner.search.request import RecommendRequest, VerifyRequest
 
-    if (rate is None) == (concurrency is None):
-        _fail("give exactly one of --rate or --concurrency")
-    from planner.measure.profiler import VIA
-
-    if via not in VIA:
-        _fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
-    if repeats < 1:
-        _fail(f"--repeats: must be >= 1, got {repeats}")
-    if fallbacks < 0:
-        _fail(f"--fallbacks: must be >= 0, got {fallbacks}")
-    if explore < 0:
-        _fail(f"--explore: must be >= 0, got {explore}")
-    if host not in ("typical", "now"):
-        _fail(f"--host-speed must be typical or now, got {host!r}")
-    for flag, path in (("--model", model), ("--draft", draft)):
-        if path is not None and not path.is_dir():
-            _fail(f"{flag}: model directory not found: {path}")
+    try:
+        request = RecommendRequest(
+            model=model, slo=slo, rate=rate, concurrency=concurrency, workload=workload, isl=isl,
+            osl=osl, num_requests=num_requests,
+            hardware=tuple(hardware.split(",")) if hardware else (), max_devices=max_devices,
+            space=space, trials=trials, objective=objective, confidence=confidence, draft=draft,
+            seed=seed, host_speed=host)
+        checks = VerifyRequest(via=via, repeats=repeats, fallbacks=fallbacks, explore=explore)
+    except ValueError as err:
+        fail_error(err)
     store = open_store(db)
     fitted = cm.load(store)
     if fitted is None:
-        _fail(f"no cost model in {store.url}: run `pilot profile` and `pilot fit` first")
+        fail(f"no cost model in {store.url}: run `pilot profile` and `pilot fit` first")
     try:
-        requirement = Requirement(parse_slos(slo), "rate" if rate is not None else "concurrency",
-                                  float(rate if rate is not None else concurrency), objective,
-                                  confidence)
-        if num_requests < 1:
-            raise RecommendError(f"--num-requests: must be >= 1, got {num_requests}")
-        load = (Workload.from_file(workload) if workload is not None else
-                Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
-        acceptance = measured_acceptance(store, str(model), str(draft)) if draft else None
-        search = Search(fitted, str(model), load, requirement,
-                        hardware.split(",") if hardware else None,
-                        SearchSpace.from_file(space) if space else None, max_devices,
-                        str(draft) if draft else None, acceptance, seed,
-                        host_slowdowns_now(fitted) if host == "now" else None)
-    except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError,
-            WorkloadError, RecommendError) as err:
-        _fail(str(err))
+        search = request.search(store, fitted)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
         task = progress.add_task("searching", total=trials)
@@ -166,14 +143,14 @@ def recommend(
 
         try:
             result = run_search(search, trials, storage=store.url, on_progress=on_progress)
-        except (ValueError, RecommendError) as err:
-            _fail(str(err))
+        except ValueError as err:
+            fail_error(err)
     plan = make_plan(result, search, fitted)
     plan.write(out)
     if plot is not None:
         from planner.costmodel.plots import pareto_plot
 
-        pareto_plot(result, requirement.slos[0].key, plot)
+        pareto_plot(result, search.requirement.slos[0].key, plot)
     if as_json:
         print(json.dumps(plan.model_dump(mode="json"), indent=2))
     else:
@@ -185,7 +162,7 @@ def recommend(
         if not plan.feasible:
             raise typer.Exit(1)
         return None
-    chosen, attempts = verify_plans(store, search, result, fitted, out, via, repeats, fallbacks, explore)
+    chosen, attempts = verify_plans(store, search, result, fitted, out, checks)
     if not chosen.held:
         raise VerifyMissed((chosen, attempts))
     return chosen, attempts
@@ -199,22 +176,10 @@ class VerifyMissed(typer.Exit):
         self.verified = verified
 
 
-def host_slowdowns_now(fitted: Any) -> dict[str, float]:
-    """This machine's speed now against its typical moment in the cost model's runs, keyed by
-    its spec name; empty when the cost model has no probe readings of this machine."""
-    from planner.spec import hardware as hw
-    from planner.measure import host_speed
-
-    spec = hw.detect().spec_name or "cpu-host"
-    if not fitted.reads_host(spec):
-        return {}
-    return {spec: fitted.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}
-
-
-def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, via: str = "engine",
-                 repeats: int = 3, fallbacks: int = 2, explore: int = 0) -> tuple[Any, list[Any]]:
+def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path,
+                 checks: Any) -> tuple[Any, list[Any]]:
     """Launch the plan, measure it and print measured against predicted; while it misses an SLO,
-    the next candidates in turn, and once one holds, `explore` cheaper ones
+    the next candidates in turn, and once one holds, cheaper ones (`checks`, a VerifyRequest)
     (`planner.search.verify.verify_in_turn`). A plan other than the search's that is chosen replaces
     the one at `out`. Returns the chosen `Attempt` and all of them."""
     from planner.search.verify import NARROW, VerifyError, shortfall, verify_in_turn, worst_ratio
@@ -227,10 +192,10 @@ def verify_plans(store: Any, search: Any, result: Any, fitted: Any, out: Path, v
             progress.update(task, description=f"verifying plan #{rank}: {label[:64]}")
 
         try:
-            chosen, attempts = verify_in_turn(store, search, result, fitted, fallbacks, on_progress,
-                                              via, repeats, explore)
+            chosen, attempts = verify_in_turn(store, search, result, fitted, checks.fallbacks, on_progress,
+                                              checks.via, checks.repeats, checks.explore)
         except VerifyError as err:
-            _fail(str(err))
+            fail_error(err)
     for attempt in attempts:
         if attempt is chosen:
             continue
@@ -279,7 +244,6 @@ def print_verified(result: Any, rank: int = 1) -> None:
                   "The runs are in the store: `pilot fit` learns from them.")
 
 
-@app.command()
 def schema(
     kind: str = typer.Argument("plan", help="plan | engine | workload"),
 ) -> None:
@@ -290,61 +254,4 @@ def schema(
     try:
         print(json.dumps(get_schema(kind), indent=2))
     except PlanError as err:
-        _fail(str(err))
-
-
-# `pilot bench recommend`: registered on the bench group like `pilot bench sim` (cli_fit.py).
-from planner.cli import bench_app  # noqa: E402
-
-
-@bench_app.command("recommend")
-def bench_recommend(
-    preset: str = typer.Option("default", "--preset", help="quick (about 2 min: a smoke run) or "
-                               "default (30-45 min on 2 cores: the measurement)"),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="an empty folder for the models, "
-                                           "stores and plans; default: a new temporary one"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="calibration profiling per model "
-                                         "(e.g. 150s); default: the preset's"),
-    grid: Optional[int] = typer.Option(None, "--grid", help="configurations measured per scenario "
-                                       "for the ground truth; default: the preset's"),
-    num_requests: Optional[int] = typer.Option(None, "--requests", help="requests per scenario run"),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Optuna trials per recommendation"),
-    models: Optional[str] = typer.Option(None, "--models", help="comma-separated: tiny, wide"),
-    confidence: Optional[float] = typer.Option(None, "--confidence", help="as pilot recommend's; "
-                                               "default: the preset's"),
-    fallbacks: Optional[int] = typer.Option(None, "--fallbacks", help="as pilot recommend --verify's; "
-                                            "default: the preset's"),
-    explore: Optional[int] = typer.Option(None, "--explore", help="as pilot recommend --verify's; "
-                                          "default: the preset's"),
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per calibration measurement, "
-                                          "grid configuration and plan, judged on medians; default: "
-                                          "the preset's"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
-) -> None:
-    """Recommendations on held-out workloads, launched and measured: how often they meet their
-    SLOs and what they overspend against the cheapest configuration measured to meet them."""
-    from rich.console import Console
-
-    from planner.bench.recommend import run_recommend_benchmark
-    from planner.bench.report import print_results
-    from planner.cli.profile import parse_duration
-
-    try:
-        budget_s = parse_duration(budget) if budget is not None else None
-        names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("starting", total=None)
-
-            def on_progress(text: str, done: int, total: int) -> None:
-                progress.update(task, description=text[:90], completed=done, total=total)
-
-            result = run_recommend_benchmark(preset, workdir, budget_s, grid, num_requests, trials,
-                                             names, seed, out, on_progress, confidence, repeats,
-                                             fallbacks, explore)
-    except ValueError as err:
-        _fail(str(err))
-    print_results(result, Console())
-    if out is not None:
-        console.print(f"Wrote {out}")
+        fail_error(err)

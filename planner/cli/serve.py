@@ -9,7 +9,7 @@ from typing import Any, Optional
 import typer
 import yaml
 
-from planner.cli import _fail, app, console
+from planner.cli._common import console, fail
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -41,7 +41,6 @@ def load_serving_config(path: Path) -> tuple[Any, dict]:
     return config, plan
 
 
-@app.command()
 def serve(
     config: Path = typer.Option(..., "--config", help="a plan from `pilot recommend`, or an engine "
                                                       "config file (YAML or JSON)"),
@@ -71,9 +70,9 @@ def serve(
     from engine.serving import serve as run_server
 
     if not 0 <= port <= 65535:
-        _fail(f"--port must be 0..65535, got {port}")
+        fail(f"--port must be 0..65535, got {port}")
     if chat_template is not None and not chat_template.is_file():
-        _fail(f"--chat-template: no such file: {chat_template}")
+        fail(f"--chat-template: no such file: {chat_template}")
     try:
         engine_config, plan = load_serving_config(config)
         settings = ServerSettings(
@@ -82,7 +81,7 @@ def serve(
             max_prompt_tokens=max_prompt_tokens,
             chat_template=str(chat_template) if chat_template else None, log_level=log_level)
     except ValueError as err:
-        _fail(str(err).replace("max_waiting_requests", "--max-waiting-requests")
+        fail(str(err).replace("max_waiting_requests", "--max-waiting-requests")
               .replace("max_body_bytes", "--max-body-bytes")
               .replace("max_prompt_tokens", "--max-prompt-tokens").replace("api_key", "--api-key"))
     _describe(engine_config, plan, settings)
@@ -90,7 +89,7 @@ def serve(
     try:
         run_server(engine_config, settings, on_ready=_ready)
     except (CheckpointError, ValueError, RuntimeError, OSError) as err:
-        _fail(f"{type(err).__name__}: {err}")
+        fail(f"{type(err).__name__}: {err}")
 
 
 def _ready(url: str) -> None:

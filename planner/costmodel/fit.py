@@ -22,7 +22,8 @@ from planner.measure import host_speed
 from planner.costmodel.fit_data import (METRICS, RunData, data_version, host_key, host_references, length_coverage,
                               load_runs, set_host_slowdown)
 from planner.costmodel.noise_floor import median_noise_floor, noise_floor, sitting_noise_floor
-from planner.costmodel.step_model import StepTimeModel, feature_matrix
+from planner.costmodel.features import feature_matrix
+from planner.costmodel.step_model import StepTimeModel
 from planner.store.database import CostModelRow, Store
 
 COVERAGE = 0.8

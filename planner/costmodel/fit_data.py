@@ -16,7 +16,8 @@ from planner.spec import hardware as hw
 from planner.measure import host_speed
 from planner.costmodel.roofline import Deployment, Device, ModelShape
 from planner.costmodel.simulator import SimRequest, Simulator, StepTime, unique_prompts
-from planner.costmodel.step_model import COMPOSITION, jitter_class
+from planner.costmodel.features import COMPOSITION
+from planner.costmodel.jitter import jitter_class
 from planner.store.database import (EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run, StepRow, Store,
                            fingerprint)
 from planner.spec.workload import Workload, WorkloadError
@@ -55,7 +56,7 @@ class RunData:
     sitting: int | None = None
 
     def step_features(self) -> dict[str, np.ndarray]:
-        """The steps' columns `step_model.feature_matrix` reads, the run's host slowdowns included."""
+        """The steps' columns `features.feature_matrix` reads, the run's host slowdowns included."""
         n = len(self.steps["period_s"])
         return {**self.steps, "host_slowdown": np.full(n, self.host_slowdown),
                 "host_parallel_slowdown": np.full(n, self.host_parallel_slowdown)}

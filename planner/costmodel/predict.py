@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from engine import EngineConfig
-from engine.data_parallel import replica_configs
+from engine import EngineConfig, replica_configs
 from engine.model_config import ModelConfig
-from engine.model_runner import num_kv_blocks
+from engine.rules import num_kv_blocks
 from engine.scheduler import SchedulerConfig
 from planner.spec import hardware as hw
 from planner.costmodel.fit import CostModel, layout_of

@@ -18,10 +18,10 @@ import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.observer import StepComposition
+from engine.rules import draft_budget
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
-from engine.spec_decode import draft_budget
 from planner.spec.slo import SLO, RequestLatency, goodput, summarize
 
 # (a step's composition, how many other replicas are working meanwhile) -> seconds

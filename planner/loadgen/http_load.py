@@ -17,7 +17,6 @@ import dataclasses
 import itertools
 import json
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
+from planner.spec.errors import FieldError
 from planner.spec.slo import SLO, RequestLatency, goodput, meets, request_meets, summarize
 from planner.spec.workload import RequestSpec, Workload
 
@@ -45,25 +45,8 @@ _WORDS = ("the of and to in is that it for on with as was at by be this from or 
           "take three").split()
 
 
-class BenchError(ValueError):
-    """A benchmark that cannot run as asked; the message names the flag and the value."""
-
-
-# ---- durations ----
-
-_DURATION = re.compile(r"^(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?P<unit>ms|s|m|h)?$")
-_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str, flag: str = "--duration") -> float:
-    """Seconds in "60", "60s", "2m", "500ms", "1.5h"; a BenchError naming `flag` otherwise."""
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise BenchError(f"{flag}: cannot read {text!r} as a duration (e.g. 60s, 2m, 500ms)")
-    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
-    if not seconds > 0:
-        raise BenchError(f"{flag}: must be positive, got {text!r}")
-    return seconds
+class BenchError(FieldError):
+    """A benchmark that cannot run as asked; names the field and the value."""
 
 
 # ---- server-sent events ----
@@ -436,13 +419,13 @@ def run_load(target: Target, workload: Workload, vocab_size: int, concurrency: i
     the workload's arrival times. Stops after `max_requests`, or stops sending after
     `duration_s` seconds and waits for those in flight; one of the two must be given."""
     if max_requests is None and duration_s is None:
-        raise BenchError("give --requests or --duration")
+        raise BenchError("give a number of requests or a duration", field="requests")
     if max_requests is not None and max_requests < 1:
-        raise BenchError(f"--requests: must be >= 1, got {max_requests}")
+        raise BenchError(f"must be >= 1, got {max_requests}", field="requests")
     if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
-        raise BenchError(f"--duration: must be positive, got {duration_s!r}")
+        raise BenchError(f"must be positive, got {duration_s!r}", field="duration")
     if concurrency is not None and concurrency < 1:
-        raise BenchError(f"--concurrency: must be >= 1, got {concurrency}")
+        raise BenchError(f"must be >= 1, got {concurrency}", field="concurrency")
     if concurrency is None and workload.sample(1)[0].arrival_time is None:
         raise BenchError("the workload is closed-loop: give a concurrency")
     return asyncio.run(_run(target, RequestSource(workload, vocab_size), concurrency, max_requests,

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
+from planner.spec.errors import FieldError
 from planner.store.database import RequestRow, Run, StepRow, Store
 
 TABLES = ("runs", "requests", "steps")
@@ -58,13 +59,13 @@ def records(store: Store, table: str) -> list[dict[str, Any]]:
         return _rows(store, RequestRow)
     if table == "steps":
         return _rows(store, StepRow)
-    raise ValueError(f"--table must be one of {', '.join(TABLES)}, got {table!r}")
+    raise FieldError(f"must be one of {', '.join(TABLES)}, got {table!r}", field="table")
 
 
 def export(store: Store, path: Path, fmt: str, table: str = "runs") -> int:
     """Write `table` to `path` as csv or parquet; returns the number of rows."""
     if fmt not in ("csv", "parquet"):
-        raise ValueError(f"--format must be csv or parquet, got {fmt!r}")
+        raise FieldError(f"must be csv or parquet, got {fmt!r}", field="format")
     data = records(store, table)
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "parquet":

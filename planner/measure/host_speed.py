@@ -3,7 +3,7 @@
 A shared host's speed swings: other tenants take cores, caches and memory bandwidth, and on the
 2-core machines pilot is tested on one run of a configuration can take 1.3x as long as the same run
 a minute later. The probe times a fixed piece of work shaped like an engine step (a small bf16
-matmul and a streaming read of 16 MiB); its reading, stored with each run, lets the step-time
+matmul, fp32 where bf16 is emulated, and a streaming read of 16 MiB); its reading, stored with each run, lets the step-time
 model tell a slow configuration from a slow moment, and a reading taken when planning lets a
 prediction say what the host will do now.
 
@@ -29,18 +29,27 @@ MIN_REPEATS = 5
 
 
 @lru_cache(maxsize=1)
+def _dtype() -> torch.dtype:
+    """bf16 where the CPU multiplies it natively; else fp32, since emulated bf16 matmuls take
+    50x as long and would make a probe cost seconds. A reading is only ever compared with
+    readings of the same host, so the choice only has to be the same each time."""
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
+@lru_cache(maxsize=1)
 def _operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 256, generator=generator).bfloat16()
-    b = torch.randn(256, 256, generator=generator).bfloat16()
+    a = torch.randn(256, 256, generator=generator).to(_dtype())
+    b = torch.randn(256, 256, generator=generator).to(_dtype())
     return a, b, torch.ones(4 << 20)  # 16 MiB of fp32: more than a core's share of cache
 
 
 @lru_cache(maxsize=1)
 def _prefill_operands() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return (torch.randn(160, 1024, generator=generator).bfloat16(),
-            torch.randn(1024, 2048, generator=generator).bfloat16())
+    return (torch.randn(160, 1024, generator=generator).to(_dtype()),
+            torch.randn(1024, 2048, generator=generator).to(_dtype()))
 
 
 def _median_time(work: Callable[[], object], threads: int, seconds: float) -> float:

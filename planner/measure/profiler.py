@@ -27,12 +27,12 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from engine import LLM, EngineConfig, StepStats
+from engine import LLM, EngineConfig, StepStats, checkpoint_shapes
 from engine.model_config import ModelConfig
-from engine.models.llama import checkpoint_shapes
 from planner.spec import hardware as hw
 from planner.measure import host_speed
 from planner.measure.in_process import LoadResult, run_load
+from planner.spec.errors import FieldError
 from planner.spec.search_space import SearchSpace
 from planner.spec.slo import SLO, goodput, summarize
 from planner.store.database import (Campaign, EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run,
@@ -259,14 +259,18 @@ VIA = ("engine", "http")
 def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: float,
             slos: list[SLO] | None = None,
             on_progress: Callable[[str, float], None] | None = None,
-            via: str = "engine") -> ProfileResult:
-    """Run the campaign's experiments in order until they are done or `budget_s` is spent.
+            via: str = "engine", max_runs: int | None = None) -> ProfileResult:
+    """Run the campaign's experiments in order until they are done, `budget_s` is spent, or
+    `max_runs` experiments have been measured (or failed) by this call: a count, so that a
+    profile can be sized the same on any host.
     `on_progress(description, elapsed_s)` is called as experiments start and finish.
 
     `via="engine"` drives the engine in this process; `via="http"` launches `pilot serve` for
     each configuration and measures it as a client does, through the OpenAI API on loopback."""
     if via not in VIA:
-        raise ValueError(f"via must be one of {', '.join(VIA)}, got {via!r}")
+        raise FieldError(f"must be one of {', '.join(VIA)}, got {via!r}", field="via")
+    if max_runs is not None and max_runs < 1:
+        raise FieldError(f"must be >= 1, got {max_runs}", field="max_runs")
     if via == "http":
         from planner.measure.http import OverHTTP as Measurer
     else:
@@ -284,6 +288,8 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             # The next experiment is expected to take as long as the mean so far; the first
             # always runs, so that any budget makes progress.
             if durations and elapsed + sum(durations) / len(durations) > budget_s:
+                break
+            if max_runs is not None and len(durations) >= max_runs:
                 break
             experiment = claim_next(store, campaign.id)
             if experiment is None:
@@ -353,7 +359,7 @@ def _count(session: Session, campaign_id: int) -> dict[str, int]:
 
 
 def _device_type(config: EngineConfig) -> str:
-    from engine.model_runner import resolve_device
+    from engine.device import resolve_device
 
     return resolve_device(config.device).type
 

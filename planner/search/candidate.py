@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import EngineConfig
+from planner.spec.errors import FieldError
 from planner.spec import hardware as hw
 from planner.costmodel.predict import Prediction
 from planner.spec.slo import SLO
@@ -15,7 +16,7 @@ from planner.spec.slo import SLO
 OBJECTIVES = {"cost": "minimize", "throughput": "maximize", "latency": "minimize"}
 
 
-class RecommendError(ValueError):
+class RecommendError(FieldError):
     """Inputs the search cannot work with; the message names the field."""
 
 
@@ -33,15 +34,15 @@ class Requirement:
 
     def __post_init__(self) -> None:
         if self.load_kind not in ("rate", "concurrency"):
-            raise RecommendError(f"load: kind must be 'rate' or 'concurrency', got {self.load_kind!r}")
+            raise RecommendError(f"kind must be 'rate' or 'concurrency', got {self.load_kind!r}")
         if not (math.isfinite(self.load_value) and self.load_value > 0):
-            raise RecommendError(f"--{self.load_kind}: must be > 0, got {self.load_value!r}")
+            raise RecommendError(f"must be > 0, got {self.load_value!r}", field=self.load_kind)
         if self.objective not in OBJECTIVES:
-            raise RecommendError(f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+            raise RecommendError(f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}", field="objective")
         if not self.slos:
-            raise RecommendError("--slo: at least one SLO is needed, e.g. ttft_p95<=500ms")
+            raise RecommendError("at least one SLO is needed, e.g. ttft_p95<=500ms", field="slo")
         if not (math.isfinite(self.confidence) and 0.0 < self.confidence < 1.0):
-            raise RecommendError(f"--confidence: must be between 0 and 1 (exclusive), got {self.confidence!r}")
+            raise RecommendError(f"must be between 0 and 1 (exclusive), got {self.confidence!r}", field="confidence")
 
     @property
     def slo_level(self) -> float:

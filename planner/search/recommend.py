@@ -92,14 +92,14 @@ class Search:
         self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
         self.max_devices = max_devices
         if max_devices < 1:
-            raise RecommendError(f"--max-devices: must be >= 1, got {max_devices}")
+            raise RecommendError(f"must be >= 1, got {max_devices}", field="max_devices")
         names = hardware or sorted(cost_model.hardware)
         if not names:
-            raise RecommendError("--hardware: the cost model has no measured hardware; name one")
+            raise RecommendError("the cost model has no measured hardware; name one", field="hardware")
         try:
             self.specs = {name: hw.get_spec(name) for name in names}
         except hw.HardwareSpecError as err:
-            raise RecommendError(f"--hardware: {err}") from None
+            raise RecommendError(str(err), field="hardware") from None
         self.notes: list[str] = length_notes(cost_model, workload)
         self.acceptance_rate = acceptance_rate
         self.draft_dir = draft_dir
@@ -277,7 +277,7 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
                study_name: str | None = None, on_progress: Progress | None = None) -> SearchResult:
     """Run the study, confirm the finalists on the whole workload, and pick the plan."""
     if trials < 1:
-        raise RecommendError(f"--trials: must be >= 1, got {trials}")
+        raise RecommendError(f"must be >= 1, got {trials}", field="trials")
     start = time.perf_counter()
     req = search.requirement
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -26,7 +26,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from engine.model_runner import resolve_device
+from engine.device import resolve_device
 from planner.measure import profiler
 from planner.search.candidate import Candidate, closeness, rank
 from planner.costmodel.fit import CostModel

@@ -15,11 +15,10 @@ from typing import Annotated, Any, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from planner.spec.files import read_mapping
+from planner.spec.files import builtin_data, read_mapping
 
-# Spec files are data beside the code, not package data: this finds them in a source checkout
-# or an editable install.
-BUILTIN_DIR = Path(__file__).resolve().parents[2] / "profiles" / "hardware"
+# The repository's profiles/hardware/, shipped in a wheel as package data (planner/data/profiles).
+BUILTIN_DIR = builtin_data("profiles") / "hardware"
 
 Dtype = Literal["fp32", "tf32", "bf16", "fp16", "fp8", "int8"]
 

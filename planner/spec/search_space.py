@@ -19,12 +19,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.config import EngineConfig
-from engine.distributed import check_shardable
 from engine.model_config import ModelConfig
-from engine.quantization import check_scheme
-from planner.spec.files import read_mapping
+from engine.rules import check_scheme, check_shardable
+from planner.spec.files import builtin_data, read_mapping
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
+SPACES_DIR = builtin_data("search_spaces")
 # Knobs a space may vary (EngineConfig fields); anything else is a fixed setting of the space.
 KNOBS = ("dtype", "quantization", "tensor_parallel_size", "data_parallel_size", "max_num_seqs",
          "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",

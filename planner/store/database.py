@@ -20,6 +20,8 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, Str
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from planner.spec.errors import FieldError
+
 DEFAULT_URL = "sqlite:///pilot.db"
 
 
@@ -270,7 +272,7 @@ class Store:
         try:
             self.engine = create_engine(self.url)
         except Exception as err:  # a malformed URL or a missing driver
-            raise ValueError(f"--db: cannot open {self.url!r} ({err})") from err
+            raise FieldError(f"cannot open {self.url!r} ({err})", field="db") from err
         if self.engine.dialect.name == "sqlite":
             database = self.engine.url.database
             if database and database != ":memory:":

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import update
 
-from engine import EngineConfig, StepStats
+from engine import EngineConfig, StepStats, checkpoint_shapes
 from engine.model_config import ModelConfig
-from engine.models.llama import checkpoint_shapes
 from planner.spec import hardware as hw
 from planner.spec.slo import SLO, goodput, summarize
 from planner.spec.workload import Workload
@@ -26,6 +25,8 @@ from planner.store.database import (Campaign, EngineConfigRow, Experiment, Hardw
 if TYPE_CHECKING:
     from planner.measure.in_process import LoadResult
 
+# The checkout this code runs from, if it does: an installed copy's parents[2] is site-packages,
+# which may itself sit inside some other git repository.
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +40,8 @@ def engine_version() -> str:
 
 @lru_cache(maxsize=1)  # once per process, not a `git` subprocess per run
 def git_revision() -> str | None:
+    if not (REPO / ".git").exists():  # an installed package, not a checkout
+        return None
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=5)

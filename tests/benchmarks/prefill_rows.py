@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from engine import LLM, SamplingParams
-from engine import model_runner
+from engine import rules
 from engine.model_zoo import make_checkpoint
 from planner.bench.fit import REFERENCE_MODELS
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--quant", default=None, choices=["int8", "int4"])
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    default = model_runner.ROW_BY_ROW_MEAN_PREFILL
+    default = rules.ROW_BY_ROW_MEAN_PREFILL
     print(f"{'shape':<11} {'prompts':>9} {'prefill path':>13} {'row by row':>11} {'ratio':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for shape in args.shapes:
@@ -63,9 +63,9 @@ def main() -> None:
                 times: dict[int, list[float]] = {0: [], 10**9: []}
                 for _ in range(args.rounds):
                     for mean in times:  # 0: every prompt through the prefill path
-                        model_runner.ROW_BY_ROW_MEAN_PREFILL = mean
+                        rules.ROW_BY_ROW_MEAN_PREFILL = mean
                         times[mean] += time_step(llm, count, length, rng, repeats=8)
-                model_runner.ROW_BY_ROW_MEAN_PREFILL = default
+                rules.ROW_BY_ROW_MEAN_PREFILL = default
                 path, rows = (statistics.median(times[m]) * 1e3 for m in (0, 10**9))
                 taken = "rows" if length <= default else "path"
                 print(f"{shape:<11} {count:>3} x {length:<4} {path:>10.2f} ms {rows:>8.2f} ms "

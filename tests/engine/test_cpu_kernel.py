@@ -103,14 +103,14 @@ def test_short_prompts_run_as_fused_decode_rows_and_match_the_prefill_path(tmp_p
     """A step of short prompts is attended row by row and runs the fused decode layers; the
     same step through the prefill path (each prompt attended apart, layers op by op) must give
     the same logits and tokens."""
-    from engine import model_runner
+    from engine import rules
 
     model = make_checkpoint("tiny", tmp_path / "tiny", seed=5, dtype="float32")
     prompts = [list(range(100 + 7 * n, 100 + 8 * n)) for n in (3, 12, 20, 16, 9)]  # mean 12 tokens
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    seen, default = {}, model_runner.ROW_BY_ROW_MEAN_PREFILL
+    seen, default = {}, rules.ROW_BY_ROW_MEAN_PREFILL
     for mean in (default, 0):
-        monkeypatch.setattr(model_runner, "ROW_BY_ROW_MEAN_PREFILL", mean)
+        monkeypatch.setattr(rules, "ROW_BY_ROW_MEAN_PREFILL", mean)
         llm = LLM(EngineConfig(model=str(model), dtype=dtype, num_threads=1, block_size=8,
                                enable_prefix_caching=False))
         counter = _CountingLayers(llm.engine.runner.model.decode_layers)

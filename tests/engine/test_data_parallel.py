@@ -9,8 +9,8 @@ import time
 import pytest
 
 from engine import EngineConfig, LLM, SamplingParams
-from engine.data_parallel import DataParallelEngine, replica_configs
 from engine.llm_engine import InvalidRequestError
+from engine.parallel.data_parallel import DataParallelEngine, replica_configs
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -25,7 +25,7 @@ from engine.model_zoo import SHAPES, make_checkpoint  # noqa: E402
 RTOL = 1e-4
 VOCAB = SHAPES["tiny"]["vocab_size"]
 SCORE_LEN = 160  # long enough that llama3 / linear rope scaling (original 64 positions) matters, and
-# past engine.model_runner.ROW_BY_ROW_MEAN_PREFILL: scored through the prefill path, while the
+# past engine.rules.ROW_BY_ROW_MEAN_PREFILL: scored through the prefill path, while the
 # greedy prompts (GREEDY_PROMPT_LEN) are prefilled row by row
 GREEDY_PROMPT_LEN = 100
 GREEDY_STEPS = 32

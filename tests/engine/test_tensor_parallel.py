@@ -150,7 +150,7 @@ def test_runs_under_torchrun(model_dir, tmp_path):
 
 _COLLECTIVES = """
 import sys, torch
-from engine import distributed
+from engine.parallel import distributed
 rank, init = int(sys.argv[1]), sys.argv[2]
 distributed.join(rank, 2, "cpu", init)
 comm = distributed.shared_memory()

@@ -26,7 +26,7 @@ def _runs_in(workdir: Path) -> int:
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FitBenchmark]:
     workdir = tmp_path_factory.mktemp("bench-fit")
-    return workdir, run_fit_benchmark(workdir, budget_s=6, names=("tiny", "h128"), folds=2)
+    return workdir, run_fit_benchmark(workdir, budget_s=3600, names=("tiny", "h128"), folds=2, max_runs=8)
 
 
 def test_profiles_each_model_fits_and_continues(profiled: tuple[Path, FitBenchmark]) -> None:

@@ -75,7 +75,7 @@ def test_generate_missing_model_dir(tmp_path):
 
 
 def test_quickstart_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--budget", "5s"])
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--max-runs", "6"])
     assert result.exit_code == 0, result.output
     assert "generated 384 tokens for 8 requests" in result.output
     assert (tmp_path / "pilot.db").is_file() and "new runs" in result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+from pathlib import Path
 import re
 
 import numpy as np
@@ -20,11 +21,14 @@ from planner.measure.in_process import run_load
 from planner.costmodel.predict import predict
 from planner.costmodel.roofline import TERMS, Deployment, Device, ModelShape
 from planner.spec.slo import RequestLatency, summarize
-from engine.model_runner import ROW_BY_ROW_MEAN_PREFILL
-from planner.costmodel.step_model import (CACHE_GRID_BYTES, FEATURES, NOISE_LEVELS, PHYSICS, WIDE_BATCH, QuasiJitter,
-                                StepTimeModel, TreeEnsemble, duration_band, feature_matrix)
+from engine.rules import ROW_BY_ROW_MEAN_PREFILL
+from planner.costmodel.features import FEATURES, PHYSICS, feature_matrix
+from planner.costmodel.jitter import NOISE_LEVELS, WIDE_BATCH, QuasiJitter, duration_band
+from planner.costmodel.step_model import CACHE_GRID_BYTES, StepTimeModel
+from planner.costmodel.trees import TreeEnsemble
 from planner.store.database import Store
 from support.profiled import profile_two_models, small_workload
+from support.saved_models import coefficients, saved_positionally
 
 # The simulator's error on held-out real runs of a tiny model in CI, where a step is about a
 # millisecond of mostly Python and any other process on the machine shows up in it. The
@@ -151,11 +155,10 @@ def test_short_prompts_are_charged_no_prefill_pass():
 def test_a_step_model_saved_before_the_prefill_pass_predicts_without_it():
     X, y = _prefilling_steps(np.random.default_rng(5), 1000, decodes_beside_prefill=16)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("prefill_pass")]),
-                                     "physics_coef": data["physics_coef"][:PHYSICS.index("prefill_pass")]})
+    older = StepTimeModel.from_dict(saved_positionally(data, "prefill_pass", "prefill_pass"))
     ones = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS)]]])
-    kept = data["physics_coef"][:PHYSICS.index("prefill_pass")]
+    kept = coefficients(data, "prefill_pass")
     np.testing.assert_allclose(older.predict_physics(X), np.maximum(ones @ kept, 1e-7))
 
 
@@ -246,15 +249,13 @@ def test_int4_weights_are_charged_per_weight_unpacked_and_carry_to_a_model_never
 
     # A model saved before the term (with the cache split) still predicts as it did.
     data = model.to_dict()
-    before = PHYSICS.index("int4_unpack_s")
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("int4_unpack_s")]),
-                                     "physics_coef": data["physics_coef"][:before]})
+    older = StepTimeModel.from_dict(saved_positionally(data, "int4_unpack_s", "int4_unpack_s"))
     direct = [FEATURES.index(n) for n in PHYSICS[1:PHYSICS.index("weights_cached_s")]]
     columns = np.column_stack([X_new[:, FEATURES.index("forward_passes")], X_new[:, direct]])
     weights, resident = PHYSICS.index("weights_s"), X_new[:, FEATURES.index("resident_weight_bytes")]
     cached = columns[:, weights] * np.minimum(1.0, model.cache_bytes_ / resident)
     columns[:, weights] -= cached
-    expected = np.column_stack([columns, cached]) @ data["physics_coef"][:before]
+    expected = np.column_stack([columns, cached]) @ coefficients(data, "int4_unpack_s")
     np.testing.assert_allclose(older.predict_physics(X_new), np.maximum(expected, 1e-7))
 
 
@@ -282,10 +283,8 @@ def test_attention_is_charged_per_score_and_carries_to_heads_never_seen():
 
     # A model saved before the term still predicts as it did: its coefficients stop before it.
     data = model.to_dict()
-    before = PHYSICS.index("attention_scores_s")
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:column]),
-                                     "physics_coef": data["physics_coef"][:before]})
-    scores = X_new[:, column] * data["physics_coef"][before]
+    older = StepTimeModel.from_dict(saved_positionally(data, "attention_scores_s", "attention_scores_s"))
+    scores = X_new[:, column] * data["physics_coef"]["attention_scores_s"]
     np.testing.assert_allclose(older.predict_physics(X_new), model.predict_physics(X_new) - scores)
     restored = StepTimeModel.from_dict(json.loads(json.dumps(data)))
     np.testing.assert_allclose(restored.predict(X_new), model.predict(X_new))
@@ -391,9 +390,8 @@ def test_a_draft_never_profiled_is_priced_by_its_forward_passes():
 def test_a_step_model_saved_before_forward_passes_charges_its_overhead_once_a_step():
     X, y = _decode_steps(np.random.default_rng(8), 1000, k=2)
     data = StepTimeModel().fit(X, y, np.repeat(np.arange(20), 50)).to_dict()
-    kept = data["physics_coef"][:PHYSICS.index("weights_cached_s")]
-    older = StepTimeModel.from_dict({**data, "features": list(FEATURES[:FEATURES.index("forward_passes")]),
-                                     "physics_coef": kept})
+    kept = coefficients(data, "weights_cached_s")
+    older = StepTimeModel.from_dict(saved_positionally(data, "forward_passes", "weights_cached_s"))
     assert not older.per_pass_ and StepTimeModel.from_dict(data).per_pass_
     once = np.column_stack([np.ones(len(X)), X[:, [FEATURES.index(n) for n in
                                                    ("seq", "layer_pass", *TERMS, "prefill_pass")]]])
@@ -951,3 +949,29 @@ def test_cli_fit_on_an_empty_store_says_what_to_do(tmp_path):
 
     result = CliRunner().invoke(app, ["fit", "--db", f"sqlite:///{tmp_path / 'empty.db'}"])
     assert result.exit_code == 2 and "pilot profile" in result.output
+
+
+def test_a_model_saved_with_features_by_position_loads_and_predicts_as_it_did():
+    """A step-time model written by pilot before saved models named their features (the JSON
+    in tests/support/data, with its own predictions) loads into today's feature layout."""
+    saved = json.loads((Path(__file__).parents[2] / "support" / "data" / "step_model_positional.json").read_text())
+    model = StepTimeModel.from_dict(saved["saved"])
+    X = np.array(saved["X"])
+    np.testing.assert_allclose(model.predict(X), saved["predict"], rtol=1e-9)
+    np.testing.assert_allclose(model.predict_physics(X), saved["physics"], rtol=1e-9)
+    # Saved again, it is by name, and loads to the same predictions.
+    named = json.loads(json.dumps(model.to_dict()))
+    assert isinstance(named["physics_coef"], dict) and named["schema"] == 2
+    np.testing.assert_allclose(StepTimeModel.from_dict(named).predict(X), saved["predict"], rtol=1e-9)
+
+
+def test_saved_trees_split_on_feature_names_and_an_unknown_name_is_refused():
+    X, y = _synthetic_steps(np.random.default_rng(3), 400)
+    data = json.loads(json.dumps(StepTimeModel().fit(X, y, calibrate=False).to_dict()))
+    names = [name for name in data["residual"]["feature"] if name is not None]
+    assert names and all(isinstance(name, str) for name in names)
+    assert set(names) <= {*FEATURES, *(f"share:{term}" for term in PHYSICS)}
+    renamed = {**data, "residual": {**data["residual"], "feature": [
+        "no_such_feature" if name == names[0] else name for name in data["residual"]["feature"]]}}
+    with pytest.raises(ValueError, match="no_such_feature.*pilot fit"):
+        StepTimeModel.from_dict(renamed)

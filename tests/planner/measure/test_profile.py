@@ -18,7 +18,6 @@ import torch
 from sqlalchemy import select
 
 from planner.cli.fit import print_report
-from planner.cli.profile import parse_duration
 from planner.measure.export import export, run_records
 from planner.measure.profiler import plan_again, plan_campaign, profile
 from planner.spec.search_space import SearchSpace
@@ -117,6 +116,18 @@ def test_the_same_command_resumes_and_a_budget_stops_early(model_dir, space, tmp
     second = profile(store, again, workload, budget_s=600)
     assert second.done_before == 1 and len(second.run_ids) == 7 and second.remaining == 0
     assert first.run_ids[0] not in second.run_ids
+
+
+def test_max_runs_stops_after_a_count_whatever_the_budget(model_dir, space, tmp_path):
+    store = Store(_db(tmp_path / "pilot.db"))
+    workload = _workload()
+    campaign = plan_campaign(store, model_dir, SearchSpace.from_file(space), workload)
+    first = profile(store, campaign, workload, budget_s=3600, max_runs=3)
+    assert len(first.run_ids) == 3 and first.remaining == 5
+    rest = profile(store, campaign, workload, budget_s=3600, max_runs=100)
+    assert len(rest.run_ids) == 5 and rest.remaining == 0
+    with pytest.raises(ValueError, match="max_runs: must be >= 1, got 0"):
+        profile(store, campaign, workload, budget_s=3600, max_runs=0)
 
 
 def test_a_draft_named_by_another_path_resumes_its_campaign(model_dir, space, tmp_path, monkeypatch):
@@ -326,22 +337,10 @@ def test_export_csv_and_parquet(model_dir, space, tmp_path):
     assert export(store, tmp_path / "requests.parquet", "parquet", table="requests") == 24
     table = pq.read_table(tmp_path / "requests.parquet")
     assert table.num_rows == 24 and "ttft_s" in table.column_names
-    with pytest.raises(ValueError, match="--format must be csv or parquet, got 'xlsx'"):
+    with pytest.raises(ValueError, match="format: must be csv or parquet, got 'xlsx'"):
         export(store, tmp_path / "x", "xlsx")
-    with pytest.raises(ValueError, match="--table must be one of runs, requests, steps"):
+    with pytest.raises(ValueError, match="table: must be one of runs, requests, steps"):
         export(store, tmp_path / "x.csv", "csv", table="bogus")
-
-
-@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1h30m", 5400),
-                                           ("0.5m", 30)])
-def test_parse_duration(text, seconds):
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "m"])
-def test_parse_duration_errors_name_the_flag(text):
-    with pytest.raises(ValueError, match="budget"):
-        parse_duration(text)
 
 
 def test_cli_profile_lists_and_exports(model_dir, space, tmp_path):

@@ -3,8 +3,8 @@
 Rank 0 runs the scheduler, prepares every step and broadcasts the step's inputs; every rank
 then runs the same forward pass on its shard of the weights, meeting at the all-reduces inside
 the model, and rank 0 alone samples. Workers are started by the engine as
-`python -m engine.tp_worker` and meet rank 0 through a file-backed rendezvous in a private
-directory (no port to collide on). Under torchrun every rank runs the caller's script: rank 0
+`python -m engine.parallel.tp_worker` and meet rank 0 through a file-backed rendezvous in a
+private directory (no port to collide on). Under torchrun every rank runs the caller's script: rank 0
 becomes the engine and the other ranks serve it from inside `LLMEngine(...)`, exiting when it
 closes.
 """
@@ -12,30 +12,29 @@ closes.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import distributed
 from engine.config import EngineConfig
-from engine.distributed import TensorParallel
+from engine.device import available_host_memory, resolve_device
 from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.parallel import distributed
+from engine.parallel.distributed import TensorParallel, map_leaves
 
 
 def rank_config(config: EngineConfig) -> EngineConfig:
     """One rank's config: on the CPU, its share of the threads and of the default KV memory
     (ranks share one host); on CUDA each rank has a GPU of its own."""
-    from engine.model_runner import available_host_memory, resolve_device
-
     if resolve_device(config.device).type == "cuda":
         return config
     size = config.tensor_parallel_size
@@ -45,26 +44,9 @@ def rank_config(config: EngineConfig) -> EngineConfig:
     return config.model_copy(update=update)
 
 
-def map_leaves(obj: Any, kind: type, fn: Callable[[Any], Any]) -> Any:
-    """`obj` with `fn` applied to every `kind` inside it (dataclasses, lists, tuples)."""
-    if isinstance(obj, kind):
-        return fn(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: map_leaves(getattr(obj, f.name), kind, fn)
-                                           for f in dataclasses.fields(obj) if f.init})
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(map_leaves(x, kind, fn) for x in obj)
-    return obj
-
-
-def send_step(*inputs: Any) -> None:
-    """Rank 0: hand a forward pass's inputs to the other ranks, tensors as NumPy arrays (they
-    pickle in a fifth of the time a tensor takes)."""
-    distributed.broadcast(("forward", map_leaves(inputs, torch.Tensor, lambda t: t.cpu().numpy())))
-
-
 def follow(runner: Any) -> None:
-    """Ranks 1..T-1: run every forward pass rank 0 sends until it says stop."""
+    """Ranks 1..T-1: run every forward pass rank 0 sends (`distributed.send_step`) until it
+    says stop."""
     device = runner.device
     with torch.inference_mode():
         while True:
@@ -76,8 +58,6 @@ def follow(runner: Any) -> None:
 
 def serve_rank(rank: int, size: int, device_type: str, init_method: str | None) -> None:
     """A worker rank's life: join, take its config from rank 0, load its shard, follow."""
-    from engine.model_runner import ModelRunner
-
     distributed.join(rank, size, device_type, init_method)
     config: EngineConfig | None = distributed.broadcast()
     if config is None:  # rank 0 could not load its own shard
@@ -104,7 +84,7 @@ def _die_with_parent() -> None:
 
 
 def main() -> None:
-    """`python -m engine.tp_worker INIT_METHOD RANK SIZE DEVICE_TYPE`, started by rank 0."""
+    """`python -m engine.parallel.tp_worker INIT_METHOD RANK SIZE DEVICE_TYPE`, started by rank 0."""
     _die_with_parent()
     init_method, rank, size, device_type = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     serve_rank(rank, size, device_type, init_method)
@@ -114,8 +94,6 @@ class TensorParallelWorkers:
     """Rank 0's handle on the other ranks: start them, hand them their config, stop them."""
 
     def __init__(self, config: EngineConfig) -> None:
-        from engine.model_runner import resolve_device
-
         self.size = config.tensor_parallel_size
         self.device_type = resolve_device(config.device).type
         self.processes: list[subprocess.Popen] = []
@@ -138,8 +116,8 @@ class TensorParallelWorkers:
         self.init_method = f"file://{self._store_dir}/rendezvous"
         for rank in range(1, self.size):
             self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "engine.tp_worker", self.init_method, str(rank), str(self.size),
-                 self.device_type]))
+                [sys.executable, "-m", "engine.parallel.tp_worker", self.init_method, str(rank),
+                 str(self.size), self.device_type]))
         try:
             # Before rank 0 loads anything: its decoder-layer kernels need the shared memory
             # the group sets up.

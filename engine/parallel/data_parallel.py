@@ -1,8 +1,8 @@
 """Data parallelism: N independent engine replicas behind one front that spreads requests.
 
 Each replica is a whole `LLMEngine` in its own process, with the CPU threads and the default KV
-budget divided between replicas. Replicas are started as `python -m engine.dp_worker` and
-connect back over a local authenticated socket: unlike multiprocessing's spawn, this never
+budget divided between replicas. Replicas are started as `python -m engine.parallel.dp_worker`
+and connect back over a local authenticated socket: unlike multiprocessing's spawn, this never
 re-imports the caller's main module, so scripts need no `if __name__ == "__main__"` guard. The front
 has the `LLMEngine` interface the `LLM` class and the server use (`add_request`, `step`,
 `abort_request`, `score`, step observers); it validates each new request itself and sends it to
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig
-from engine.llm_engine import InvalidRequestError, validate_request
+from engine.device import available_host_memory
+from engine.llm_engine import InvalidRequestError, LLMEngine, validate_request
 from engine.model_config import ModelConfig
-from engine.model_runner import available_host_memory
 from engine.observer import StepObserver
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestMetrics, RequestOutput
@@ -62,8 +62,6 @@ def replica_configs(config: EngineConfig, host_memory: int | None = None) -> lis
 
 def _serve(config: EngineConfig, conn: Connection, index: int) -> None:
     """A replica's loop: take commands, step while there is work, send outputs back."""
-    from engine.llm_engine import LLMEngine
-
     try:
         engine = LLMEngine(config)
     except Exception as err:  # reported to the front, which raises it
@@ -131,7 +129,8 @@ class DataParallelEngine:
             env = {**os.environ, "PILOT_DP_AUTHKEY": authkey.hex()}
             for i, replica_config in enumerate(replica_configs(config)):
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "engine.dp_worker", str(listener.address), str(i)], env=env)
+                    [sys.executable, "-m", "engine.parallel.dp_worker", str(listener.address), str(i)],
+                    env=env)
                 conn = listener.accept()
                 conn.send(replica_config)
                 self._replicas.append(_Replica(process, conn, set()))

@@ -1,0 +1,80 @@
+"""`pilot models make|quantize|train|list`: checkpoints to serve, profile and benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from planner.cli._common import console, fail, fail_error
+
+app = typer.Typer(no_args_is_help=True, help="Make and inspect model checkpoints.")
+
+
+@app.command("make")
+def models_make(
+    shape: str = typer.Argument(..., help="named shape (tiny, llama-110m, qwen2.5-0.5b, llama-3.2-1b, "
+                                          "mixtral-tiny) or a JSON file of config fields"),
+    out: Path = typer.Option(..., "--out", help="directory to write config.json + safetensors into"),
+    seed: int = typer.Option(0, help="random seed for the weights"),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16"),
+) -> None:
+    """Write a seeded random-init checkpoint in Hugging Face layout."""
+    from engine.model_config import CheckpointError
+    from engine.model_zoo import make_checkpoint
+
+    try:
+        with console.status(f"writing {shape} to {out}"):
+            path = make_checkpoint(shape, out, seed=seed, dtype=dtype)
+    except (CheckpointError, ValueError) as err:
+        fail_error(err)
+    console.print(f"wrote {shape} checkpoint to {path}")
+
+
+@app.command("quantize")
+def models_quantize(
+    model: Path = typer.Option(..., "--model", help="float checkpoint directory"),
+    out: Path = typer.Option(..., "--out", help="directory for the quantized copy"),
+    method: str = typer.Option("int8", help="int8 (per output channel) or int4 (grouped)"),
+    group_size: int = typer.Option(128, help="int4: input features per scale and min"),
+) -> None:
+    """Write a weight-only quantized copy of a checkpoint, which the engine loads as it is."""
+    from engine.model_config import CheckpointError
+    from engine.quantize_checkpoint import quantize_checkpoint
+
+    try:
+        with console.status(f"quantizing {model} to {method}"):
+            path = quantize_checkpoint(model, out, method, group_size)
+    except (CheckpointError, ValueError) as err:
+        fail_error(err)
+    console.print(f"wrote {method} checkpoint to {path}")
+
+
+@app.command("train")
+def models_train(
+    out: Path = typer.Option(..., "--out", help="directory; the pair goes to OUT/target and OUT/draft"),
+    seconds: float = typer.Option(300.0, help="wall-clock training budget for both models"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Train a byte-level target and a much smaller draft on the Python standard library's source."""
+    from planner.bench.training import train_pair
+
+    if seconds <= 0:
+        fail(f"seconds must be positive, got {seconds}")
+    try:
+        target, draft = train_pair(out, seconds=seconds, seed=seed)
+    except (OSError, ValueError) as err:
+        fail_error(err)
+    for name, result in (("target", target), ("draft", draft)):
+        console.print(f"{name}: {result.steps} steps in {result.seconds:.0f} s, "
+                      f"loss {result.final_loss:.3f} nats/byte -> {result.path}")
+
+
+@app.command("list")
+def models_list() -> None:
+    """Named shapes that `pilot models make` knows."""
+    from engine.model_zoo import SHAPES
+
+    for name, cfg in SHAPES.items():
+        print(f"{name:14s} {cfg['model_type']:8s} hidden={cfg['hidden_size']} layers={cfg['num_hidden_layers']} "
+              f"heads={cfg['num_attention_heads']}/{cfg['num_key_value_heads']} vocab={cfg['vocab_size']}")

@@ -1,0 +1,109 @@
+"""`pilot quickstart`: the main job end to end on the built-in default, as the README's first
+command runs it: make a small model, profile, fit, recommend, launch and verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from planner.cli._common import console
+from planner.cli.fit import fit as fit_command
+from planner.cli.profile import profile as profile_command
+from planner.cli.profile import runs_list
+from planner.cli.recommend import VerifyMissed
+from planner.cli.recommend import recommend as recommend_command
+
+
+def quickstart(
+    workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model, store and plan go"),
+    max_runs: int = typer.Option(8, "--max-runs", help="runs the profiling step measures: enough to "
+                                 "fit on, the same on any host"),
+    budget: str = typer.Option("10m", help="time limit of the profiling step, should a host be too "
+                               "slow for --max-runs"),
+    slo: str = typer.Option("ttft_p95<=1s,itl_p95<=200ms", help="targets the plan must meet"),
+    concurrency: int = typer.Option(4, help="clients in flight the plan must serve"),
+) -> None:
+    """The main job end to end on the built-in default: make a small model, profile it into a
+    SQLite store in WORKDIR, fit the cost model, recommend a plan under example SLOs, launch the
+    plan and verify it."""
+    import yaml
+
+    from engine import LLM, EngineConfig, SamplingParams
+    from engine.model_zoo import make_checkpoint
+    from planner.spec.search_space import SearchSpace
+
+    model_dir = workdir / "models" / "tiny"
+    console.rule("[bold]1/5 model")
+    with console.status("making the built-in tiny model"):
+        make_checkpoint("tiny", model_dir, seed=0, dtype="float32")
+    llm = LLM(EngineConfig(model=str(model_dir), dtype="float32"))
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=48, ignore_eos=True)
+    console.print(f"{model_dir}: a Llama-shaped model with random weights (its text is noise)")
+    outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
+    tokens = sum(len(o.token_ids) for o in outputs)
+    console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
+    llm.close()
+    db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
+    console.rule("[bold]2/5 profile")
+    console.print(f"measuring {max_runs} runs of engine configurations into {db} (at most {budget}; "
+                  "run again to continue)")
+    # The built-in CPU space, with int4 groups the tiny model's 64 features can hold.
+    space = SearchSpace.from_file("cpu")
+    space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
+    space_file = workdir / "space.yaml"
+    space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
+    isl, osl = "16:64", "8:32"
+    profile_command(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
+                        num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
+                        sitting=2, db=db, max_runs=max_runs)
+    runs_list(db=db, limit=10)
+    console.rule("[bold]3/5 fit")
+    fit_command(db=db, folds=3, as_json=False, plot=None)
+    console.rule("[bold]4/5 recommend, 5/5 verify")
+    plan_file = workdir / "plan.yaml"
+    verified = None
+    try:
+        verified = recommend_command(
+            model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
+            osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
+            objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
+            verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db)
+    except VerifyMissed as missed:  # measured and missed: the summary says so
+        verified = missed.verified
+    except typer.Exit as stop:
+        if stop.exit_code:
+            console.print("[red]no plan met the example targets[/red]; try looser --slo")
+            raise
+    if verified is not None:
+        _quickstart_summary(workdir, plan_file, db, verified)
+
+
+def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple[Any, list[Any]]) -> None:
+    from planner.search.plan import Plan
+    from planner.store.database import Store
+
+    plan, store = Plan.from_file(plan_file), Store(db)
+    chosen, attempts = verified
+    launched = sum(len(r.run_ids) for a in attempts for r in a.launches)
+    held, profiled = chosen.held, len(store.runs()) - launched
+    verdict = ("held" if held else "held on two launches, but by too little to count on"
+               if chosen.too_little_room else "did NOT hold")
+    console.rule("[bold]summary")
+    console.print(
+        f"pilot measured {profiled} runs of the engine on this machine, learned how long "
+        f"its steps take, and searched for the cheapest configuration that serves {plan.load.value:g} "
+        f"clients at once within {', '.join(plan.slos)}.\n"
+        f"  plan:      {plan_file} (quantization={plan.engine.quantization or 'none'}, "
+        f"max_num_seqs={plan.engine.max_num_seqs}, data_parallel_size={plan.engine.data_parallel_size})\n"
+        f"  cost:      ${plan.cost.per_million_output_tokens_usd:.4f} per million output tokens at "
+        f"${plan.cost.per_hour_usd:.2f}/h\n"
+        f"  verified:  launched with pilot serve and measured over HTTP here, {len(chosen.deciding.run_ids)} "
+        f"runs; every SLO {verdict} (medians of the runs)"
+        + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
+        + "\n"
+        f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
+        f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
+        f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "
+        f"optuna-dashboard {db} browses the search")

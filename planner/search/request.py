@@ -1,0 +1,110 @@
+"""What a user asks of `pilot recommend`, as the library takes it: `RecommendRequest` (the
+search) and `VerifyRequest` (launching and measuring its plan). Each checks its fields on
+construction and raises a `FieldError` naming the field; the CLI names the flag behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.costmodel.fit import CostModel
+from planner.costmodel.fit_data import measured_acceptance
+from planner.measure import host_speed
+from planner.measure.profiler import VIA
+from planner.search.candidate import RecommendError, Requirement
+from planner.search.recommend import Search
+from planner.spec import hardware as hw
+from planner.spec.search_space import SearchSpace
+from planner.spec.slo import parse_slos
+from planner.spec.workload import Workload
+from planner.store.database import Store
+
+HOST_SPEEDS = ("typical", "now")
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    """The deployment asked for: a model, SLOs, one load (a rate or a concurrency) and the
+    workload's lengths, and where and how far to search."""
+
+    model: Path
+    slo: str
+    rate: float | None = None
+    concurrency: int | None = None
+    workload: Path | None = None  # a workload file; else isl/osl/num_requests
+    isl: str = "32:256"
+    osl: str = "16:128"
+    num_requests: int = 300
+    hardware: tuple[str, ...] = ()  # spec names; empty: the hardware the cost model measured
+    max_devices: int = 8
+    space: str | None = None  # a search-space file or built-in name
+    trials: int = 100
+    objective: str = "cost"
+    confidence: float = 0.8
+    draft: Path | None = None
+    seed: int = 0
+    host_speed: str = "typical"  # predict the host at a typical moment, or as a probe finds it now
+
+    def __post_init__(self) -> None:
+        if (self.rate is None) == (self.concurrency is None):
+            raise RecommendError("give exactly one of rate or concurrency", field="rate")
+        if self.num_requests < 1:
+            raise RecommendError(f"must be >= 1, got {self.num_requests}", field="num_requests")
+        if self.trials < 1:
+            raise RecommendError(f"must be >= 1, got {self.trials}", field="trials")
+        if self.host_speed not in HOST_SPEEDS:
+            raise RecommendError(f"must be typical or now, got {self.host_speed!r}", field="host_speed")
+        for field, path in (("model", self.model), ("draft", self.draft)):
+            if path is not None and not Path(path).is_dir():
+                raise RecommendError(f"model directory not found: {path}", field=field)
+
+    def requirement(self) -> Requirement:
+        kind, value = ("rate", self.rate) if self.rate is not None else ("concurrency", self.concurrency)
+        return Requirement(parse_slos(self.slo), kind, float(value), self.objective, self.confidence)
+
+    def load(self) -> Workload:
+        if self.workload is not None:
+            return Workload.from_file(self.workload)
+        return Workload.from_flags(self.isl, self.osl, concurrency=1, num_requests=self.num_requests)
+
+    def search(self, store: Store, cost_model: CostModel) -> Search:
+        """The search this request describes, over `cost_model`; a draft's acceptance rate is
+        read from the runs in `store`."""
+        draft = str(self.draft) if self.draft else None
+        return Search(
+            cost_model, str(self.model), self.load(), self.requirement(),
+            hardware=list(self.hardware) or None,
+            space=SearchSpace.from_file(self.space) if self.space else None,
+            max_devices=self.max_devices, draft_dir=draft,
+            acceptance_rate=measured_acceptance(store, str(self.model), draft) if draft else None,
+            seed=self.seed,
+            host_slowdowns=host_slowdowns_now(cost_model) if self.host_speed == "now" else None)
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """How to check a plan: measure it `via` the engine in process or `pilot serve`, `repeats`
+    times; on a miss try up to `fallbacks` next candidates; once one holds, up to `explore`
+    cheaper ones."""
+
+    via: str = "engine"
+    repeats: int = 3
+    fallbacks: int = 2
+    explore: int = 0
+
+    def __post_init__(self) -> None:
+        if self.via not in VIA:
+            raise RecommendError(f"must be one of {', '.join(VIA)}, got {self.via!r}", field="via")
+        for field, least in (("repeats", 1), ("fallbacks", 0), ("explore", 0)):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and value >= least):
+                raise RecommendError(f"must be >= {least}, got {value}", field=field)
+
+
+def host_slowdowns_now(cost_model: CostModel) -> dict[str, float]:
+    """This machine's speed now against its typical moment in the cost model's runs, keyed by
+    its spec name; empty when the cost model has no probe readings of this machine."""
+    spec = hw.detect().spec_name or "cpu-host"
+    if not cost_model.reads_host(spec):
+        return {}
+    return {spec: cost_model.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}
