@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -37,3 +38,12 @@ def available_host_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@functools.lru_cache(maxsize=1)
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic oneDNN uses (AVX-512 BW/VL/DQ or AVX-NE-CONVERT).
+    Elsewhere (an AVX2 host) bf16 matmuls are emulated, many times slower than fp32, and oneDNN
+    cannot pack bf16 weights."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.backends.mkldnn.is_available() and bool(check()) if check is not None else False

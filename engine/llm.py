@@ -3,7 +3,8 @@ replicas behind a `DataParallelEngine` when `data_parallel_size` > 1."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence as SequenceType
+from typing import Any, Iterator
+from typing import Sequence as SequenceType
 
 import torch
 from rich.progress import Progress

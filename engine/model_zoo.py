@@ -7,8 +7,8 @@ checkpoints: the real architecture and tensor names, random weights.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from engine.model_zoo import make_checkpoint
@@ -44,7 +46,8 @@ def trained_pair(tmp_path_factory):
     from planner.bench.training import SMALL_TARGET, train_pair
 
     out = tmp_path_factory.mktemp("trained")
-    target, draft = train_pair(out, seconds=600, max_steps=80, batch_size=8, seq_len=128,
+    # A count of steps, not a time: the same weights on any host.
+    target, draft = train_pair(out, seconds=math.inf, max_steps=80, batch_size=8, seq_len=128,
                                corpus_bytes=4 << 20, target_shape=SMALL_TARGET)
     return target.path, draft.path
 

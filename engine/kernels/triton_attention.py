@@ -73,12 +73,12 @@ def _merge_kernel(partial_ptr, m_ptr, l_ptr, out_ptr, num_segments,
     seg_ok = segs < num_segments
     dims = tl.arange(0, D_PAD)
     m = tl.load(m_ptr + row * num_segments + segs, mask=seg_ok, other=float("-inf"))
-    l = tl.load(l_ptr + row * num_segments + segs, mask=seg_ok, other=0.0)
+    denom = tl.load(l_ptr + row * num_segments + segs, mask=seg_ok, other=0.0)
     m_max = tl.max(m, axis=0)
     weights = tl.where(seg_ok & (m > float("-inf")), tl.exp(m - m_max), 0.0)
     partial = tl.load(partial_ptr + (row * num_segments + segs)[:, None] * D + dims[None, :],
                       mask=seg_ok[:, None] & (dims < D)[None, :], other=0.0)
-    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(l * weights, axis=0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.sum(denom * weights, axis=0)
     tl.store(out_ptr + row * D + dims, out, mask=dims < D)
 
 
@@ -94,9 +94,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     segments = max(1, triton.cdiv(max_context, SEGMENT))
     partial = torch.empty(batch, heads, segments, d, dtype=torch.float32, device=q.device)
     m = torch.empty(batch, heads, segments, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
+    denom = torch.empty_like(m)
     _partial_kernel[(batch, kv_heads, segments)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, m, l, scale,
+        q, k_cache, v_cache, block_tables, context_lens, partial, m, denom, scale,
         block_tables.stride(0), k_cache.stride(0), segments,
         HEADS=heads, KV_HEADS=kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         D=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=block_size, SEGMENT=SEGMENT,
@@ -104,7 +104,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         # fp32 models keep full-precision products; half-precision ones may use tf32.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty(batch, heads, d, dtype=torch.float32, device=q.device)
-    _merge_kernel[(batch * heads,)](partial, m, l, out, segments, D=d,
+    _merge_kernel[(batch * heads,)](partial, m, denom, out, segments, D=d,
                                     D_PAD=max(16, triton.next_power_of_2(d)),
                                     SEG_PAD=max(2, triton.next_power_of_2(segments)))
     return out.to(q.dtype)

@@ -16,12 +16,11 @@ CPU kernel, or as they are for the PyTorch fallback, which dequantizes them on e
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.device import native_bf16
 from engine.kernels import cpu as cpu_kernels
 from engine.kernels import gpu as gpu_kernels
 from engine.quantization import QuantizedWeight
@@ -32,15 +31,7 @@ _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
 def _onednn_packable(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dtype in _ONEDNN_PACKABLE
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and (weight.dtype != torch.bfloat16 or _onednn_bf16()))
-
-
-@functools.lru_cache(maxsize=1)
-def _onednn_bf16() -> bool:
-    """oneDNN packs bf16 weights only where the CPU has AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT;
-    elsewhere (an AVX2 host) the reorder raises, and bf16 stays a plain PyTorch linear."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
+            and (weight.dtype != torch.bfloat16 or native_bf16()))
 
 
 class Linear(nn.Module):

@@ -183,7 +183,7 @@ async def _respond(request: Request, handle) -> Response:
     async def watch() -> None:
         while True:
             message = await request.receive()
-    
+
             if message["type"] == "http.disconnect":
                 gone.set()
                 return

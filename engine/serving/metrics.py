@@ -12,8 +12,7 @@ import threading
 import time
 from collections import deque
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               disable_created_metrics, generate_latest)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from engine.observer import StepStats
 from engine.sequence import RequestOutput

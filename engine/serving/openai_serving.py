@@ -19,11 +19,9 @@ from typing import Any, AsyncIterator, Callable
 from engine.llm_engine import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
-from engine.serving.async_engine import (AsyncLLMEngine, EngineDeadError, EngineOverloadedError,
-                                         RequestStream)
+from engine.serving.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from engine.serving.chat_template import ChatTemplate
-from engine.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                     _SamplingRequest, invalid)
+from engine.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, _SamplingRequest, invalid
 
 
 class ClientDisconnected(Exception):

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.model_zoo import SHAPES, make_checkpoint
-from planner.spec.errors import FieldError
 from planner.costmodel import fit as cm
 from planner.measure.profiler import plan_again, plan_campaign, profile
+from planner.spec.errors import FieldError
 from planner.spec.search_space import SearchSpace
-from planner.store.database import Store
 from planner.spec.workload import Workload
+from planner.store.database import Store
 
 # Eight shapes from 0.1M to 110M parameters, each bracketed by others in hidden size and depth,
 # so leaving one out asks the model to interpolate (the two ends excepted) rather than guess.

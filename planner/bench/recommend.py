@@ -37,18 +37,28 @@ import numpy as np
 
 from engine import EngineConfig
 from engine.model_zoo import SHAPES, make_checkpoint
+from planner.bench.truth import (
+    SLO_QUANTILES,
+    GridPoint,
+    bench_space,
+    cost_per_million,
+    derive_slos,
+    describe_config,
+    grid_configs,
+    judge_grid,
+    limit_margin,
+    measure_grid,
+    overspend,
+)
 from planner.costmodel import fit as cm
-from planner.spec import hardware as hw
 from planner.measure import host_speed
-from planner.bench.truth import (SLO_QUANTILES, GridPoint, limit_margin, bench_space, cost_per_million,
-                                 derive_slos, describe_config, grid_configs, judge_grid,
-                                 measure_grid, overspend)
-from planner.search.plan import make_plan
 from planner.measure.profiler import base_config, plan_campaign, profile
+from planner.search.plan import make_plan
 from planner.search.recommend import Requirement, Search, run_search
-from planner.store.database import Store
 from planner.search.verify import VerifyError, verify, verify_in_turn
+from planner.spec import hardware as hw
 from planner.spec.workload import Workload
+from planner.store.database import Store
 
 # The bar (DESIGN.md, "Where the bar is"): LLM-Pilot's result and ours.
 ANCHOR_SUCCESS, TARGET_SUCCESS = 0.80, 0.95

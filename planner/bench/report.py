@@ -8,8 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from planner.bench.recommend import (ANCHOR_OVERSPEND, ANCHOR_SUCCESS, TARGET_OVERSPEND,
-                                     TARGET_SUCCESS, BenchResult)
+from planner.bench.recommend import ANCHOR_OVERSPEND, ANCHOR_SUCCESS, TARGET_OVERSPEND, TARGET_SUCCESS, BenchResult
 
 
 def _ms(seconds: float) -> str:
@@ -90,7 +89,8 @@ def print_results(result: BenchResult, console: Any) -> None:
     console.print(results_table(result))
     cal = result.calibration
     ape = cal.get("median_ape", {})
-    held = ", ".join(f"{section.replace('by_', 'held-out ')}: {', '.join(f'{m} {v:.0%}' for m, v in metrics.items() if v is not None)}"
+    held = ", ".join(f"{section.replace('by_', 'held-out ')}: "
+                     f"{', '.join(f'{m} {v:.0%}' for m, v in metrics.items() if v is not None)}"
                      for section, metrics in ape.items())
     console.print(f"Cost model calibrated on {', '.join(f'{n} {k} runs' for n, k in cal.get('runs', {}).items())} "
                   f"of one workload ({cal.get('workload', '?')}); median APE {held}.")

@@ -17,11 +17,19 @@ from typing import Any
 
 import httpx
 
-from planner.loadgen.http_load import (ENDPOINTS, BenchError, LoadResult, LoadSummary, Progress, Target,
-                               error_message, run_load, summarize_records)
+from planner.loadgen.http_load import (
+    ENDPOINTS,
+    BenchError,
+    LoadResult,
+    LoadSummary,
+    Progress,
+    Target,
+    error_message,
+    run_load,
+    summarize_records,
+)
 from planner.spec.slo import SLO
-from planner.spec.workload import (ClosedLoopArrival, ConstantArrival, PoissonArrival, TraceArrival,
-                              Workload)
+from planner.spec.workload import ClosedLoopArrival, ConstantArrival, PoissonArrival, TraceArrival, Workload
 
 PROFILES = ("poisson", "constant", "concurrent", "sweep")
 # In flight during the sweep's throughput run when neither --concurrency nor the server says
@@ -315,9 +323,8 @@ def record_http_run(store: Any, run: RunResult, config: Any, slos: Sequence[SLO]
     """Store one measured run: a Run (no experiment, no steps: a server's steps are not seen
     from outside) and a RequestRow per completed request. Hardware is this machine's, so record
     from the host the server runs on. Returns the run's id."""
-    from planner.store.records import (config_row, engine_version, git_revision, hardware_row, model_row,
-                                  workload_row)
     from planner.store.database import RequestRow, Run
+    from planner.store.records import config_row, engine_version, git_revision, hardware_row, model_row, workload_row
 
     s = run.summary
     if not s.completed:

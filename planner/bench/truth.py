@@ -20,12 +20,12 @@ from sqlalchemy import select
 from engine import EngineConfig
 from engine.model_config import ModelConfig
 from planner.measure.profiler import profile
-from planner.store.records import config_row, hardware_row, model_row, workload_row
+from planner.search.verify import median_metrics, run_metrics
 from planner.spec.search_space import SearchSpace
 from planner.spec.slo import SLO
-from planner.store.database import Campaign, Experiment, Run, Store, fingerprint
-from planner.search.verify import median_metrics, run_metrics
 from planner.spec.workload import Workload
+from planner.store.database import Campaign, Experiment, Run, Store, fingerprint
+from planner.store.records import config_row, hardware_row, model_row, workload_row
 
 # int4 groups the models' smallest input dimension (64 features) can hold, as the quickstart sets.
 GROUP_SIZE = 32

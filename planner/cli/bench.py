@@ -78,8 +78,8 @@ def bench_sim(
     num_requests: int = typer.Option(1000, "--requests", help="requests per simulation"),
 ) -> None:
     """Time the simulator: 1,000 requests through the fitted cost model, against 1 s."""
-    from planner.costmodel import fit as cost_model
     from planner.bench.sim import TARGET_S, run_sim_benchmark
+    from planner.costmodel import fit as cost_model
 
     if num_requests < 1:
         fail(f"--requests: must be >= 1, got {num_requests}")

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration
+from planner.cli._common import Db, console, fail_error, open_store, parse_duration
 
 _STATS = ("p50", "p90", "p99")
 _METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"), ("e2e", "E2E"))
@@ -117,8 +117,13 @@ def bench_serve(
     timeout: float = typer.Option(600.0, "--timeout", help="seconds a request may take"),
 ) -> None:
     """Replay a workload against an OpenAI-compatible server and measure latency and goodput."""
-    from planner.bench.serve import (check_flags, engine_config_for_record, fetch_server_info,
-                                     record_http_run, run_bench_serve)
+    from planner.bench.serve import (
+        check_flags,
+        engine_config_for_record,
+        fetch_server_info,
+        record_http_run,
+        run_bench_serve,
+    )
     from planner.loadgen.http_load import BenchError
     from planner.spec.slo import SLOError, parse_slos
     from planner.spec.workload import Workload, WorkloadError

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from planner.cli._common import console, fail, fail_error
+from planner.cli._common import console, fail_error
 
 
 def generate(

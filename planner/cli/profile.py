@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration
+from planner.cli._common import Db, console, fail, fail_error, parse_duration
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
 
@@ -40,14 +40,12 @@ def profile(
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
     from engine.model_config import CheckpointError
-    from planner.measure.profiler import plan_again, plan_campaign
+    from planner.measure.profiler import VIA, plan_again, plan_campaign
     from planner.measure.profiler import profile as run_profile
     from planner.spec.search_space import SearchSpace, SearchSpaceError
     from planner.spec.slo import SLOError, parse_slos
-    from planner.store.database import Store
     from planner.spec.workload import Workload, WorkloadError
-
-    from planner.measure.profiler import VIA
+    from planner.store.database import Store
 
     if via not in VIA:
         fail(f"--via must be one of {', '.join(VIA)}, got {via!r}")
@@ -151,7 +149,8 @@ def runs_list(
         table.add_column(col, justify="right" if col not in ("model", "config", "load") else "left")
     for r in records:
         config = f"{r['quantization'] or r['dtype']} seqs={r['max_num_seqs']} tp={r['tensor_parallel_size']} " \
-                 f"dp={r['data_parallel_size']}" + (f" k={r['num_speculative_tokens']}" if r['num_speculative_tokens'] else "")
+                 f"dp={r['data_parallel_size']}" \
+                 + (f" k={r['num_speculative_tokens']}" if r['num_speculative_tokens'] else "")
         load = f"{'c' if r['load_kind'] == 'concurrency' else 'rate '}={r['load_value']:g}"
         table.add_row(str(r["run_id"]), r["model"], config, load,
                       f"{r['throughput_tok_s']:.1f}", f"{r['ttft_p50'] * 1e3:.0f} ms",

@@ -4,7 +4,7 @@ command runs it: make a small model, profile, fit, recommend, launch and verify.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 

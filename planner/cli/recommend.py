@@ -56,7 +56,8 @@ def print_result(result: Any, plan: Any) -> None:
     for check in plan.checks:
         colour = "green" if check.met else "red"
         console.print(f"  {check.slo}: predicted {_ms(check.predicted_s)} "
-                      f"({check.level:.0%} sure under {_ms(check.upper_s)}) [{colour}]{'ok' if check.met else 'missed'}[/]")
+                      f"({check.level:.0%} sure under {_ms(check.upper_s)}) "
+                      f"[{colour}]{'ok' if check.met else 'missed'}[/]")
     console.print(f"  cost: ${plan.cost.per_hour_usd:.2f}/h, ${plan.cost.per_million_output_tokens_usd:.3f} "
                   f"per million output tokens; {'calibrated' if plan.hardware.calibrated else 'UNCALIBRATED'} "
                   f"on {plan.hardware.name}")

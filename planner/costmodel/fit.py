@@ -18,12 +18,20 @@ from typing import Any, Callable
 import numpy as np
 from sqlalchemy import select
 
-from planner.measure import host_speed
-from planner.costmodel.fit_data import (METRICS, RunData, data_version, host_key, host_references, length_coverage,
-                              load_runs, set_host_slowdown)
-from planner.costmodel.noise_floor import median_noise_floor, noise_floor, sitting_noise_floor
 from planner.costmodel.features import feature_matrix
+from planner.costmodel.fit_data import (
+    METRICS,
+    RunData,
+    data_version,
+    host_key,
+    host_references,
+    length_coverage,
+    load_runs,
+    set_host_slowdown,
+)
+from planner.costmodel.noise_floor import median_noise_floor, noise_floor, sitting_noise_floor
 from planner.costmodel.step_model import StepTimeModel
+from planner.measure import host_speed
 from planner.store.database import CostModelRow, Store
 
 COVERAGE = 0.8

@@ -12,15 +12,24 @@ from sqlalchemy import select
 
 from engine import EngineConfig
 from engine.scheduler import SchedulerConfig
-from planner.spec import hardware as hw
-from planner.measure import host_speed
-from planner.costmodel.roofline import Deployment, Device, ModelShape
-from planner.costmodel.simulator import SimRequest, Simulator, StepTime, unique_prompts
 from planner.costmodel.features import COMPOSITION
 from planner.costmodel.jitter import jitter_class
-from planner.store.database import (EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run, StepRow, Store,
-                           fingerprint)
+from planner.costmodel.roofline import Deployment, Device, ModelShape
+from planner.costmodel.simulator import SimRequest, Simulator, StepTime, unique_prompts
+from planner.measure import host_speed
+from planner.spec import hardware as hw
 from planner.spec.workload import Workload, WorkloadError
+from planner.store.database import (
+    EngineConfigRow,
+    Experiment,
+    Hardware,
+    Model,
+    RequestRow,
+    Run,
+    StepRow,
+    Store,
+    fingerprint,
+)
 
 # What the cost model predicts of a run, and is judged on.
 METRICS = ("ttft_p50", "ttft_p95", "itl_p50", "itl_p95", "throughput_tok_s")

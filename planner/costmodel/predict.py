@@ -17,14 +17,15 @@ from engine import EngineConfig, replica_configs
 from engine.model_config import ModelConfig
 from engine.rules import num_kv_blocks
 from engine.scheduler import SchedulerConfig
-from planner.spec import hardware as hw
 from planner.costmodel.fit import CostModel, layout_of
 from planner.costmodel.fit_data import METRICS, device_for, spec_rates
 from planner.costmodel.roofline import Deployment, ModelShape
 from planner.costmodel.simulator import SimRequest, SimulationResult, Simulator
+from planner.spec import hardware as hw
 from planner.spec.slo import SLO
-from planner.store.database import fingerprint
 from planner.spec.workload import ClosedLoopArrival, PoissonArrival, Workload
+from planner.store.database import fingerprint
+
 
 @dataclass
 class Prediction:

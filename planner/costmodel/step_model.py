@@ -23,8 +23,13 @@ from sklearn.linear_model import LinearRegression
 
 from engine.observer import StepComposition
 from planner.costmodel.features import COMPOSITION, DIRECT, FEATURES, PHYSICS, feature_matrix
-from planner.costmodel.jitter import (DURATION_BANDS_S, NOISE_LEVELS, WIDE_BATCH, QuasiJitter, duration_band,
-                                      fit_jitter, jitter_class)
+from planner.costmodel.jitter import (
+    WIDE_BATCH,
+    QuasiJitter,
+    duration_band,
+    fit_jitter,
+    jitter_class,
+)
 from planner.costmodel.roofline import TERMS, Deployment, Device
 from planner.costmodel.trees import TreeEnsemble
 

@@ -3,9 +3,9 @@
 A shared host's speed swings: other tenants take cores, caches and memory bandwidth, and on the
 2-core machines pilot is tested on one run of a configuration can take 1.3x as long as the same run
 a minute later. The probe times a fixed piece of work shaped like an engine step (a small bf16
-matmul, fp32 where bf16 is emulated, and a streaming read of 16 MiB); its reading, stored with each run, lets the step-time
-model tell a slow configuration from a slow moment, and a reading taken when planning lets a
-prediction say what the host will do now.
+matmul, fp32 where bf16 is emulated, and a streaming read of 16 MiB); its reading, stored with
+each run, lets the step-time model tell a slow configuration from a slow moment, and a reading
+taken when planning lets a prediction say what the host will do now.
 
 A reading is the median time of one piece of work on one thread, in seconds; a `slowdown`
 divides it by the host's typical reading (the median over the runs a cost model was fitted on),
@@ -23,6 +23,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from engine.device import native_bf16
+
 PROBE_SECONDS = 0.05
 PLANNING_SECONDS = 0.2  # a reading to plan on: four probes' worth, so one disturbed moment weighs less
 MIN_REPEATS = 5
@@ -33,8 +35,7 @@ def _dtype() -> torch.dtype:
     """bf16 where the CPU multiplies it natively; else fp32, since emulated bf16 matmuls take
     50x as long and would make a probe cost seconds. A reading is only ever compared with
     readings of the same host, so the choice only has to be the same each time."""
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 @lru_cache(maxsize=1)

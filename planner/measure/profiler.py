@@ -15,11 +15,8 @@ import datetime as dt
 import os
 import random
 import socket
-import subprocess
 import time
-from dataclasses import asdict, dataclass, field
-from functools import lru_cache
-from importlib import metadata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,17 +24,24 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from engine import LLM, EngineConfig, StepStats, checkpoint_shapes
+from engine import LLM, EngineConfig
 from engine.model_config import ModelConfig
-from planner.spec import hardware as hw
 from planner.measure import host_speed
 from planner.measure.in_process import LoadResult, run_load
+from planner.spec import hardware as hw
 from planner.spec.errors import FieldError
 from planner.spec.search_space import SearchSpace
-from planner.spec.slo import SLO, goodput, summarize
-from planner.store.database import (Campaign, EngineConfigRow, Experiment, Hardware, Model, RequestRow, Run,
-                           StepRow, Store, WorkloadRow, fingerprint, utcnow)
+from planner.spec.slo import SLO
 from planner.spec.workload import Workload
+from planner.store.database import (
+    Campaign,
+    EngineConfigRow,
+    Experiment,
+    Model,
+    Store,
+    fingerprint,
+    utcnow,
+)
 from planner.store.records import config_row, hardware_row, model_row, record_run, workload_row
 
 # A claim by a process on another host is taken over after this long without finishing.
@@ -74,7 +78,8 @@ def plan_campaign(store: Store, model_dir: str, space: SearchSpace, workload: Wo
     `pilot fit` judges its predictions against the median of the repeats."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    hardware, model, load = hardware_row(store, measure_hardware), model_row(store, model_dir), workload_row(store, workload)
+    hardware, model = hardware_row(store, measure_hardware), model_row(store, model_dir)
+    load = workload_row(store, workload)
     # The draft by its absolute path, so `--workdir ref` and `--workdir /tmp/ref` resume one
     # campaign; a campaign keyed by the path as it was typed is still found.
     spellings = dict.fromkeys([str(Path(draft).resolve()), draft] if draft else [draft])

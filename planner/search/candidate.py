@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import EngineConfig
-from planner.spec.errors import FieldError
-from planner.spec import hardware as hw
 from planner.costmodel.predict import Prediction
+from planner.spec import hardware as hw
+from planner.spec.errors import FieldError
 from planner.spec.slo import SLO
 
 OBJECTIVES = {"cost": "minimize", "throughput": "maximize", "latency": "minimize"}

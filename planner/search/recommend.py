@@ -26,13 +26,21 @@ import optuna
 
 from engine import EngineConfig
 from engine.model_config import ModelConfig
-from planner.spec import hardware as hw
 from planner.costmodel.fit import CostModel
 from planner.costmodel.fit_data import METRICS
-from planner.search.candidate import (OBJECTIVES, Candidate, RecommendError, Requirement, closest, improved,
-                               pareto_front, rank)
 from planner.costmodel.predict import Prediction, Predictor, length_notes
 from planner.measure.profiler import base_config
+from planner.search.candidate import (
+    OBJECTIVES,
+    Candidate,
+    RecommendError,
+    Requirement,
+    closest,
+    improved,
+    pareto_front,
+    rank,
+)
+from planner.spec import hardware as hw
 from planner.spec.search_space import SearchSpace, SearchSpaceError, quantizable, shardable
 from planner.spec.slo import SLO
 from planner.spec.workload import ClosedLoopArrival, PoissonArrival, Workload

@@ -27,14 +27,14 @@ from typing import Callable
 from sqlalchemy import select
 
 from engine.device import resolve_device
+from planner.costmodel.fit import CostModel
 from planner.measure import profiler
 from planner.search.candidate import Candidate, closeness, rank
-from planner.costmodel.fit import CostModel
 from planner.search.plan import Plan, make_plan
-from planner.store.records import config_row, hardware_row, model_row, workload_row
 from planner.search.recommend import Search, SearchResult
 from planner.spec.slo import parse_slos
 from planner.store.database import Campaign, Experiment, Run, Store, fingerprint
+from planner.store.records import config_row, hardware_row, model_row, workload_row
 
 
 class VerifyError(ValueError):

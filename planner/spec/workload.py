@@ -10,9 +10,18 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import numpy as np
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt,
-                      SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from planner.spec.files import read_mapping
 

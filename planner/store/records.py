@@ -19,8 +19,20 @@ from engine.model_config import ModelConfig
 from planner.spec import hardware as hw
 from planner.spec.slo import SLO, goodput, summarize
 from planner.spec.workload import Workload
-from planner.store.database import (Campaign, EngineConfigRow, Experiment, Hardware, Model, RequestRow,
-                                    Run, StepRow, Store, WorkloadRow, fingerprint, utcnow)
+from planner.store.database import (
+    Campaign,
+    EngineConfigRow,
+    Experiment,
+    Hardware,
+    Model,
+    RequestRow,
+    Run,
+    StepRow,
+    Store,
+    WorkloadRow,
+    fingerprint,
+    utcnow,
+)
 
 if TYPE_CHECKING:
     from planner.measure.in_process import LoadResult

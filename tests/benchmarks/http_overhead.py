@@ -9,11 +9,12 @@ import tempfile
 
 import numpy as np
 
-from engine.model_zoo import make_checkpoint
 from engine import EngineConfig
+from engine.model_zoo import make_checkpoint
 from planner.measure.http import OverHTTP
-from planner.spec.workload import Workload
 from planner.measure.profiler import InProcess
+from planner.spec.workload import Workload
+
 shape = sys.argv[1] if len(sys.argv) > 1 else "llama-110m"
 d = tempfile.mkdtemp()
 m = make_checkpoint(shape, d + "/m", seed=0, dtype="bfloat16" if shape != "tiny" else "float32")

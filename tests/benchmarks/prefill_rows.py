@@ -20,8 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine import LLM, SamplingParams
-from engine import rules
+from engine import LLM, SamplingParams, rules
 from engine.model_zoo import make_checkpoint
 from planner.bench.fit import REFERENCE_MODELS
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from engine import EngineConfig, LLM, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams
 from engine.llm_engine import InvalidRequestError
 from engine.parallel.data_parallel import DataParallelEngine, replica_configs
 

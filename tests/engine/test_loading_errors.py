@@ -169,7 +169,8 @@ def test_missing_model_type(ckpt):
 def test_unsupported_rope_scaling_type(ckpt):
     _edit_config(ckpt, lambda c: c.update(rope_scaling={
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}))
-    with pytest.raises(CheckpointError, match=r"config\.json: unsupported rope_scaling type 'yarn'; supported: default"):
+    with pytest.raises(CheckpointError,
+                       match=r"config\.json: unsupported rope_scaling type 'yarn'; supported: default"):
         _load(ckpt)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import EngineConfig, LLM, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams
 from engine.model_zoo import make_checkpoint
 from engine.quantization import quantize
 from engine.quantize_checkpoint import quantize_checkpoint

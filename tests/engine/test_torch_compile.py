@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import EngineConfig, LLM, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams
 from engine.layers.linear import Linear
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

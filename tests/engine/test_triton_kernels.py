@@ -14,8 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
-from engine.kernels import triton_attention  # noqa: E402
 from support.references import paged_decode_attention_reference  # noqa: E402
+
+from engine.kernels import triton_attention  # noqa: E402
 
 if not getattr(triton_attention._partial_kernel, "__class__", None).__name__.startswith("Interpreted"):
     pytest.skip("the Triton kernels were imported before TRITON_INTERPRET was set",

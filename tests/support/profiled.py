@@ -9,8 +9,8 @@ from pathlib import Path
 from engine.model_zoo import SHAPES, make_checkpoint
 from planner.measure.profiler import plan_campaign, profile
 from planner.spec.search_space import SearchSpace
-from planner.store.database import Store
 from planner.spec.workload import Workload
+from planner.store.database import Store
 
 SPACE = """
 name: fit-test

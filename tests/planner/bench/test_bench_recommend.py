@@ -12,12 +12,29 @@ import pytest
 from sqlalchemy import select
 
 from engine import EngineConfig
-from planner.bench.recommend import (PRESETS, WORKLOADS, BenchResult, ScenarioResult,
-                                     run_recommend_benchmark, scenario_workload, summarize)
-from planner.bench.truth import (GridPoint, _round_up, bench_space, cost_per_million, derive_slos,
-                                 grid_configs, judge_grid, measure_grid, meets, overspend)
-from planner.spec.hardware import get_spec
+from planner.bench.recommend import (
+    PRESETS,
+    WORKLOADS,
+    BenchResult,
+    ScenarioResult,
+    run_recommend_benchmark,
+    scenario_workload,
+    summarize,
+)
+from planner.bench.truth import (
+    GridPoint,
+    _round_up,
+    bench_space,
+    cost_per_million,
+    derive_slos,
+    grid_configs,
+    judge_grid,
+    measure_grid,
+    meets,
+    overspend,
+)
 from planner.measure.profiler import base_config
+from planner.spec.hardware import get_spec
 from planner.spec.slo import parse_slos
 from planner.store.database import Run, Store
 

@@ -12,15 +12,36 @@ from typer.testing import CliRunner
 
 from engine import EngineConfig
 from engine.model_zoo import make_checkpoint
-from planner.bench.serve import (BenchResult, RunResult, ServerInfo, engine_config_for_record, fetch_server_info,
-                                 record_http_run, resolve_load, run_bench_serve, sweep)
+from planner.bench.serve import (
+    BenchResult,
+    RunResult,
+    ServerInfo,
+    engine_config_for_record,
+    fetch_server_info,
+    record_http_run,
+    resolve_load,
+    run_bench_serve,
+    sweep,
+)
 from planner.cli import app
-from planner.loadgen.http_load import (BenchError, LineSplitter, LoadResult, LoadSummary, RequestRecord, RequestSource,
-                               SSEDecoder, carries_output, chat_prompt, error_message, event_text,
-                               parse_event, summarize_records)
+from planner.loadgen.http_load import (
+    BenchError,
+    LineSplitter,
+    LoadResult,
+    LoadSummary,
+    RequestRecord,
+    RequestSource,
+    SSEDecoder,
+    carries_output,
+    chat_prompt,
+    error_message,
+    event_text,
+    parse_event,
+    summarize_records,
+)
 from planner.spec.slo import RequestLatency, parse_slos, summarize
-from planner.store.database import RequestRow, Run, Store
 from planner.spec.workload import Workload
+from planner.store.database import RequestRow, Run, Store
 
 runner = CliRunner()
 

@@ -4,31 +4,30 @@ real engine runs it never saw."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
-from pathlib import Path
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingRegressor
+from support.profiled import profile_two_models, small_workload
+from support.saved_models import coefficients, saved_positionally
 
 from engine import LLM, EngineConfig
 from engine.model_zoo import SHAPES
+from engine.rules import ROW_BY_ROW_MEAN_PREFILL
 from planner.costmodel import fit as cost_model
+from planner.costmodel.features import FEATURES, PHYSICS, feature_matrix
 from planner.costmodel.fit_data import busy_peers, load_runs
-from planner.measure.in_process import run_load
+from planner.costmodel.jitter import NOISE_LEVELS, WIDE_BATCH, QuasiJitter, duration_band
 from planner.costmodel.predict import predict
 from planner.costmodel.roofline import TERMS, Deployment, Device, ModelShape
-from planner.spec.slo import RequestLatency, summarize
-from engine.rules import ROW_BY_ROW_MEAN_PREFILL
-from planner.costmodel.features import FEATURES, PHYSICS, feature_matrix
-from planner.costmodel.jitter import NOISE_LEVELS, WIDE_BATCH, QuasiJitter, duration_band
 from planner.costmodel.step_model import CACHE_GRID_BYTES, StepTimeModel
 from planner.costmodel.trees import TreeEnsemble
+from planner.measure.in_process import run_load
+from planner.spec.slo import RequestLatency, summarize
 from planner.store.database import Store
-from support.profiled import profile_two_models, small_workload
-from support.saved_models import coefficients, saved_positionally
 
 # The simulator's error on held-out real runs of a tiny model in CI, where a step is about a
 # millisecond of mostly Python and any other process on the machine shows up in it. The

@@ -8,8 +8,8 @@ import pytest
 from engine import LLM, EngineConfig
 from engine.observer import StepComposition
 from engine.scheduler import Scheduler, SchedulerConfig
-from planner.measure.in_process import run_load
 from planner.costmodel.simulator import SimRequest, Simulator, per_position_acceptance, unique_prompts
+from planner.measure.in_process import run_load
 from planner.spec.workload import Workload
 
 FIELDS = ("num_seqs", "num_prefill_seqs", "num_decode_seqs", "num_prefill_tokens",
@@ -156,7 +156,7 @@ def test_kv_pressure_is_reported():
     result = sim.run([SimRequest(p, 40) for p in unique_prompts([60] * 6)], concurrency=6)
     assert result.kv_peak_fraction == pytest.approx(1.0, abs=0.1)
     assert result.num_preemptions > 0
-    assert len(result.latencies) == 6 and all(l.e2e_s > 0 for l in result.latencies)
+    assert len(result.latencies) == 6 and all(lat.e2e_s > 0 for lat in result.latencies)
 
 
 @pytest.mark.parametrize("kwargs, message", [

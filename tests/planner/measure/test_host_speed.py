@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.profiled import small_workload
 
 from engine import EngineConfig
 from planner.costmodel import fit as cost_model
-from planner.measure import host_speed
+from planner.costmodel.features import FEATURES
 from planner.costmodel.fit_data import PARALLEL, host_references, load_runs, run_host_key
 from planner.costmodel.predict import Predictor
-from planner.costmodel.features import FEATURES
 from planner.costmodel.step_model import StepTimeModel
+from planner.measure import host_speed
 from planner.store.database import Store
-from support.profiled import small_workload
 
 SLOW = 1.6
 
@@ -115,7 +115,8 @@ def test_the_step_model_tells_a_slow_moment_from_a_slow_configuration(profiled, 
     assert model.report["host_speed"][steady] == pytest.approx([1.0] * 3)
     spec = next(iter(model.hardware))
 
-    configs = {json.dumps(r.config, sort_keys=True): r.config for r in load_runs(copy) if r.config["model"] == model_dir}
+    configs = {json.dumps(r.config, sort_keys=True): r.config for r in load_runs(copy)
+               if r.config["model"] == model_dir}
 
     def itl(config: dict, slowdown: float) -> float:
         predictor = Predictor(model, model_dir, small_workload(), host_slowdowns={spec: slowdown})

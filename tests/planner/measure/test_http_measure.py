@@ -11,8 +11,8 @@ from planner.cli import app
 from planner.measure.http import OverHTTP
 from planner.measure.profiler import plan_campaign, profile
 from planner.spec.search_space import SearchSpace
-from planner.store.database import RequestRow, Run, StepRow, Store
 from planner.spec.workload import Workload
+from planner.store.database import RequestRow, Run, StepRow, Store
 
 SPACE = """
 name: http-test

@@ -16,13 +16,13 @@ from engine import EngineConfig
 from engine.model_zoo import SHAPES
 from planner.cli import app
 from planner.costmodel.fit_data import measured_acceptance
-from planner.spec.hardware import load_specs
 from planner.search.plan import Plan, PlanError, make_plan, schema
 from planner.search.recommend import RecommendError, Requirement, Search, run_search
-from planner.spec.slo import parse_slos
-from planner.store.database import Run
 from planner.search.verify import VerifyError, verify
+from planner.spec.hardware import load_specs
+from planner.spec.slo import parse_slos
 from planner.spec.workload import Workload
+from planner.store.database import Run
 
 LOOSE = "ttft_p95<=2s,itl_p95<=500ms"
 

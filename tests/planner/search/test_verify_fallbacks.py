@@ -12,11 +12,27 @@ from typer.testing import CliRunner
 from planner.cli import app
 from planner.search.plan import Plan
 from planner.search.recommend import Requirement, Search, run_search
+from planner.search.verify import (
+    MIN_CHANCE,
+    MIN_SAVING,
+    NARROW,
+    Attempt,
+    Comparison,
+    VerifyError,
+    VerifyResult,
+    cheaper_in_turn,
+    deployment_key,
+    held_narrowly,
+    measured_bias,
+    next_in_turn,
+    room_needed,
+    shortfall,
+    twins,
+    verify_in_turn,
+    worst_ratio,
+)
 from planner.spec.search_space import SearchSpace
 from planner.spec.slo import parse_slos
-from planner.search.verify import (MIN_CHANCE, MIN_SAVING, NARROW, Attempt, Comparison, VerifyError, VerifyResult,
-                            cheaper_in_turn, deployment_key, held_narrowly, measured_bias, next_in_turn,
-                            room_needed, shortfall, twins, verify_in_turn, worst_ratio)
 from planner.spec.workload import Workload
 
 # At 8 clients, one sequence at a time queues every prompt behind 7 whole requests of 32-48

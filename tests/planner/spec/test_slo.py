@@ -6,7 +6,6 @@ import pytest
 
 from planner.spec.slo import SLO, RequestLatency, SLOError, goodput, meets, parse_slos, request_meets, summarize
 
-
 # ---- parsing ----
 
 def test_parse_design_example() -> None:
