@@ -95,6 +95,29 @@ class QuantizedWeight:
         return quantized_shapes(prefix, *self.shape, self.bits, self.group_size)
 
 
+@dataclass
+class NibblePacked:
+    """An int4 weight held two values a byte along K (its checkpoint form) and unpacked on use:
+    the PyTorch fallback's form, so it holds half a byte a weight, as the kernels' layout does."""
+
+    qweight: torch.Tensor  # uint8 [N, K // 2], low nibble first
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    group_size: int
+    bits: int = 4
+
+    @staticmethod
+    def pack(weight: QuantizedWeight) -> "NibblePacked":
+        if weight.bits != 4:
+            raise ValueError(f"only int4 weights pack two a byte, got int{weight.bits}")
+        tensors = weight.to_checkpoint("w")
+        return NibblePacked(tensors["w.qweight"], weight.scales, weight.mins, weight.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        return QuantizedWeight.from_checkpoint(self.qweight, self.scales, self.mins, 4,
+                                               self.group_size).dequantize()
+
+
 def quantized_shapes(prefix: str, n: int, k: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
     groups = k // group_size
     shapes = {f"{prefix}.qweight": (n, k // 2 if bits == 4 else k), f"{prefix}.scales": (n, groups)}

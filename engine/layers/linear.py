@@ -23,7 +23,7 @@ from torch import nn
 from engine.device import native_bf16
 from engine.kernels import cpu as cpu_kernels
 from engine.kernels import gpu as gpu_kernels
-from engine.quantization import QuantizedWeight
+from engine.quantization import NibblePacked, QuantizedWeight
 
 _ONEDNN_PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -43,9 +43,9 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         # "plain", "panels" (the engine's kernel), "onednn", or for quantized weights
         # "int8"/"int4" (the engine's CPU kernel), "int8-triton" (CUDA) and
-        # "int8-dequant"/"int4-dequant" (PyTorch, dequantizing per call).
+        # "int8-dequant"/"int4-dequant" (PyTorch, dequantizing per call; int4 kept two a byte).
         self.layout = "plain"
-        self.quantized: cpu_kernels.PackedQuantized | QuantizedWeight | None = None
+        self.quantized: cpu_kernels.PackedQuantized | QuantizedWeight | NibblePacked | None = None
         # PyTorch ops only (no repacking, no compiled kernels): what torch.compile can trace.
         self.portable = False
 
@@ -82,9 +82,10 @@ class Linear(nn.Module):
         if backend == "cpu":
             self.quantized, self.layout = cpu_kernels.pack_quantized(weight), method
         else:
-            self.quantized = QuantizedWeight(weight.qweight.to(device), weight.scales.to(device),
-                                             None if weight.mins is None else weight.mins.to(device),
-                                             weight.bits, weight.group_size)
+            moved = QuantizedWeight(weight.qweight.to(device), weight.scales.to(device),
+                                    None if weight.mins is None else weight.mins.to(device),
+                                    weight.bits, weight.group_size)
+            self.quantized = NibblePacked.pack(moved) if weight.bits == 4 else moved
             self.layout = f"{method}-{backend}"
         del self.weight
         self.register_buffer("weight", torch.empty(0, dtype=float_weight.dtype,

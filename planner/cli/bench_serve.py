@@ -125,8 +125,8 @@ def bench_serve(
         run_bench_serve,
     )
     from planner.loadgen.http_load import BenchError
-    from planner.spec.slo import SLOError, parse_slos
-    from planner.spec.workload import Workload, WorkloadError
+    from planner.spec.slo import parse_slos
+    from planner.spec.workload import Workload
 
     try:
         seconds = parse_duration(duration, "--duration") if duration is not None else None
@@ -145,7 +145,7 @@ def bench_serve(
         server = fetch_server_info(url, api_key, min(timeout, 30.0))
         engine = engine_config_for_record(server, config) if record else None
         store = open_store(db) if record else None
-    except (BenchError, SLOError, WorkloadError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # BenchError, SLOError, WorkloadError: ValueErrors
         fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[failed]} failed"), TimeElapsedColumn()]

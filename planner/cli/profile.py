@@ -40,9 +40,9 @@ def profile(
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
     from engine.model_config import CheckpointError
-    from planner.measure.profiler import VIA, plan_again, plan_campaign
+    from planner.measure.profiler import VIA, plan_again, plan_campaign, space_for_this_host
     from planner.measure.profiler import profile as run_profile
-    from planner.spec.search_space import SearchSpace, SearchSpaceError
+    from planner.spec.search_space import SearchSpaceError
     from planner.spec.slo import SLOError, parse_slos
     from planner.spec.workload import Workload, WorkloadError
     from planner.store.database import Store
@@ -68,7 +68,7 @@ def profile(
             from planner.spec.hardware import detect
 
             space = "gpu" if detect().gpus else "cpu"
-        search = SearchSpace.from_file(space)
+        search = space_for_this_host(space)
         if draft is None and any(search.values("num_speculative_tokens") if "num_speculative_tokens"
                                  in search.knobs else []):
             console.print("no --draft: speculative decoding is left out of the space")

@@ -32,7 +32,7 @@ def quickstart(
 
     from engine import LLM, EngineConfig, SamplingParams
     from engine.model_zoo import make_checkpoint
-    from planner.spec.search_space import SearchSpace
+    from planner.measure.profiler import space_for_this_host
 
     model_dir = workdir / "models" / "tiny"
     console.rule("[bold]1/5 model")
@@ -50,7 +50,7 @@ def quickstart(
     console.print(f"measuring {max_runs} runs of engine configurations into {db} (at most {budget}; "
                   "run again to continue)")
     # The built-in CPU space, with int4 groups the tiny model's 64 features can hold.
-    space = SearchSpace.from_file("cpu")
+    space = space_for_this_host("cpu")
     space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))

@@ -116,6 +116,8 @@ def recommend(
     from planner.search.recommend import run_search
     from planner.search.request import RecommendRequest, VerifyRequest
 
+    if (rate is None) == (concurrency is None):
+        fail("give exactly one of --rate or --concurrency")
     try:
         request = RecommendRequest(
             model=model, slo=slo, rate=rate, concurrency=concurrency, workload=workload, isl=isl,

@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from engine import LLM, EngineConfig
+from engine.device import native_bf16
 from engine.model_config import ModelConfig
 from planner.measure import host_speed
 from planner.measure.in_process import LoadResult, run_load
@@ -56,6 +57,15 @@ class ProfileResult:
     run_ids: list[int] = field(default_factory=list)  # finished by this one
     failed: list[tuple[int, str]] = field(default_factory=list)  # (experiment id, error)
     remaining: int = 0
+
+
+def space_for_this_host(name_or_file: str) -> SearchSpace:
+    """A search space by file or built-in name; a built-in one that fixes bfloat16 is measured in
+    float32 on a CPU that emulates bf16 (see `SearchSpace.in_float32_where_bf16_is_slower`)."""
+    space = SearchSpace.from_file(name_or_file)
+    if Path(name_or_file).is_file() or native_bf16() or space.fixed.get("dtype") != "bfloat16":
+        return space
+    return space.model_copy(update={"fixed": {**space.fixed, "dtype": "float32"}})
 
 
 def base_config(model_dir: str, workload: Workload) -> EngineConfig:

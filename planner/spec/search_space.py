@@ -116,6 +116,16 @@ class SearchSpace(BaseModel):
             knobs["num_speculative_tokens"] = [0]
         return self.model_copy(update={"knobs": knobs})
 
+    def in_float32_where_bf16_is_slower(self, bf16_tflops: float | None,
+                                        fp32_tflops: float | None) -> "SearchSpace":
+        """This space in float32 if it fixes bfloat16 on a host whose bf16 matmuls run slower
+        than its fp32 ones (bf16 emulated, as on a CPU without AVX-512): the built-in CPU
+        space assumes a CPU with bf16 arithmetic."""
+        if (self.fixed.get("dtype") != "bfloat16" or not bf16_tflops or not fp32_tflops
+                or bf16_tflops >= fp32_tflops):
+            return self
+        return self.model_copy(update={"fixed": {**self.fixed, "dtype": "float32"}})
+
     def values(self, knob: str) -> list[Any]:
         spec = self.knobs[knob]
         return spec.values() if isinstance(spec, IntRange) else list(spec)

@@ -409,3 +409,14 @@ def test_invalid_values_raise(knobs, fixed):
     space = SearchSpace(name="t", knobs=knobs, fixed=fixed)
     with pytest.raises(SearchSpaceError):
         space.configs(BASE)
+
+
+def test_the_builtin_cpu_space_runs_float32_where_bf16_is_slower():
+    cpu = SearchSpace.from_file("cpu")
+    assert cpu.fixed["dtype"] == "bfloat16"
+    assert cpu.in_float32_where_bf16_is_slower(1.2, 0.6) is cpu  # bf16 arithmetic: kept
+    assert cpu.in_float32_where_bf16_is_slower(None, 0.6) is cpu  # unknown rate: kept
+    emulated = cpu.in_float32_where_bf16_is_slower(0.001, 0.09)
+    assert emulated.fixed["dtype"] == "float32" and emulated.knobs == cpu.knobs
+    fp32 = cpu.model_copy(update={"fixed": {**cpu.fixed, "dtype": "float32"}})
+    assert fp32.in_float32_where_bf16_is_slower(0.001, 0.09) is fp32
