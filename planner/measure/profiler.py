@@ -60,10 +60,10 @@ class ProfileResult:
 
 
 def space_for_this_host(name_or_file: str) -> SearchSpace:
-    """A search space by file or built-in name; a built-in one that fixes bfloat16 is measured in
-    float32 on a CPU that emulates bf16 (see `SearchSpace.in_float32_where_bf16_is_slower`)."""
+    """A search space by file or built-in name; the built-in CPU space (named "cpu") is measured
+    in float32 on a CPU that emulates bf16 (see `SearchSpace.in_float32_where_bf16_is_slower`)."""
     space = SearchSpace.from_file(name_or_file)
-    if Path(name_or_file).is_file() or native_bf16() or space.fixed.get("dtype") != "bfloat16":
+    if space.name != "cpu" or native_bf16() or space.fixed.get("dtype") != "bfloat16":
         return space
     return space.model_copy(update={"fixed": {**space.fixed, "dtype": "float32"}})
 

@@ -137,7 +137,8 @@ class Search:
 
     def _space(self, spec: hw.HardwareSpec, given: SearchSpace | None) -> SearchSpace:
         space = given or SearchSpace.from_file(spec.kind)
-        if given is None:  # the rates measured here where the cost model has them, else the spec's
+        if space.name == "cpu":  # the built-in CPU space, narrowed or not
+            # The rates measured here where the cost model has them, else the spec's.
             rates = self.cost_model.hardware.get(spec.name, {}).get("peak_tflops", spec.peak_tflops)
             fastest = space.in_float32_where_bf16_is_slower(rates.get("bf16"), rates.get("fp32"))
             if fastest is not space:
