@@ -19,9 +19,8 @@ from typing import Any
 
 from engine.model_zoo import SHAPES, make_checkpoint
 from planner.costmodel import fit as cm
-from planner.measure.profiler import plan_again, plan_campaign, profile
+from planner.measure.profiler import plan_again, plan_campaign, profile, space_for_this_host
 from planner.spec.errors import FieldError
-from planner.spec.search_space import SearchSpace
 from planner.spec.workload import Workload
 from planner.store.database import Store
 
@@ -142,7 +141,7 @@ def run_fit_benchmark(workdir: Path, budget_s: float, names: Sequence[str] = (*R
     store = Store(f"sqlite:///{workdir / 'reference.db'}")
     models = make_models(workdir, names, pair_train_s)
     workload = Workload.from_flags(ISL, OSL, concurrency=1, num_requests=num_requests)
-    search = SearchSpace.from_file(space)
+    search = space_for_this_host(space)
     runs: dict[str, int] = {}
     campaigns = {name: plan_campaign(store, model_dir, search if draft else search.without_drafts(),
                                      workload, draft, repeats=repeats)
