@@ -46,4 +46,4 @@ def native_bf16() -> bool:
     Elsewhere (an AVX2 host) bf16 matmuls are emulated, many times slower than fp32, and oneDNN
     cannot pack bf16 weights."""
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return torch.backends.mkldnn.is_available() and bool(check()) if check is not None else False
+    return check is not None and torch.backends.mkldnn.is_available() and bool(check())

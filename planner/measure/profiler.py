@@ -60,12 +60,9 @@ class ProfileResult:
 
 
 def space_for_this_host(name_or_file: str) -> SearchSpace:
-    """A search space by file or built-in name; the built-in CPU space (named "cpu") is measured
-    in float32 on a CPU that emulates bf16 (see `SearchSpace.in_float32_where_bf16_is_slower`)."""
-    space = SearchSpace.from_file(name_or_file)
-    if space.name != "cpu" or native_bf16() or space.fixed.get("dtype") != "bfloat16":
-        return space
-    return space.model_copy(update={"fixed": {**space.fixed, "dtype": "float32"}})
+    """A search space by file or built-in name; the built-in CPU space is measured in float32 on
+    a CPU that emulates bf16 (`SearchSpace.in_float32_where_bf16_is_slower`)."""
+    return SearchSpace.from_file(name_or_file).in_float32_where_bf16_is_slower(not native_bf16())
 
 
 def base_config(model_dir: str, workload: Workload) -> EngineConfig:

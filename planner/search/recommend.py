@@ -41,7 +41,7 @@ from planner.search.candidate import (
     rank,
 )
 from planner.spec import hardware as hw
-from planner.spec.search_space import SearchSpace, SearchSpaceError, quantizable, shardable
+from planner.spec.search_space import SearchSpace, SearchSpaceError, bf16_is_slower, quantizable, shardable
 from planner.spec.slo import SLO
 from planner.spec.workload import ClosedLoopArrival, PoissonArrival, Workload
 
@@ -137,14 +137,13 @@ class Search:
 
     def _space(self, spec: hw.HardwareSpec, given: SearchSpace | None) -> SearchSpace:
         space = given or SearchSpace.from_file(spec.kind)
-        if space.name == "cpu":  # the built-in CPU space, narrowed or not
-            # The rates measured here where the cost model has them, else the spec's.
-            rates = self.cost_model.hardware.get(spec.name, {}).get("peak_tflops", spec.peak_tflops)
-            fastest = space.in_float32_where_bf16_is_slower(rates.get("bf16"), rates.get("fp32"))
-            if fastest is not space:
-                self.notes.append(f"{spec.name} multiplies bf16 at {rates['bf16']:.3g} TFLOP/s, slower than "
-                                  f"fp32 at {rates['fp32']:.3g}: the built-in space is searched in float32")
-                space = fastest
+        # The rates measured here where the cost model has them, else the spec's.
+        rates = self.cost_model.hardware.get(spec.name, {}).get("peak_tflops", spec.peak_tflops)
+        fastest = space.in_float32_where_bf16_is_slower(bf16_is_slower(rates.get("bf16"), rates.get("fp32")))
+        if fastest is not space:
+            self.notes.append(f"{spec.name} multiplies bf16 at {rates['bf16']:.3g} TFLOP/s, slower than "
+                              f"fp32 at {rates['fp32']:.3g}: the built-in space is searched in float32")
+            space = fastest
         knobs = dict(space.knobs)
         if "num_speculative_tokens" in knobs and any(space.values("num_speculative_tokens")):
             if self.draft_dir is None:

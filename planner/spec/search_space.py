@@ -70,6 +70,11 @@ class LoadLevels(BaseModel):
         return sorted(levels)
 
 
+def bf16_is_slower(bf16_tflops: float | None, fp32_tflops: float | None) -> bool:
+    """Whether measured (or spec) matmul rates say bf16 runs slower than fp32; False if unknown."""
+    return bool(bf16_tflops and fp32_tflops and bf16_tflops < fp32_tflops)
+
+
 class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -116,13 +121,11 @@ class SearchSpace(BaseModel):
             knobs["num_speculative_tokens"] = [0]
         return self.model_copy(update={"knobs": knobs})
 
-    def in_float32_where_bf16_is_slower(self, bf16_tflops: float | None,
-                                        fp32_tflops: float | None) -> "SearchSpace":
-        """This space in float32 if it fixes bfloat16 on a host whose bf16 matmuls run slower
-        than its fp32 ones (bf16 emulated, as on a CPU without AVX-512): the built-in CPU
-        space assumes a CPU with bf16 arithmetic."""
-        if (self.fixed.get("dtype") != "bfloat16" or not bf16_tflops or not fp32_tflops
-                or bf16_tflops >= fp32_tflops):
+    def in_float32_where_bf16_is_slower(self, bf16_slower: bool) -> "SearchSpace":
+        """The built-in CPU space (named "cpu", narrowed or not) in float32 if it fixes bfloat16
+        on a host whose bf16 matmuls run slower than its fp32 ones (bf16 emulated, as on a CPU
+        without AVX-512): it assumes a CPU with bf16 arithmetic. Any other space as it is."""
+        if not bf16_slower or self.name != "cpu" or self.fixed.get("dtype") != "bfloat16":
             return self
         return self.model_copy(update={"fixed": {**self.fixed, "dtype": "float32"}})
 

@@ -15,6 +15,7 @@ from planner.spec.search_space import (
     LoadLevels,
     SearchSpace,
     SearchSpaceError,
+    bf16_is_slower,
 )
 
 BASE = EngineConfig(model="m", max_model_len=512)  # configs() never loads the model unless given it
@@ -414,9 +415,9 @@ def test_invalid_values_raise(knobs, fixed):
 def test_the_builtin_cpu_space_runs_float32_where_bf16_is_slower():
     cpu = SearchSpace.from_file("cpu")
     assert cpu.fixed["dtype"] == "bfloat16"
-    assert cpu.in_float32_where_bf16_is_slower(1.2, 0.6) is cpu  # bf16 arithmetic: kept
-    assert cpu.in_float32_where_bf16_is_slower(None, 0.6) is cpu  # unknown rate: kept
-    emulated = cpu.in_float32_where_bf16_is_slower(0.001, 0.09)
+    assert cpu.in_float32_where_bf16_is_slower(bf16_is_slower(1.2, 0.6)) is cpu  # bf16 arithmetic: kept
+    assert cpu.in_float32_where_bf16_is_slower(bf16_is_slower(None, 0.6)) is cpu  # unknown rate: kept
+    emulated = cpu.in_float32_where_bf16_is_slower(bf16_is_slower(0.001, 0.09))
     assert emulated.fixed["dtype"] == "float32" and emulated.knobs == cpu.knobs
     fp32 = cpu.model_copy(update={"fixed": {**cpu.fixed, "dtype": "float32"}})
-    assert fp32.in_float32_where_bf16_is_slower(0.001, 0.09) is fp32
+    assert fp32.in_float32_where_bf16_is_slower(bf16_is_slower(0.001, 0.09)) is fp32
