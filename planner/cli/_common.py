@@ -4,7 +4,6 @@ the `--db` option, and naming the flag behind a library error's field."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
@@ -25,15 +24,15 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def flag_for(field: str, flags: Mapping[str, str] | None = None) -> str:
-    """The flag that sets library field `field`: from `flags`, else `--field-name`."""
-    return (flags or {}).get(field) or "--" + field.replace("_", "-")
+def flag_for(field: str) -> str:
+    """The flag that sets library field `field`: every command names its flags `--field-name`."""
+    return "--" + field.replace("_", "-")
 
 
-def fail_error(err: Exception, flags: Mapping[str, str] | None = None) -> NoReturn:
+def fail_error(err: Exception) -> NoReturn:
     """Exit 2 with `err`'s message; a `FieldError` is named by the flag that set its field."""
     if isinstance(err, FieldError) and err.field:
-        fail(f"{flag_for(err.field, flags)}: {err.message}")
+        fail(f"{flag_for(err.field)}: {err.message}")
     fail(str(err))
 
 
@@ -53,19 +52,19 @@ _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, None: 1.0}
 _ORDER = ("h", "m", "s", "ms")
 
 
-def parse_duration(text: str, flag: str = "--budget", allow_zero: bool = False) -> float:
-    """Seconds in "500ms", "90", "90s", "10m", "1.5h" or "1h30m"; a FieldError naming `flag`."""
+def parse_duration(text: str, field: str = "budget", allow_zero: bool = False) -> float:
+    """Seconds in "500ms", "90", "90s", "10m", "1.5h" or "1h30m"; a FieldError naming `field`."""
     source, position, total, last = text.strip(), 0, 0.0, -1
     example = "e.g. 500ms, 90s, 10m, 1h30m"
     while position < len(source):
         match = _PART.match(source, position)
         rank = _ORDER.index(match.group(2) or "s") if match else -1
         if match is None or rank <= last or (match.group(2) is None and match.end() < len(source)):
-            raise FieldError(f"cannot read {text!r} as a duration ({example})", flag)
+            raise FieldError(f"cannot read {text!r} as a duration ({example})", field)
         total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
         position, last = match.end(), rank
     if not source:
-        raise FieldError(f"cannot read {text!r} as a duration ({example})", flag)
+        raise FieldError(f"cannot read {text!r} as a duration ({example})", field)
     if total < 0 or (total == 0 and not allow_zero):
-        raise FieldError(f"must be positive, got {text!r}", flag)
+        raise FieldError(f"must be positive, got {text!r}", field)
     return total

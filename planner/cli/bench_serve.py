@@ -129,7 +129,7 @@ def bench_serve(
     from planner.spec.workload import Workload
 
     try:
-        seconds = parse_duration(duration, "--duration") if duration is not None else None
+        seconds = parse_duration(duration, "duration") if duration is not None else None
         slos = parse_slos(slo) if slo else None
         if workload is not None:
             load = Workload.from_file(workload)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import typer
+from typer.testing import CliRunner
 
+from planner.cli import app
 from planner.cli._common import fail_error, flag_for, parse_duration
 from planner.search.candidate import RecommendError
 from planner.spec.errors import FieldError
@@ -19,10 +21,10 @@ def test_one_grammar_reads_every_duration_the_commands_take(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "ten minutes", "10x", "0s", "m", "ms", "-5s", "30m1h", "1m1m",
                                   "1h 30"])
-def test_unreadable_durations_name_the_flag(text):
-    with pytest.raises(FieldError, match="--duration: ") as err:
-        parse_duration(text, "--duration")
-    assert err.value.field == "--duration"
+def test_unreadable_durations_name_the_field(text):
+    with pytest.raises(FieldError, match="duration: ") as err:
+        parse_duration(text, "duration")
+    assert err.value.field == "duration"
 
 
 def test_zero_is_a_duration_only_where_asked():
@@ -33,7 +35,7 @@ def test_zero_is_a_duration_only_where_asked():
 
 def test_a_library_field_is_named_by_its_flag(capsys):
     assert flag_for("max_devices") == "--max-devices"
-    assert flag_for("host_speed", {"host_speed": "--host-speed-now"}) == "--host-speed-now"
+    assert flag_for("host_speed") == "--host-speed"
     err = RecommendError("must be >= 1, got 0", field="max_devices")
     assert str(err) == "max_devices: must be >= 1, got 0"  # the library names the field
     with pytest.raises(typer.Exit) as stop:
@@ -43,3 +45,11 @@ def test_a_library_field_is_named_by_its_flag(capsys):
     with pytest.raises(typer.Exit):
         fail_error(ValueError("plain message"))
     assert "plain message" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, flag", [(["bench", "serve", "--rate", "2", "--duration", "soon"], "--duration"),
+                                        (["bench", "fit", "--budget", "soon"], "--budget")])
+def test_a_bad_duration_is_named_by_its_flag_once(args, flag, tmp_path):
+    result = CliRunner().invoke(app, [*args, *(["--workdir", str(tmp_path)] if "fit" in args else [])])
+    assert result.exit_code == 2
+    assert f"error: {flag}: cannot read 'soon'" in " ".join(result.output.split()), result.output
