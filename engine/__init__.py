@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from engine.layers.rotary import rope_inv_freq
     from engine.llm import LLM
     from engine.llm_engine import InvalidRequestError, LLMEngine
+    from engine.loader import safetensors_files
     from engine.models.llama import checkpoint_shapes
     from engine.observer import StepStats
     from engine.parallel.data_parallel import replica_configs
@@ -49,12 +50,13 @@ _EXPORTS = {
     "checkpoint_shapes": "engine.models.llama",
     "replica_configs": "engine.parallel.data_parallel",
     "rope_inv_freq": "engine.layers.rotary",
+    "safetensors_files": "engine.loader",  # whether a directory holds weights to launch
 }
 
 __all__ = [
     "EngineConfig", "InvalidRequestError", "LLM", "LLMEngine", "RequestMetrics", "RequestOutput",
     "SamplingParams", "StepStats", "StreamToken",
-    "Linear", "checkpoint_shapes", "replica_configs", "rope_inv_freq",
+    "Linear", "checkpoint_shapes", "replica_configs", "rope_inv_freq", "safetensors_files",
 ]
 
 

@@ -42,9 +42,12 @@ class EngineConfig(BaseModel):
     )
     num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
 
-    quantization: Literal["int8", "int4"] | None = Field(
+    quantization: Literal["int8", "int4", "fp8"] | None = Field(
         None, description="weight-only: int8 per output channel, int4 in groups; default: as the "
-                          "checkpoint (a directory from `pilot models quantize`) or none")
+                          "checkpoint (a directory from `pilot models quantize`) or none. fp8 "
+                          "(weights and activations) is for plans served by vLLM or SGLang on GPUs")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="fp8: one byte a cached key or value (plans served by vLLM or SGLang)")
     quantization_group_size: int = Field(
         128, gt=0, description="int4: input features sharing one scale and min")
     speculative_model: str | None = Field(

@@ -84,8 +84,12 @@ class LLMEngine:
         if config.data_parallel_size > 1:
             raise ValueError(f"data_parallel_size={config.data_parallel_size} in one LLMEngine: an "
                              "LLMEngine is one replica; LLM and DataParallelEngine run several")
+        for knob, value in (("quantization", config.quantization), ("kv_cache_dtype", config.kv_cache_dtype)):
+            if value == "fp8":  # fp8 GEMMs and caches need Hopper-class GPUs and their kernels
+                raise ValueError(f"{knob}='fp8' is for plans served by vLLM or SGLang on a GPU with "
+                                 "fp8; pilot's engine does not run it (export the plan's command)")
         self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
+        self.model_config = ModelConfig.for_engine(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, self.model_config.bos_token_id)
         model_max = self.model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:

@@ -68,6 +68,7 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     process would; a pre-quantized checkpoint loads as it was written. `portable` keeps every
     linear layer in PyTorch's own layouts, so that torch.compile can trace the model."""
     model_dir = Path(model_dir)
+    config.require_runnable(str(model_dir / "config.json"))  # a plannable-only architecture
     if config.quantization is not None and quantization not in (None, config.quantization[0]):
         raise CheckpointError(f"{model_dir} is quantized as {config.quantization[0]}; "
                               f"quantization={quantization!r} asks for another scheme")

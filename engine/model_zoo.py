@@ -81,7 +81,8 @@ def make_checkpoint(shape: str | Path, out: str | Path, seed: int = 0, dtype: st
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     cfg = shape_config(shape)
     cfg["torch_dtype"] = dtype
-    model_config = ModelConfig.from_dict(cfg, source=str(shape))
+    # Weights in the engine's layout: for an architecture it builds only.
+    model_config = ModelConfig.from_dict(cfg, source=str(shape)).require_runnable(str(shape))
     std = init_std if init_std is not None else float(cfg.get("initializer_range", 0.02))
     generator = torch.Generator().manual_seed(seed)
 

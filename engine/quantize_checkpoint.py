@@ -31,7 +31,7 @@ def quantize_checkpoint(model: str | Path, out: str | Path, method: str, group_s
     model, out = Path(model), Path(out)
     if method not in METHODS:
         raise ValueError(f"method: unknown quantization {method!r}; choose from {', '.join(METHODS)}")
-    config = ModelConfig.from_dir(model)
+    config = ModelConfig.for_engine(model)
     if config.quantization is not None:
         raise CheckpointError(f"{model} is already quantized ({config.quantization[0]})")
     if out.resolve() == model.resolve():

@@ -117,7 +117,7 @@ class DataParallelEngine:
         if config.data_parallel_size < 2:
             raise ValueError(f"data_parallel_size={config.data_parallel_size}: a front needs 2 or more")
         self.config = config
-        self.model_config = ModelConfig.from_dir(config.model)
+        self.model_config = ModelConfig.for_engine(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, self.model_config.bos_token_id)
         self.requests: dict[str, int] = {}  # outstanding request id -> replica
         self.observers: list[StepObserver] = []

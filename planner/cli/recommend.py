@@ -126,6 +126,8 @@ def recommend(
             space=space, trials=trials, objective=objective, confidence=confidence, draft=draft,
             seed=seed, host_speed=host)
         checks = VerifyRequest(via=via, repeats=repeats, fallbacks=fallbacks, explore=explore)
+        if verify:  # before the search: a config-only directory plans but cannot launch
+            request.check_launchable()
     except ValueError as err:
         fail_error(err)
     store = open_store(db)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import safetensors_files
+from engine.model_config import CheckpointError, ModelConfig
 from planner.costmodel.fit import CostModel
 from planner.costmodel.fit_data import measured_acceptance
 from planner.measure import host_speed
@@ -55,8 +57,29 @@ class RecommendRequest:
         if self.host_speed not in HOST_SPEEDS:
             raise RecommendError(f"must be typical or now, got {self.host_speed!r}", field="host_speed")
         for field, path in (("model", self.model), ("draft", self.draft)):
-            if path is not None and not Path(path).is_dir():
+            if path is None:
+                continue
+            if not Path(path).is_dir():
                 raise RecommendError(f"model directory not found: {path}", field=field)
+            # A plan reads config.json alone (no weights, no tokenizer): check it before the
+            # search, so the error names the flag as well as the file and its field.
+            try:
+                ModelConfig.from_dir(path)
+            except CheckpointError as err:
+                raise RecommendError(str(err), field=field) from None
+
+    def check_launchable(self) -> None:
+        """For --verify, which runs the plan on the engine: the model (and draft) must be an
+        architecture the engine builds, with its weights here; config.json alone only plans."""
+        for field, path in (("model", self.model), ("draft", self.draft)):
+            if path is None:
+                continue
+            try:
+                ModelConfig.for_engine(path)
+                safetensors_files(Path(path))
+            except CheckpointError as err:
+                raise RecommendError(f"{err} (verifying launches it on the engine; a plan "
+                                     "alone needs only config.json)", field=field) from None
 
     def requirement(self) -> Requirement:
         kind, value = ("rate", self.rate) if self.rate is not None else ("concurrency", self.concurrency)

@@ -189,7 +189,7 @@ def test_non_positive_size_field(ckpt):
 
 def test_missing_size_field(ckpt):
     _edit_config(ckpt, lambda c: c.pop("num_hidden_layers"))
-    with pytest.raises(CheckpointError, match="num_hidden_layers must be a positive integer, got None"):
+    with pytest.raises(CheckpointError, match=r"config\.json: missing field num_hidden_layers \(a positive integer\)"):
         _load(ckpt)
 
 
