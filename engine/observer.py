@@ -17,6 +17,9 @@ class StepComposition:
     num_decode_tokens: int  # with speculative decoding, the drafts verified too
     context_tokens: int  # keys/values attention read, summed over sequences
     num_draft_tokens: int = 0
+    # Of context_tokens, those of decoding sequences: a GPU prices decode and prefill attention
+    # with different kernels.
+    decode_context_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ class SchedulerOutput:
             num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
             num_decode_tokens=sum(s.num_new_tokens for s in decodes),
             context_tokens=sum(s.context_len for s in self.scheduled),
-            num_draft_tokens=sum(len(s.spec_token_ids) for s in self.scheduled))
+            num_draft_tokens=sum(len(s.spec_token_ids) for s in self.scheduled),
+            decode_context_tokens=sum(s.context_len for s in decodes))
 
 
 @dataclass

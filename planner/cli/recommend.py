@@ -61,6 +61,8 @@ def print_result(result: Any, plan: Any) -> None:
     console.print(f"  cost: ${plan.cost.per_hour_usd:.2f}/h, ${plan.cost.per_million_output_tokens_usd:.3f} "
                   f"per million output tokens; {'calibrated' if plan.hardware.calibrated else 'UNCALIBRATED'} "
                   f"on {plan.hardware.name}")
+    if plan.basis:
+        console.print(f"  predictions: {plan.basis}")
     if result.default is not None and result.default.prediction is not None:
         d = result.default
         console.print(f"  engine defaults: ${d.cost_per_million:.3f}/M tok, "
@@ -105,6 +107,10 @@ def recommend(
                                 "that holds on two launches (objective cost)"),
     host: str = typer.Option("typical", "--host-speed", help="predict this machine at a typical "
                              "moment (typical) or as fast as a probe finds it now (now)"),
+    backend: str = typer.Option("vllm", "--backend", help="what serves a GPU plan: vllm | sglang (its "
+                                "kernels, measured on that GPU, price the plan)"),
+    backend_version: Optional[str] = typer.Option(None, "--backend-version", help="the backend release whose "
+                                                  "measured kernels price a GPU plan; default: the newest"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
     db: Db = None,
@@ -124,7 +130,7 @@ def recommend(
             osl=osl, num_requests=num_requests,
             hardware=tuple(hardware.split(",")) if hardware else (), max_devices=max_devices,
             space=space, trials=trials, objective=objective, confidence=confidence, draft=draft,
-            seed=seed, host_speed=host)
+            seed=seed, host_speed=host, backend=backend, backend_version=backend_version)
         checks = VerifyRequest(via=via, repeats=repeats, fallbacks=fallbacks, explore=explore)
         if verify:  # before the search: a config-only directory plans but cannot launch
             request.check_launchable()

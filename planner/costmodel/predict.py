@@ -37,6 +37,10 @@ class Prediction:
     goodput: float | None = None
     notes: list[str] = field(default_factory=list)
     layout: str = "single"  # cost_model.layout_of the configuration: whose errors bound it
+    basis: str = ""  # what the prediction is for and rests on, in words
+    # Held-out errors of its own (`bound(key, value, level)`, `chance_under(key, value, limit)`),
+    # where they are not the cost model's (GPU predictions from measured kernels).
+    errors: Any = None
 
 
 def workload_requests(workload: Workload, vocab_size: int, load_kind: str | None = None,
@@ -161,6 +165,9 @@ class Predictor:
         device = device_for(rates, deployment)
         notes = [] if calibrated else [f"{spec_name} has no measurements: roofline with efficiencies "
                                        "learned on measured hardware (uncalibrated)"]
+        basis = (f"pilot engine on {spec_name}, profiled here" if calibrated else
+                 f"pilot engine on {spec_name}: spec-sheet estimate, roofline with efficiencies learned on "
+                 f"{', '.join(sorted(self.model.hardware)) or 'measured hardware'} (uncalibrated)")
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         blocks = _kv_blocks(config, deployment, rates, memory_gb, max_len)
         max_len = min(max_len, blocks * config.block_size)
@@ -183,7 +190,7 @@ class Predictor:
         if not self.seen_model:
             notes.append("model not in the store: intervals from leave-one-model-out errors")
         return Prediction(metrics, intervals, calibrated, self.seen_model, blocks,
-                          result.goodput(slos) if slos else None, notes, layout)
+                          result.goodput(slos) if slos else None, notes, layout, basis)
 
 
 def predict(model: CostModel, config: EngineConfig, hardware: str | hw.HardwareSpec,

@@ -73,7 +73,7 @@ class ModelShape:
 
 def weight_bytes_per_param(dtype: str, quantization: str | None, group_size: int) -> float:
     """Bytes a stored weight costs, scales and mins included."""
-    if quantization == "int8":
+    if quantization in ("int8", "fp8", "fp8_block"):
         return 1.0  # one fp32 scale per output row: negligible per weight
     if quantization == "int4":
         return 0.5 + 8.0 / group_size  # fp32 scale and min per group
@@ -92,6 +92,7 @@ class Deployment:
     data_parallel_size: int = 1
     draft: ModelShape | None = None
     num_speculative_tokens: int = 0
+    kv_cache_dtype: str = "auto"  # "fp8": one byte a KV value (GPU serving engines)
 
     @classmethod
     def from_engine_config(cls, config: Mapping[str, Any], target: ModelShape,
@@ -101,11 +102,16 @@ class Deployment:
         return cls(target, config.get("dtype", "bfloat16"), config.get("quantization"),
                    int(config.get("quantization_group_size", 128)),
                    int(config.get("tensor_parallel_size", 1)), int(config.get("data_parallel_size", 1)),
-                   draft if k else None, int(k))
+                   draft if k else None, int(k), str(config.get("kv_cache_dtype") or "auto"))
 
     @property
     def activation_bytes(self) -> int:
         return DTYPE_BYTES.get(self.dtype, 2)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes a cached key or value takes."""
+        return 1 if self.kv_cache_dtype.startswith("fp8") else self.activation_bytes
 
     @property
     def weight_bytes(self) -> float:

@@ -74,6 +74,10 @@ def vllm_args(config: EngineConfig, port: int = 8000) -> list[str]:
         _flag(argv, "--kv-cache-memory-bytes", config.kv_cache_memory_bytes)
     elif config.gpu_memory_utilization != _DEFAULT_GPU_MEMORY_UTILIZATION:
         _flag(argv, "--gpu-memory-utilization", config.gpu_memory_utilization)
+    if config.quantization == "fp8":  # dynamic per-tensor fp8 of a bf16 checkpoint, in flight
+        _flag(argv, "--quantization", "fp8")
+    if config.kv_cache_dtype == "fp8":
+        _flag(argv, "--kv-cache-dtype", "fp8")
     # Weight-only int8/int4 has no in-flight vLLM flag that matches; see export_notes.
     if config.speculative_model is not None:
         _flag(argv, "--speculative-config", _speculative_json(config))
@@ -121,6 +125,10 @@ def sglang_args(config: EngineConfig, port: int = 30000) -> list[str]:
     elif (config.kv_cache_memory_bytes is None
           and config.gpu_memory_utilization != _DEFAULT_GPU_MEMORY_UTILIZATION):
         _flag(argv, "--mem-fraction-static", config.gpu_memory_utilization)
+    if config.quantization == "fp8":
+        _flag(argv, "--quantization", "fp8")
+    if config.kv_cache_dtype == "fp8":
+        _flag(argv, "--kv-cache-dtype", "fp8_e4m3")
     if config.quantization == "int8":
         _flag(argv, "--torchao-config", "int8wo")
     elif config.quantization == "int4":
@@ -148,7 +156,7 @@ def export_notes(config: EngineConfig) -> list[str]:
     """
     notes: list[str] = []
 
-    if config.quantization is not None:
+    if config.quantization in ("int8", "int4"):
         scheme = ("int8 per output channel" if config.quantization == "int8"
                   else f"int4 in groups of {config.quantization_group_size} with a scale and a min")
         notes.append(

@@ -97,6 +97,11 @@ class Plan(_Strict):
     predicted: dict[str, PredictedMetric] = Field(description="per replica, in seconds and tokens/s")
     cost: PlanCost
     acceptance_rate: float | None = Field(None, description="measured draft acceptance used")
+    basis: str = Field("", description="what the predictions are for and rest on: the engine that "
+                                       "serves the plan, the hardware, and what was measured")
+    serve_with: Literal["pilot", "vllm", "sglang"] = Field(
+        "pilot", description="the engine the predictions are for: `pilot serve`, or the command "
+                             "under launch (GPU plans are priced from that engine's kernels)")
     cost_model: dict[str, Any] = Field(default_factory=dict, description="id and data version")
     study: str | None = Field(None, description="the Optuna study in the store (optuna-dashboard)")
     launch: dict[str, str] = Field(default_factory=dict,
@@ -196,5 +201,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel,
                                                      if best.cost_per_million != float("inf") else 0.0),
                       output_tokens_per_s=best.output_tokens_per_s),
         acceptance_rate=search.acceptance_rate if best.config.num_speculative_tokens else None,
+        basis=prediction.basis if prediction is not None else "",
+        serve_with=search.backend if best.hardware.kind == "gpu" else "pilot",
         cost_model={"id": cost_model.id, "data_version": cost_model.data_version},
         study=result.study_name, launch=launch, notes=notes)

@@ -40,6 +40,9 @@ from planner.search.candidate import (
     pareto_front,
     rank,
 )
+from planner.silicon.calibration import GpuCalibration
+from planner.silicon.predict import KernelPredictor
+from planner.silicon.tables import INSTALL, installed
 from planner.spec import hardware as hw
 from planner.spec.search_space import SearchSpace, SearchSpaceError, bf16_is_slower, quantizable, shardable
 from planner.spec.slo import SLO
@@ -73,13 +76,18 @@ class SearchResult:
 
 def slo_bound(prediction: Prediction, key: str, model: CostModel, level: float) -> float:
     """What `key` (e.g. "ttft_p95") stays under with probability `level`, by the held-out errors
-    of the cost model; a statistic the cost model was not judged on borrows the nearest one's."""
+    of the cost model (or the prediction's own, from measured kernels); a statistic the cost model
+    was not judged on borrows the nearest one's."""
+    if prediction.errors is not None:
+        return prediction.errors.bound(key, prediction.metrics[key], level)
     return model.bound(_judged_as(key), prediction.metrics[key], level, prediction.seen_model,
                        prediction.layout)
 
 
 def slo_chance(prediction: Prediction, key: str, model: CostModel, limit_s: float) -> float:
     """The chance `key` stays under `limit_s` (the inverse of `slo_bound`)."""
+    if prediction.errors is not None:
+        return prediction.errors.chance_under(key, prediction.metrics[key], limit_s)
     return model.chance_under(_judged_as(key), prediction.metrics[key], limit_s,
                               prediction.seen_model, prediction.layout)
 
@@ -96,8 +104,10 @@ class Search:
                  requirement: Requirement, hardware: list[str] | None = None,
                  space: SearchSpace | None = None, max_devices: int = 8,
                  draft_dir: str | None = None, acceptance_rate: float | None = None,
-                 seed: int = 0, host_slowdowns: dict[str, float] | None = None) -> None:
+                 seed: int = 0, host_slowdowns: dict[str, float] | None = None, backend: str = "vllm",
+                 calibration: GpuCalibration | None = None, backend_version: str | None = None) -> None:
         self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
+        self.backend = backend
         self.max_devices = max_devices
         if max_devices < 1:
             raise RecommendError(f"must be >= 1, got {max_devices}", field="max_devices")
@@ -129,6 +139,18 @@ class Search:
                                    self.host_slowdowns)
         self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed,
                                         self.host_slowdowns)
+        # GPUs are predicted from measured kernels, as the backend that will serve the plan runs.
+        self.kernel_predictors: tuple[KernelPredictor, KernelPredictor] | None = None
+        if any(spec.kind == "gpu" for spec in self.specs.values()):
+            if not installed():
+                raise RecommendError(f"GPU predictions rest on GPU kernel measurements: {INSTALL}",
+                                     field="hardware")
+            self.kernel_predictors = (
+                KernelPredictor(model_dir, search_workload, backend, calibration, seed, backend_version),
+                KernelPredictor(model_dir, workload, backend, calibration, seed, backend_version))
+            for name, spec in self.specs.items():  # an unmeasured backend version fails here, named
+                if spec.kind == "gpu":
+                    self.notes.append(f"{name}: {self.kernel_predictors[0].basis(spec)}")
         self.mean_output_tokens = float(np.mean([s.output_tokens for s in workload.sample()]))
         self._cache: dict[tuple[str, tuple[tuple[str, Any], ...], bool], Candidate] = {}
         self._capacity: dict[tuple[str, str, int], float] = {}
@@ -152,12 +174,24 @@ class Search:
                 knobs["num_speculative_tokens"] = [0]
                 self.notes.append("no measured acceptance rate for this draft: speculative decoding "
                                   "left out (measure the pair with `pilot profile --draft`)")
+        if spec.kind == "gpu":
+            knobs.update(self._gpu_knobs(spec, space))
         cfg = self.model_config
         if "tensor_parallel_size" in knobs:  # sizes the model cannot be split into never run
             sizes = [t for t in space.values("tensor_parallel_size") if shardable(cfg, t)]
             knobs["tensor_parallel_size"] = sizes or [1]
         return space.model_copy(update={"knobs": knobs})
 
+
+    @staticmethod
+    def _gpu_knobs(spec: hw.HardwareSpec, space: SearchSpace) -> dict[str, list[Any]]:
+        """fp8 weights and KV cache only where the GPU has fp8 tensor cores."""
+        knobs: dict[str, list[Any]] = {}
+        if "fp8" not in spec.peak_tflops:
+            for knob in ("quantization", "kv_cache_dtype"):
+                if knob in space.knobs:
+                    knobs[knob] = [v for v in space.values(knob) if v != "fp8"] or [space.values(knob)[0]]
+        return knobs
 
     @property
     def space_size(self) -> int:
@@ -194,7 +228,7 @@ class Search:
         per_replica = (config.tensor_parallel_size * config.data_parallel_size
                        if spec.kind == "gpu" else 1)
         candidate = Candidate(spec, config, point, devices_per_replica=per_replica)
-        predictor = self.full_predictor if full else self.predictor
+        predictor = self.predictor_for(spec, full)
         try:
             predictor.kv_blocks(config, spec)
         except ValueError:
@@ -205,6 +239,11 @@ class Search:
             candidate.violations = {"valid": 1.0}
             return candidate
         return self._replicate(candidate, predictor, max_replicas)
+
+    def predictor_for(self, spec: hw.HardwareSpec, full: bool = False) -> Predictor | KernelPredictor:
+        if spec.kind == "gpu" and self.kernel_predictors is not None:
+            return self.kernel_predictors[1 if full else 0]
+        return self.full_predictor if full else self.predictor
 
     def _score(self, candidate: Candidate, predictor: Predictor, replicas: int) -> Candidate:
         req = self.requirement

@@ -22,6 +22,7 @@ from planner.spec.workload import Workload
 from planner.store.database import Store
 
 HOST_SPEEDS = ("typical", "now")
+GPU_BACKENDS = ("vllm", "sglang")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class RecommendRequest:
     draft: Path | None = None
     seed: int = 0
     host_speed: str = "typical"  # predict the host at a typical moment, or as a probe finds it now
+    backend: str = "vllm"  # the engine a GPU plan is served by (its kernels price it)
+    backend_version: str | None = None  # whose kernel measurements; None: the newest there are
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
@@ -54,6 +57,9 @@ class RecommendRequest:
             raise RecommendError(f"must be >= 1, got {self.num_requests}", field="num_requests")
         if self.trials < 1:
             raise RecommendError(f"must be >= 1, got {self.trials}", field="trials")
+        if self.backend not in GPU_BACKENDS:
+            raise RecommendError(f"must be one of {', '.join(GPU_BACKENDS)}, got {self.backend!r}",
+                                 field="backend")
         if self.host_speed not in HOST_SPEEDS:
             raise RecommendError(f"must be typical or now, got {self.host_speed!r}", field="host_speed")
         for field, path in (("model", self.model), ("draft", self.draft)):
@@ -101,7 +107,8 @@ class RecommendRequest:
             max_devices=self.max_devices, draft_dir=draft,
             acceptance_rate=measured_acceptance(store, str(self.model), draft) if draft else None,
             seed=self.seed,
-            host_slowdowns=host_slowdowns_now(cost_model) if self.host_speed == "now" else None)
+            host_slowdowns=host_slowdowns_now(cost_model) if self.host_speed == "now" else None,
+            backend=self.backend, backend_version=self.backend_version)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from planner.spec.files import builtin_data, read_mapping
 
 SPACES_DIR = builtin_data("search_spaces")
 # Knobs a space may vary (EngineConfig fields); anything else is a fixed setting of the space.
-KNOBS = ("dtype", "quantization", "tensor_parallel_size", "data_parallel_size", "max_num_seqs",
-         "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
+KNOBS = ("dtype", "quantization", "kv_cache_dtype", "tensor_parallel_size", "data_parallel_size",
+         "max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
          "num_speculative_tokens")
 MAX_CANDIDATES = 4096
 
@@ -184,7 +184,7 @@ class SearchSpace(BaseModel):
 
 def quantizable(model: ModelConfig, config: EngineConfig) -> bool:
     """Whether every linear layer's inputs (one rank's share) fit the quantization scheme."""
-    if config.quantization is None:
+    if config.quantization in (None, "fp8"):  # fp8 scales per tensor: any shape holds
         return True
     tp = config.tensor_parallel_size
     inputs = {model.hidden_size, model.intermediate_size // tp, model.num_attention_heads * model.head_dim // tp}
