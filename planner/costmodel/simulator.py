@@ -99,9 +99,13 @@ class Simulator:
         self.seed = seed
 
     def run(self, requests: Seq[SimRequest], concurrency: int | None = None,
-            record: bool = False) -> SimulationResult:
+            record: bool = False, stagger_s: float = 0.0) -> SimulationResult:
         """Replay `requests`: at their `arrival_s` (open loop), or `concurrency` at a time, a new
-        one the moment one finishes (closed loop), as `planner.measure.in_process.run_load` drives the engine."""
+        one the moment one finishes (closed loop), as `planner.measure.in_process.run_load` drives the engine.
+
+        `stagger_s` spreads the closed loop's first requests evenly over that many seconds: clients
+        of equal requests that all start at once stay in lockstep forever in a deterministic replay,
+        where real ones drift apart (a long benchmark's steady state has them evenly out of phase)."""
         if concurrency is None and any(r.arrival_s is None for r in requests):
             raise ValueError("requests need arrival_s unless a concurrency is given")
         if concurrency is not None and concurrency < 1:
@@ -123,8 +127,9 @@ class Simulator:
         heapq.heapify(pending)
         next_closed = 0
         if concurrency is not None:
-            for _ in range(min(concurrency, len(requests))):
-                heapq.heappush(pending, (0.0, next_closed))
+            first = min(concurrency, len(requests))
+            for i in range(first):
+                heapq.heappush(pending, (stagger_s * i / first, next_closed))
                 next_closed += 1
         steps, preemptions, kv_peak, kv_sum, finished = 0, 0, 0.0, 0.0, 0
         compositions: list[StepComposition] = []

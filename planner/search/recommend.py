@@ -49,6 +49,9 @@ from planner.spec.slo import SLO
 from planner.spec.workload import ClosedLoopArrival, PoissonArrival, Workload
 
 SEARCH_REQUESTS = 100  # per trial; the finalists are simulated again with the whole workload
+# On a GPU a step takes milliseconds, so the same requests span ten times the steps of a CPU's:
+# trials replay fewer, and the finalists' confirmation replays the whole workload as everywhere.
+GPU_SEARCH_REQUESTS = 50
 FINALISTS = 5
 # A replica keeps up with a rate up to this share of its capacity (requests/s with its batch
 # full); past it the queue grows without bound and the SLOs only look met in a short run.
@@ -145,8 +148,9 @@ class Search:
             if not installed():
                 raise RecommendError(f"GPU predictions rest on GPU kernel measurements: {INSTALL}",
                                      field="hardware")
+            gpu_sample = workload.model_copy(update={"num_requests": min(workload.num_requests, GPU_SEARCH_REQUESTS)})
             self.kernel_predictors = (
-                KernelPredictor(model_dir, search_workload, backend, calibration, seed, backend_version),
+                KernelPredictor(model_dir, gpu_sample, backend, calibration, seed, backend_version),
                 KernelPredictor(model_dir, workload, backend, calibration, seed, backend_version))
             for name, spec in self.specs.items():  # an unmeasured backend version fails here, named
                 if spec.kind == "gpu":
@@ -156,6 +160,11 @@ class Search:
         self._capacity: dict[tuple[str, str, int], float] = {}
         kinds = {spec.kind for spec in self.specs.values()}
         self._prefix = len(kinds) > 1  # a mixed study names each kind's knobs apart
+        # Optuna needs one value set per parameter name: a knob whose values differ between
+        # hardware types (fp8 only where the GPU has it) is named per hardware type.
+        self._per_hardware = {knob for knob in {k for sp in self.spaces.values() for k in sp.knobs}
+                              if len({tuple(map(str, sp.values(knob))) for sp in self.spaces.values()
+                                      if knob in sp.knobs}) > 1}
 
     def _space(self, spec: hw.HardwareSpec, given: SearchSpace | None) -> SearchSpace:
         space = given or SearchSpace.from_file(spec.kind)
@@ -198,6 +207,8 @@ class Search:
         return sum(math.prod(len(space.values(k)) for k in space.knobs) for space in self.spaces.values())
 
     def param(self, hardware: str, knob: str) -> str:
+        if knob in self._per_hardware:
+            return f"{hardware}.{knob}"
         return f"{self.specs[hardware].kind}.{knob}" if self._prefix else knob
 
     def config(self, hardware: str, point: dict[str, Any]) -> EngineConfig | None:

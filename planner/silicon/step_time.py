@@ -71,25 +71,37 @@ class KernelStepTime:
         self.elementwise_s_per_token = (shape.num_layers * values * deployment.activation_bytes
                                         / (ELEMENTWISE_BANDWIDTH_SHARE * memory_bandwidth_gbs * 1e9))
         self.extrapolated = False  # set once a step falls outside the measured shapes
+        self._dense_cache: dict[tuple[int, int], float] = {}
         # Speculative decoding: the draft model (priced by the same kernels, no overhead of its
         # own) runs k decode passes for the step's decoding sequences.
         self.draft, self.k = draft, deployment.num_speculative_tokens
 
+    def _dense(self, tokens: int, seqs: int) -> float:
+        """What depends on the token and sequence counts alone: linears, LM head, all-reduces,
+        elementwise work (cached: a simulation sees few distinct counts)."""
+        key = (tokens, seqs)
+        if key not in self._dense_cache:
+            seconds = self.shape.num_layers * self.layer_linears(tokens) + self.lm_head(seqs)
+            if self.allreduce is not None:
+                seconds += (2 * self.shape.num_layers + 1) * self.allreduce(tokens * self.shape.hidden_size)
+            self._dense_cache[key] = seconds + tokens * self.elementwise_s_per_token
+        return self._dense_cache[key]
+
     def __call__(self, step: StepComposition, peers: int = 0) -> float:
         layers = self.shape.num_layers
         tokens = step.num_prefill_tokens + step.num_decode_tokens
-        seconds = layers * self.layer_linears(tokens) + self.lm_head(step.num_seqs)
+        seconds = self._dense(tokens, step.num_seqs)
         if step.num_decode_seqs:
             decode_context = step.decode_context_tokens or (
                 step.context_tokens * step.num_decode_tokens / max(tokens, 1))
-            batch, mean = step.num_decode_seqs, decode_context / step.num_decode_seqs
+            # The mean context on a 1% grid: the time moves by far less within a cell, and the
+            # surface's cache then serves most of a simulation's thousands of steps.
+            batch = step.num_decode_seqs
+            mean = float(np.exp(round(np.log(max(decode_context / batch, 1.0)) * 100) / 100))
             seconds += layers * self.decode(batch, mean)
             self.extrapolated |= self.decode.extrapolates(batch, mean)
         if step.num_prefill_seqs:
             seconds += layers * self._prefill_attention(step)
-        if self.allreduce is not None:
-            seconds += (2 * layers + 1) * self.allreduce(tokens * self.shape.hidden_size)
-        seconds += tokens * self.elementwise_s_per_token
         self.extrapolated |= tokens > self.layer_linears.largest
         if self.draft is not None and step.num_draft_tokens and step.num_decode_seqs:
             n, context = step.num_decode_seqs, step.decode_context_tokens

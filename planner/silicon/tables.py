@@ -76,11 +76,21 @@ def pick_version(system: str, op: str, backend: str, wanted: str | None) -> str:
     return wanted
 
 
-def _read(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+def _read(path: Path, columns: list[str], optional: dict[str, object] | None = None) -> dict[str, np.ndarray]:
+    """`columns` of a parquet file; those in `optional` take its value where a table (an older
+    collection) lacks them."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path, columns=columns)
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+    present = set(pq.read_schema(path).names)
+    defaults = optional or {}
+    table = pq.read_table(path, columns=[c for c in columns if c in present])
+    out = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns if c in present}
+    for c in columns:
+        if c not in present:
+            if c not in defaults:
+                raise KernelDataError(f"{path}: no column {c!r}", field="hardware")
+            out[c] = np.full(table.num_rows, defaults[c])
+    return out
 
 
 def _attention_key(heads: int, kv_heads: int, head_dim: int, kv_dtype: str) -> tuple[int, int, int, str]:
@@ -224,7 +234,7 @@ def _load(system: str, backend: str, version: str | None) -> KernelTables:
 def _surfaces(path: Path, length: str, work) -> dict[tuple[int, int, int, str], Surface]:
     cols = ["num_heads", "num_key_value_heads", "head_dim", "kv_cache_dtype", "window_size",
             "batch_size", length, "latency"]
-    t = _read(path, cols)
+    t = _read(path, cols, {"window_size": 0, "kv_cache_dtype": "bfloat16"})
     full = t["window_size"] == 0  # sliding-window variants are other kernels' business
     keys = list(zip(t["num_heads"][full], t["num_key_value_heads"][full], t["head_dim"][full],
                     t["kv_cache_dtype"][full]))

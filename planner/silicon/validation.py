@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.model_config import ModelConfig
+from engine.observer import StepComposition
 from engine.scheduler import SchedulerConfig
 from planner.costmodel.roofline import Deployment, ModelShape
-from planner.costmodel.simulator import SimRequest, Simulator, unique_prompts
+from planner.costmodel.simulator import SimRequest, Simulator, StepTime, unique_prompts
 from planner.silicon.memory import memory_plan
 from planner.silicon.overhead import Baseline, Overheads
 from planner.silicon.step_time import KernelStepTime
@@ -39,8 +40,9 @@ GEMM_QUANT = {"": None, "bf16": None, "fp8": "fp8", "fp8_block": "fp8_block"}
 # vLLM V1's API server (max_num_seqs 1024, max_num_batched_tokens 8192), SGLang's and
 # TensorRT-LLM's chunked prefill of 8192 tokens.
 BACKEND_DEFAULTS = {"vllm": (1024, 8192), "sglang": (1024, 8192), "trtllm": (2048, 8192)}
-# Requests a closed loop at concurrency c sends: enough waves that the first (every request
-# arriving at once) does not dominate, few enough to replay in seconds.
+# Requests a closed loop at concurrency c sends, in multiples of c: the first c ramp the clients
+# up (out of phase, as a long benchmark's steady state has them) and are not counted, as
+# benchmarks' warm-up requests are not.
 WAVES = 4
 
 
@@ -52,6 +54,7 @@ class SiliconRow:
     model: str
     system: str
     quantization: str | None
+    kv_cache_dtype: str  # "fp8" where the checkpoint says so (NVIDIA's ModelOpt FP8 checkpoints)
     input_tokens: int
     output_tokens: int
     concurrency: int
@@ -101,6 +104,13 @@ def model_config(name: str) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(path.read_text()), str(path))
 
 
+def _kv_cache_dtype(row: dict[str, str]) -> str:
+    """NVIDIA's FP8 checkpoints (ModelOpt, `nvidia/*-FP8`) quantize the KV cache too
+    (kv_cache_quant_algo: FP8 in their hf_quant_config.json), and the engines serve it so; any
+    other checkpoint keeps a bf16 cache unless told otherwise, which the sample does not record."""
+    return "fp8" if row["model_path"].startswith("nvidia/") and row["gemm_quant_mode"].startswith("fp8") else "auto"
+
+
 def expressible_rows(path: Path | None = None, systems: tuple[str, ...] = ("h100_sxm", "h200_sxm")) -> list[SiliconRow]:
     """The sample's rows pilot's model family and knobs can express, on the given GPUs."""
     rows = []
@@ -113,9 +123,19 @@ def expressible_rows(path: Path | None = None, systems: tuple[str, ...] = ("h100
                 continue
             rows.append(SiliconRow(
                 r["id"], r["backend"], r["backend_version"] or "unknown", r["model_path"], r["system"],
-                GEMM_QUANT[r["gemm_quant_mode"]], int(r["isl"]), int(r["osl"]), int(r["batch_size"]),
-                int(r["tp_size"]), float(r["silicon_ttft_ms"]) / 1e3, float(r["silicon_tpot_ms"]) / 1e3))
+                GEMM_QUANT[r["gemm_quant_mode"]], _kv_cache_dtype(r), int(r["isl"]), int(r["osl"]),
+                int(r["batch_size"]), int(r["tp_size"]), float(r["silicon_ttft_ms"]) / 1e3,
+                float(r["silicon_tpot_ms"]) / 1e3))
     return rows
+
+
+def request_duration(step_time: StepTime, concurrency: int, input_tokens: int, output_tokens: int) -> float:
+    """About how long one request takes once `concurrency` clients run out of phase: its prompt
+    alone, then its output at the step time of a full decode batch at mid-length contexts."""
+    prefill = step_time(StepComposition(1, 1, 0, input_tokens, 0, input_tokens), 0)
+    c, mid = concurrency, input_tokens + output_tokens // 2
+    decode = step_time(StepComposition(c, 0, c, 0, c, c * mid, decode_context_tokens=c * mid), 0)
+    return prefill + output_tokens * decode
 
 
 def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int = WAVES,
@@ -123,7 +143,8 @@ def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int 
     """Replay the row's closed loop through the engine's scheduler with kernel step times and
     the backend's framework `overheads`."""
     shape = ModelShape.from_config(model_config(row.model))
-    deployment = Deployment(shape, quantization=row.quantization, tensor_parallel_size=row.tensor_parallel_size)
+    deployment = Deployment(shape, quantization=row.quantization, tensor_parallel_size=row.tensor_parallel_size,
+                            kv_cache_dtype=row.kv_cache_dtype)
     spec = hw.get_spec(row.gpu)
     tables = KernelTables.load(row.system, row.backend)
     step_time = KernelStepTime(tables, deployment, spec.memory_bandwidth_gbs, overheads.step)
@@ -139,9 +160,11 @@ def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int 
     simulator = Simulator(step_time, scheduler, blocks, 16, enable_prefix_caching=False, seed=seed)
     count = max(waves * row.concurrency, 8)
     requests = [SimRequest(p, row.output_tokens) for p in unique_prompts([row.input_tokens] * count)]
-    result = simulator.run(requests, row.concurrency, record=True)
-    ttft = float(np.mean([r.ttft_s for r in result.latencies]))
-    tpot = float(np.mean([r.tpot_s for r in result.latencies if r.output_tokens > 1]))
+    stagger = request_duration(step_time, row.concurrency, row.input_tokens, row.output_tokens)
+    result = simulator.run(requests, row.concurrency, record=True, stagger_s=stagger)
+    counted = result.latencies[row.concurrency:] if count > row.concurrency else result.latencies
+    ttft = float(np.mean([r.ttft_s for r in counted]))
+    tpot = float(np.mean([r.tpot_s for r in counted if r.output_tokens > 1]))
     decoding = np.array([c.num_decode_seqs for c in result.compositions if c.num_decode_seqs], dtype=float)
     decode_batch = float(np.sum(decoding ** 2) / np.sum(decoding)) if len(decoding) else 1.0
     steps_to_first = ttft * result.num_steps / result.duration_s if result.duration_s > 0 else 1.0
