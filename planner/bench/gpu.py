@@ -50,7 +50,7 @@ class GpuBenchResult:
         """(label, rows) per GPU, per backend, per model, then overall."""
         out = []
         for label, key in (("gpu", lambda p: p.row.gpu), ("backend", lambda p: p.row.backend),
-                           ("model", lambda p: p.row.model)):
+                           ("model", lambda p: p.row.model.split("/")[-1])):
             for value in sorted({key(p) for p in self.predictions}):
                 out.append((f"{label} {value}", [p for p in self.predictions if key(p) == value]))
         out.append(("overall", list(self.predictions)))

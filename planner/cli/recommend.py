@@ -87,6 +87,8 @@ def recommend(
     space: Optional[str] = typer.Option(None, "--space", help="search space file or built-in name; "
                                         "default: cpu or gpu by hardware kind"),
     trials: int = typer.Option(100, "--trials", help="Optuna trials"),
+    workers: int = typer.Option(1, "--workers", help="trials scored at once, in that many processes "
+                                "(the plan then depends on the count as well as --seed)"),
     objective: str = typer.Option("cost", "--objective", help="cost | throughput | latency"),
     confidence: float = typer.Option(0.8, "--confidence", help="the chance the plan meets every SLO "
                                      "when launched, by the cost model's held-out errors (0-1)"),
@@ -124,6 +126,8 @@ def recommend(
 
     if (rate is None) == (concurrency is None):
         fail("give exactly one of --rate or --concurrency")
+    if workers < 1:
+        fail(f"--workers: must be >= 1, got {workers}")
     try:
         request = RecommendRequest(
             model=model, slo=slo, rate=rate, concurrency=concurrency, workload=workload, isl=isl,
@@ -153,7 +157,7 @@ def recommend(
             progress.update(task, completed=done, description=f"searching ({label})")
 
         try:
-            result = run_search(search, trials, storage=store.url, on_progress=on_progress)
+            result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)
         except ValueError as err:
             fail_error(err)
     plan = make_plan(result, search, fitted)

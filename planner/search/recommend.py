@@ -40,6 +40,7 @@ from planner.search.candidate import (
     pareto_front,
     rank,
 )
+from planner.search.parallel import Evaluator
 from planner.silicon.calibration import GpuCalibration
 from planner.silicon.predict import KernelPredictor
 from planner.silicon.tables import INSTALL, installed
@@ -227,10 +228,21 @@ class Search:
 
     def evaluate(self, hardware: str, point: dict[str, Any], full: bool = False) -> Candidate:
         """Score one point: cached, since the sampler proposes the same point more than once."""
-        key = (hardware, tuple(sorted(point.items(), key=lambda kv: kv[0])), full)
+        key = self._key(hardware, point, full)
         if key not in self._cache:
             self._cache[key] = self._evaluate(hardware, point, full)
         return self._cache[key]
+
+    @staticmethod
+    def _key(hardware: str, point: dict[str, Any], full: bool) -> tuple[str, tuple[tuple[str, Any], ...], bool]:
+        return hardware, tuple(sorted(point.items(), key=lambda kv: kv[0])), full
+
+    def is_cached(self, hardware: str, point: dict[str, Any], full: bool = False) -> bool:
+        return self._key(hardware, point, full) in self._cache
+
+    def remember(self, hardware: str, point: dict[str, Any], full: bool, candidate: Candidate) -> None:
+        """A candidate scored elsewhere (a worker process), as `evaluate` would have cached it."""
+        self._cache.setdefault(self._key(hardware, point, full), candidate)
 
     def _evaluate(self, hardware: str, point: dict[str, Any], full: bool) -> Candidate:
         spec, config = self.specs[hardware], self.config(hardware, point)
@@ -339,8 +351,11 @@ class Search:
 
 
 def run_search(search: Search, trials: int = 150, storage: str | None = None,
-               study_name: str | None = None, on_progress: Progress | None = None) -> SearchResult:
-    """Run the study, confirm the finalists on the whole workload, and pick the plan."""
+               study_name: str | None = None, on_progress: Progress | None = None,
+               workers: int = 1) -> SearchResult:
+    """Run the study, confirm the finalists on the whole workload, and pick the plan. With
+    `workers` > 1, that many trials are asked at once and scored in parallel processes (the
+    result then depends on the worker count as well as the seed)."""
     if trials < 1:
         raise RecommendError(f"must be >= 1, got {trials}", field="trials")
     start = time.perf_counter()
@@ -361,12 +376,14 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
         study.enqueue_trial(_default_params(search, hardware), skip_if_exists=True)
     evaluated: dict[int, Candidate] = {}
 
-    def objective(trial: optuna.Trial) -> float:
+    def suggest(trial: optuna.Trial) -> tuple[str, dict[str, Any], bool]:
         hardware = trial.suggest_categorical("hardware", names) if len(names) > 1 else names[0]
         space = search.spaces[hardware]
         point = {k: trial.suggest_categorical(search.param(hardware, k), space.values(k))
                  for k in space.knobs}
-        candidate = search.evaluate(hardware, point)
+        return hardware, point, False
+
+    def record(trial: optuna.Trial, candidate: Candidate) -> float:
         for constraint, value in candidate.violations.items():
             trial.set_constraint(constraint, float(value))
         trial.set_user_attr("replicas", candidate.replicas)
@@ -386,10 +403,17 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
             feasible = [c for c in evaluated.values() if c.feasible]
             on_progress(len(evaluated), trials, rank(feasible, req)[0] if feasible else None)
 
-    study.optimize(objective, n_trials=trials, callbacks=[callback])
-    distinct = list({id(c): c for c in evaluated.values()}.values())
-    feasible = rank([c for c in distinct if c.feasible], req)
-    finalists = _confirm(search, feasible[:FINALISTS]) if feasible else []
+    with Evaluator(search, workers) as evaluator:
+        done = 0
+        while done < trials:
+            asked = [study.ask() for _ in range(min(evaluator.workers, trials - done))]
+            jobs = [suggest(trial) for trial in asked]
+            for trial, candidate in zip(asked, evaluator.evaluate(jobs)):
+                callback(study, study.tell(trial, record(trial, candidate)))
+            done += len(asked)
+        distinct = list({id(c): c for c in evaluated.values()}.values())
+        feasible = rank([c for c in distinct if c.feasible], req)
+        finalists = _confirm(evaluator, feasible[:FINALISTS]) if feasible else []
     confirmed = rank([c for c in finalists if c.feasible], req)
     if confirmed:
         best, ok = confirmed[0], True
@@ -405,11 +429,10 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
                         name if storage is not None else None, list(search.notes), list(req.slos))
 
 
-def _confirm(search: Search, candidates: list[Candidate]) -> list[Candidate]:
+def _confirm(evaluator: Evaluator, candidates: list[Candidate]) -> list[Candidate]:
     """The finalists again, on the whole workload rather than the search's sample."""
     out = []
-    for c in candidates:
-        confirmed = search.evaluate(c.hardware.name, c.params, full=True)
+    for c, confirmed in zip(candidates, evaluator.evaluate([(c.hardware.name, c.params, True) for c in candidates])):
         confirmed.trial = c.trial
         out.append(confirmed)
     return out

@@ -69,7 +69,7 @@ class Surface:
         if not np.isfinite(self.seconds).any():
             raise ValueError("a surface needs at least one measured point")
         self._log = np.log(np.where(self.seconds > 0, self.seconds, np.nan))
-        self._cache: dict[tuple[float, float], float] = {}
+        self._cache: dict[tuple[float, float], tuple[float, bool]] = {}
 
     @classmethod
     def from_points(cls, xs: np.ndarray, ys: np.ndarray, seconds: np.ndarray, work: Work) -> Surface:
@@ -82,16 +82,21 @@ class Surface:
 
     def extrapolates(self, x: float, y: float) -> bool:
         """Whether (x, y) lies past the measured shapes (its time is scaled, not interpolated)."""
-        i, _, _ = _bracket(self.xs, x)
-        j, _, _ = _bracket(self.ys, y)
-        return x > self.xs[-1] or y > self.ys[-1] or not np.isfinite(self.seconds[i:i + 2, j:j + 2]).all()
+        return self.lookup(x, y)[1]
 
     def __call__(self, x: float, y: float) -> float:
+        return self.lookup(x, y)[0]
+
+    def lookup(self, x: float, y: float) -> tuple[float, bool]:
+        """(seconds, whether extrapolated), cached: a simulation asks for the same shapes often."""
         key = (x, y)
         if key not in self._cache:
             if len(self._cache) > 100_000:
                 self._cache.clear()
-            self._cache[key] = self._value(x, y)
+            i, _, _ = _bracket(self.xs, x)
+            j, _, _ = _bracket(self.ys, y)
+            outside = x > self.xs[-1] or y > self.ys[-1] or not np.isfinite(self.seconds[i:i + 2, j:j + 2]).all()
+            self._cache[key] = (self._value(x, y), bool(outside))
         return self._cache[key]
 
     def _value(self, x: float, y: float) -> float:

@@ -9,6 +9,7 @@ spec sheets (bandwidth where the step is bound by memory, FLOP/s where by comput
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,13 +38,18 @@ def kernel_data_for(spec: hw.HardwareSpec) -> bool:
     return spec.kind == "gpu" and installed()
 
 
+@functools.lru_cache(maxsize=None)
+def _builtin_spec(name: str) -> hw.HardwareSpec:
+    return hw.get_spec(name)
+
+
 def reference_gpu(spec: hw.HardwareSpec) -> str:
     """`spec` itself where measured, else the measured GPU closest in bandwidth and FLOP/s."""
     if spec.name in SYSTEMS:
         return spec.name
 
     def distance(name: str) -> float:
-        other = hw.get_spec(name)
+        other = _builtin_spec(name)
         return (abs(math.log(other.memory_bandwidth_gbs / spec.memory_bandwidth_gbs))
                 + abs(math.log(other.peak_tflops["bf16"] / spec.peak_tflops["bf16"])))
 
@@ -156,7 +162,7 @@ class KernelPredictor:
 
     def step_time(self, config: EngineConfig, spec: hw.HardwareSpec) -> KernelStepTime | BorrowedStepTime:
         deployment = self.deployment(config)
-        reference = hw.get_spec(reference_gpu(spec))
+        reference = _builtin_spec(reference_gpu(spec))
         tables = self.tables(reference.name)
         draft = None
         if deployment.draft is not None:  # sharded like the target, as vLLM and SGLang run it
@@ -169,7 +175,7 @@ class KernelPredictor:
     def predict(self, config: EngineConfig, hardware: str | hw.HardwareSpec, load_kind: str | None = None,
                 load_value: float | None = None, acceptance_rate: float | None = None,
                 slos: list[SLO] | None = None, memory_gb: float | None = None) -> Prediction:
-        spec = hardware if isinstance(hardware, hw.HardwareSpec) else hw.get_spec(hardware)
+        spec = hardware if isinstance(hardware, hw.HardwareSpec) else _builtin_spec(hardware)
         k = config.num_speculative_tokens or 0
         if k and acceptance_rate is None:
             raise KernelDataError("required with a speculative_model (measure the pair with `pilot profile "

@@ -98,8 +98,9 @@ class KernelStepTime:
             # surface's cache then serves most of a simulation's thousands of steps.
             batch = step.num_decode_seqs
             mean = float(np.exp(round(np.log(max(decode_context / batch, 1.0)) * 100) / 100))
-            seconds += layers * self.decode(batch, mean)
-            self.extrapolated |= self.decode.extrapolates(batch, mean)
+            attention, outside = self.decode.lookup(batch, mean)
+            seconds += layers * attention
+            self.extrapolated |= outside
         if step.num_prefill_seqs:
             seconds += layers * self._prefill_attention(step)
         self.extrapolated |= tokens > self.layer_linears.largest
@@ -117,8 +118,9 @@ class KernelStepTime:
         context = max(step.context_tokens - step.decode_context_tokens, step.num_prefill_tokens) / n
         pairs = new * (context - new) + new * new / 2
         length = float(np.sqrt(2 * pairs))
-        self.extrapolated |= self.prefill.extrapolates(n, length)
-        return self.prefill(n, length)
+        seconds, outside = self.prefill.lookup(n, length)
+        self.extrapolated |= outside
+        return seconds
 
 
 def _sum(curves: list[Curve]) -> Curve:

@@ -19,6 +19,9 @@ from planner.cli import app
 from planner.search.plan import Plan
 from planner.store.database import Store
 
+# The kernel measurements: installed by the test extra (Python 3.11-3.13, as the package allows).
+pytest.importorskip("aiconfigurator_core")
+
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,

@@ -12,6 +12,9 @@ from planner.silicon.memory import GIB, memory_plan
 from planner.silicon.step_time import KernelStepTime, StepOverhead
 from planner.silicon.tables import KernelTables
 
+# The kernel measurements: installed by the test extra (Python 3.11-3.13, as the package allows).
+pytest.importorskip("aiconfigurator_core")
+
 LLAMA_8B = ModelShape(4096, 14336, 32, 32, 8, 128, 128256)
 LLAMA_70B = ModelShape(8192, 28672, 80, 64, 8, 128, 128256)
 H100_BANDWIDTH = 3350.0
