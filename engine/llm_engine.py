@@ -245,10 +245,13 @@ class LLMEngine:
 
     def _notify(self, out: SchedulerOutput, sampled: list[list[int] | None], start: float,
                 forward_s: float, num_finished: int) -> None:
-        composition = out.composition()
+        composition = asdict(out.composition())
+        # The step log keeps the totals its store has columns for; the decode share of the
+        # context is for the planner's GPU pricing, which reads compositions, not logs.
+        composition.pop("decode_context_tokens")
         stats = StepStats(
             step=self.step_count - 1, start_time=start, duration_s=time.perf_counter() - start,
-            forward_s=forward_s, **asdict(composition), num_preempted=len(out.preempted),
+            forward_s=forward_s, **composition, num_preempted=len(out.preempted),
             num_finished=num_finished, num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running), kv_blocks_used=self.block_manager.num_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,
