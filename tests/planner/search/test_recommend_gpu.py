@@ -86,3 +86,22 @@ def test_the_plan_file_round_trips_with_its_basis(gpu_plan, tmp_path):
     again = Plan.model_validate(yaml.safe_load(plan.to_yaml()))
     assert again.basis == plan.basis and again.serve_with == "vllm"
     assert Path(plan.engine.model).name == "Llama-3.1-8B"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--backend", "tgi"], "--backend: must be one of vllm, sglang, got 'tgi'"),
+    (["--backend-version", "0.0.1"],
+     "--backend-version: vllm '0.0.1' has no gemm measurements on h100_sxm; measured: "),
+    (["--hardware", "h900"], "unknown hardware 'h900'; known: "),
+])
+def test_bad_gpu_flags_are_named_with_what_there_is(tmp_path, flags, message):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    db = tmp_path / "pilot.db"
+    synthetic_cost_model(Store(f"sqlite:///{db}"))
+    args = ["recommend", "--model", str(model), "--slo", "ttft_p95<=1s", "--rate", "1", "--trials", "1",
+            "--hardware", "h100-sxm", "--db", str(db), *flags]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert message in " ".join(result.output.split())
