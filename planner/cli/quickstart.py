@@ -69,7 +69,8 @@ def quickstart(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
-            verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db)
+            verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db,
+            workers=1, backend="vllm", backend_version=None)
     except VerifyMissed as missed:  # measured and missed: the summary says so
         verified = missed.verified
     except typer.Exit as stop:

@@ -54,7 +54,9 @@ def test_builtin_spaces_contents():
     assert gpu.load == LoadLevels(kind="rate", levels=[1, 4, 16, 64])
     assert cpu.values("quantization") == [None, "int8", "int4"]
     assert cpu.values("max_num_seqs") == [1, 2, 4, 8, 16, 32, 64]
-    assert gpu.values("max_num_seqs") == [8, 16, 32, 64, 128, 256]
+    assert gpu.values("max_num_seqs") == [16, 32, 64, 128, 256, 512, 1024]
+    assert gpu.values("quantization") == [None, "fp8", "int8", "int4"]
+    assert gpu.values("kv_cache_dtype") == ["auto", "fp8"]
     for space in (cpu, gpu):
         assert space.fixed == {"dtype": "bfloat16"}
         assert space.values("enable_prefix_caching") == [True, False]
