@@ -53,8 +53,10 @@ from planner.bench.truth import (
 from planner.costmodel import fit as cm
 from planner.measure import host_speed
 from planner.measure.profiler import base_config, plan_campaign, profile
+from planner.search.candidate import Requirement
 from planner.search.plan import make_plan
-from planner.search.recommend import Requirement, Search, run_search
+from planner.search.recommend import run_search
+from planner.search.search import Search
 from planner.search.verify import VerifyError, verify, verify_in_turn
 from planner.spec import hardware as hw
 from planner.spec.workload import Workload

@@ -1,6 +1,7 @@
-"""Choosing a deployment: candidates and their ranking (`candidate`), the Optuna search
-(`recommend`), the plan file (`plan`), launching and measuring a plan (`verify`) and the
-plan's equivalent vLLM and SGLang launch arguments (`launch_args`)."""
+"""Choosing a deployment: candidates and their ranking (`candidate`), scoring one deployment
+(`search`), the Optuna search (`recommend`), trials in parallel processes (`parallel`), the plan
+file (`plan`), launching and measuring a plan (`verify`) and the plan's equivalent vLLM and
+SGLang launch arguments (`launch_args`)."""
 
 from planner._lazy import lazy_exports
 
@@ -8,7 +9,7 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "Requirement": "candidate",
     "Candidate": "candidate",
     "RecommendError": "candidate",
-    "Search": "recommend",
+    "Search": "search",
     "SearchResult": "recommend",
     "run_search": "recommend",
     "Plan": "plan",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from planner.search.candidate import Candidate
-    from planner.search.recommend import Search
+    from planner.search.search import Search
 
 Job = tuple[str, dict[str, Any], bool]  # (hardware, knob values, on the whole workload)
 _SEARCH: Search | None = None  # the search a forked worker inherited

@@ -22,7 +22,9 @@ from planner.spec.workload import Workload
 
 if TYPE_CHECKING:
     from planner.costmodel.fit import CostModel
-    from planner.search.recommend import Candidate, Search, SearchResult
+    from planner.search.candidate import Candidate
+    from planner.search.recommend import SearchResult
+    from planner.search.search import Search
 
 PLAN_VERSION = 1
 OBJECTIVES = ("cost", "throughput", "latency")
@@ -161,7 +163,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel,
               candidate: Candidate | None = None) -> Plan:
     """The plan file of a search's choice, or of another `candidate` it scored."""
     from planner.search.launch_args import as_shell, export_notes, sglang_args, vllm_args
-    from planner.search.recommend import slo_bound
+    from planner.search.search import slo_bound
 
     best: Candidate = candidate if candidate is not None else result.best
     req = search.requirement

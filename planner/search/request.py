@@ -14,7 +14,7 @@ from planner.costmodel.fit_data import measured_acceptance
 from planner.measure import host_speed
 from planner.measure.profiler import VIA
 from planner.search.candidate import RecommendError, Requirement
-from planner.search.recommend import Search
+from planner.search.search import Search
 from planner.spec import hardware as hw
 from planner.spec.search_space import SearchSpace
 from planner.spec.slo import parse_slos

@@ -31,7 +31,8 @@ from planner.costmodel.fit import CostModel
 from planner.measure import profiler
 from planner.search.candidate import Candidate, closeness, rank
 from planner.search.plan import Plan, make_plan
-from planner.search.recommend import Search, SearchResult
+from planner.search.recommend import SearchResult
+from planner.search.search import Search
 from planner.spec.slo import parse_slos
 from planner.store.database import Campaign, Experiment, Run, Store, fingerprint
 from planner.store.records import config_row, hardware_row, model_row, workload_row

@@ -16,8 +16,10 @@ from engine import EngineConfig
 from engine.model_zoo import SHAPES
 from planner.cli import app
 from planner.costmodel.fit_data import measured_acceptance
+from planner.search.candidate import RecommendError, Requirement
 from planner.search.plan import Plan, PlanError, make_plan, schema
-from planner.search.recommend import RecommendError, Requirement, Search, run_search
+from planner.search.recommend import run_search
+from planner.search.search import Search
 from planner.search.verify import VerifyError, verify
 from planner.spec.hardware import load_specs
 from planner.spec.slo import parse_slos

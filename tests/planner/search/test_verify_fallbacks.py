@@ -10,8 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from planner.cli import app
+from planner.search.candidate import Requirement
 from planner.search.plan import Plan
-from planner.search.recommend import Requirement, Search, run_search
+from planner.search.recommend import run_search
+from planner.search.search import Search
 from planner.search.verify import (
     MIN_CHANCE,
     MIN_SAVING,
