@@ -25,17 +25,12 @@ from planner.costmodel.simulator import SimRequest, Simulator
 from planner.silicon.calibration import GpuCalibration
 from planner.silicon.memory import memory_plan
 from planner.silicon.step_time import KernelStepTime
-from planner.silicon.tables import SYSTEMS, KernelDataError, KernelTables, installed, package_version
+from planner.silicon.tables import SYSTEMS, KernelDataError, KernelTables, package_version
 from planner.spec import hardware as hw
 from planner.spec.slo import SLO, RequestLatency, goodput, summarize
 from planner.spec.workload import Workload
 
 BACKEND_NAMES = {"vllm": "vLLM", "sglang": "SGLang", "trtllm": "TensorRT-LLM"}
-
-
-def kernel_data_for(spec: hw.HardwareSpec) -> bool:
-    """Whether `spec` is a GPU priced from kernels (its own, or a measured one's scaled)."""
-    return spec.kind == "gpu" and installed()
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +98,12 @@ class BorrowedStepTime:
         return self.measured(step, peers) * ratio
 
 
+@functools.lru_cache(maxsize=8)
+def _draft_shape(model_dir: str) -> ModelShape:
+    """A draft's shapes, read once: every scored configuration with drafts asks again."""
+    return ModelShape.from_dir(model_dir)
+
+
 class KernelPredictor:
     """Predictions for one model under one workload on GPUs, many configurations."""
 
@@ -130,7 +131,7 @@ class KernelPredictor:
         return self._requests[key]
 
     def deployment(self, config: EngineConfig) -> Deployment:
-        draft = ModelShape.from_dir(config.speculative_model) if config.speculative_model else None
+        draft = _draft_shape(config.speculative_model) if config.speculative_model else None
         return Deployment.from_engine_config(config.model_dump(), self.shape, draft)
 
     def basis(self, spec: hw.HardwareSpec) -> str:

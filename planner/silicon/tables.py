@@ -43,6 +43,7 @@ def data_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "systems"
 
 
+@functools.lru_cache(maxsize=1)
 def package_version() -> str:
     from importlib.metadata import version
 
