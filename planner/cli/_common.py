@@ -4,6 +4,7 @@ the `--db` option, and naming the flag behind a library error's field."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
@@ -68,3 +69,17 @@ def parse_duration(text: str, field: str = "budget", allow_zero: bool = False) -
     if total < 0 or (total == 0 and not allow_zero):
         raise FieldError(f"must be positive, got {text!r}", field)
     return total
+
+
+def resolve_model_option(value: Path | str | None) -> Path | None:
+    """`--model`: a model directory, a .gguf file (imported once), a name from `pilot models
+    list` or ORG/NAME on the Hugging Face hub (pulled once into the model cache)."""
+    if value is None:
+        return None
+    from engine.hub import resolve_model
+    from engine.model_config import CheckpointError
+
+    try:
+        return resolve_model(value, say=lambda message: console.print(message))
+    except CheckpointError as err:
+        fail(f"--model: {str(err).removeprefix('model: ')}")

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration
+from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration, resolve_model_option
 from planner.cli.bench_gpu import bench_gpu
 from planner.cli.bench_serve import bench_serve
 from planner.cli.fit import print_report
@@ -23,7 +23,8 @@ app.command("gpu")(bench_gpu)
 
 @app.command("engine")
 def bench_engine(
-    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint; default: make llama-110m"),
+    model: Optional[Path] = typer.Option(None, "--model", callback=resolve_model_option,
+                                         help="checkpoint; default: make llama-110m"),
     dtypes: str = typer.Option("float32,bfloat16", help="comma-separated dtypes to measure"),
     decode_tokens: int = typer.Option(128, help="tokens generated in the batch-1 measurement"),
     num_requests: int = typer.Option(64, help="requests in the offline workload"),
@@ -44,7 +45,8 @@ def bench_engine(
 
 @app.command("knobs")
 def bench_knobs(
-    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint; default: make llama-110m"),
+    model: Optional[Path] = typer.Option(None, "--model", callback=resolve_model_option,
+                                         help="checkpoint; default: make llama-110m"),
     group_size: int = typer.Option(128, help="int4 group size"),
     decode_tokens: int = typer.Option(128, help="tokens generated per batch-1 run"),
     repeats: int = typer.Option(5, help="runs per engine (medians shown)"),
@@ -75,7 +77,8 @@ def bench_knobs(
 @app.command("sim")
 def bench_sim(
     db: Db = None,
-    model: Optional[Path] = typer.Option(None, "--model", help="model to simulate; default: the "
+    model: Optional[Path] = typer.Option(None, "--model", callback=resolve_model_option,
+                                         help="model to simulate; default: the "
                                          "store's most recently profiled one"),
     num_requests: int = typer.Option(1000, "--requests", help="requests per simulation"),
 ) -> None:

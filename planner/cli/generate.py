@@ -8,11 +8,13 @@ from typing import Optional
 
 import typer
 
-from planner.cli._common import console, fail_error
+from planner.cli._common import console, fail_error, resolve_model_option
 
 
 def generate(
-    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    model: Path = typer.Option(..., "--model", callback=resolve_model_option,
+                               help="model directory (Hugging Face layout), .gguf file, or a name "
+                                    "from `pilot models list`"),
     prompt: str = typer.Option(..., "--prompt", help="prompt text"),
     max_tokens: int = typer.Option(64, "--max-tokens"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),

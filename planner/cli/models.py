@@ -1,8 +1,9 @@
-"""`pilot models make|quantize|train|list`: checkpoints to serve, profile and benchmark."""
+"""`pilot models make|quantize|train|import|pull|list`: checkpoints to serve, profile and benchmark."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -70,11 +71,54 @@ def models_train(
                       f"loss {result.final_loss:.3f} nats/byte -> {result.path}")
 
 
+@app.command("import")
+def models_import(
+    gguf: Path = typer.Argument(..., help="a GGUF file (llama.cpp's format)"),
+    out: Path = typer.Option(..., "--out", help="directory to write the Hugging Face layout into"),
+    dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16 for the dequantized weights"),
+) -> None:
+    """Import a GGUF file: its weights (dequantized), tokenizer and chat template, in the layout
+    the engine loads."""
+    from engine.gguf import import_gguf
+    from engine.model_config import CheckpointError
+
+    try:
+        with console.status(f"importing {gguf}"):
+            path = import_gguf(gguf, out, dtype)
+    except (CheckpointError, ValueError) as err:
+        fail_error(err)
+    console.print(f"imported {gguf} to {path}")
+
+
+@app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="a name from `pilot models list`, or ORG/NAME on the Hugging Face hub"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="default: $PILOT_MODEL_CACHE or "
+                                             "~/.cache/pilot/models"),
+) -> None:
+    """Fetch a pretrained model into the cache; `--model NAME` then works wherever a model
+    directory does."""
+    from engine.hub import PullError, pull
+
+    try:
+        with console.status(f"pulling {name}") as status:
+            path = pull(name, cache_dir, say=lambda message: status.update(message))
+    except PullError as err:
+        fail(str(err))
+    console.print(f"{name}: {path}")
+
+
 @app.command("list")
 def models_list() -> None:
-    """Named shapes that `pilot models make` knows."""
+    """Named shapes that `pilot models make` knows, and pretrained models `pilot models pull` knows."""
+    from engine.hub import CATALOG, cache_dir
     from engine.model_zoo import SHAPES
 
+    print("shapes (pilot models make SHAPE --out DIR; random weights):")
     for name, cfg in SHAPES.items():
-        print(f"{name:14s} {cfg['model_type']:8s} hidden={cfg['hidden_size']} layers={cfg['num_hidden_layers']} "
+        print(f"  {name:14s} {cfg['model_type']:8s} hidden={cfg['hidden_size']} layers={cfg['num_hidden_layers']} "
               f"heads={cfg['num_attention_heads']}/{cfg['num_key_value_heads']} vocab={cfg['vocab_size']}")
+    print(f"pretrained (pilot models pull NAME, or --model NAME; cache {cache_dir()}):")
+    for name, model in CATALOG.items():
+        state = "pulled" if (cache_dir() / name / "config.json").is_file() else f"{model.size_mb} MB download"
+        print(f"  {name:20s} {model.licence:22s} {state:18s} {model.description}")

@@ -9,12 +9,14 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, parse_duration
+from planner.cli._common import Db, console, fail, fail_error, parse_duration, resolve_model_option
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
 
 def profile(
-    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    model: Path = typer.Option(..., "--model", callback=resolve_model_option,
+                               help="model directory (Hugging Face layout), .gguf file, or a name "
+                                    "from `pilot models list`"),
     space: Optional[str] = typer.Option(None, "--space", help="search space: a file, or a built-in "
                                         "name (cpu, gpu); default: the one for this machine"),
     workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, open_store
+from planner.cli._common import Db, console, fail, fail_error, open_store, resolve_model_option
 
 
 def _ms(seconds: float) -> str:
@@ -72,7 +72,9 @@ def print_result(result: Any, plan: Any) -> None:
 
 
 def recommend(
-    model: Path = typer.Option(..., "--model", help="model directory (Hugging Face layout)"),
+    model: Path = typer.Option(..., "--model", callback=resolve_model_option,
+                               help="model directory (Hugging Face layout), .gguf file, or a name "
+                                    "from `pilot models list`"),
     slo: str = typer.Option(..., "--slo", help='targets, e.g. "ttft_p95<=500ms,itl_p95<=50ms"'),
     rate: Optional[float] = typer.Option(None, "--rate", help="required requests per second (Poisson)"),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="clients in flight (closed loop)"),

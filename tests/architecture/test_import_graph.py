@@ -18,7 +18,7 @@ PACKAGES = ("engine", "planner")
 PLANNER_MAY_IMPORT = {"engine", "engine.config", "engine.model_config", "engine.scheduler",
                       "engine.block_manager", "engine.sequence", "engine.sampling_params",
                       "engine.observer", "engine.rules", "engine.device", "engine.model_zoo",
-                      "engine.quantize_checkpoint", "engine.serving"}
+                      "engine.quantize_checkpoint", "engine.serving", "engine.gguf", "engine.hub"}
 # planner's packages, lowest first: each imports only those before it (and itself).
 LAYERS = ("planner._lazy", "planner.spec", "planner.store", "planner.loadgen", "planner.measure",
           "planner.costmodel", "planner.silicon", "planner.search", "planner.bench", "planner.cli", "planner.__main__")

