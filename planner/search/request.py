@@ -34,7 +34,7 @@ class RecommendRequest:
     slo: str
     rate: float | None = None
     concurrency: int | None = None
-    workload: Path | None = None  # a workload file; else isl/osl/num_requests
+    workload: Path | None = None  # a workload file or data set name; else isl/osl/num_requests
     isl: str = "32:256"
     osl: str = "16:128"
     num_requests: int = 300
@@ -93,7 +93,7 @@ class RecommendRequest:
 
     def load(self) -> Workload:
         if self.workload is not None:
-            return Workload.from_file(self.workload)
+            return Workload.from_name_or_file(self.workload, self.model, self.num_requests)
         return Workload.from_flags(self.isl, self.osl, concurrency=1, num_requests=self.num_requests)
 
     def search(self, store: Store, cost_model: CostModel) -> Search:

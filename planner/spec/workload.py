@@ -23,7 +23,11 @@ from pydantic import (
     model_validator,
 )
 
+from planner.spec.dataset import DatasetSource, dataset_requests
 from planner.spec.files import read_mapping
+
+# `--workload NAME`: real traffic, and which turns of each conversation it sends.
+DATASETS: dict[str, Literal["first", "all"]] = {"sharegpt": "first", "sharegpt-multi-turn": "all"}
 
 
 class WorkloadError(ValueError):
@@ -249,6 +253,27 @@ class Workload(BaseModel):
     # few-shot examples): what prefix caching can save.
     shared_prefix_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
+    # Real requests (prompts and reply lengths) in place of random ids of the lengths above,
+    # which then only summarise them.
+    dataset: DatasetSource | None = None
+
+    @model_validator(mode="after")
+    def _prompts_from_one_place(self) -> Workload:
+        if self.dataset is not None and self.shared_prefix_fraction:
+            raise ValueError("shared_prefix_fraction applies to random prompts; a dataset's prompts share "
+                             "what they share (dataset.turns: all)")
+        return self
+
+    @classmethod
+    def from_dataset(cls, source: DatasetSource, arrival: ArrivalProcess, num_requests: int = 100,
+                     seed: int = 0) -> Workload:
+        """`num_requests` requests of `source` (e.g. ShareGPT, counted by a model's tokenizer)."""
+        pool = dataset_requests(source, seed)
+        picked = [pool[i % len(pool)] for i in range(num_requests)]
+        return cls(name=source.name if source.turns == "first" else f"{source.name}-multi-turn",
+                   input_tokens=EmpiricalLength(values=[len(r.prompt_token_ids) for r in picked]),
+                   output_tokens=EmpiricalLength(values=[r.output_tokens for r in picked]),
+                   arrival=arrival, num_requests=num_requests, seed=seed, dataset=source)
 
     @classmethod
     def from_trace(cls, path: str | Path) -> Workload:
@@ -284,6 +309,21 @@ class Workload(BaseModel):
             raise WorkloadError(f"{path}: {_problems(err)}") from None
 
     @classmethod
+    def from_name_or_file(cls, value: str | Path, model: str | Path | None, num_requests: int = 100,
+                          seed: int = 0) -> Workload:
+        """`--workload`: a data set's name (its prompts counted by `model`'s tokenizer, one client
+        at a time until a load is given) or a workload file."""
+        if str(value) in DATASETS:
+            if model is None:
+                raise WorkloadError(f"workload {value}: needs a model, whose tokenizer counts the tokens")
+            source = DatasetSource(tokenizer=str(model), turns=DATASETS[str(value)])
+            return cls.from_dataset(source, ClosedLoopArrival(concurrency=1), num_requests, seed)
+        path = Path(value)
+        if not path.exists() and path.suffix not in (".yaml", ".yml", ".json", ".jsonl"):
+            raise WorkloadError(f"workload {value!r}: no such file, nor a data set ({', '.join(DATASETS)})")
+        return cls.from_file(path)
+
+    @classmethod
     def from_flags(cls, isl: str, osl: str, rate: float | None = None, concurrency: int | None = None,
                    num_requests: int = 100, shared_prefix_fraction: float = 0.0) -> Workload:
         """The CLI's `--isl/--osl` with one of `--rate` (Poisson) or `--concurrency`."""
@@ -307,7 +347,12 @@ class Workload(BaseModel):
         # One stream per quantity: sample(5) is then the first 5 of sample(100), and changing
         # the output lengths leaves the arrivals as they were.
         streams = [np.random.default_rng(s) for s in np.random.SeedSequence(self.seed).spawn(3)]
-        inputs, outputs = self.input_tokens.sample(n, streams[0]), self.output_tokens.sample(n, streams[1])
+        if self.dataset is not None:  # request i is the dataset's i-th, lengths paired as recorded
+            pool = dataset_requests(self.dataset, self.seed)
+            inputs = [len(pool[i % len(pool)].prompt_token_ids) for i in range(n)]
+            outputs = [pool[i % len(pool)].output_tokens for i in range(n)]
+        else:
+            inputs, outputs = self.input_tokens.sample(n, streams[0]), self.output_tokens.sample(n, streams[1])
         times = self.arrival.arrival_times(n, streams[2])
         return [RequestSpec(i, int(inputs[i]), int(outputs[i]), None if times is None else float(times[i]))
                 for i in range(n)]
@@ -316,9 +361,13 @@ class Workload(BaseModel):
         return round(self.shared_prefix_fraction * input_tokens)
 
     def prompt_token_ids(self, spec: RequestSpec, vocab_size: int, rng: np.random.Generator) -> list[int]:
-        """Random ids for a prompt of `spec.input_tokens`, starting with the workload's shared
-        prefix. Ids stay below 256: on the byte tokenizer 256 and 257 are BOS and EOS, and an
-        EOS inside a prompt would change what is measured."""
+        """The dataset's prompt for request `spec.index`; without a dataset, random ids for a
+        prompt of `spec.input_tokens`, starting with the workload's shared prefix. Ids stay
+        below 256: on the byte tokenizer 256 and 257 are BOS and EOS, and an EOS inside a
+        prompt would change what is measured."""
+        if self.dataset is not None:
+            pool = dataset_requests(self.dataset, self.seed)
+            return list(pool[spec.index % len(pool)].prompt_token_ids)
         if vocab_size < 1:
             raise WorkloadError(f"vocab_size must be >= 1, got {vocab_size}")
         high, k = min(vocab_size, 256), self.shared_prefix_length(spec.input_tokens)
@@ -330,6 +379,8 @@ class Workload(BaseModel):
 
     def describe(self) -> str:
         shared = f", {self.shared_prefix_fraction:.0%} shared prefix" if self.shared_prefix_fraction else ""
+        if self.dataset is not None:
+            shared = f", {self.dataset.describe()}"
         return (f"{self.arrival.describe()}, input {self.input_tokens.describe()}, "
                 f"output {self.output_tokens.describe()}, {self.num_requests} requests{shared}")
 
