@@ -118,6 +118,7 @@ def load() -> ctypes.CDLL | None:
     lib.pilot_rope_and_cache.restype = ctypes.c_int
     lib.pilot_rope_and_cache.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
                                          + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2)
+    lib.pilot_quant_linear_caps.restype = ctypes.c_int
     lib.pilot_quant_linear.restype = ctypes.c_int
     lib.pilot_quant_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5
                                        + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
@@ -237,8 +238,12 @@ class PackedQuantized:
 
 
 def quant_linear_supported(dtype: torch.dtype, device: torch.device, weight: QuantizedWeight) -> bool:
-    # Where the dense kernel runs: the quantized one borrows its register tiles.
-    return linear_supported(dtype, device, weight.shape[1])
+    """Whether `quant_linear` runs this dtype on this machine: AVX-512 (borrowing the dense
+    kernel's register tiles) or AVX2 with FMA (8 lanes, its own)."""
+    lib = load() if device.type == "cpu" else None
+    if lib is None or dtype not in _LINEAR_CAPS or not lib.pilot_quant_linear_caps() & _LINEAR_CAPS[dtype]:
+        return False
+    return dtype != torch.bfloat16 or weight.shape[1] % 2 == 0
 
 
 def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:

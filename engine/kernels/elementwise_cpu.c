@@ -3,7 +3,8 @@
  *
  * Each rounds to bf16 where the unfused PyTorch ops would (between operations), so bf16 results
  * stay those of the reference's order of operations; fp32 is computed in fp32 throughout.
- * Rows are contiguous; returns 0, or -1 where this build has no AVX-512 (PyTorch is used).
+ * Rows are contiguous; returns 0. Without AVX-512 a portable loop of the same order of
+ * operations runs (the compiler vectorizes it for the CPU at hand, e.g. AVX2).
  */
 #include <math.h>
 #include <stdint.h>
@@ -15,12 +16,24 @@
 #define PARALLEL_ELEMENTS (1 << 16)
 
 int pilot_elementwise_caps(void) {
-#ifdef __AVX512F__
     return 1;
-#else
-    return 0;
-#endif
 }
+
+#ifndef __AVX512F__
+static inline float load1(const void *p, int64_t i, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(void *p, int64_t i, float v, int is_bf16) {
+    if (is_bf16) ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else ((float *)p)[i] = v;
+}
+
+/* The value the unfused bf16 op would hand on: rounded to bf16 (fp32 passes through). */
+static inline float rounded(float v, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+#endif
 
 /* out = RMSNorm(s) * weight, where s = x, or with a residual stream s = x + residual (rounded to
  * the dtype and written back into residual, which then carries s to the next layer). */
@@ -56,9 +69,24 @@ int pilot_rms_norm(const void *x, void *residual, const void *weight, void *out,
     }
     return 0;
 #else
-    (void)x; (void)residual; (void)weight; (void)out; (void)rows; (void)dim; (void)eps;
-    (void)is_bf16; (void)num_threads;
-    return -1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * dim > PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t o = r * dim;
+        float squares = 0.f;
+        for (int64_t i = 0; i < dim; i++) {
+            float v = load1(x, o + i, is_bf16);
+            if (residual) {
+                v = rounded(v + load1(residual, o + i, is_bf16), is_bf16);
+                store1(residual, o + i, v, is_bf16);
+            }
+            squares += v * v;
+        }
+        const float inv = 1.f / sqrtf(squares / (float)dim + eps);
+        const void *src = residual ? residual : x;
+        for (int64_t i = 0; i < dim; i++)
+            store1(out, o + i, rounded(load1(src, o + i, is_bf16) * inv, is_bf16) * load1(weight, i, is_bf16), is_bf16);
+    }
+    return 0;
 #endif
 }
 
@@ -84,8 +112,15 @@ int pilot_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t inter, 
     }
     return 0;
 #else
-    (void)gate_up; (void)out; (void)rows; (void)inter; (void)is_bf16; (void)num_threads;
-    return -1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (rows * inter > PARALLEL_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < inter; i++) {
+            const float g = load1(gate_up, r * 2 * inter + i, is_bf16);
+            const float silu = rounded(g / (1.f + expf(-g)), is_bf16);
+            store1(out, r * inter + i, silu * load1(gate_up, r * 2 * inter + inter + i, is_bf16), is_bf16);
+        }
+    }
+    return 0;
 #endif
 }
 
@@ -129,9 +164,27 @@ int pilot_rope_and_cache(void *qkv, int64_t tokens, const int64_t *positions, co
     }
     return 0;
 #else
-    (void)qkv; (void)tokens; (void)positions; (void)cos; (void)signed_sin; (void)heads;
-    (void)kv_heads; (void)d; (void)k_cache; (void)v_cache; (void)slots; (void)is_bf16;
-    (void)num_threads;
-    return -1;
+    if (d % 2) return -1;
+    const int elem = is_bf16 ? 2 : 4, half = d / 2;
+    const int64_t width = (int64_t)(heads + 2 * kv_heads) * d, kv_bytes = (int64_t)kv_heads * d * elem;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (tokens * width > PARALLEL_ELEMENTS)
+    for (int64_t t = 0; t < tokens; t++) {
+        char *row = (char *)qkv + t * width * elem;
+        const int64_t p = positions[t] * d;
+        for (int h = 0; h < heads + kv_heads; h++) {
+            char *x = row + (int64_t)h * d * elem;
+            for (int i = 0; i < half; i++) {
+                const float a = load1(x, i, is_bf16), b = load1(x, half + i, is_bf16);
+                const float ac = rounded(a * load1(cos, p + i, is_bf16), is_bf16);
+                const float bc = rounded(b * load1(cos, p + half + i, is_bf16), is_bf16);
+                store1(x, i, fmaf(b, load1(signed_sin, p + i, is_bf16), ac), is_bf16);
+                store1(x, half + i, fmaf(a, load1(signed_sin, p + half + i, is_bf16), bc), is_bf16);
+            }
+        }
+        memcpy((char *)k_cache + slots[t] * kv_bytes, row + (int64_t)heads * d * elem, (size_t)kv_bytes);
+        memcpy((char *)v_cache + slots[t] * kv_bytes, row + (int64_t)(heads + kv_heads) * d * elem,
+               (size_t)kv_bytes);
+    }
+    return 0;
 #endif
 }

@@ -125,6 +125,164 @@ static void dequant_block(const uint8_t *qw, const float *scales, const float *m
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* AVX2 (no AVX-512): the same layout, 8 lanes at a time. x is widened to fp32 first and y goes
+ * through 32 floats per block, so bf16 needs no bf16 instructions. */
+
+/* Step i's 32 unscaled weights as four 8-lane vectors: outputs 0-7, 8-15, 16-23, 24-31. */
+static inline void load_step8(const uint8_t *qw, int64_t i, int bits, __m256 w[4]) {
+    if (bits == 8) {
+        const int8_t *q = (const int8_t *)qw + i * 32;
+        for (int j = 0; j < 4; j++)
+            w[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * j))));
+    } else { /* byte j: output j in the low nibble, output j + 16 in the high one */
+        const uint8_t *q = qw + i * 16;
+        const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));
+        const __m256i hi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));
+        const __m256i nibble = _mm256_set1_epi32(15);
+        w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(lo, nibble));
+        w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(hi, nibble));
+        w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 4));
+        w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(hi, 4));
+    }
+}
+
+/* One fp32 row against one block, off the quantized bytes (decode). */
+static void quant_row8(const float *x, const float *xsum, const uint8_t *qw, const float *scales,
+                       const float *mins, int64_t k, int64_t group, int bits, float out[32]) {
+    __m256 y[4];
+    for (int j = 0; j < 4; j++) y[j] = _mm256_setzero_ps();
+    for (int64_t g0 = 0, gi = 0; g0 < k; g0 += group, gi++) {
+        __m256 a[4], w[4];
+        for (int j = 0; j < 4; j++) a[j] = _mm256_setzero_ps();
+        for (int64_t i = g0; i < g0 + group; i++) {
+            _mm_prefetch((const char *)qw + i * (bits == 8 ? 32 : 16) + PREFETCH_BYTES, _MM_HINT_T0);
+            load_step8(qw, i, bits, w);
+            const __m256 xv = _mm256_set1_ps(x[i]);
+            for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(xv, w[j], a[j]);
+        }
+        for (int j = 0; j < 4; j++) { /* sum_k (q s + m) x = s sum_k q x + m sum_k x */
+            y[j] = _mm256_fmadd_ps(a[j], _mm256_loadu_ps(scales + gi * 32 + 8 * j), y[j]);
+            if (mins) y[j] = _mm256_fmadd_ps(_mm256_loadu_ps(mins + gi * 32 + 8 * j), _mm256_set1_ps(xsum[gi]), y[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) _mm256_storeu_ps(out + 8 * j, y[j]);
+}
+
+/* A whole block dequantized and scaled: fp32 [K][32]. */
+static void dequant_block8(const uint8_t *qw, const float *scales, const float *mins, int64_t k,
+                           int64_t group, int bits, float *out) {
+    for (int64_t i = 0; i < k; i++) {
+        const int64_t gi = i / group;
+        __m256 w[4];
+        load_step8(qw, i, bits, w);
+        for (int j = 0; j < 4; j++) {
+            __m256 v = _mm256_mul_ps(w[j], _mm256_loadu_ps(scales + gi * 32 + 8 * j));
+            if (mins) v = _mm256_add_ps(v, _mm256_loadu_ps(mins + gi * 32 + 8 * j));
+            _mm256_storeu_ps(out + i * 32 + 8 * j, v);
+        }
+    }
+}
+
+/* Two fp32 rows (the second may be absent) against a dequantized block. */
+static void dense_rows8(const float *x0, const float *x1, const float *dense, int64_t k,
+                        float out0[32], float out1[32]) {
+    __m256 a[4], b[4];
+    for (int j = 0; j < 4; j++) a[j] = b[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m256 xa = _mm256_set1_ps(x0[i]), xb = _mm256_set1_ps(x1 ? x1[i] : 0.f);
+        for (int j = 0; j < 4; j++) {
+            const __m256 w = _mm256_loadu_ps(dense + i * 32 + 8 * j);
+            a[j] = _mm256_fmadd_ps(xa, w, a[j]);
+            b[j] = _mm256_fmadd_ps(xb, w, b[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        _mm256_storeu_ps(out0 + 8 * j, a[j]);
+        _mm256_storeu_ps(out1 + 8 * j, b[j]);
+    }
+}
+
+/* Columns col.. of one output row from 32 floats: bias added, tail clipped, fp32 or bf16. */
+static void store_block(const float acc[32], const void *bias, int64_t col, int64_t n, void *yrow,
+                        int is_bf16) {
+    for (int j = 0; j < 32 && col + j < n; j++) {
+        float v = acc[j];
+        if (bias) v += is_bf16 ? bf16_to_f32(((const uint16_t *)bias)[col + j]) : ((const float *)bias)[col + j];
+        if (is_bf16) ((uint16_t *)yrow)[col + j] = f32_to_bf16(v);
+        else ((float *)yrow)[col + j] = v;
+    }
+}
+
+static int quant_linear_avx2(const void *x, int64_t ldx, const uint8_t *qw, const float *scales,
+                             const float *mins, const void *bias, void *y, int64_t m, int64_t n,
+                             int64_t k, int bits, int64_t group, int is_bf16, int num_threads) {
+    const int elem = is_bf16 ? 2 : 4;
+    const int64_t blocks = (n + 31) / 32, groups = k / group;
+    const int64_t block_bytes = k * (bits == 8 ? 32 : 16);
+    float *xf = malloc((size_t)(m * k + m * groups) * sizeof(float));
+    if (!xf) return -1;
+    float *xsum = xf + m * k;
+    for (int64_t r = 0; r < m; r++) {
+        const char *row = (const char *)x + r * ldx * elem;
+        for (int64_t i = 0; i < k; i++)
+            xf[r * k + i] = is_bf16 ? bf16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) s += xf[r * k + i];
+            xsum[r * groups + g] = s;
+        }
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *dense = m > 1 ? aligned_alloc(32, (size_t)((32 * k * sizeof(float) + 31) / 32 * 32)) : NULL;
+        if (m > 1 && !dense) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float acc0[32], acc1[32];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const uint8_t *qb = qw + b * block_bytes;
+            const float *sb = scales + b * groups * 32, *mb = mins ? mins + b * groups * 32 : NULL;
+            if (m == 1) {
+                quant_row8(xf, xsum, qb, sb, mb, k, group, bits, acc0);
+                store_block(acc0, bias, 32 * b, n, y, is_bf16);
+                continue;
+            }
+            if (!dense) continue;
+            dequant_block8(qb, sb, mb, k, group, bits, dense);
+            for (int64_t r = 0; r < m; r += 2) {
+                const int two = r + 1 < m;
+                dense_rows8(xf + r * k, two ? xf + (r + 1) * k : NULL, dense, k, acc0, acc1);
+                store_block(acc0, bias, 32 * b, n, (char *)y + r * n * elem, is_bf16);
+                if (two) store_block(acc1, bias, 32 * b, n, (char *)y + (r + 1) * n * elem, is_bf16);
+            }
+        }
+        free(dense);
+    }
+    free(xf);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* What pilot_quant_linear runs on this build: 1 = fp32 activations, 2 = bf16 ones. */
+int pilot_quant_linear_caps(void) {
+#if defined(__AVX512F__)
+#ifdef __AVX512BF16__
+    return 3;
+#else
+    return 1;
+#endif
+#elif defined(__AVX2__) && defined(__FMA__)
+    return 3;
+#else
+    return 0;
+#endif
+}
+
 /* Returns 0, or -1 for what this build or these arguments cannot run (PyTorch is used). */
 int pilot_quant_linear(const void *x, int64_t ldx, const uint8_t *qw, const float *scales,
                        const float *mins, const void *bias, void *y, int64_t m, int64_t n,
@@ -179,6 +337,9 @@ int pilot_quant_linear(const void *x, int64_t ldx, const uint8_t *qw, const floa
         free(dense);
     }
     return failed ? -1 : 0;
+#elif defined(__AVX2__) && defined(__FMA__)
+    if ((bits != 8 && bits != 4) || group <= 0 || k % group) return -1;
+    return quant_linear_avx2(x, ldx, qw, scales, mins, bias, y, m, n, k, bits, group, is_bf16, num_threads);
 #else
     (void)x; (void)ldx; (void)qw; (void)scales; (void)mins; (void)bias; (void)y; (void)m;
     (void)n; (void)k; (void)bits; (void)group; (void)is_bf16; (void)num_threads;

@@ -18,8 +18,9 @@ from engine.quantize_checkpoint import quantize_checkpoint
 from planner.cli import app
 
 CPU = torch.device("cpu")
-kernel_only = pytest.mark.skipif(not cpu_kernels.linear_supported(torch.float32, CPU, 64),
-                                 reason="no C compiler or no AVX-512: kernel not built")
+kernel_only = pytest.mark.skipif(
+    not cpu_kernels.quant_linear_supported(torch.float32, CPU, quantize(torch.ones(32, 64), "int8", 64)),
+    reason="no C compiler, or neither AVX-512 nor AVX2 with FMA: kernel not built")
 
 
 def _engine(model_dir, **kwargs) -> LLM:
