@@ -124,13 +124,42 @@ int pilot_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t inter, 
 #endif
 }
 
+/* One head of x rotated in place with the position's cos and signed-sin rows. */
+static inline void rotate_head(char *x, const char *c, const char *s, int half, int is_bf16) {
+    const int elem = is_bf16 ? 2 : 4;
+#ifdef __AVX512F__
+    for (int i = 0; i < half; i += 16) {
+        const __mmask16 m = tail_mask(half - i);
+        const __m512 a = load_f32x16(x + i * elem, is_bf16, m);
+        const __m512 b = load_f32x16(x + (half + i) * elem, is_bf16, m);
+        __m512 ac = _mm512_mul_ps(a, load_f32x16(c + i * elem, is_bf16, m));
+        __m512 bc = _mm512_mul_ps(b, load_f32x16(c + (half + i) * elem, is_bf16, m));
+        if (is_bf16) {
+            ac = through_bf16(ac);
+            bc = through_bf16(bc);
+        }
+        store_f32x16(x + i * elem, _mm512_fmadd_ps(b, load_f32x16(s + i * elem, is_bf16, m), ac), is_bf16, m);
+        store_f32x16(x + (half + i) * elem, _mm512_fmadd_ps(a, load_f32x16(s + (half + i) * elem, is_bf16, m), bc),
+                     is_bf16, m);
+    }
+#else
+    (void)elem;
+    for (int i = 0; i < half; i++) {
+        const float a = load1(x, i, is_bf16), b = load1(x, half + i, is_bf16);
+        const float ac = rounded(a * load1(c, i, is_bf16), is_bf16);
+        const float bc = rounded(b * load1(c, half + i, is_bf16), is_bf16);
+        store1(x, i, fmaf(b, load1(s, i, is_bf16), ac), is_bf16);
+        store1(x, half + i, fmaf(a, load1(s, half + i, is_bf16), bc), is_bf16);
+    }
+#endif
+}
+
 /* Rotates the query and key heads of each token's fused q|k|v row in place (HF Llama's
  * half-split rotation, x * cos + roll(x, d/2) * signed_sin, tables [max_pos, d] in the model's
  * dtype), then copies the token's keys and values into its cache slot. */
 int pilot_rope_and_cache(void *qkv, int64_t tokens, const int64_t *positions, const void *cos,
                          const void *signed_sin, int heads, int kv_heads, int d, void *k_cache,
                          void *v_cache, const int64_t *slots, int is_bf16, int num_threads) {
-#ifdef __AVX512F__
     if (d % 2) return -1;
     const int elem = is_bf16 ? 2 : 4, half = d / 2;
     const int64_t width = (int64_t)(heads + 2 * kv_heads) * d, kv_bytes = (int64_t)kv_heads * d * elem;
@@ -139,52 +168,10 @@ int pilot_rope_and_cache(void *qkv, int64_t tokens, const int64_t *positions, co
         char *row = (char *)qkv + t * width * elem;
         const char *c = (const char *)cos + positions[t] * d * elem;
         const char *s = (const char *)signed_sin + positions[t] * d * elem;
-        for (int h = 0; h < heads + kv_heads; h++) {
-            char *x = row + (int64_t)h * d * elem;
-            for (int i = 0; i < half; i += 16) {
-                const __mmask16 m = tail_mask(half - i);
-                const __m512 a = load_f32x16(x + i * elem, is_bf16, m);
-                const __m512 b = load_f32x16(x + (half + i) * elem, is_bf16, m);
-                __m512 ac = _mm512_mul_ps(a, load_f32x16(c + i * elem, is_bf16, m));
-                __m512 bc = _mm512_mul_ps(b, load_f32x16(c + (half + i) * elem, is_bf16, m));
-                if (is_bf16) {
-                    ac = through_bf16(ac);
-                    bc = through_bf16(bc);
-                }
-                store_f32x16(x + i * elem, _mm512_fmadd_ps(b, load_f32x16(s + i * elem, is_bf16, m), ac),
-                             is_bf16, m);
-                store_f32x16(x + (half + i) * elem,
-                             _mm512_fmadd_ps(a, load_f32x16(s + (half + i) * elem, is_bf16, m), bc),
-                             is_bf16, m);
-            }
-        }
+        for (int h = 0; h < heads + kv_heads; h++) rotate_head(row + (int64_t)h * d * elem, c, s, half, is_bf16);
         memcpy((char *)k_cache + slots[t] * kv_bytes, row + (int64_t)heads * d * elem, (size_t)kv_bytes);
         memcpy((char *)v_cache + slots[t] * kv_bytes, row + (int64_t)(heads + kv_heads) * d * elem,
                (size_t)kv_bytes);
     }
     return 0;
-#else
-    if (d % 2) return -1;
-    const int elem = is_bf16 ? 2 : 4, half = d / 2;
-    const int64_t width = (int64_t)(heads + 2 * kv_heads) * d, kv_bytes = (int64_t)kv_heads * d * elem;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (tokens * width > PARALLEL_ELEMENTS)
-    for (int64_t t = 0; t < tokens; t++) {
-        char *row = (char *)qkv + t * width * elem;
-        const int64_t p = positions[t] * d;
-        for (int h = 0; h < heads + kv_heads; h++) {
-            char *x = row + (int64_t)h * d * elem;
-            for (int i = 0; i < half; i++) {
-                const float a = load1(x, i, is_bf16), b = load1(x, half + i, is_bf16);
-                const float ac = rounded(a * load1(cos, p + i, is_bf16), is_bf16);
-                const float bc = rounded(b * load1(cos, p + half + i, is_bf16), is_bf16);
-                store1(x, i, fmaf(b, load1(signed_sin, p + i, is_bf16), ac), is_bf16);
-                store1(x, half + i, fmaf(a, load1(signed_sin, p + half + i, is_bf16), bc), is_bf16);
-            }
-        }
-        memcpy((char *)k_cache + slots[t] * kv_bytes, row + (int64_t)heads * d * elem, (size_t)kv_bytes);
-        memcpy((char *)v_cache + slots[t] * kv_bytes, row + (int64_t)(heads + kv_heads) * d * elem,
-               (size_t)kv_bytes);
-    }
-    return 0;
-#endif
 }
