@@ -32,7 +32,8 @@ def import_gguf(path: str | Path, out: str | Path, dtype: str = "bfloat16") -> P
     cfg = source.config()
     cfg["torch_dtype"] = dtype
     cfg["gguf_source"] = {"file": source.path.name, "tensor_types": source.tensor_types(),
-                          "name": source.metadata.get("general.name", "")}
+                          "name": source.metadata.get("general.name", ""),
+                          "pre": source.metadata.get("tokenizer.ggml.pre", "default")}
     expected = checkpoint_shapes(ModelConfig.from_dict(cfg, str(source.path)))
     tokenizer = build_tokenizer(source.metadata, source.path)  # before writing: fail early
     write_checkpoint(_tensors(source, expected, DTYPES[dtype]), cfg, out)

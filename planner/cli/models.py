@@ -1,4 +1,4 @@
-"""`pilot models make|quantize|train|import|pull|list`: checkpoints to serve, profile and benchmark."""
+"""`pilot models make|quantize|train|import|export|pull|list`: checkpoints to serve, profile and benchmark."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from planner.cli._common import console, fail, fail_error
+from planner.cli._common import console, fail, fail_error, resolve_model_option
 
 app = typer.Typer(no_args_is_help=True, help="Make and inspect model checkpoints.")
 
@@ -88,6 +88,25 @@ def models_import(
     except (CheckpointError, ValueError) as err:
         fail_error(err)
     console.print(f"imported {gguf} to {path}")
+
+
+@app.command("export")
+def models_export(
+    model: Path = typer.Option(..., "--model", callback=resolve_model_option,
+                               help="a float llama or qwen2 model (directory, .gguf or name)"),
+    out: Path = typer.Option(..., "--out", help="the GGUF file to write"),
+    qtype: str = typer.Option("BF16", "--qtype", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1"),
+) -> None:
+    """Write a model as a GGUF file that llama.cpp runs (the same weights the engine runs)."""
+    from engine.gguf import GGUFError
+    from engine.gguf.writer import export_gguf
+
+    try:
+        with console.status(f"exporting {model} as {qtype}"):
+            path = export_gguf(model, out, qtype)
+    except (GGUFError, ValueError) as err:
+        fail_error(err)
+    console.print(f"wrote {path}")
 
 
 @app.command("pull")

@@ -120,7 +120,7 @@ def test_a_qwen2_file_keeps_its_row_order_and_biases(tmp_path):
     model = make_checkpoint(cfg_path, tmp_path / "model", seed=1, dtype="float32", init_std=0.1)
     tokenizer = train_tokenizer(512, tmp_path)
     shutil.copy(tokenizer, model / "tokenizer.json")
-    path = write_gguf(model, tokenizer, tmp_path / "q.gguf", "F32", architecture="qwen2")
+    path = write_gguf(model, tokenizer, tmp_path / "q.gguf", "F32")
     out = import_gguf(path, tmp_path / "imported", dtype="float32")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["tie_word_embeddings"] and cfg["attention_bias"]
@@ -220,3 +220,31 @@ def test_an_unsupported_tokenizer_is_named(source, tmp_path):
     metadata["tokenizer.ggml.model"], metadata["tokenizer.ggml.pre"] = "gpt2", "falcon"
     with pytest.raises(GGUFError, match=r"tokenizer.ggml.pre='falcon' is not supported"):
         build_tokenizer(metadata, tmp_path / "m.gguf")
+
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def test_an_export_imports_back_to_the_same_weights(source, tmp_path):
+    from safetensors.numpy import load_file
+
+    model, tokenizer = source
+    out = import_gguf(write_gguf(model, tokenizer, tmp_path / "m.gguf", "F32"), tmp_path / "back", "float32")
+    original, back = load_file(str(model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert original.keys() == back.keys()
+    assert all(np.array_equal(original[name], back[name]) for name in original)
+
+
+def test_what_cannot_be_exported_is_named(source, tmp_path):
+    from engine.gguf.writer import export_gguf
+    from engine.quantize_checkpoint import quantize_checkpoint
+
+    model, _ = source
+    with pytest.raises(GGUFError, match="qtype: 'Q4_K' is not one of F32"):
+        export_gguf(model, tmp_path / "x.gguf", "Q4_K")
+    quantized = quantize_checkpoint(model, tmp_path / "int8", "int8")
+    with pytest.raises(GGUFError, match="only float llama and qwen2 checkpoints are exported"):
+        export_gguf(quantized, tmp_path / "x.gguf")
+    bare = make_checkpoint("tiny", tmp_path / "bare", seed=0, dtype="float32")
+    with pytest.raises(GGUFError, match="no tokenizer.json to export"):
+        export_gguf(bare, tmp_path / "x.gguf")
