@@ -43,6 +43,32 @@ def bench_engine(
         fail_error(err)
 
 
+@app.command("llamacpp")
+def bench_llamacpp(
+    model: Path = typer.Option(..., "--model", callback=resolve_model_option,
+                               help="a float llama or qwen2 model with a tokenizer (directory, .gguf or name)"),
+    precisions: str = typer.Option("bf16,int8,int4", help="comma-separated: bf16 (against BF16), int8 "
+                                   "(against Q8_0), int4 (groups of 32, against Q4_1)"),
+    threads: int = typer.Option(2, help="threads for both engines"),
+    decode_tokens: int = typer.Option(128, help="tokens generated per batch-1 run"),
+    repeats: int = typer.Option(3, help="runs of each engine, interleaved; the best counts"),
+    workdir: Path = typer.Option(Path("bench-llamacpp"), help="where the exported GGUF files go"),
+    out: Optional[Path] = typer.Option(None, help="also write the results as JSON here"),
+) -> None:
+    """Engine vs llama.cpp on the same weights: batch-1 decode and prefill at each precision."""
+    from engine.model_config import CheckpointError
+    from planner.bench.llamacpp import print_llamacpp_report, run_llamacpp_benchmark
+
+    if threads < 1 or decode_tokens < 1 or repeats < 1:
+        fail(f"--threads, --decode-tokens and --repeats must be >= 1, got {threads}, {decode_tokens}, {repeats}")
+    try:
+        results = run_llamacpp_benchmark(model, [p.strip() for p in precisions.split(",") if p.strip()],
+                                         workdir, threads, decode_tokens, repeats, out)
+    except (ValueError, CheckpointError) as err:
+        fail_error(err)
+    print_llamacpp_report(results, threads, model.name)
+
+
 @app.command("knobs")
 def bench_knobs(
     model: Optional[Path] = typer.Option(None, "--model", callback=resolve_model_option,
