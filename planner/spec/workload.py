@@ -316,7 +316,13 @@ class Workload(BaseModel):
         if str(value) in DATASETS:
             if model is None:
                 raise WorkloadError(f"workload {value}: needs a model, whose tokenizer counts the tokens")
-            source = DatasetSource(tokenizer=str(model), turns=DATASETS[str(value)])
+            # vLLM's benchmark keeps prompts to 1024 tokens; both halves also fit the model's context.
+            from engine.model_config import ModelConfig
+
+            context = ModelConfig.from_dir(model).max_position_embeddings
+            source = DatasetSource(tokenizer=str(model), turns=DATASETS[str(value)],
+                                   max_input_tokens=min(1024, context // 2),
+                                   max_output_tokens=min(1024, context - min(1024, context // 2)))
             return cls.from_dataset(source, ClosedLoopArrival(concurrency=1), num_requests, seed)
         path = Path(value)
         if not path.exists() and path.suffix not in (".yaml", ".yml", ".json", ".jsonl"):
@@ -379,8 +385,11 @@ class Workload(BaseModel):
 
     def describe(self) -> str:
         shared = f", {self.shared_prefix_fraction:.0%} shared prefix" if self.shared_prefix_fraction else ""
-        if self.dataset is not None:
-            shared = f", {self.dataset.describe()}"
+        if self.dataset is not None:  # the lengths the requests have, whatever the file summarised
+            specs = self.sample()
+            return (f"{self.arrival.describe()}, {self.dataset.describe()}: input mean "
+                    f"{np.mean([s.input_tokens for s in specs]):.1f}, output mean "
+                    f"{np.mean([s.output_tokens for s in specs]):.1f}, {self.num_requests} requests")
         return (f"{self.arrival.describe()}, input {self.input_tokens.describe()}, "
                 f"output {self.output_tokens.describe()}, {self.num_requests} requests{shared}")
 

@@ -87,7 +87,7 @@ def test_a_workload_samples_the_requests_paired_and_sends_their_prompts(files):
         request = pool[spec.index % len(pool)]
         assert (spec.input_tokens, spec.output_tokens) == (len(request.prompt_token_ids), request.output_tokens)
         assert workload.prompt_token_ids(spec, 512, None) == list(request.prompt_token_ids)
-    assert "ShareGPT first turns" in workload.describe()
+    assert "ShareGPT first turns" in workload.describe() and "input mean" in workload.describe()
 
 
 def test_a_workload_file_with_a_dataset_round_trips(files, tmp_path):
