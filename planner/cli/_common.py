@@ -71,6 +71,18 @@ def parse_duration(text: str, field: str = "budget", allow_zero: bool = False) -
     return total
 
 
+def parse_share(text: str, field: str) -> float:
+    """A share as "2%" or "0.02"; a FieldError naming `field` otherwise."""
+    source = text.strip()
+    try:
+        value = float(source[:-1]) / 100 if source.endswith("%") else float(source)
+    except ValueError:
+        raise FieldError(f"cannot read {text!r} as a share (e.g. 2% or 0.02)", field) from None
+    if not value >= 0:
+        raise FieldError(f"must be >= 0, got {text!r}", field)
+    return value
+
+
 def resolve_model_option(value: Path | str | None) -> Path | None:
     """`--model`: a model directory, a .gguf file (imported once), a name from `pilot models
     list` or ORG/NAME on the Hugging Face hub (pulled once into the model cache)."""

@@ -39,6 +39,9 @@ def profile(
     sitting: int = typer.Option(2, "--sitting", help="with --again, which sitting this is (the campaign "
                                 "is the first): each later one measures the same share, so every "
                                 "measurement in it gets a median over all its sittings"),
+    quality: bool = typer.Option(True, "--quality/--no-quality", help="also measure what each weight "
+                                 "quantization costs in perplexity on held-out ShareGPT text (once "
+                                 "per model; models with a tokenizer only)"),
     db: Db = None,
 ) -> None:
     """Run the engine over a search space on this machine and store every run (resumable)."""
@@ -105,6 +108,30 @@ def profile(
                   f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
     for experiment_id, error in result.failed[:5]:
         console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
+    if quality and again is None and (Path(model) / "tokenizer.json").is_file():
+        print_quality(store, str(model))
+
+
+def print_quality(store, model: str) -> None:
+    """Measure (where the store has none) and print each quantization's perplexity cost."""
+    from rich.table import Table
+
+    from planner.measure.quality import measure_quality
+    from planner.spec.dataset import DatasetError
+
+    try:
+        with console.status("measuring quantization quality") as status:
+            measured = measure_quality(store, model, say=lambda message: status.update(message))
+    except (DatasetError, ValueError) as err:
+        console.print(f"[yellow]quality not measured:[/yellow] {err}")
+        return
+    table = Table(title=f"perplexity on held-out ShareGPT replies ({measured[0].tokens} tokens), float32 "
+                        f"activations; unquantized: {measured[0].reference_perplexity:.3f}" if measured else "")
+    for column in ("weights", "perplexity", "loss"):
+        table.add_column(column, justify="left" if column == "weights" else "right")
+    for q in sorted(measured, key=lambda q: (q.quantization, q.group_size)):
+        table.add_row(q.scheme, f"{q.perplexity:.3f}", f"{q.loss:+.2%}")
+    console.print(table)
 
 
 def hardware_list(

@@ -19,6 +19,8 @@ from planner.cli.recommend import recommend as recommend_command
 # The quickstart's chat traffic: ShareGPT conversations short enough for a CPU demo.
 CHAT_INPUT_TOKENS, CHAT_OUTPUT_TOKENS, CHAT_REQUESTS = 256, 64, 16
 # What a chat product would ask of this CPU, per model: the tiny random model is only a check.
+# A plan may quantize the weights only where it costs at most this much perplexity (measured).
+QUALITY_LOSS = "10%"
 DEFAULT_SLOS = {"smollm2-135m": "ttft_p95<=1s,itl_p95<=100ms", "tiny": "ttft_p95<=1s,itl_p95<=200ms"}
 
 
@@ -59,7 +61,7 @@ def quickstart(
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
     profile_command(model=model_dir, space=str(space_file), workload=workload_file, isl=isl, osl=osl,
                     num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
-                    sitting=2, db=db, max_runs=max_runs)
+                    sitting=2, db=db, max_runs=max_runs, quality=True)
     runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
     fit_command(db=db, folds=3, as_json=False, plot=None)
@@ -72,7 +74,8 @@ def quickstart(
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
             verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db,
-            workers=1, backend="vllm", backend_version=None)
+            workers=1, backend="vllm", backend_version=None,
+            max_quality_loss=QUALITY_LOSS if workload_file is not None else None)
     except VerifyMissed as missed:  # measured and missed: the summary says so
         verified = missed.verified
     except typer.Exit as stop:

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from planner.cli._common import Db, console, fail, fail_error, open_store, resolve_model_option
+from planner.cli._common import Db, console, fail, fail_error, open_store, parse_share, resolve_model_option
 
 
 def _ms(seconds: float) -> str:
@@ -116,6 +116,9 @@ def recommend(
                                 "kernels, measured on that GPU, price the plan)"),
     backend_version: Optional[str] = typer.Option(None, "--backend-version", help="the backend release whose "
                                                   "measured kernels price a GPU plan; default: the newest"),
+    max_quality_loss: Optional[str] = typer.Option(None, "--max-quality-loss", help="keep weight "
+                                                   "quantizations whose measured perplexity is at most "
+                                                   "this much over the unquantized model's, e.g. 2%"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON instead of tables"),
     seed: int = typer.Option(0, "--seed"),
     db: Db = None,
@@ -137,7 +140,8 @@ def recommend(
             osl=osl, num_requests=num_requests,
             hardware=tuple(hardware.split(",")) if hardware else (), max_devices=max_devices,
             space=space, trials=trials, objective=objective, confidence=confidence, draft=draft,
-            seed=seed, host_speed=host, backend=backend, backend_version=backend_version)
+            seed=seed, host_speed=host, backend=backend, backend_version=backend_version,
+            max_quality_loss=parse_share(max_quality_loss, "max_quality_loss") if max_quality_loss else None)
         checks = VerifyRequest(via=via, repeats=repeats, fallbacks=fallbacks, explore=explore)
         if verify:  # before the search: a config-only directory plans but cannot launch
             request.check_launchable()

@@ -50,6 +50,27 @@ class Requirement:
         return self.confidence ** (1 / len(self.slos))
 
 
+@dataclass(frozen=True)
+class QualityLimit:
+    """How much perplexity a weight quantization may cost (0.02 = 2% over the unquantized
+    model), and the measured costs (`planner/measure/quality.py`) it is judged by."""
+
+    max_loss: float
+    measured: list[Any]  # planner.measure.quality.Quality
+
+    def of(self, config: EngineConfig) -> Any | None:
+        """The measured quality of `config`'s quantization; None where unmeasured."""
+        group = config.quantization_group_size if config.quantization == "int4" else 0
+        return next((q for q in self.measured if (q.quantization, q.group_size) == (config.quantization, group)),
+                    None)
+
+    def allows(self, config: EngineConfig) -> bool:
+        if config.quantization is None:
+            return True
+        measured = self.of(config)
+        return measured is not None and measured.loss <= self.max_loss
+
+
 @dataclass
 class Candidate:
     """One deployment: a configuration on some hardware, replicated, and what it would do."""

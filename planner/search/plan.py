@@ -99,6 +99,8 @@ class Plan(_Strict):
     predicted: dict[str, PredictedMetric] = Field(description="per replica, in seconds and tokens/s")
     cost: PlanCost
     acceptance_rate: float | None = Field(None, description="measured draft acceptance used")
+    quality: dict[str, Any] | None = Field(None, description="with --max-quality-loss: the measured "
+                                           "perplexity cost of the plan's weight quantization")
     basis: str = Field("", description="what the predictions are for and rest on: the engine that "
                                        "serves the plan, the hardware, and what was measured")
     serve_with: Literal["pilot", "vllm", "sglang"] = Field(
@@ -203,7 +205,21 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel,
                                                      if best.cost_per_million != float("inf") else 0.0),
                       output_tokens_per_s=best.output_tokens_per_s),
         acceptance_rate=search.acceptance_rate if best.config.num_speculative_tokens else None,
+        quality=_quality(search, best.config),
         basis=prediction.basis if prediction is not None else "",
         serve_with=search.backend if best.hardware.kind == "gpu" else "pilot",
         cost_model={"id": cost_model.id, "data_version": cost_model.data_version},
         study=result.study_name, launch=launch, notes=notes)
+
+
+def _quality(search: Search, config: EngineConfig) -> dict[str, Any] | None:
+    if search.quality is None:
+        return None
+    measured = search.quality.of(config) if config.quantization else None
+    if measured is None:
+        return {"scheme": "none", "perplexity_loss": 0.0, "max_loss": search.quality.max_loss}
+    return {"scheme": measured.scheme, "perplexity_loss": round(measured.loss, 5),
+            "perplexity": round(measured.perplexity, 4),
+            "reference_perplexity": round(measured.reference_perplexity, 4),
+            "max_loss": search.quality.max_loss,
+            "measured_on": f"{measured.tokens} tokens of held-out ShareGPT replies, float32 activations"}

@@ -13,7 +13,8 @@ from planner.costmodel.fit import CostModel
 from planner.costmodel.fit_data import measured_acceptance
 from planner.measure import host_speed
 from planner.measure.profiler import VIA
-from planner.search.candidate import RecommendError, Requirement
+from planner.measure.quality import stored_quality
+from planner.search.candidate import QualityLimit, RecommendError, Requirement
 from planner.search.search import Search
 from planner.spec import hardware as hw
 from planner.spec.search_space import SearchSpace
@@ -49,12 +50,16 @@ class RecommendRequest:
     host_speed: str = "typical"  # predict the host at a typical moment, or as a probe finds it now
     backend: str = "vllm"  # the engine a GPU plan is served by (its kernels price it)
     backend_version: str | None = None  # whose kernel measurements; None: the newest there are
+    max_quality_loss: float | None = None  # perplexity increase a quantization may cost (0.02 = 2%)
 
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
             raise RecommendError("give exactly one of rate or concurrency", field="rate")
         if self.num_requests < 1:
             raise RecommendError(f"must be >= 1, got {self.num_requests}", field="num_requests")
+        if self.max_quality_loss is not None and not 0 <= self.max_quality_loss < 10:
+            raise RecommendError(f"must be a share >= 0 (0.02 or 2%), got {self.max_quality_loss}",
+                                 field="max_quality_loss")
         if self.trials < 1:
             raise RecommendError(f"must be >= 1, got {self.trials}", field="trials")
         if self.backend not in GPU_BACKENDS:
@@ -108,7 +113,9 @@ class RecommendRequest:
             acceptance_rate=measured_acceptance(store, str(self.model), draft) if draft else None,
             seed=self.seed,
             host_slowdowns=host_slowdowns_now(cost_model) if self.host_speed == "now" else None,
-            backend=self.backend, backend_version=self.backend_version)
+            backend=self.backend, backend_version=self.backend_version,
+            quality=(QualityLimit(self.max_quality_loss, stored_quality(store, str(self.model)))
+                     if self.max_quality_loss is not None else None))
 
 
 @dataclass(frozen=True)

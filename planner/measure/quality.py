@@ -1,0 +1,109 @@
+"""What a weight quantization costs in quality: the model's perplexity on held-out real text
+(ShareGPT replies no workload sends) under int8 and int4 at each group size, beside the
+unquantized model's on the same text, as llama.cpp's perplexity tables compare its formats.
+
+Both run with float32 activations, so the difference is the weights' alone. Measured once per
+model and scheme, and stored; `pilot recommend --max-quality-loss` reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from sqlalchemy import select
+
+from engine import LLM, EngineConfig
+from engine.model_config import ModelConfig
+from engine.rules import check_scheme
+from planner.spec.dataset import heldout_texts
+from planner.store.database import QualityRow, Store, fingerprint
+from planner.store.records import model_row
+
+DATASET = "sharegpt-heldout"
+TEXTS, TEXT_TOKENS = 16, 256  # 4k predicted tokens: a 1% difference is well above the noise
+SCHEMES: tuple[tuple[str, int], ...] = (("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128))
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Quality:
+    quantization: str
+    group_size: int
+    perplexity: float
+    reference_perplexity: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.perplexity / self.reference_perplexity - 1
+
+    @property
+    def scheme(self) -> str:
+        return f"int4 g{self.group_size}" if self.quantization == "int4" else self.quantization
+
+
+def perplexity(llm: LLM, texts: list[list[int]]) -> tuple[float, int]:
+    """exp(mean negative log-likelihood) of every token after the first, and their count."""
+    total, count = 0.0, 0
+    for ids in texts:
+        logits = llm.score(ids).float()
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
+        total, count = total + float(nll), count + len(ids) - 1
+    return math.exp(total / count), count
+
+
+def valid_schemes(model_dir: str) -> list[tuple[str, int]]:
+    """The schemes every linear layer of this model can hold (int4 groups dividing its inputs)."""
+    cfg = ModelConfig.from_dir(model_dir)
+    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}  # linears' inputs
+    out = []
+    for method, group in SCHEMES:
+        try:
+            for width in widths:
+                check_scheme(method, group or 128, width)
+        except ValueError:
+            continue
+        out.append((method, group))
+    return out
+
+
+def _key(model_fingerprint: str, method: str, group: int) -> str:
+    return fingerprint({"model": model_fingerprint, "quantization": method, "group_size": group,
+                        "dataset": DATASET, "texts": TEXTS, "tokens": TEXT_TOKENS})
+
+
+def stored_quality(store: Store, model_dir: str) -> list[Quality]:
+    model = model_row(store, model_dir)
+    with store.session() as session:
+        rows = session.scalars(select(QualityRow).where(QualityRow.model_id == model.id)).all()
+    return [Quality(r.quantization, r.group_size, r.perplexity, r.reference_perplexity, r.tokens) for r in rows]
+
+
+def measure_quality(store: Store, model_dir: str, threads: int = 2, say: Say = lambda m: None) -> list[Quality]:
+    """Every valid scheme's perplexity against the unquantized model's, measured where the store
+    has none yet (a model needs a tokenizer: the held-out text is real)."""
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise ValueError(f"model: {model_dir} has no tokenizer.json; quality is measured on real text")
+    model = model_row(store, model_dir)
+    known = {(q.quantization, q.group_size) for q in stored_quality(store, model_dir)}
+    missing = [s for s in valid_schemes(model_dir) if s not in known]
+    if missing:
+        texts = heldout_texts(model_dir, TEXTS, TEXT_TOKENS)
+        say(f"perplexity of the unquantized model on {len(texts)} held-out ShareGPT replies")
+        with LLM(EngineConfig(model=model_dir, dtype="float32", num_threads=threads)) as llm:
+            reference, tokens = perplexity(llm, texts)
+        for method, group in missing:
+            say(f"perplexity under {method}" + (f", groups of {group}" if group else ""))
+            settings = {"quantization": method} | ({"quantization_group_size": group} if group else {})
+            with LLM(EngineConfig(model=model_dir, dtype="float32", num_threads=threads, **settings)) as llm:
+                value, _ = perplexity(llm, texts)
+            with store.session() as session:
+                session.add(QualityRow(fingerprint=_key(model.fingerprint, method, group), model_id=model.id,
+                                       quantization=method, group_size=group, dataset=DATASET, texts=len(texts),
+                                       tokens=tokens, perplexity=value, reference_perplexity=reference))
+                session.commit()
+    return stored_quality(store, model_dir)
