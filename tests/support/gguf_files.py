@@ -47,3 +47,12 @@ def write_gguf(model_dir: Path, tokenizer_json: Path, path: Path, qtype: str = "
     (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     (model_dir / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     return export_gguf(model_dir, path, qtype)
+
+
+def tiny_with_tokenizer(root: Path, dtype: str = "float32") -> Path:
+    """The built-in tiny Llama with a trained byte-level BPE tokenizer: a model that takes text."""
+    from engine.model_zoo import make_checkpoint
+
+    model = make_checkpoint("tiny", root / "model", seed=0, dtype=dtype)
+    shutil.copy(train_tokenizer(512, root), model / "tokenizer.json")
+    return model

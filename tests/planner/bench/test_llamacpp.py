@@ -5,23 +5,18 @@ needs `llama-cpp-python` (an 8-minute source build), so the measurement itself i
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest
-from support.gguf_files import train_tokenizer
+from support.gguf_files import tiny_with_tokenizer
 from typer.testing import CliRunner
 
-from engine.model_zoo import make_checkpoint
 from planner.cli import app
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("llamacpp")
-    model = make_checkpoint("tiny", root / "model", seed=0, dtype="bfloat16")
-    shutil.copy(train_tokenizer(512, root), model / "tokenizer.json")
-    return model
+    return tiny_with_tokenizer(tmp_path_factory.mktemp("llamacpp"), "bfloat16")
 
 
 def test_without_llama_cpp_the_install_is_named(model, tmp_path, monkeypatch):

@@ -4,14 +4,11 @@ lengths. Without a reachable package index the module is skipped."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from sqlalchemy import select
-from support.gguf_files import train_tokenizer
+from support.gguf_files import tiny_with_tokenizer
 from typer.testing import CliRunner
 
-from engine.model_zoo import make_checkpoint
 from planner.cli import app
 from planner.spec.dataset import DatasetError, sharegpt_path
 from planner.spec.workload import Workload
@@ -39,8 +36,7 @@ def sharegpt():
 
 
 def test_profiling_on_sharegpt_sends_its_prompts_and_stores_their_lengths(sharegpt, tmp_path):
-    model = make_checkpoint("tiny", tmp_path / "model", seed=0, dtype="float32")
-    shutil.copy(train_tokenizer(512, tmp_path), model / "tokenizer.json")
+    model = tiny_with_tokenizer(tmp_path)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     db = f"sqlite:///{tmp_path / 'p.db'}"

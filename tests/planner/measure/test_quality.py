@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from sqlalchemy import func, select
-from support.gguf_files import train_tokenizer
+from support.gguf_files import tiny_with_tokenizer
 
 from engine import LLM, EngineConfig
 from engine.model_zoo import make_checkpoint
@@ -30,10 +29,7 @@ def _conversation(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quality")
-    model = make_checkpoint("tiny", root / "model", seed=0, dtype="float32")
-    shutil.copy(train_tokenizer(512, root), model / "tokenizer.json")
-    return model
+    return tiny_with_tokenizer(tmp_path_factory.mktemp("quality"))
 
 
 @pytest.fixture
