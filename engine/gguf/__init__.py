@@ -3,5 +3,6 @@ layout the engine loads."""
 
 from engine.gguf.convert import import_gguf
 from engine.gguf.reader import GGUFError, GGUFFile
+from engine.gguf.writer import export_gguf
 
-__all__ = ["GGUFError", "GGUFFile", "import_gguf"]
+__all__ = ["GGUFError", "GGUFFile", "export_gguf", "import_gguf"]

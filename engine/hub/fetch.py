@@ -119,7 +119,10 @@ def resolve_model(model: str | Path, cache: Path | None = None, say: Say = _quie
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=".import-") as tmp:
                 import_gguf(path, Path(tmp) / "model").rename(target)
         return target
-    if str(model) in CATALOG or ("/" in str(model) and not path.exists() and not str(model).startswith((".", "/"))):
+    if str(model).startswith(("/", ".", "~")) or path.suffix == ".gguf":  # meant as a path: name it
+        raise CheckpointError(f"model directory not found: {path}" if path.suffix != ".gguf"
+                              else f"GGUF file not found: {path}")
+    if str(model) in CATALOG or "/" in str(model):
         return pull(str(model), cache, say)
     raise CheckpointError(f"model: {str(model)!r} is not a directory, a .gguf file or a known name; "
                           f"known: {', '.join(CATALOG)} (or ORG/NAME on the Hugging Face hub)")

@@ -2,6 +2,7 @@
 
 from engine.serving.api_server import RunningServer, ServerSettings, build_app, launch, serve, start_server
 from engine.serving.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError
+from engine.serving.chat_template import ChatTemplate
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "RunningServer",
+__all__ = ["AsyncLLMEngine", "ChatTemplate", "EngineDeadError", "EngineOverloadedError", "RunningServer",
            "ServerSettings", "build_app", "launch", "serve", "start_server"]

@@ -93,7 +93,7 @@ def run_llamacpp_benchmark(model_dir: Path, precisions: list[str], workdir: Path
         from llama_cpp import Llama
     except ImportError:
         raise ValueError(f"llama.cpp is not installed: {INSTALL}") from None
-    from engine.gguf.writer import export_gguf
+    from engine.gguf import export_gguf
 
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:

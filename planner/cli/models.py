@@ -98,8 +98,7 @@ def models_export(
     qtype: str = typer.Option("BF16", "--qtype", help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1"),
 ) -> None:
     """Write a model as a GGUF file that llama.cpp runs (the same weights the engine runs)."""
-    from engine.gguf import GGUFError
-    from engine.gguf.writer import export_gguf
+    from engine.gguf import GGUFError, export_gguf
 
     try:
         with console.status(f"exporting {model} as {qtype}"):

@@ -106,7 +106,7 @@ def _model_and_traffic(workdir: Path, model: str) -> tuple[Path, Path | None, st
         llm.close()
         return model_dir, None, "16:64", "8:32"
     from engine.hub import pull
-    from engine.serving.chat_template import ChatTemplate
+    from engine.serving import ChatTemplate
     from planner.spec.dataset import DatasetSource
     from planner.spec.workload import ClosedLoopArrival, Workload
 
