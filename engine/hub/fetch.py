@@ -108,7 +108,7 @@ def _download_from_hub(repo: str, out: Path, say: Say) -> None:
 def resolve_model(model: str | Path, cache: Path | None = None, say: Say = _quiet) -> Path:
     """A directory as it is; a .gguf file imported into the cache once; a catalog name or hub
     id pulled into the cache once."""
-    path = Path(model)
+    path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.suffix == ".gguf" and path.is_file():
