@@ -7,18 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.gguf.reader import GGUFError, permute_rows
+from engine.gguf.reader import _GLOBAL_TENSORS, _LAYER_TENSORS, GGUFError, permute_rows
 from engine.model_config import ModelConfig
 
-# Hugging Face name (within a layer) -> GGUF name: the reader's table, inverted.
-_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-_GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+# Hugging Face name -> GGUF name: the reader's tables, inverted.
+_LAYER = {hf: gguf for gguf, hf in _LAYER_TENSORS.items()}
+_GLOBAL = {hf: gguf for gguf, hf in _GLOBAL_TENSORS.items()}
 EXPORT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 CONTROL, NORMAL = 3, 1
 

@@ -49,8 +49,7 @@ def pull(name: str, cache: Path | None = None, say: Say = _quiet) -> Path:
         elif "/" in name:
             _download_from_hub(name, work / "model", say)
         else:
-            raise PullError(f"model: {name!r} is not a directory, a .gguf file or a known name; "
-                            f"known: {', '.join(CATALOG)} (or ORG/NAME on the Hugging Face hub)")
+            raise PullError(_unknown(name))
         (work / "model").rename(target)  # whole or not at all: an interrupted pull leaves nothing
     return target
 
@@ -124,5 +123,9 @@ def resolve_model(model: str | Path, cache: Path | None = None, say: Say = _quie
                               else f"GGUF file not found: {path}")
     if str(model) in CATALOG or "/" in str(model):
         return pull(str(model), cache, say)
-    raise CheckpointError(f"model: {str(model)!r} is not a directory, a .gguf file or a known name; "
-                          f"known: {', '.join(CATALOG)} (or ORG/NAME on the Hugging Face hub)")
+    raise CheckpointError(_unknown(str(model)))
+
+
+def _unknown(name: str) -> str:
+    return (f"model: {name!r} is not a directory, a .gguf file or a known name; "
+            f"known: {', '.join(CATALOG)} (or ORG/NAME on the Hugging Face hub)")

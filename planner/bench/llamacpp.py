@@ -64,26 +64,18 @@ def _pilot_run(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, float]:
     return len(prompt) / prefill, tokens / max(total - prefill, 1e-9)
 
 
-def _llamacpp_run(model: Any, prompt: list[int], tokens: int) -> tuple[float, float]:
+def _llamacpp_run(model: Any, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+    """Prefill and greedy decode rates of one llama.cpp run, and the tokens it chose."""
     model.reset()
     start = time.perf_counter()
     model.eval(prompt)
     prefill = time.perf_counter() - start
+    out: list[int] = []
     start = time.perf_counter()
     for _ in range(tokens):
-        model.eval([int(model.sample(temp=0.0))])
-    return len(prompt) / prefill, tokens / (time.perf_counter() - start)
-
-
-def _greedy(model: Any, prompt: list[int], tokens: int) -> list[int]:
-    model.reset()
-    model.eval(prompt)
-    out = []
-    for _ in range(tokens):
-        token = int(model.sample(temp=0.0))
-        out.append(token)
-        model.eval([token])
-    return out
+        out.append(int(model.sample(temp=0.0)))
+        model.eval([out[-1]])
+    return len(prompt) / prefill, tokens / (time.perf_counter() - start), out
 
 
 def run_llamacpp_benchmark(model_dir: Path, precisions: list[str], workdir: Path, threads: int = 2,
@@ -116,10 +108,10 @@ def run_llamacpp_benchmark(model_dir: Path, precisions: list[str], workdir: Path
             ours_runs, theirs_runs = [], []
             for _ in range(repeats):
                 ours_runs.append(_pilot_run(llm, prompt, decode_tokens))
-                theirs_runs.append(_llamacpp_run(peer, prompt, decode_tokens))
+                theirs_runs.append(_llamacpp_run(peer, prompt, decode_tokens)[:2])
             ours = llm.generate([prompt], SamplingParams(max_tokens=AGREEMENT_TOKENS, temperature=0,
                                                          ignore_eos=True))[0].token_ids
-            theirs = _greedy(peer, prompt, AGREEMENT_TOKENS)
+            theirs = _llamacpp_run(peer, prompt, AGREEMENT_TOKENS)[2]
             equal = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), AGREEMENT_TOKENS)
             results.append(PairResult(name, gguf_type, max(r[1] for r in ours_runs), max(r[1] for r in theirs_runs),
                                       max(r[0] for r in ours_runs), max(r[0] for r in theirs_runs), equal))

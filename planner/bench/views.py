@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from planner.costmodel import fit as cost_model
 from planner.costmodel.plots import accuracy_plot
+from planner.measure.quality import Quality
 from planner.search.plan import Plan
 from planner.store.database import Model, QualityRow, StepRow, Store
 
@@ -73,9 +74,9 @@ def quality_table(store: Store) -> list[dict[str, Any]]:
     with store.session() as session:
         rows = session.execute(select(QualityRow, Model.name).join(Model, Model.id == QualityRow.model_id)
                                .order_by(Model.name, QualityRow.quantization, QualityRow.group_size)).all()
-    return [{"model": name, "weights": f"int4 g{q.group_size}" if q.quantization == "int4" else q.quantization,
-             "perplexity": q.perplexity, "unquantized": q.reference_perplexity, "loss_pct": 100 * q.loss}
-            for q, name in rows]
+    measured = [(name, Quality.from_row(row)) for row, name in rows]
+    return [{"model": name, "weights": q.scheme, "perplexity": q.perplexity, "unquantized": q.reference_perplexity,
+             "loss_pct": 100 * q.loss} for name, q in measured]
 
 
 def quality_figure(store: Store):

@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from sqlalchemy import select
 
 from engine import LLM, EngineConfig
 from engine.model_config import ModelConfig
-from engine.rules import check_scheme
 from planner.spec.dataset import heldout_texts
+from planner.spec.search_space import quantizable
 from planner.store.database import QualityRow, Store, fingerprint
 from planner.store.records import model_row
 
@@ -39,7 +39,12 @@ class Quality:
 
     @property
     def loss(self) -> float:
+        """Relative perplexity increase over the unquantized model (0.02 = 2%)."""
         return self.perplexity / self.reference_perplexity - 1
+
+    @classmethod
+    def from_row(cls, row: QualityRow) -> Quality:
+        return cls(row.quantization, row.group_size, row.perplexity, row.reference_perplexity, row.tokens)
 
     @property
     def scheme(self) -> str:
@@ -59,16 +64,13 @@ def perplexity(llm: LLM, texts: list[list[int]]) -> tuple[float, int]:
 def valid_schemes(model_dir: str) -> list[tuple[str, int]]:
     """The schemes every linear layer of this model can hold (int4 groups dividing its inputs)."""
     cfg = ModelConfig.from_dir(model_dir)
-    widths = {cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads * cfg.head_dim}  # linears' inputs
-    out = []
-    for method, group in SCHEMES:
-        try:
-            for width in widths:
-                check_scheme(method, group or 128, width)
-        except ValueError:
-            continue
-        out.append((method, group))
-    return out
+    return [(method, group) for method, group in SCHEMES
+            if quantizable(cfg, EngineConfig(model=model_dir, **_settings(method, group)))]
+
+
+def _settings(method: str, group: int) -> dict[str, Any]:
+    """The engine settings of a scheme (int8's group is its row: it takes no group size)."""
+    return {"quantization": method} | ({"quantization_group_size": group} if group else {})
 
 
 def _key(model_fingerprint: str, method: str, group: int) -> str:
@@ -80,7 +82,7 @@ def stored_quality(store: Store, model_dir: str) -> list[Quality]:
     model = model_row(store, model_dir)
     with store.session() as session:
         rows = session.scalars(select(QualityRow).where(QualityRow.model_id == model.id)).all()
-    return [Quality(r.quantization, r.group_size, r.perplexity, r.reference_perplexity, r.tokens) for r in rows]
+    return [Quality.from_row(r) for r in rows]
 
 
 def measure_quality(store: Store, model_dir: str, threads: int = 2, say: Say = lambda m: None) -> list[Quality]:
@@ -98,8 +100,8 @@ def measure_quality(store: Store, model_dir: str, threads: int = 2, say: Say = l
             reference, tokens = perplexity(llm, texts)
         for method, group in missing:
             say(f"perplexity under {method}" + (f", groups of {group}" if group else ""))
-            settings = {"quantization": method} | ({"quantization_group_size": group} if group else {})
-            with LLM(EngineConfig(model=model_dir, dtype="float32", num_threads=threads, **settings)) as llm:
+            with LLM(EngineConfig(model=model_dir, dtype="float32", num_threads=threads,
+                                  **_settings(method, group))) as llm:
                 value, _ = perplexity(llm, texts)
             with store.session() as session:
                 session.add(QualityRow(fingerprint=_key(model.fingerprint, method, group), model_id=model.id,

@@ -263,11 +263,6 @@ class QualityRow(Base):
     reference_perplexity: Mapped[float] = mapped_column(Float)  # float32, unquantized
     measured_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    @property
-    def loss(self) -> float:
-        """Relative perplexity increase over the unquantized model (0.02 = 2%)."""
-        return self.perplexity / self.reference_perplexity - 1
-
 
 T = TypeVar("T", bound=Base)
 
