@@ -326,6 +326,169 @@ void pilot_linear_block(const void *x, int64_t ldx, const void *block, int64_t k
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* AVX2 (no AVX-512): the same packed layouts, 8 lanes at a time, accumulating in fp32.
+ * A 32-bit lane of the bf16 pair layout holds (k, k+1) of one output, so a shift and a mask
+ * widen both to fp32 in registers and bf16 needs no bf16 instructions. Rows of x are widened
+ * to fp32 once a call; above one row each bf16 block is widened once into an fp32 block in L2,
+ * which the register tile then reuses for every row. */
+#define MR8 6 /* rows of x per register tile: 6 rows x 16 outputs is 12 of the 16 ymm registers */
+
+static inline void prefetch_step(const void *step) {
+    _mm_prefetch((const char *)step + PREFETCH_BYTES, _MM_HINT_T0);
+    _mm_prefetch((const char *)step + PREFETCH_BYTES + 64, _MM_HINT_T0);
+}
+
+/* One fp32 row against one packed block (128 bytes a step in both dtypes): 32 sums in out. */
+static void row8(const float *x, const void *w, int64_t k, int is_bf16, __m256 out[4]) {
+    __m256 a[4], c[4]; /* two chains per output vector: an FMA's latency outlasts one step */
+    for (int j = 0; j < 4; j++) a[j] = c[j] = _mm256_setzero_ps();
+    if (is_bf16) {
+        const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+        for (int64_t i = 0; i < k / 2; i++) {
+            const uint16_t *step = (const uint16_t *)w + i * 64;
+            prefetch_step(step);
+            const __m256 x0 = _mm256_set1_ps(x[2 * i]), x1 = _mm256_set1_ps(x[2 * i + 1]);
+            for (int j = 0; j < 4; j++) {
+                const __m256i pairs = _mm256_loadu_si256((const __m256i *)(step + 16 * j));
+                a[j] = _mm256_fmadd_ps(x0, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)), a[j]);
+                c[j] = _mm256_fmadd_ps(x1, _mm256_castsi256_ps(_mm256_and_si256(pairs, high)), c[j]);
+            }
+        }
+    } else {
+        const float *wf = (const float *)w;
+        int64_t i = 0;
+        for (; i + 2 <= k; i += 2) {
+            prefetch_step(wf + i * 32);
+            prefetch_step(wf + i * 32 + 32);
+            const __m256 x0 = _mm256_set1_ps(x[i]), x1 = _mm256_set1_ps(x[i + 1]);
+            for (int j = 0; j < 4; j++) {
+                a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wf + i * 32 + 8 * j), a[j]);
+                c[j] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(wf + i * 32 + 32 + 8 * j), c[j]);
+            }
+        }
+        if (i < k) {
+            const __m256 x0 = _mm256_set1_ps(x[i]);
+            for (int j = 0; j < 4; j++) a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(wf + i * 32 + 8 * j), a[j]);
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = _mm256_add_ps(a[j], c[j]);
+}
+
+/* A bf16 packed block widened to the fp32 packed layout [K][32]. */
+static void widen_block(const uint16_t *w, int64_t k, float *out) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    for (int64_t i = 0; i < k / 2; i++) {
+        for (int j = 0; j < 4; j++) {
+            const __m256i pairs = _mm256_loadu_si256((const __m256i *)(w + i * 64 + 16 * j));
+            _mm256_storeu_ps(out + 2 * i * 32 + 8 * j, _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16)));
+            _mm256_storeu_ps(out + (2 * i + 1) * 32 + 8 * j, _mm256_castsi256_ps(_mm256_and_si256(pairs, high)));
+        }
+    }
+}
+
+/* Bias (or 0) for outputs col.., fp32. */
+static inline __m256 bias8(const void *bias, int is_bf16, int64_t col, int64_t n) {
+    if (!bias || col >= n) return _mm256_setzero_ps();
+    return load_f32x8((const char *)bias + col * (is_bf16 ? 2 : 4), is_bf16, n - col);
+}
+
+/* y[row, col + 8j ..] = acc[j] + bias, for the j whose outputs exist. */
+static inline void store_outputs(void *y, int64_t row, const __m256 *acc, int vectors, const void *bias,
+                                 int64_t col, int64_t n, int is_bf16) {
+    const int elem = is_bf16 ? 2 : 4;
+    for (int j = 0; j < vectors && col + 8 * j < n; j++) {
+        const int64_t c = col + 8 * j;
+        store_f32x8((char *)y + (row * n + c) * elem, _mm256_add_ps(acc[j], bias8(bias, is_bf16, c, n)),
+                    is_bf16, n - c);
+    }
+}
+
+/* mr fp32 rows of x against one 16-output half of an fp32 block [K][32] (half h). */
+static inline __attribute__((always_inline)) void tile8(
+    const int mr, const float *x, int64_t ldx, const float *w, int64_t k, int h, __m256 acc[MR8][2]) {
+#pragma GCC unroll 6
+    for (int m = 0; m < mr; m++) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i++) {
+        const __m256 v0 = _mm256_loadu_ps(w + i * 32 + 16 * h), v1 = _mm256_loadu_ps(w + i * 32 + 16 * h + 8);
+#pragma GCC unroll 6
+        for (int m = 0; m < mr; m++) {
+            const __m256 a = _mm256_broadcast_ss(x + m * ldx + i);
+            acc[m][0] = _mm256_fmadd_ps(a, v0, acc[m][0]);
+            acc[m][1] = _mm256_fmadd_ps(a, v1, acc[m][1]);
+        }
+    }
+}
+
+/* Rows of fp32 x (row stride ldx) against an fp32 block [K][32]: outputs col.. of y's rows. */
+void pilot_linear_block8(const float *x, int64_t ldx, const float *w, int64_t k, const void *bias,
+                         int64_t col, int64_t n, void *y, int64_t rows, int is_bf16) {
+    __m256 acc[MR8][2];
+    for (int64_t r = 0; r < rows; r += MR8) {
+        const int mr = (int)(rows - r < MR8 ? rows - r : MR8);
+        for (int h = 0; h < 2; h++) {
+            const float *xr = x + r * ldx;
+            switch (mr) {
+                case 1: tile8(1, xr, ldx, w, k, h, acc); break;
+                case 2: tile8(2, xr, ldx, w, k, h, acc); break;
+                case 3: tile8(3, xr, ldx, w, k, h, acc); break;
+                case 4: tile8(4, xr, ldx, w, k, h, acc); break;
+                case 5: tile8(5, xr, ldx, w, k, h, acc); break;
+                default: tile8(6, xr, ldx, w, k, h, acc); break;
+            }
+            for (int m = 0; m < mr; m++) store_outputs(y, r + m, acc[m], 2, bias, col + 16 * h, n, is_bf16);
+        }
+    }
+}
+
+static int linear_avx2(const void *x, int64_t ldx, const void *w, const void *bias, void *y,
+                       int64_t m, int64_t n, int64_t k, int is_bf16, int num_threads) {
+    const int64_t blocks = (n + 31) / 32, block_bytes = 32 * k * (is_bf16 ? 2 : 4);
+    /* fp32 rows of x: x itself, or widened from bf16 into a buffer of stride k */
+    const float *xf = (const float *)x;
+    float *widened = NULL;
+    int64_t ldf = ldx;
+    if (is_bf16) {
+        widened = malloc((size_t)(m * k) * sizeof(float));
+        if (!widened) return -1;
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t i = 0; i < k; i++) widened[r * k + i] = bf16_to_f32(((const uint16_t *)x)[r * ldx + i]);
+        xf = widened;
+        ldf = k;
+    }
+    int64_t mc = BLOCK_BYTES / (k * 4) / MR8 * MR8;
+    if (mc < MR8) mc = MR8;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *dense = is_bf16 && m > 1 ? aligned_alloc(32, (size_t)((32 * k * 4 + 31) / 32 * 32)) : NULL;
+        if (is_bf16 && m > 1 && !dense) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t r0 = 0; r0 < m && !(is_bf16 && m > 1 && !dense); r0 += mc) {
+            const int64_t rows = m - r0 < mc ? m - r0 : mc;
+#pragma omp for schedule(static) nowait
+            for (int64_t b = 0; b < blocks; b++) {
+                const char *wb = (const char *)w + b * block_bytes;
+                if (m == 1) {
+                    __m256 acc[4];
+                    row8(xf, wb, k, is_bf16, acc);
+                    store_outputs(y, 0, acc, 4, bias, 32 * b, n, is_bf16);
+                    continue;
+                }
+                if (is_bf16) widen_block((const uint16_t *)wb, k, dense);
+                pilot_linear_block8(xf + r0 * ldf, ldf, is_bf16 ? dense : (const float *)wb, k, bias,
+                                    32 * b, n, (char *)y + r0 * n * (is_bf16 ? 2 : 4), rows, is_bf16);
+            }
+        }
+        free(dense);
+    }
+    free(widened);
+    return failed ? -1 : 0;
+}
+#endif
+
 /* Which dtypes this build supports: bit 0 fp32, bit 1 bf16; bit 2: bf16 prefill on AMX tiles. */
 int pilot_linear_caps(void) {
     int caps = 0;
@@ -334,6 +497,9 @@ int pilot_linear_caps(void) {
 #endif
 #ifdef __AVX512BF16__
     caps |= 2;
+#endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+    caps |= 3;
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
     if (amx_usable()) caps |= 4;
@@ -374,6 +540,8 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
         }
     }
     return 0;
+#elif defined(__AVX2__) && defined(__FMA__)
+    return linear_avx2(x, ldx, w, bias, y, m, n, k, is_bf16, num_threads);
 #else
     (void)x; (void)ldx; (void)w; (void)bias; (void)y; (void)m; (void)n; (void)k;
     (void)num_threads;

@@ -4,7 +4,7 @@
 
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -72,6 +72,48 @@ static inline __m512 through_bf16(__m512 v) {
 
 static inline __mmask16 tail_mask(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* AVX2: up to 8 elements (`left` of them, the rest zero / untouched) of fp32 or bf16 as fp32,
+ * and back with round-to-nearest-even. */
+static inline __m256 load_f32x8(const void *src, int is_bf16, int64_t left) {
+    if (left < 8) {
+        float tmp[8] = {0};
+        for (int64_t j = 0; j < left; j++)
+            tmp[j] = is_bf16 ? bf16_to_f32(((const uint16_t *)src)[j]) : ((const float *)src)[j];
+        return _mm256_loadu_ps(tmp);
+    }
+    if (is_bf16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)src)), 16));
+    return _mm256_loadu_ps((const float *)src);
+}
+
+static inline void store_f32x8(void *dst, __m256 v, int is_bf16, int64_t left) {
+    if (left < 8) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        for (int64_t j = 0; j < left; j++) {
+            if (is_bf16) ((uint16_t *)dst)[j] = f32_to_bf16(tmp[j]);
+            else ((float *)dst)[j] = tmp[j];
+        }
+        return;
+    }
+    if (!is_bf16) {
+        _mm256_storeu_ps((float *)dst, v);
+        return;
+    }
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q); /* NaN stays NaN: quieted, not rounded */
+    rounded = _mm256_castps_si256(_mm256_blendv_ps(
+        _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_or_si256(bits, _mm256_set1_epi32(0x400000))), nan));
+    rounded = _mm256_srli_epi32(rounded, 16);
+    _mm_storeu_si128((__m128i *)dst, _mm_packus_epi32(_mm256_castsi256_si128(rounded),
+                                                      _mm256_extracti128_si256(rounded, 1)));
 }
 #endif
 
