@@ -32,6 +32,19 @@ static inline const void *row_ptr(const void *cache, int elem, const int64_t *ta
     return (const char *)cache + (slot * stride + offset) * elem;
 }
 
+/* Cache slots of positions t0 .. t0 + count - 1: one division, then a walk along the blocks. */
+static inline void tile_slots(const int64_t *table, int64_t t0, int count, int block_size, int64_t *slots) {
+    int64_t block = t0 / block_size;
+    int offset = (int)(t0 - block * block_size);
+    for (int j = 0; j < count; j++) {
+        slots[j] = table[block] * block_size + offset;
+        if (++offset == block_size) {
+            offset = 0;
+            block++;
+        }
+    }
+}
+
 static inline void load_row(const void *src, int is_bf16, int d, float *dst) {
     if (is_bf16) {
         const uint16_t *s = (const uint16_t *)src;
@@ -215,6 +228,112 @@ static void attend_avx512(const void *q, const void *k_cache, const void *v_cach
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define TILE8 8
+
+/* 8 vectors in, one out: lane j holds the sum of v[j]'s lanes. */
+static inline __m256 transpose_sum8(const __m256 v[TILE8]) {
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 a = _mm256_hadd_ps(s01, s23), b = _mm256_hadd_ps(s45, s67); /* per 128-bit half */
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* The AVX-512 path's tiled online softmax, 8 tokens a tile and 8 lanes (d a multiple of 8).
+ * A tile's keys and values are widened to fp32 once and shared by the group's query heads. */
+static void attend_avx2(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
+                        const int64_t *table, int64_t ctx, float *out, int kvh, int group,
+                        int kv_heads, int d, int block_size, float scale) {
+    const int elem = is_bf16 ? 2 : 4, ch = d / 8;
+    const int64_t stride = (int64_t)kv_heads * d;
+    float qs[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float acc[MAX_GROUP][MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float kt[TILE8][MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float vt[TILE8][MAX_HEAD_DIM] __attribute__((aligned(32)));
+    float ps[TILE8] __attribute__((aligned(32)));
+    float m[MAX_GROUP], l[MAX_GROUP];
+    for (int g = 0; g < group; g++) {
+        load_row((const char *)q + (int64_t)(kvh * group + g) * d * elem, is_bf16, d, qs[g]);
+        memset(acc[g], 0, (size_t)d * sizeof(float));
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t t0 = 0; t0 < ctx; t0 += TILE8) {
+        const int n = ctx - t0 < TILE8 ? (int)(ctx - t0) : TILE8;
+        /* This tile's slots and the next one's, from one division (one a row cost more than
+         * the arithmetic); the next tile's rows are prefetched while this one computes. */
+        int64_t slots[2 * TILE8];
+        const int ahead = ctx - t0 < 2 * TILE8 ? (int)(ctx - t0) : 2 * TILE8;
+        tile_slots(table, t0, ahead, block_size, slots);
+        for (int j = 0; j < TILE8; j++) { /* rows past the context repeat the last live one */
+            const int64_t row = (slots[j < n ? j : n - 1] * stride + (int64_t)kvh * d) * elem;
+            load_row((const char *)k_cache + row, is_bf16, d, kt[j]);
+            if (j < n) load_row((const char *)v_cache + row, is_bf16, d, vt[j]);
+        }
+        for (int j = TILE8; j < ahead; j++) {
+            const int64_t row = (slots[j] * stride + (int64_t)kvh * d) * elem;
+            for (int b = 0; b < d * elem; b += 64) {
+                _mm_prefetch((const char *)k_cache + row + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)v_cache + row + b, _MM_HINT_T0);
+            }
+        }
+        const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+        for (int g = 0; g < group; g++) {
+            __m256 dot[TILE8]; /* eight independent chains: one would wait on each FMA's latency */
+            for (int j = 0; j < TILE8; j++) dot[j] = _mm256_setzero_ps();
+            for (int c = 0; c < ch; c++) {
+                const __m256 qv = _mm256_load_ps(qs[g] + 8 * c);
+                for (int j = 0; j < TILE8; j++) dot[j] = _mm256_fmadd_ps(qv, _mm256_load_ps(kt[j] + 8 * c), dot[j]);
+            }
+            const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
+                                               _mm256_mul_ps(transpose_sum8(dot), _mm256_set1_ps(scale)), live);
+            const float tile_max = hmax8(sv);
+            const float new_max = tile_max > m[g] ? tile_max : m[g];
+            const float correction = expf(m[g] - new_max);
+            const __m256 p = _mm256_and_ps(live, exp256(_mm256_sub_ps(sv, _mm256_set1_ps(new_max))));
+            l[g] = l[g] * correction + hsum8(p);
+            m[g] = new_max;
+            _mm256_store_ps(ps, p);
+            const __m256 cv = _mm256_set1_ps(correction);
+            int c = 0;
+            for (; c + 4 <= ch; c += 4) { /* four chunks at once: four chains through the tile */
+                __m256 a[4];
+                for (int u = 0; u < 4; u++) a[u] = _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * (c + u)), cv);
+                for (int j = 0; j < n; j++) {
+                    const __m256 pj = _mm256_set1_ps(ps[j]);
+                    for (int u = 0; u < 4; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_load_ps(vt[j] + 8 * (c + u)), a[u]);
+                }
+                for (int u = 0; u < 4; u++) _mm256_store_ps(acc[g] + 8 * (c + u), a[u]);
+            }
+            for (; c < ch; c++) {
+                __m256 a = _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * c), cv);
+                for (int j = 0; j < n; j++)
+                    a = _mm256_fmadd_ps(_mm256_set1_ps(ps[j]), _mm256_load_ps(vt[j] + 8 * c), a);
+                _mm256_store_ps(acc[g] + 8 * c, a);
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        const __m256 inv = _mm256_set1_ps(1.f / l[g]);
+        for (int c = 0; c < ch; c++)
+            _mm256_storeu_ps(out + (int64_t)g * d + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[g] + 8 * c), inv));
+    }
+}
+#endif
+
 /* Portable version of the same computation. */
 static void attend_generic(const void *q, const void *k_cache, const void *v_cache, int is_bf16,
                            const int64_t *table, int64_t ctx, float *out, int kvh, int group,
@@ -271,6 +390,11 @@ int paged_decode_attention_strided(const void *q, int64_t q_stride, const void *
         if (d % 16 == 0 || MASKED_BF16_LOADS)
             attend_avx512(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
                           context_lens[b], res, kvh, group, kv_heads, d, block_size, scale);
+        else
+#elif defined(__AVX2__) && defined(__FMA__)
+        if (d % 8 == 0)
+            attend_avx2(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
+                        context_lens[b], res, kvh, group, kv_heads, d, block_size, scale);
         else
 #endif
             attend_generic(qb, k_cache, v_cache, is_bf16, block_tables + b * max_blocks,
