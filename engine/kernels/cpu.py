@@ -35,8 +35,8 @@ from engine.quantization import QuantizedWeight
 logger = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).parent
 SOURCES = [KERNEL_DIR / name for name in
-           ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "elementwise_cpu.c",
-            "decoder_layer_cpu.c", "shm_allreduce_cpu.c")]
+           ("paged_attention_cpu.c", "linear_cpu.c", "quant_linear_cpu.c", "quant_dot_cpu.c",
+            "elementwise_cpu.c", "decoder_layer_cpu.c", "shm_allreduce_cpu.c")]
 HEADERS = [KERNEL_DIR / "simd_math.h"]
 # Below this much work (sequences x kv heads x context) waking a second thread costs more.
 PARALLEL_ATTENTION_WORK = 8192
@@ -119,10 +119,11 @@ def load() -> ctypes.CDLL | None:
     lib.pilot_rope_and_cache.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
                                          + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2)
     lib.pilot_quant_linear_caps.restype = ctypes.c_int
-    lib.pilot_quant_linear.restype = ctypes.c_int
-    lib.pilot_quant_linear.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5
-                                       + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int64]
-                                       + [ctypes.c_int] * 2)
+    lib.pilot_quant_dot_caps.restype = ctypes.c_int
+    for fn in (lib.pilot_quant_linear, lib.pilot_quant_dot):
+        fn.restype = ctypes.c_int
+        fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+                       + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_int] * 2)
     lib.pilot_shm_allreduce.restype = ctypes.c_int64
     lib.pilot_shm_allreduce.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -228,13 +229,16 @@ def _lib() -> ctypes.CDLL:
 
 @dataclass
 class PackedQuantized:
-    """A QuantizedWeight in the kernel's 32-output block layout (see quant_linear_cpu.c)."""
+    """A QuantizedWeight in one of the kernels' 32-output block layouts: a step per k
+    (quant_linear_cpu.c), or with `dot` four k of one output together, for the integer dot
+    products of quant_dot_cpu.c (AVX2 without AVX-512)."""
 
-    qweight: torch.Tensor  # uint8 [blocks, K, 32] (int8) or [blocks, K, 16] (int4 nibbles)
+    qweight: torch.Tensor  # uint8 [blocks, K, 32] / [blocks, K/4, 32, 4] (int8) or [blocks, K, 16] / [blocks, K/8, 32, 4] (int4)
     scales: torch.Tensor  # float32 [blocks, groups, 32]
     mins: torch.Tensor | None
     bits: int
     group_size: int
+    dot: bool = False
 
 
 def quant_linear_supported(dtype: torch.dtype, device: torch.device, weight: QuantizedWeight) -> bool:
@@ -246,6 +250,14 @@ def quant_linear_supported(dtype: torch.dtype, device: torch.device, weight: Qua
     return dtype != torch.bfloat16 or weight.shape[1] % 2 == 0
 
 
+def dot_products_supported(in_features: int, group_size: int) -> bool:
+    """Whether quantized linears of this shape take the integer dot-product kernel here: AVX2
+    without AVX-512, K and the group multiples of 32 (the activations' int8 groups)."""
+    lib = load()
+    return (lib is not None and bool(lib.pilot_quant_dot_caps())
+            and in_features % 32 == 0 and group_size % 32 == 0)
+
+
 def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:
     n, k = weight.shape
     pad = -n % 32
@@ -255,7 +267,13 @@ def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:
         scales = torch.cat([scales, scales.new_zeros(pad, scales.shape[1])])
         mins = None if mins is None else torch.cat([mins, mins.new_zeros(pad, mins.shape[1])])
     blocks = q.shape[0] // 32
-    if weight.bits == 8:
+    dot = dot_products_supported(k, weight.group_size)
+    if dot and weight.bits == 8:  # [blocks, K/4, 32, 4]: four k of one output a 32-bit lane
+        packed = q.view(blocks, 32, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(torch.uint8)
+    elif dot:  # [blocks, K/8, 32, 4]: k 8s+b in the low nibble of byte b, 8s+4+b in the high one
+        eighths = q.to(torch.uint8).view(blocks, 32, k // 8, 2, 4)
+        packed = (eighths[:, :, :, 0] | (eighths[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+    elif weight.bits == 8:
         packed = q.view(blocks, 32, k).transpose(1, 2).contiguous().view(torch.uint8)
     else:
         halves = q.to(torch.uint8).view(blocks, 2, 16, k)
@@ -265,7 +283,7 @@ def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:
         return t.float().view(blocks, 32, -1).transpose(1, 2).contiguous()
 
     return PackedQuantized(packed, by_block(scales), None if mins is None else by_block(mins),
-                           weight.bits, weight.group_size)
+                           weight.bits, weight.group_size, dot)
 
 
 def quant_linear(x: torch.Tensor, weight: PackedQuantized, bias: torch.Tensor | None,
@@ -278,7 +296,8 @@ def quant_linear(x: torch.Tensor, weight: PackedQuantized, bias: torch.Tensor | 
     if x.stride(1) != 1 or (rows > 1 and x.stride(0) < k):
         x = x.contiguous()
     out = torch.empty((rows, out_features), dtype=x.dtype)
-    status = _lib().pilot_quant_linear(
+    lib = _lib()
+    status = (lib.pilot_quant_dot if weight.dot else lib.pilot_quant_linear)(
         x.data_ptr(), x.stride(0), weight.qweight.data_ptr(), weight.scales.data_ptr(),
         None if weight.mins is None else weight.mins.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), rows, out_features, k,

@@ -30,7 +30,7 @@ _KERNEL_LAYOUTS = ("panels", "int8", "int4")
 class _Linear(ctypes.Structure):
     _fields_ = [("weight", c_void_p), ("scales", c_void_p), ("mins", c_void_p), ("bias", c_void_p),
                 ("out_features", c_int64), ("in_features", c_int64), ("group", c_int64),
-                ("bits", c_int64)]
+                ("bits", c_int64), ("dot", c_int64)]
 
 
 class _Layer(ctypes.Structure):
@@ -56,12 +56,12 @@ def _linear(layer: Linear) -> _Linear:
     bias = None if layer.bias is None else layer.bias.data_ptr()
     if layer.layout == "panels":
         return _Linear(layer.weight.data_ptr(), None, None, bias, layer.out_features,
-                       layer.in_features, 0, 0)
+                       layer.in_features, 0, 0, 0)
     q = layer.quantized
     assert isinstance(q, cpu_kernels.PackedQuantized)
     return _Linear(q.qweight.data_ptr(), q.scales.data_ptr(),
                    None if q.mins is None else q.mins.data_ptr(), bias, layer.out_features,
-                   layer.in_features, q.group_size, q.bits)
+                   layer.in_features, q.group_size, q.bits, int(q.dot))
 
 
 class DecodeLayers:

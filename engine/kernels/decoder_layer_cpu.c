@@ -22,6 +22,9 @@ int pilot_linear(const void *x, int64_t ldx, const void *w, const void *bias, vo
 int pilot_quant_linear(const void *x, int64_t ldx, const uint8_t *qw, const float *scales,
                        const float *mins, const void *bias, void *y, int64_t m, int64_t n,
                        int64_t k, int bits, int64_t group, int is_bf16, int num_threads);
+int pilot_quant_dot(const void *x, int64_t ldx, const uint8_t *qw, const float *scales,
+                    const float *mins, const void *bias, void *y, int64_t m, int64_t n, int64_t k,
+                    int bits, int64_t group, int is_bf16, int num_threads);
 int64_t pilot_shm_allreduce(void *x, int64_t n, int is_bf16, void *region, int64_t rank,
                             int64_t size, int64_t slot_bytes, int64_t generation, double timeout_s);
 int paged_decode_attention_strided(const void *q, int64_t q_stride, const void *k_cache,
@@ -36,6 +39,7 @@ typedef struct {
     const void *bias;
     int64_t out_features, in_features, group;
     int64_t bits; /* 0: dense, 8 or 4: weight-only quantized */
+    int64_t dot;  /* quantized in quant_dot_cpu.c's layout (integer dot products) */
 } PilotLinear;
 
 typedef struct {
@@ -75,7 +79,7 @@ static int run_linear(const PilotLinear *l, const void *x, void *y, const PilotS
     if (l->bits == 0)
         return pilot_linear(x, l->in_features, l->weight, l->bias, y, s->batch, l->out_features,
                             l->in_features, (int)s->is_bf16, (int)s->num_threads);
-    return pilot_quant_linear(x, l->in_features, (const uint8_t *)l->weight, l->scales, l->mins,
+    return (l->dot ? pilot_quant_dot : pilot_quant_linear)(x, l->in_features, (const uint8_t *)l->weight, l->scales, l->mins,
                               l->bias, y, s->batch, l->out_features, l->in_features, (int)l->bits,
                               l->group, (int)s->is_bf16, (int)s->num_threads);
 }
