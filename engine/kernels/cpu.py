@@ -3,12 +3,16 @@
 - Paged decode attention: without it, decode attention gathers every sequence's keys and values
   into a padded copy, converts it to fp32 and lets PyTorch's attention read it again; at 64
   sequences that was as much time as all the linears. The kernel reads the block cache in place
-  (AVX-512 where the CPU has it, portable C otherwise).
-- Linear layers on panel-packed weights (AVX-512, and AVX512-BF16 for bfloat16): batch-1
+  (AVX-512 or AVX2 where the CPU has them, portable C otherwise).
+- Linear layers on panel-packed weights (AVX-512, and AVX512-BF16 for bfloat16; else AVX2 with
+  FMA, widening bf16 in registers): batch-1
   decode streams the weights at the machine's read bandwidth, where oneDNN's packed GEMM reached
   ~75% of it; at prefill sizes the two run level. Where the CPU has AMX, bf16 at 3 rows or more
   runs on its tile unit from the same packed weights (`linear_uses_amx`): on a 2-core Xeon
   1.2x oneDNN's GEMM at 256 rows (more at 8-64) and 4-7x the AVX-512 tile.
+
+Quantized linears on AVX2 without AVX-512 multiply integers (quant_dot_cpu.c): activations are
+rounded to int8 in groups of 32, as llama.cpp's are.
 
 Building needs a C compiler (`cc`); without one, or with PILOT_CPU_KERNELS=0, the engine keeps
 the PyTorch and oneDNN paths.

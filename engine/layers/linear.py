@@ -2,7 +2,8 @@
 
 Decode is a pass over the weights, so this is where the batch-1 tokens/s come from. On the CPU
 the weight is repacked once, after loading, into the first of these that the machine supports:
-- panels for the engine's own kernel (AVX-512; bf16 needs AVX512-BF16): batch 1 reads the weights
+- panels for the engine's own kernel (AVX-512, bf16 needing AVX512-BF16; else AVX2 with FMA, which
+  widens bf16 pairs in registers): batch 1 reads the weights
   at the machine's streaming bandwidth, 1.1-1.8x oneDNN's packed GEMM, and larger batches run
   level with oneDNN (measured on a 2-core AMD EPYC, fp32 and bf16); on a CPU with AMX, bf16
   batches of 3 rows or more run on its tile unit from the same panels, at or above oneDNN;

@@ -2,8 +2,10 @@
 (ShareGPT replies no workload sends) under int8 and int4 at each group size, beside the
 unquantized model's on the same text, as llama.cpp's perplexity tables compare its formats.
 
-Both run with float32 activations, so the difference is the weights' alone. Measured once per
-model and scheme, and stored; `pilot recommend --max-quality-loss` reads them.
+Both run with float32 activations through the engine's kernels on this host, so the loss is that
+of what it serves here: the weights', and on AVX2 without AVX-512, where the quantized linears
+multiply integers, the rounding of activations to int8 as well. Measured once per model and
+scheme, and stored; `pilot recommend --max-quality-loss` reads them.
 """
 
 from __future__ import annotations
