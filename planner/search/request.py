@@ -114,8 +114,14 @@ class RecommendRequest:
             seed=self.seed,
             host_slowdowns=host_slowdowns_now(cost_model) if self.host_speed == "now" else None,
             backend=self.backend, backend_version=self.backend_version,
-            quality=(QualityLimit(self.max_quality_loss, stored_quality(store, str(self.model)))
-                     if self.max_quality_loss is not None else None))
+            quality=self.quality_limit(store))
+
+    def quality_limit(self, store: Store) -> QualityLimit | None:
+        """The quality bound, judged by the measured costs of the schemes the engine runs (a
+        GGUF format's row informs, but is not a configuration)."""
+        if self.max_quality_loss is None:
+            return None
+        return QualityLimit(self.max_quality_loss, [q for q in stored_quality(store, str(self.model)) if q.in_engine])
 
 
 @dataclass(frozen=True)

@@ -254,8 +254,8 @@ class QualityRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(32), unique=True)  # model, scheme, text
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
-    quantization: Mapped[str] = mapped_column(String(16))  # int8 | int4
-    group_size: Mapped[int] = mapped_column(Integer)  # int4's; int8 is per output channel (0)
+    quantization: Mapped[str] = mapped_column(String(16))  # int8 | int4 | gguf-Q8_0, gguf-Q4_0...
+    group_size: Mapped[int] = mapped_column(Integer)  # int4's and GGUF's (32); int8 is per output channel (0)
     dataset: Mapped[str] = mapped_column(String(64))  # the held-out text, e.g. sharegpt-heldout
     texts: Mapped[int] = mapped_column(Integer)
     tokens: Mapped[int] = mapped_column(Integer)  # tokens predicted
