@@ -8,7 +8,6 @@ file undoes that, so the weights match the original checkpoint's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,11 +150,6 @@ class GGUFFile:
             return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}"
         raise GGUFError(f"{self.path}: tensor {name} has no counterpart in a {self.architecture} model")
 
-    def weights(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(Hugging Face name, float32 array) for every tensor, in file order."""
-        for name, tensor in self.tensors.items():
-            yield self.hf_name(name), self.dequantize(name, tensor)
-
     def dequantize(self, name: str, tensor: Any) -> np.ndarray:
         from gguf import GGMLQuantizationType, quants
 
@@ -171,6 +165,34 @@ class GGUFFile:
                                    else "attention.head_count_kv"))
             values = values[unpermute_rows(values.shape[0], heads)]
         return values
+
+
+    def q4_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A Q4_0 or Q4_1 matrix as it is stored, without rounding anything: 4-bit values 0..15
+        [rows, cols] and a float32 scale and min per row and block of 32, w = q * scale + min
+        (Q4_0 has no min of its own: its values are q - 8, so min = -8 * scale)."""
+        from gguf import GGMLQuantizationType
+
+        tensor = self.tensors[name]
+        kind = tensor.tensor_type
+        if kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1):
+            raise GGUFError(f"{self.path}: tensor {name} is {kind.name}, not Q4_0 or Q4_1")
+        rows, cols = (int(n) for n in reversed(tensor.shape.tolist()))
+        size = 18 if kind == GGMLQuantizationType.Q4_0 else 20  # bytes a block of 32
+        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, cols // 32, size)
+        scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if kind == GGMLQuantizationType.Q4_1:
+            low_bound, packed = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32), blocks[..., 4:]
+        else:
+            low_bound, packed = -8 * scale, blocks[..., 2:]
+        # Byte j of a block holds value j in its low nibble and value j + 16 in its high one.
+        q = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(rows, cols)
+        if self.architecture == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = int(self.field("attention.head_count" if name.split(".")[-2] == "attn_q"
+                                   else "attention.head_count_kv"))
+            order = unpermute_rows(rows, heads)
+            q, scale, low_bound = q[order], scale[order], low_bound[order]
+        return q, scale, low_bound
 
 
 def unpermute_rows(rows: int, heads: int) -> np.ndarray:

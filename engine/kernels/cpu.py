@@ -237,7 +237,8 @@ class PackedQuantized:
     (quant_linear_cpu.c), or with `dot` four k of one output together, for the integer dot
     products of quant_dot_cpu.c (AVX2 without AVX-512)."""
 
-    qweight: torch.Tensor  # uint8 [blocks, K, 32] / [blocks, K/4, 32, 4] (int8) or [blocks, K, 16] / [blocks, K/8, 32, 4] (int4)
+    # uint8: int8 [blocks, K, 32], dot [blocks, K/4, 32, 4]; int4 [blocks, K, 16], dot [blocks, K/8, 32, 4]
+    qweight: torch.Tensor
     scales: torch.Tensor  # float32 [blocks, groups, 32]
     mins: torch.Tensor | None
     bits: int

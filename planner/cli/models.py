@@ -76,15 +76,18 @@ def models_import(
     gguf: Path = typer.Argument(..., help="a GGUF file (llama.cpp's format)"),
     out: Path = typer.Option(..., "--out", help="directory to write the Hugging Face layout into"),
     dtype: str = typer.Option("bfloat16", help="float32, bfloat16 or float16 for the dequantized weights"),
+    keep_quantized: bool = typer.Option(False, "--keep-quantized", help="keep Q4_0/Q4_1 matrices as "
+                                        "they are, as the engine's int4 in groups of 32 (a file of "
+                                        "other matrix types is refused)"),
 ) -> None:
-    """Import a GGUF file: its weights (dequantized), tokenizer and chat template, in the layout
-    the engine loads."""
+    """Import a GGUF file: its weights (dequantized, or with --keep-quantized its 4-bit blocks as
+    int4), tokenizer and chat template, in the layout the engine loads."""
     from engine.gguf import import_gguf
     from engine.model_config import CheckpointError
 
     try:
         with console.status(f"importing {gguf}"):
-            path = import_gguf(gguf, out, dtype)
+            path = import_gguf(gguf, out, dtype, keep_quantized=keep_quantized)
     except (CheckpointError, ValueError) as err:
         fail_error(err)
     console.print(f"imported {gguf} to {path}")

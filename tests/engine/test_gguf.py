@@ -98,6 +98,42 @@ def test_weights_are_imported_exactly_as_gguf_dequantizes_them(source, tmp_path,
     assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_q4_blocks_are_kept_as_int4_without_rounding(source, tmp_path, request, qtype):
+    """keep_quantized: every Q4 matrix becomes the engine's int4 (groups of 32) holding exactly
+    the values the file holds, and the engine runs the same model as the dequantized import."""
+    from safetensors.torch import load_file
+
+    from engine.model_config import ModelConfig
+    from engine.models.llama import linear_shapes
+    from engine.quantization import QuantizedWeight
+
+    model, tokenizer = source
+    path = write_gguf(model, tokenizer, tmp_path / f"m.{qtype}.gguf", qtype)
+    kept = import_gguf(path, tmp_path / "kept", dtype="float32", keep_quantized=True)
+    plain = import_gguf(path, tmp_path / "plain", dtype="float32")
+    cfg = json.loads((kept / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "pilot", "bits": 4, "group_size": 32}
+    stored, floats = load_file(str(kept / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    linears = linear_shapes(ModelConfig.from_dir(kept))
+    for prefix in linears:
+        weight = QuantizedWeight.from_checkpoint(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
+                                                 stored[f"{prefix}.mins"], 4, 32)
+        assert torch.equal(weight.dequantize(), floats[f"{prefix}.weight"]), prefix
+    assert torch.equal(stored["model.embed_tokens.weight"], floats["model.embed_tokens.weight"])
+    request.getfixturevalue("pytorch_paths")  # int4 dequantized per call: the same float weights
+    error = float((_logits(kept) - _logits(plain)).abs().max() / _logits(plain).abs().max())
+    assert error <= 1e-5
+
+
+def test_keeping_blocks_the_engine_cannot_hold_is_refused(source, tmp_path):
+    model, tokenizer = source
+    path = write_gguf(model, tokenizer, tmp_path / "m.Q8_0.gguf", "Q8_0")
+    with pytest.raises(GGUFError, match="keeps Q4_0 and Q4_1 matrices as int4; this file's matrices are also Q8_0"):
+        import_gguf(path, tmp_path / "kept", keep_quantized=True)
+    assert not (tmp_path / "kept" / "config.json").exists()
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_k_quant_blocks_are_read_as_gguf_dequantizes_them(tmp_path, qtype):
     # gguf's Python code dequantizes K-quants but cannot write them: random blocks stand in.

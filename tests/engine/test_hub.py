@@ -84,3 +84,17 @@ def test_models_import_writes_the_layout_and_names_a_bad_file(gguf_file, tmp_pat
     (tmp_path / "bad.gguf").write_bytes(b"GGML" + b"\0" * 64)
     bad = runner.invoke(app, ["models", "import", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a GGUF file" in bad.output
+    refused = runner.invoke(app, ["models", "import", str(gguf_file), "--out", str(tmp_path / "q"), "--keep-quantized"],
+                            terminal_width=200)
+    assert refused.exit_code == 2 and "matrices are also Q8_0" in refused.output
+
+
+def test_models_import_keeps_q4_blocks_on_request(tmp_path):
+    model = make_checkpoint("tiny", tmp_path / "model", seed=0, dtype="float32")
+    tokenizer = train_tokenizer(512, tmp_path)
+    shutil.copy(tokenizer, model / "tokenizer.json")
+    path = write_gguf(model, tokenizer, tmp_path / "tiny.Q4_1.gguf", "Q4_1")
+    ok = CliRunner().invoke(app, ["models", "import", str(path), "--out", str(tmp_path / "out"), "--keep-quantized"])
+    assert ok.exit_code == 0, ok.output
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 4 and cfg["quantization_config"]["group_size"] == 32

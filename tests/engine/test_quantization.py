@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from support.references import quantized_linear_reference
 from typer.testing import CliRunner
 
 from engine import LLM, EngineConfig
@@ -16,7 +17,6 @@ from engine.model_zoo import make_checkpoint
 from engine.quantization import QuantizedWeight, quantize
 from engine.quantize_checkpoint import quantize_checkpoint
 from planner.cli import app
-from support.references import quantized_linear_reference
 
 CPU = torch.device("cpu")
 kernel_only = pytest.mark.skipif(

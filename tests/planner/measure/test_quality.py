@@ -16,8 +16,14 @@ from typer.testing import CliRunner
 from engine import LLM, EngineConfig
 from engine.model_zoo import make_checkpoint
 from planner.cli import app
-from planner.measure.quality import (GGUF_TYPES, measure_quality, perplexity, stored_quality,
-                                     valid_gguf_types, valid_schemes)
+from planner.measure.quality import (
+    GGUF_TYPES,
+    measure_quality,
+    perplexity,
+    stored_quality,
+    valid_gguf_types,
+    valid_schemes,
+)
 from planner.search.request import RecommendRequest
 from planner.spec.dataset import HELD_OUT_EVERY, DatasetSource, dataset_requests, heldout_texts
 from planner.store.database import QualityRow, Store
