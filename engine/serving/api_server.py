@@ -29,7 +29,8 @@ from engine.serving.async_engine import AsyncLLMEngine
 from engine.serving.chat_template import ChatTemplate
 from engine.serving.metrics import CONTENT_TYPE, ServerMetrics
 from engine.serving.openai_serving import ClientDisconnected, OpenAIServing
-from engine.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_request
+from engine.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, parse_request,
+                                     refuse_lone_surrogates)
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
         message = f"{request.method} {request.url.path}: {err.detail}"
         return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+        # A fault of ours, not the client's: still an OpenAI error body, and the server carries on.
+        logger.exception("request %s %s failed", request.method, request.url.path)
+        metrics.reject(500)
+        error = APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error")
+        return JSONResponse(error.body(), status_code=500)
 
     if settings.api_key is not None:
         app.add_middleware(BearerAuth, api_key=settings.api_key, on_reject=metrics.reject)
@@ -216,9 +225,13 @@ async def read_json(request: Request, limit: int) -> Any:
                            code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise APIError(400, "the request body nests JSON arrays or objects too deeply to parse") from None
+    except ValueError as err:  # also an integer past Python's digit limit, and bad UTF-8
         raise APIError(400, f"the request body is not valid JSON: {err}") from None
+    refuse_lone_surrogates(body)
+    return body
 
 
 class RunningServer:

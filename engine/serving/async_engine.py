@@ -50,7 +50,9 @@ class EngineDeadError(RuntimeError):
 
 class RequestStream:
     """One request's outputs on their way from the engine thread to the awaiting caller.
-    `close()` (idempotent) gives the request up: the engine aborts it unless it finished."""
+    `close()` (idempotent) gives the request up: the engine aborts it unless it finished. The
+    reason says why to the abort listeners: "abort" (the client went away) or "stop" (the server
+    cut it at a stop string, which the engine does not see)."""
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
         self.engine, self.request_id = engine, request_id
@@ -78,10 +80,10 @@ class RequestStream:
             self.close()
         return item
 
-    def close(self) -> None:
+    def close(self, reason: str = "abort") -> None:
         if not self.closed:
             self.closed = True
-            self.engine._release(self.request_id, self.finished)
+            self.engine._release(self.request_id, self.finished, reason)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+    reason: str = "abort"
 
 
 @dataclass
@@ -124,7 +127,7 @@ class AsyncLLMEngine:
         self.max_model_len: int = engine.max_model_len
         self.observers: list[Callable[[StepStats], None]] = []
         self.output_listeners: list[Callable[[RequestOutput], None]] = []
-        self.abort_listeners: list[Callable[[str], None]] = []
+        self.abort_listeners: list[Callable[[str, str], None]] = []  # (request id, reason)
         self.error: BaseException | None = None
         self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}  # touched by the engine thread only
@@ -204,14 +207,14 @@ class AsyncLLMEngine:
         finally:
             stream.close()
 
-    def _release(self, request_id: str, finished: bool) -> None:
+    def _release(self, request_id: str, finished: bool, reason: str = "abort") -> None:
         """A stream is done with: count it out and, unless it finished, abort it."""
         self._in_flight -= 1
         now = time.monotonic()
         self._finished_times.append(now)
         self._forget_old_finishes(now)  # a long-running server keeps only the window
         if not finished:
-            self._commands.put(_Abort(request_id))
+            self._commands.put(_Abort(request_id, reason))
 
     def stats(self) -> dict[str, float]:
         """Requests running and waiting, and the share of KV blocks in use: read live from one
@@ -282,7 +285,7 @@ class AsyncLLMEngine:
                 except Exception as err:  # the caller's to handle
                     command.done.set_exception(err)
             else:
-                self._abort(command.request_id)
+                self._abort(command.request_id, command.reason)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -298,11 +301,11 @@ class AsyncLLMEngine:
         self._streams[command.request_id] = command.stream
         command.accepted.set_result(None)
 
-    def _abort(self, request_id: str) -> None:
+    def _abort(self, request_id: str, reason: str) -> None:
         if self._streams.pop(request_id, None) is not None:
             self.engine.abort_request(request_id)
             for listener in self.abort_listeners:
-                listener(request_id)
+                listener(request_id, reason)
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)

@@ -131,10 +131,11 @@ class ServerMetrics:
         if m.first_scheduled_time is not None:
             self.queue_time.observe(max(0.0, m.first_scheduled_time - m.arrival_time))
 
-    def on_abort(self, request_id: str) -> None:
-        """A request given up by its client (it sends no final output)."""
+    def on_abort(self, request_id: str, reason: str) -> None:
+        """A request ended before the engine finished it (it sends no final output): given up by
+        its client ("abort"), or cut by the server at a stop string ("stop")."""
         self._emitted.pop(request_id, None)
-        self.finished.labels(**self.labels, finished_reason="abort").inc()
+        self.finished.labels(**self.labels, finished_reason=reason).inc()
 
     # -- read at scrape time --------------------------------------------------------------------
 

@@ -91,7 +91,10 @@ class OpenAIServing:
     # -- requests to engine jobs ------------------------------------------------------------------
 
     def _tokens(self, prompt: str | list[int], field: str) -> list[int]:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        try:
+            token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        except Exception as err:  # noqa: BLE001 - whatever the tokenizer refuses is the client's text
+            raise invalid(field, f"cannot be tokenized: {type(err).__name__}: {err}") from None
         if not prompt or not token_ids:
             raise invalid(field, "must not be empty")
         if len(token_ids) > self.max_prompt_tokens:
@@ -124,6 +127,10 @@ class OpenAIServing:
                 except (TypeError, ValueError) as err:
                     raise invalid(str(err).split(" ", 1)[0], str(err)) from None
                 jobs.append(_Job(p * request.n + j, p, token_ids, params))
+        if len(jobs) > self.engine.max_in_flight:  # it could never be admitted: no use retrying
+            raise invalid("n" if len(prompts) == 1 else "prompt",
+                          f"asks for {len(jobs)} sequences ({len(prompts)} prompts x n={request.n}), more "
+                          f"than this server ever holds at once ({self.engine.max_in_flight})")
         return jobs
 
     async def _start(self, jobs: list[_Job], priority: int, request_id: str,
@@ -158,6 +165,7 @@ class OpenAIServing:
                     # one chunk per step, which is what a client measures inter-token time by.
                     queue.put_nowait(Event(job.index, delta, reason, len(output.token_ids)))
                     if stopped:
+                        stream.close("stop")
                         return
             except BaseException as err:  # noqa: BLE001 - reported through the queue
                 queue.put_nowait(err)

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_N = 64  # choices per request: each is a sequence in the engine
+MAX_TEMPERATURE = 2.0  # OpenAI's bound: above it the distribution is near uniform, and no use
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI's seed
 
 
 class APIError(Exception):
@@ -47,10 +49,10 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    temperature: float | None = None
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
     top_p: float | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = Field(None, validate_default=True)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -169,6 +171,24 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def output_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def refuse_lone_surrogates(body: Any) -> None:
+    """A 400 naming the field that holds a lone UTF-16 surrogate (JSON's "\\ud800" escape
+    decodes to one): no tokenizer can encode it. Walked without recursion, however deep."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise invalid(path or "body", f"holds a lone UTF-16 surrogate ({value[err.start]!r} at "
+                                              f"character {err.start}), which is not text") from None
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(value))
 
 
 def parse_request(cls: type[_SamplingRequest], data: Any) -> Any:

@@ -113,6 +113,11 @@ def test_stop_strings_cut_the_text_and_are_never_streamed(trained_pair):
         streamed = client.completions.create(**request, stop=stop, stream=True)
         assert "".join(c.choices[0].text for c in streamed) == text[:text.index(stop)]
         _wait_idle(running)
+        # Cut by the server at a stop string: counted as stopped, not as given up by a client.
+        reasons = {line.split('finished_reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                   for line in httpx.get(f"{running.url}/metrics").text.splitlines()
+                   if line.startswith("pilot:request_success_total{")}
+        assert reasons.get("stop", 0) == 2 and reasons.get("abort", 0) == 0, reasons
 
 
 def test_models_health_and_metrics(server, client, model_dir):
@@ -166,7 +171,7 @@ BAD = [
     ({"prompt": ""}, 400, "prompt", "empty"),
     ({"prompt": "x" * 300}, 400, "prompt", "limit of 200"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model", "not served"),
-    ({"prompt": "x", "temperature": -1}, 400, "temperature", ">= 0"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature", "greater than or equal to 0"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "x", "top_k": 0}, 400, "top_k", "-1"),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", ">= 1"),
@@ -178,6 +183,14 @@ BAD = [
     ({"prompt": "x", "priority": 1}, 400, "priority", "scheduling_policy"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options", "stream is true"),
     ({"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unrecognized"),
+    (b"[" * 30_000 + b"]" * 30_000, 400, None, "too deeply"),
+    (b'{"prompt": "x", "max_tokens": ' + b"7" * 5000 + b"}", 400, None, "not valid JSON"),
+    ({"prompt": "x", "seed": 2**70}, 400, "seed", "less than or equal to 9223372036854775807"),
+    ({"prompt": "x", "seed": -(2**70)}, 400, "seed", "greater than or equal to -9223372036854775808"),
+    (b'{"prompt": "a\\ud800b"}', 400, "prompt", "lone UTF-16 surrogate"),
+    ({"prompt": "x", "temperature": 1e9}, 400, "temperature", "less than or equal to 2"),
+    ({"prompt": ["a"] * 300}, 400, "prompt", "300 sequences"),
+    (b'{"prompt": "x", "stop": ["b", "a\\udc00"]}', 400, "stop[1]", "lone UTF-16 surrogate"),
 ]
 
 
@@ -204,9 +217,12 @@ def test_bad_completion_requests_get_an_openai_error_naming_the_field(server, bo
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_completion_tokens": 2},
      "max_completion_tokens"),
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
 ])
 def test_bad_chat_requests_name_the_field(server, body, param):
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    # Sent as ASCII JSON: a lone surrogate travels as its escape, as any client's JSON would send it.
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=json.dumps(body),
+                          headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"].startswith(param)
 
