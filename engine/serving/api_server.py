@@ -29,8 +29,13 @@ from engine.serving.async_engine import AsyncLLMEngine
 from engine.serving.chat_template import ChatTemplate
 from engine.serving.metrics import CONTENT_TYPE, ServerMetrics
 from engine.serving.openai_serving import ClientDisconnected, OpenAIServing
-from engine.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, parse_request,
-                                     refuse_lone_surrogates)
+from engine.serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_request,
+    refuse_lone_surrogates,
+)
 
 logger = logging.getLogger(__name__)
 

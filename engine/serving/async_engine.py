@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -133,6 +134,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # touched by the engine thread only
         self._in_flight = 0  # admitted and not yet finished; touched by the event loop only
         self._finished_times: deque[float] = deque()
+        self._promised_until = 0.0  # the last time a refused request was told to come back at
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._last_stats: dict[int, StepStats] = {}
@@ -155,15 +157,16 @@ class AsyncLLMEngine:
     def num_in_flight(self) -> int:
         return self._in_flight
 
-    def retry_after_s(self) -> int:
-        """Seconds until about one request's worth of room frees up, from the recent
-        completion rate: at least 1, at most 60."""
-        self._forget_old_finishes(time.monotonic())
-        if not self._finished_times:
-            return 1
-        rate = len(self._finished_times) / RATE_WINDOW_S
-        excess = max(1, self._in_flight - self.max_in_flight + 1)
-        return int(min(60, max(1, round(excess / rate))))
+    def promise_retry_s(self) -> int:
+        """When a refused request should come back: each refusal is promised the next slot not
+        yet promised to another, one completion interval (from the recent completion rate, else
+        1 s) after the last, so clients that wait as told do not all return at once to be refused
+        again. At least 1 s, at most 60."""
+        now = time.monotonic()
+        self._forget_old_finishes(now)
+        interval = RATE_WINDOW_S / len(self._finished_times) if self._finished_times else 1.0
+        self._promised_until = min(max(self._promised_until, now) + interval, now + 60)
+        return int(min(60, max(1, math.ceil(self._promised_until - now))))
 
     async def add_request(self, prompt: str | list[int], params: SamplingParams,
                           priority: int = 0, request_id: str | None = None,
@@ -174,7 +177,7 @@ class AsyncLLMEngine:
         if not self.is_running:
             raise EngineDeadError(self.dead_reason())
         if self._in_flight >= self.max_in_flight:
-            raise EngineOverloadedError(self._in_flight, self.max_in_flight, self.retry_after_s())
+            raise EngineOverloadedError(self._in_flight, self.max_in_flight, self.promise_retry_s())
         request_id = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(self, request_id)
         accepted: Future = Future()
