@@ -33,6 +33,9 @@ class BlockManager:
         # Insertion order = order of freeing: the front is evicted first.
         self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        # Blocks ever written: the cache is allocated untouched, so these are its resident part.
+        self._touched = bytearray(num_blocks)
+        self.num_touched_blocks = 0
         self.num_prefix_hits = 0
         self.num_prefix_queries = 0
 
@@ -91,6 +94,9 @@ class BlockManager:
             if block.block_hash is not None and self.hash_to_block.get(block.block_hash) == block_id:
                 del self.hash_to_block[block.block_hash]
             block.block_hash, block.token_ids = None, ()
+            if not self._touched[block_id]:
+                self._touched[block_id] = 1
+                self.num_touched_blocks += 1
             self._take(block_id)
             seq.block_table.append(block_id)
 

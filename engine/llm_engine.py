@@ -255,6 +255,7 @@ class LLMEngine:
             num_finished=num_finished, num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running), kv_blocks_used=self.block_manager.num_used_blocks,
             kv_blocks_total=self.block_manager.num_blocks,
+            kv_blocks_touched=self.block_manager.num_touched_blocks,
             num_accepted_tokens=sum(len(t) - 1 for s, t in zip(out.scheduled, sampled)
                                     if t is not None and s.spec_token_ids))
         for observer in self.observers:

@@ -44,6 +44,7 @@ class StepStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     replica: int = 0  # which data-parallel replica ran the step
+    kv_blocks_touched: int = 0  # blocks ever written: the resident part of the (untouched) cache
 
     @property
     def num_batched_tokens(self) -> int:

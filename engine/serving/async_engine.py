@@ -220,18 +220,21 @@ class AsyncLLMEngine:
             self._commands.put(_Abort(request_id, reason))
 
     def stats(self) -> dict[str, float]:
-        """Requests running and waiting, and the share of KV blocks in use: read live from one
+        """Requests running and waiting, and the shares of KV blocks in use and ever written
+        (resident in memory): read live from one
         engine, or from each data-parallel replica's latest step."""
         scheduler = getattr(self.engine, "scheduler", None)
         if scheduler is not None:
             manager = self.engine.block_manager
             return {"num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
-                    "kv_cache_usage": manager.num_used_blocks / manager.num_blocks}
+                    "kv_cache_usage": manager.num_used_blocks / manager.num_blocks,
+                    "kv_cache_touched": manager.num_touched_blocks / manager.num_blocks}
         latest = list(self._last_stats.values())
         total = sum(s.kv_blocks_total for s in latest)
         return {"num_running": sum(s.num_running for s in latest),
                 "num_waiting": sum(s.num_waiting for s in latest),
-                "kv_cache_usage": sum(s.kv_blocks_used for s in latest) / total if total else 0.0}
+                "kv_cache_usage": sum(s.kv_blocks_used for s in latest) / total if total else 0.0,
+                "kv_cache_touched": sum(s.kv_blocks_touched for s in latest) / total if total else 0.0}
 
     def kv_blocks_used(self) -> int | None:
         """Blocks held right now by one engine (None behind a data-parallel front)."""

@@ -48,6 +48,9 @@ class ServerMetrics:
               lambda: engine.stats()["num_waiting"])
         gauge("pilot:kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).",
               lambda: engine.stats()["kv_cache_usage"])
+        gauge("pilot:kv_cache_resident_perc", "Share of KV-cache blocks ever written (1 = all): the "
+              "cache is reserved untouched at start, and the process's memory grows by this share "
+              "of it as blocks are first used.", lambda: engine.stats()["kv_cache_touched"])
         gauge("pilot:generation_tokens_per_second",
               f"Output tokens per second over the last {THROUGHPUT_WINDOW_S:g} s.", self._throughput)
         gauge("pilot:spec_decode_acceptance_rate",

@@ -167,4 +167,5 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
 def _step_fields(stats: StepStats) -> dict:
     data = stats.to_dict()
     del data["start_time"]  # kept as the offset from the run's start
+    del data["kv_blocks_touched"]  # the server's memory, not the step's cost
     return data

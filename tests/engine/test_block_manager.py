@@ -101,6 +101,22 @@ def test_allocate_without_enough_blocks_raises_and_changes_nothing():
     assert_consistent(bm, [])
 
 
+def test_touched_blocks_count_each_block_once_as_first_written():
+    """The resident part of an untouched cache: a freed block reused, or a prefix hit, adds none."""
+    bm = BlockManager(num_blocks=10, block_size=BS, enable_prefix_caching=False)
+    first = make_seq(list(range(9)), "a")  # 3 blocks
+    admit(bm, first)
+    assert bm.num_touched_blocks == 3
+    bm.free(first)
+    again = make_seq(list(range(100, 107)), "b")  # 2 blocks: the free list's front, never written
+    admit(bm, again)
+    assert bm.num_touched_blocks == 5
+    bm.free(again)
+    for i in range(4):  # 8 blocks in all: the last 5 never written before, then old ones again
+        admit(bm, make_seq(list(range(200 + 10 * i, 208 + 10 * i)), f"c{i}"))
+    assert bm.num_touched_blocks == 10
+
+
 def test_num_blocks_must_be_positive():
     with pytest.raises(ValueError, match="num_blocks"):
         BlockManager(num_blocks=0, block_size=BS)

@@ -137,9 +137,11 @@ def test_models_health_and_metrics(server, client, model_dir):
     assert after["pilot:e2e_request_latency_seconds_count"] - before["pilot:e2e_request_latency_seconds_count"] == 2
     for gauge in ("pilot:num_requests_running", "pilot:num_requests_waiting", "pilot:kv_cache_usage_perc",
                   "pilot:generation_tokens_per_second", "pilot:spec_decode_acceptance_rate",
-                  "pilot:num_preemptions_total"):
+                  "pilot:num_preemptions_total", "pilot:kv_cache_resident_perc"):
         assert gauge in after
     assert after["pilot:generation_tokens_per_second"] > 0
+    # Blocks written stay resident after their requests finish: the share in use is back to 0.
+    assert after["pilot:kv_cache_resident_perc"] > 0 == after["pilot:kv_cache_usage_perc"]
 
 
 def _scrape(server) -> dict[str, float]:
