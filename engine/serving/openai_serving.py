@@ -48,7 +48,7 @@ class Event:
     num_output_tokens: int
 
 
-class _StopWatch:
+class StopWatch:
     """Cuts one choice's growing text at the first stop string."""
 
     def __init__(self, stops: list[str]) -> None:
@@ -157,7 +157,7 @@ class OpenAIServing:
 
         async def pump(job: _Job, stream: RequestStream) -> None:
             try:
-                watch = _StopWatch(stops)
+                watch = StopWatch(stops)
                 async for output in stream:
                     delta, stopped = watch.update(output.text, output.finished)
                     reason = "stop" if stopped else _finish_reason(output)

@@ -11,21 +11,12 @@ import pytest
 import torch
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.hub import PullError, pull
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 RTOL = 1e-4
 GREEDY_STEPS = 64
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return pull("smollm2-135m")
-    except PullError as err:
-        pytest.skip(f"SmolLM2 could not be pulled here: {err}")
 
 
 @pytest.fixture(scope="module")
