@@ -184,11 +184,19 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self._abort(request_id)
+        return None if request is None else self._output(request)
+
+    def abort_sequence(self, request_id: str) -> Sequence | None:
+        """Abort, and return the request's sequence (finished as "abort") rather than an output:
+        for an engine core whose front does the detokenizing."""
+        request = self._abort(request_id)
+        return None if request is None else request.seq
+
+    def _abort(self, request_id: str) -> _Request | None:
         seq = self.scheduler.abort(request_id, now=time.perf_counter())
         request = self.requests.pop(request_id, None)
-        if seq is None or request is None:
-            return None
-        return self._output(request)
+        return None if seq is None else request
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -204,6 +212,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return an output for every request that got a token or finished."""
+        return [self._output(request) for request in self._advance()]
+
+    def step_sequences(self) -> list[Sequence]:
+        """Run one step; return the sequences that got a token or finished, undetokenized: an
+        engine core sends their new tokens to a front that detokenizes."""
+        return [request.seq for request in self._advance()]
+
+    def _advance(self) -> list[_Request]:
         start = time.perf_counter()
         out = self.scheduler.schedule(now=start)
         if out.is_empty:
@@ -216,20 +232,20 @@ class LLMEngine:
         if self.runner.proposer is not None:
             self.runner.propose([s for s in self.scheduler.running
                                  if s.num_uncomputed_tokens == 1 and not s.spec_token_ids])
-        outputs = []
+        advanced = []
         for item, token in zip(out.scheduled, sampled):
             if token is None:
                 continue
             request = self.requests.get(item.seq.request_id)
             if request is None:
                 continue
-            outputs.append(self._output(request))
+            advanced.append(request)
             if item.seq.is_finished:
                 del self.requests[item.seq.request_id]
         self.step_count += 1
         if self.observers:
             self._notify(out, sampled, start, forward_s, len(finished))
-        return outputs
+        return advanced
 
     def _output(self, request: _Request) -> RequestOutput:
         seq = request.seq

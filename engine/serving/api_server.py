@@ -74,7 +74,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        engine.start()
         yield
+        engine.stop()
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="pilot engine", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -122,7 +124,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     @app.post("/pilot/reset_prefix_cache")
     async def reset_prefix_cache() -> dict[str, Any]:
         """Forget cached prefixes, so that a profiler's next load level starts cold."""
-        return {"blocks_dropped": await engine.call(lambda e: e.reset_prefix_cache())}
+        return {"blocks_dropped": await engine.reset_prefix_cache()}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -1,10 +1,10 @@
-"""`AsyncLLMEngine`: the engine's step loop on a thread of its own, fed by asyncio callers.
+"""`AsyncLLMEngine`: the server's view of the engine cores, read on the server's event loop.
 
-The HTTP server handles many connections on one event loop, while the engine must step without
-pause. So one thread owns the engine (an `LLMEngine`, or a `DataParallelEngine` front) and is the
-only code that touches it: callers put commands on a queue and await the outputs, which the thread
-hands back to the event loop. A step's model forward releases the GIL, so the event loop keeps
-accepting and streaming while the engine computes.
+The engines run in processes of their own (`engine.core`); this process does HTTP, tokenization
+and detokenization. Requests go to a core as soon as they are admitted; each core sends one
+message per step, which the event loop reads the moment the core's connection is readable
+(`loop.add_reader`), so no thread stands between a step and the streams it feeds and no step
+waits on the event loop.
 """
 
 from __future__ import annotations
@@ -13,25 +13,18 @@ import asyncio
 import itertools
 import logging
 import math
-import queue
-import threading
 import time
 from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.core.client import EngineCoreClient, EngineCoreDiedError
 from engine.observer import StepStats
-from engine.parallel.data_parallel import DataParallelEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import RequestOutput
 
 logger = logging.getLogger(__name__)
 
-# How long the idle loop waits for a command before checking whether it should stop.
-IDLE_POLL_S = 0.1
 # Completions counted for the Retry-After estimate: those of the last this many seconds.
 RATE_WINDOW_S = 30.0
 
@@ -46,25 +39,23 @@ class EngineOverloadedError(RuntimeError):
 
 
 class EngineDeadError(RuntimeError):
-    """The step loop has stopped (shut down, or crashed); no request can be served."""
+    """The engine has stopped (shut down, or a core died); no request can be served."""
 
 
 class RequestStream:
-    """One request's outputs on their way from the engine thread to the awaiting caller.
-    `close()` (idempotent) gives the request up: the engine aborts it unless it finished. The
-    reason says why to the abort listeners: "abort" (the client went away) or "stop" (the server
-    cut it at a stop string, which the engine does not see)."""
+    """One request's outputs, as the event loop reads them from its core. `close()`
+    (idempotent) gives the request up: the core aborts it unless it finished. The reason says
+    why to the abort listeners: "abort" (the client went away) or "stop" (the server cut it at a
+    stop string, which the engine does not see)."""
 
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
         self.engine, self.request_id = engine, request_id
-        self.loop = asyncio.get_running_loop()
         self.outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
         self.closed = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the engine thread."""
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        self.outputs.put_nowait(item)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -87,39 +78,17 @@ class RequestStream:
             self.engine._release(self.request_id, self.finished, reason)
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    priority: int
-    arrival_time: float
-    stream: RequestStream
-    accepted: Future
-
-
-@dataclass
-class _Abort:
-    request_id: str
-    reason: str = "abort"
-
-
-@dataclass
-class _Call:
-    function: Callable[[LLMEngine | DataParallelEngine], Any]
-    done: Future
-
-
 class AsyncLLMEngine:
     """`add_request()` admits a request and returns the stream of its outputs; closing the stream
-    early (a client that went away) aborts the request and frees its KV blocks before the next
-    step. `generate()` is the same as one async generator.
+    early (a client that went away) aborts the request and frees its KV blocks before the core's
+    next step. `generate()` is the same as one async generator.
 
-    `max_in_flight` bounds the requests admitted (running plus waiting); past it `generate`
-    raises `EngineOverloadedError` rather than queueing without end.
+    `max_in_flight` bounds the requests admitted (running plus waiting); past it `add_request`
+    raises `EngineOverloadedError` rather than queueing without end. Everything but `shutdown`
+    runs on one event loop, the one `start()` attaches to (the first request's, by default).
     """
 
-    def __init__(self, engine: LLMEngine | DataParallelEngine, max_in_flight: int) -> None:
+    def __init__(self, engine: EngineCoreClient, max_in_flight: int) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.engine = engine
@@ -130,32 +99,46 @@ class AsyncLLMEngine:
         self.output_listeners: list[Callable[[RequestOutput], None]] = []
         self.abort_listeners: list[Callable[[str, str], None]] = []  # (request id, reason)
         self.error: BaseException | None = None
-        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
-        self._streams: dict[str, RequestStream] = {}  # touched by the engine thread only
-        self._in_flight = 0  # admitted and not yet finished; touched by the event loop only
+        self._streams: dict[str, RequestStream] = {}
         self._finished_times: deque[float] = deque()
         self._promised_until = 0.0  # the last time a refused request was told to come back at
         self._ids = itertools.count()
-        self._stopping = threading.Event()
-        self._last_stats: dict[int, StepStats] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
         engine.add_step_observer(self._on_step)
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_config(cls, config: EngineConfig, max_waiting: int) -> AsyncLLMEngine:
-        engine = DataParallelEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
-        return cls(engine, config.max_num_seqs * config.data_parallel_size + max_waiting)
+        return cls(EngineCoreClient(config), config.max_num_seqs * config.data_parallel_size + max_waiting)
 
-    # -- callers (the event loop) ---------------------------------------------------------------
+    def start(self) -> None:
+        """Watch the cores from the running event loop (idempotent)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        for index, conn in enumerate(self.engine.connections):
+            self._loop.add_reader(conn.fileno(), self._on_readable, index)
+
+    def stop(self) -> None:
+        """Stop watching the cores and fail what is in flight (on the loop, before `shutdown`)."""
+        self._stopping = True
+        self._detach()
+        self._fail_streams(EngineDeadError(self.dead_reason()))
+
+    def shutdown(self) -> None:
+        """Stop the cores (any thread; after `stop` if a loop was watching them)."""
+        self._stopping = True
+        self.engine.close()
+
+    # -- callers ----------------------------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self.error is None and not self._stopping.is_set()
+        return self.error is None and not self._stopping and self.engine.is_alive()
 
     @property
     def num_in_flight(self) -> int:
-        return self._in_flight
+        return len(self._streams)
 
     def promise_retry_s(self) -> int:
         """When a refused request should come back: each refusal is promised the next slot not
@@ -174,31 +157,16 @@ class AsyncLLMEngine:
         """Admit one request; its outputs come through the returned stream. Raises
         `InvalidRequestError` (bad prompt or parameters), `EngineOverloadedError` or
         `EngineDeadError`, so a server can answer with an error before sending anything."""
+        self.start()
         if not self.is_running:
             raise EngineDeadError(self.dead_reason())
-        if self._in_flight >= self.max_in_flight:
-            raise EngineOverloadedError(self._in_flight, self.max_in_flight, self.promise_retry_s())
+        if len(self._streams) >= self.max_in_flight:
+            raise EngineOverloadedError(len(self._streams), self.max_in_flight, self.promise_retry_s())
         request_id = request_id or f"req-{next(self._ids)}"
+        self.engine.add_request(request_id, prompt, params, arrival_time, priority)
         stream = RequestStream(self, request_id)
-        accepted: Future = Future()
-        self._in_flight += 1
-        self._commands.put(_Add(request_id, prompt, params, priority,
-                                arrival_time if arrival_time is not None else time.perf_counter(),
-                                stream, accepted))
-        try:
-            await asyncio.wrap_future(accepted)
-        except BaseException:
-            stream.close()
-            raise
+        self._streams[request_id] = stream
         return stream
-
-    async def call(self, function: Callable[[LLMEngine | DataParallelEngine], Any]) -> Any:
-        """Run `function(engine)` on the engine thread, between steps, and return its result."""
-        if not self.is_running:
-            raise EngineDeadError(self.dead_reason())
-        done: Future = Future()
-        self._commands.put(_Call(function, done))
-        return await asyncio.wrap_future(done)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, priority: int = 0,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -210,43 +178,39 @@ class AsyncLLMEngine:
         finally:
             stream.close()
 
+    async def reset_prefix_cache(self) -> int:
+        """Every replica's cached prefixes not in use dropped; the blocks forgotten in all."""
+        self.start()
+        if not self.is_running:
+            raise EngineDeadError(self.dead_reason())
+        done = [asyncio.wrap_future(f) for f in self.engine.reset_prefix_cache_calls()]
+        return sum(await asyncio.gather(*done))
+
     def _release(self, request_id: str, finished: bool, reason: str = "abort") -> None:
         """A stream is done with: count it out and, unless it finished, abort it."""
-        self._in_flight -= 1
         now = time.monotonic()
         self._finished_times.append(now)
         self._forget_old_finishes(now)  # a long-running server keeps only the window
-        if not finished:
-            self._commands.put(_Abort(request_id, reason))
+        if self._streams.pop(request_id, None) is None or finished:
+            return
+        if self.is_running:
+            self.engine.abort_request(request_id)
+        for listener in self.abort_listeners:
+            listener(request_id, reason)
 
     def stats(self) -> dict[str, float]:
         """Requests running and waiting, and the shares of KV blocks in use and ever written
-        (resident in memory): read live from one
-        engine, or from each data-parallel replica's latest step."""
-        scheduler = getattr(self.engine, "scheduler", None)
-        if scheduler is not None:
-            manager = self.engine.block_manager
-            return {"num_running": len(scheduler.running), "num_waiting": len(scheduler.waiting),
-                    "kv_cache_usage": manager.num_used_blocks / manager.num_blocks,
-                    "kv_cache_touched": manager.num_touched_blocks / manager.num_blocks}
-        latest = list(self._last_stats.values())
-        total = sum(s.kv_blocks_total for s in latest)
-        return {"num_running": sum(s.num_running for s in latest),
-                "num_waiting": sum(s.num_waiting for s in latest),
-                "kv_cache_usage": sum(s.kv_blocks_used for s in latest) / total if total else 0.0,
-                "kv_cache_touched": sum(s.kv_blocks_touched for s in latest) / total if total else 0.0}
+        (resident in memory), over all replicas as of each one's latest message."""
+        loads = self.engine.load()
+        total = sum(load.kv_blocks_total for load in loads)
+        return {"num_running": sum(load.num_running for load in loads),
+                "num_waiting": sum(load.num_waiting for load in loads),
+                "kv_cache_usage": sum(load.kv_blocks_used for load in loads) / total if total else 0.0,
+                "kv_cache_touched": sum(load.kv_blocks_touched for load in loads) / total if total else 0.0}
 
-    def kv_blocks_used(self) -> int | None:
-        """Blocks held right now by one engine (None behind a data-parallel front)."""
-        manager = getattr(self.engine, "block_manager", None)
-        return None if manager is None else manager.num_used_blocks
-
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop, fail whatever is in flight, and release the engine's processes."""
-        self._stopping.set()
-        self._commands.put(None)
-        self._thread.join(timeout)
-        self.engine.close()
+    def kv_blocks_used(self) -> int:
+        """Blocks the replicas hold, as of each one's latest message."""
+        return sum(load.kv_blocks_used for load in self.engine.load())
 
     def _forget_old_finishes(self, now: float) -> None:
         while self._finished_times and self._finished_times[0] < now - RATE_WINDOW_S:
@@ -254,87 +218,39 @@ class AsyncLLMEngine:
 
     def dead_reason(self) -> str:
         if self.error is not None:
-            return f"the engine stopped after an error: {type(self.error).__name__}: {self.error}"
+            return f"the engine stopped after an error: {self.error}"
+        if not self._stopping and not self.engine.is_alive():
+            return "an engine core process exited"
         return "the engine is shutting down"
 
-    # -- the engine thread ------------------------------------------------------------------------
+    # -- the event loop's reading of the cores ------------------------------------------------
 
-    def _run(self) -> None:
+    def _on_readable(self, index: int) -> None:
         try:
-            while not self._stopping.is_set():
-                self._take_commands(block=not self.engine.has_unfinished_requests())
-                if self._stopping.is_set() or not self.engine.has_unfinished_requests():
-                    continue
-                for output in self.engine.step():
-                    self._deliver(output)
-        except BaseException as err:  # noqa: BLE001 - every waiter must hear of it
-            logger.exception("engine loop failed")
+            outputs = self.engine.receive(index)
+        except EngineCoreDiedError as err:
+            logger.error("%s", err)
             self.error = err
-        finally:
-            dead = EngineDeadError(self.dead_reason())
-            for stream in self._streams.values():
-                stream.put(dead)
-            self._streams.clear()
-            self._fail_queued(dead)
-
-    def _take_commands(self, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=IDLE_POLL_S) if block else self._commands.get_nowait()
-        except queue.Empty:
+            self._detach()
+            self._fail_streams(EngineDeadError(self.dead_reason()))
             return
-        while command is not None:
-            if isinstance(command, _Add):
-                self._add(command)
-            elif isinstance(command, _Call):
-                try:
-                    command.done.set_result(command.function(self.engine))
-                except Exception as err:  # the caller's to handle
-                    command.done.set_exception(err)
-            else:
-                self._abort(command.request_id, command.reason)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _add(self, command: _Add) -> None:
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    arrival_time=command.arrival_time, priority=command.priority)
-        except Exception as err:  # the caller's bad input, raised in the caller
-            command.accepted.set_exception(err)
-            return
-        self._streams[command.request_id] = command.stream
-        command.accepted.set_result(None)
-
-    def _abort(self, request_id: str, reason: str) -> None:
-        if self._streams.pop(request_id, None) is not None:
-            self.engine.abort_request(request_id)
-            for listener in self.abort_listeners:
-                listener(request_id, reason)
-
-    def _deliver(self, output: RequestOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is None:
-            return  # aborted while the step ran
-        if output.finished:
-            del self._streams[output.request_id]
-        for listener in self.output_listeners:
-            listener(output)
-        stream.put(output)
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # given up already: its abort was counted when it was released
+            for listener in self.output_listeners:
+                listener(output)
+            stream.put(output)
 
     def _on_step(self, stats: StepStats) -> None:
-        self._last_stats[stats.replica] = stats
         for observer in self.observers:
             observer(stats)
 
-    def _fail_queued(self, error: EngineDeadError) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(command, _Add) and not command.accepted.done():
-                command.accepted.set_exception(error)
-            elif isinstance(command, _Call) and not command.done.done():
-                command.done.set_exception(error)
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            for conn in self.engine.connections:
+                self._loop.remove_reader(conn.fileno())
+
+    def _fail_streams(self, error: EngineDeadError) -> None:
+        for stream in self._streams.values():
+            stream.put(error)

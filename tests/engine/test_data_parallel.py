@@ -9,8 +9,11 @@ import time
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.core.client import _Tracked
 from engine.llm_engine import InvalidRequestError
 from engine.parallel.data_parallel import DataParallelEngine, replica_configs
+from engine.sequence import RequestMetrics
+from engine.tokenizer import IncrementalDetokenizer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -47,7 +50,7 @@ def test_adding_a_request_never_waits_for_a_busy_replica(dp):
     every other replica (and the server) for a step per request, and trickle prefills in one by
     one, which the planner's simulator does not do. A stopped replica is the busiest there is."""
     engine = dp.engine
-    stopped = engine._replicas[0].process.pid
+    stopped = engine._cores[0].process.pid
     os.kill(stopped, signal.SIGSTOP)
     try:
         start = time.perf_counter()
@@ -77,9 +80,10 @@ def test_the_front_refuses_what_a_replica_would(model_dir):
 def test_a_replica_refusing_a_request_finishes_it_rather_than_the_front(dp):
     """The front validates first, so this takes a request sent around the front."""
     engine = dp.engine
-    engine._replicas[1].conn.send(("add", ("around", [99999], GREEDY, time.perf_counter(), 0)))
-    engine.requests["around"] = 1
-    engine._replicas[1].outstanding.add("around")
+    engine._cores[1].conn.send(("add", ("around", [99999], GREEDY, time.perf_counter(), 0)))
+    engine.requests["around"] = _Tracked(1, None, [99999], IncrementalDetokenizer(engine.tokenizer),
+                                         RequestMetrics(arrival_time=time.perf_counter()))
+    engine._cores[1].outstanding.add("around")
     outputs = []
     while engine.has_unfinished_requests():
         outputs += [o for o in engine.step() if o.finished]
@@ -119,6 +123,6 @@ def test_a_replica_that_cannot_start_is_reported(tmp_path):
 
 def test_closing_stops_the_replicas(model_dir):
     llm = LLM(EngineConfig(model=model_dir, dtype="float32", data_parallel_size=2, num_threads=2))
-    processes = [r.process for r in llm.engine._replicas]
+    processes = [r.process for r in llm.engine._cores]
     llm.close()
     assert all(p.poll() is not None for p in processes)
