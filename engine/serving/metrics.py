@@ -1,7 +1,8 @@
 """Prometheus metrics of a serving engine, under vLLM's names with a `pilot:` prefix, so that
 dashboards built for vLLM need only the prefix changed.
 
-Counters and histograms are fed from the engine thread (every step, every finished request);
+Counters and histograms are fed on the event loop as the cores report (every step, every finished
+request);
 gauges are read when `/metrics` is scraped. Each server has its own registry, so several servers
 in one process (the tests) do not share figures.
 """
