@@ -2,8 +2,7 @@
 dashboards built for vLLM need only the prefix changed.
 
 Counters and histograms are fed on the event loop as the cores report (every step, every finished
-request);
-gauges are read when `/metrics` is scraped. Each server has its own registry, so several servers
+request); gauges are read when `/metrics` is scraped. Each server has its own registry, so several servers
 in one process (the tests) do not share figures.
 """
 
@@ -99,7 +98,7 @@ class ServerMetrics:
     def reject(self, status: int) -> None:
         self.rejected.labels(**self.labels, status=str(status)).inc()
 
-    # -- fed by the engine thread ---------------------------------------------------------------
+    # -- fed on the event loop ------------------------------------------------------------------
 
     def on_step(self, stats: StepStats) -> None:
         if stats.num_preempted:

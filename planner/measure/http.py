@@ -5,7 +5,7 @@ driven through the OpenAI API by the load generator (`profile --via http`, `reco
 What the profiler stores is the same as in process: each request's latencies (from the times its
 chunks arrived) and the engine's steps (from the server's `/pilot/steps`), so the fit learns from
 these runs too. The difference measured is the serving stack's own cost: HTTP, JSON and SSE,
-and the hand-off between the event loop and the engine thread.
+and the hand-off between the server process and its engine core.
 """
 
 from __future__ import annotations
