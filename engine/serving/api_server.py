@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from engine.config import EngineConfig
 from engine.observer import StepStats
+from engine.sequence import RequestOutput
 from engine.serving.async_engine import AsyncLLMEngine
 from engine.serving.chat_template import ChatTemplate
 from engine.serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -114,12 +115,20 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     steps = StepLog(engine)
+    finished = RequestLog(engine)
 
     @app.get("/pilot/steps")
     async def step_log(since: int = 0) -> dict[str, Any]:
         """The engine's recent steps (`engine.observer.StepStats`), for a profiler measuring over
         HTTP: those numbered `since` and later, and the number to ask for next."""
         return steps.since(since)
+
+    @app.get("/pilot/requests")
+    async def request_log(since: int = 0) -> dict[str, Any]:
+        """The engine's timings of recently finished requests (its clock is `time.perf_counter`,
+        the machine's monotonic clock), so that a client on this machine can tell what serving
+        added to each token: those numbered `since` and later, and the number to ask for next."""
+        return finished.since(since)
 
     @app.post("/pilot/reset_prefix_cache")
     async def reset_prefix_cache() -> dict[str, Any]:
@@ -169,6 +178,29 @@ class StepLog:
         start = count - len(entries)
         return {"next": count, "dropped": max(0, start - first),
                 "steps": [s.to_dict() for s in entries[max(0, first - start):]]}
+
+
+class RequestLog:
+    """The engine-side timings of the last `capacity` finished requests, by engine request id
+    (the response's `id`, a dash, and the choice's index)."""
+
+    def __init__(self, engine: AsyncLLMEngine, capacity: int = 20_000) -> None:
+        self.entries: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.count = 0
+        engine.output_listeners.append(self._append)
+
+    def _append(self, output: RequestOutput) -> None:
+        if output.finished:
+            m = output.metrics
+            self.entries.append({"id": output.request_id, "arrival_time": m.arrival_time,
+                                 "first_scheduled_time": m.first_scheduled_time,
+                                 "token_times": list(m.token_times), "finish_reason": output.finish_reason})
+            self.count += 1
+
+    def since(self, first: int) -> dict[str, Any]:
+        start = self.count - len(self.entries)
+        return {"next": self.count, "dropped": max(0, start - first),
+                "requests": list(self.entries)[max(0, first - start):]}
 
 
 class BearerAuth:

@@ -31,8 +31,9 @@ def profile(
                                            "count: the same profile on any host), or at --budget"),
     repeats: int = typer.Option(1, "--repeats", help="runs of each configuration and load level, back "
                                 "to back; `pilot fit` judges predictions against their median"),
-    via: str = typer.Option("engine", "--via", help="measure the engine in process (engine), or "
-                                                     "through pilot serve and the OpenAI API (http)"),
+    via: str = typer.Option("http", "--via", help="measure through pilot serve and the OpenAI API, as "
+                                                   "clients of a plan see it (http; what recommend "
+                                                   "predicts), or the engine in process (engine)"),
     again: Optional[float] = typer.Option(None, "--again", help="instead of going on with the campaign, "
                                           "measure this share (0-1] of its finished measurements again: "
                                           "a later sitting, for `pilot fit`'s floor between sittings"),

@@ -60,7 +60,7 @@ def quickstart(
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
     profile_command(model=model_dir, space=str(space_file), workload=workload_file, isl=isl, osl=osl,
-                    num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="engine", again=None,
+                    num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="http", again=None,
                     sitting=2, db=db, max_runs=max_runs, quality=True, quality_gguf=False)
     runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")

@@ -100,8 +100,9 @@ def recommend(
     out: Path = typer.Option(Path("plan.yaml"), "--out", help="where the plan goes"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the cost-latency front (PNG)"),
     verify: bool = typer.Option(False, "--verify", help="launch the plan here and measure it"),
-    via: str = typer.Option("engine", "--via", help="--verify measures the engine in process "
-                                                     "(engine) or through pilot serve (http)"),
+    via: str = typer.Option("http", "--via", help="--verify measures through pilot serve, as the "
+                                                   "plan's clients will (http), or the engine in "
+                                                   "process (engine)"),
     repeats: int = typer.Option(3, "--repeats", help="--verify runs the workload this many times "
                                 "back to back and judges each metric's median"),
     fallbacks: int = typer.Option(2, "--fallbacks", help="--verify: while the plan measured misses an "

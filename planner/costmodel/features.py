@@ -35,7 +35,10 @@ FEATURES = (*DIRECT[:-1], *COMPOSITION, "tensor_parallel_size", "data_parallel_s
             "forward_passes",
             # Weight bytes every process of the deployment holds at once (replicas x ranks):
             # what competes for the one cache of a CPU host.
-            "resident_weight_bytes", "int4_unpack_s", "attention_scores_s")
+            "resident_weight_bytes", "int4_unpack_s", "attention_scores_s",
+            # 1 where the engine core served clients through `pilot serve`: the server process
+            # shares the host's cores with it.
+            "served")
 
 
 def feature_matrix(deployment: Deployment, device: Device,
@@ -44,7 +47,7 @@ def feature_matrix(deployment: Deployment, device: Device,
     COMPOSITION columns and, for data-parallel deployments, "busy_peers" (`fit_data.busy_peers`:
     how many other replicas were mid-step meanwhile; none if absent), and "host_slowdown" and
     "host_parallel_slowdown" (`planner.measure.host_speed.slowdown` of its two readings; 1.0, a typical
-    moment, if absent)."""
+    moment, if absent), and "served" (1 through `pilot serve`; 0, in process, if absent)."""
     comp = {name: np.asarray(steps[name], dtype=float) for name in COMPOSITION}
     n = len(comp["num_seqs"])
 
@@ -76,5 +79,6 @@ def feature_matrix(deployment: Deployment, device: Device,
                "prefill_pass": op_by_op * float(deployment.target.num_layers),
                **{k: np.full(n, float(v)) for k, v in constants.items()},
                "busy_peers": optional("busy_peers", 0.0), "host_slowdown": optional("host_slowdown", 1.0),
-               "host_parallel_slowdown": optional("host_parallel_slowdown", 1.0)}
+               "host_parallel_slowdown": optional("host_parallel_slowdown", 1.0),
+               "served": optional("served", 0.0)}
     return np.column_stack([columns[name] for name in FEATURES])

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from sqlalchemy import select
 
+from planner.costmodel.delivery import DeliveryModel
 from planner.costmodel.features import feature_matrix
 from planner.costmodel.fit_data import (
     METRICS,
@@ -62,9 +63,10 @@ def training_arrays(runs: list[RunData], seed: int = 0) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
 
 
-def _predict(model: StepTimeModel, run: RunData) -> np.ndarray:
+def _predict(model: StepTimeModel, run: RunData, delivery: DeliveryModel) -> np.ndarray:
     metrics = run.replay(model.step_time(run.deployment, run.device, host_slowdown=run.host_slowdown,
-                                         host_parallel_slowdown=run.host_parallel_slowdown))
+                                         host_parallel_slowdown=run.host_parallel_slowdown,
+                                         served=run.served), delivery=delivery)
     return np.array([metrics[m] for m in METRICS])
 
 
@@ -82,8 +84,9 @@ def cross_validate(runs: list[RunData], fold_of: np.ndarray, stage: str,
         X, y, groups = training_arrays(train)
         # Step intervals are not needed here; the runs still give the step jitter.
         model = StepTimeModel(coverage=COVERAGE).fit(X, y, groups, calibrate=False)
+        delivery = DeliveryModel().fit(train)
         for i in np.flatnonzero(fold_of == fold):
-            predictions[i] = _predict(model, runs[i])
+            predictions[i] = _predict(model, runs[i], delivery)
             Xh, yh, _ = training_arrays([runs[i]])
             step_errors.append(np.abs(model.predict(Xh) / yh - 1))
     if on_progress:
@@ -165,6 +168,8 @@ class CostModel:
     host_reference: dict[str, float] = field(default_factory=dict)
     # fit_data.length_coverage of the runs it was fitted on (empty in models saved before)
     lengths: dict[str, int] = field(default_factory=dict)
+    # What serving through `pilot serve` adds, from the served runs (unfitted without any).
+    delivery: DeliveryModel = field(default_factory=DeliveryModel)
 
     def host_slowdown(self, spec_name: str, reading: float | None) -> float:
         """A probe reading taken on `spec_name` with no engine running (when planning) as the
@@ -230,7 +235,7 @@ class CostModel:
         return {"step_model": self.step_model.to_dict(), "hardware": self.hardware,
                 "intervals": {k: {m: list(v) for m, v in d.items()} for k, d in self.intervals.items()},
                 "quantiles": self.quantiles, "host_reference": self.host_reference,
-                "lengths": self.lengths}
+                "lengths": self.lengths, "delivery": self.delivery.to_dict()}
 
 
 def layout_of(config: dict[str, Any]) -> str:
@@ -244,6 +249,12 @@ def layout_of(config: dict[str, Any]) -> str:
     return "single"
 
 
+def served_layout(layout: str, served: bool) -> str:
+    """The error group of a layout measured through `pilot serve`: its own, where it has enough
+    runs, since the server's delays add errors of their own."""
+    return f"{layout}/served" if served else layout
+
+
 def layout_groups(runs: list[RunData], measured: np.ndarray, predicted: np.ndarray) -> dict[str, np.ndarray]:
     """The runs of each process layout that has its own held-out errors (a mask per layout).
 
@@ -251,7 +262,7 @@ def layout_groups(runs: list[RunData], measured: np.ndarray, predicted: np.ndarr
     a busy host errs more, and more one-sidedly, than one process does, and a bound from the
     pooled errors would promise those layouts a chance they do not have. A layout needs
     MIN_LAYOUT_RUNS valid errors per metric; with one layout only, the pooled errors are its own."""
-    layouts = np.array([layout_of(r.config) for r in runs])
+    layouts = np.array([served_layout(layout_of(r.config), r.served) for r in runs])
     out = {}
     for layout in np.unique(layouts):
         mine = layouts == layout
@@ -313,6 +324,10 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
         report["median_noise_floor"] = median_noise_floor(measured, groups, seed)
         sittings = np.array([-1 if r.sitting is None else r.sitting for r in runs])
         report["sitting_noise_floor"] = sitting_noise_floor(measured, groups, sittings)
+    served = np.array([runs[i].served for i in first])
+    if served.sum() >= 3:  # the served path's held-out accuracy on its own
+        report["by_run"]["served"] = accuracy(truth[served], predicted_g[served], by_run_folds[first][served],
+                                              step_errors)["overall"]
     report["measurements"] = len(first)
     read = [r.host_slowdown for r in runs if r.host_probe_s is not None]
     if read:
@@ -363,9 +378,11 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     report["cache_mib"] = step_model.cache_bytes_ / 2**20
     report["step_interval"] = list(step_model.interval_)
     hardware = {r.spec_name: r.hardware_rates for r in runs}
+    delivery = DeliveryModel().fit(runs)
+    report["data"]["served_runs"] = delivery.num_runs
     return CostModel(step_model, intervals, hardware, sorted({r.model_fingerprint for r in runs}),
                      data_version(runs), report, quantiles=quantiles, host_reference=host_reference,
-                     lengths=lengths)
+                     lengths=lengths, delivery=delivery)
 
 
 def save(store: Store, model: CostModel) -> int:
@@ -394,7 +411,7 @@ def load(store: Store, model_id: int | None = None) -> CostModel | None:
     return CostModel(StepTimeModel.from_dict(payload["step_model"]), intervals, payload["hardware"],
                      list(row.models), row.data_version, row.report, row.created_at, row.id,
                      payload.get("quantiles", {}), payload.get("host_reference", {}),
-                     payload.get("lengths", {}))
+                     payload.get("lengths", {}), DeliveryModel.from_dict(payload.get("delivery")))
 
 
 def is_current(store: Store, model: CostModel) -> bool:

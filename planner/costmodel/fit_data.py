@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from engine import EngineConfig
 from engine.scheduler import SchedulerConfig
+from planner.costmodel.delivery import DeliveryModel
 from planner.costmodel.features import COMPOSITION
 from planner.costmodel.jitter import jitter_class
 from planner.costmodel.roofline import Deployment, Device, ModelShape
@@ -63,24 +64,43 @@ class RunData:
     host_parallel_slowdown: float = 1.0
     # The campaign that ran it: a sitting of repeats (None: measured outside a campaign).
     sitting: int | None = None
+    path: str = "engine"  # "http": measured through `pilot serve`, as its clients see it
+    delivery: dict[str, Any] | None = None  # served: planner.measure.delivery.summarize_delivery
+
+    @property
+    def served(self) -> bool:
+        return self.path == "http"
+
+    @property
+    def mean_width(self) -> float:
+        """Sequences per step, weighted by the steps' time: how many requests the server was
+        streaming at once, on average."""
+        period = self.steps["period_s"]
+        return float(np.average(self.steps["num_seqs"], weights=period)) if period.sum() > 0 else 1.0
 
     def step_features(self) -> dict[str, np.ndarray]:
-        """The steps' columns `features.feature_matrix` reads, the run's host slowdowns included."""
+        """The steps' columns `features.feature_matrix` reads, the run's host slowdowns and
+        whether it was served included."""
         n = len(self.steps["period_s"])
         return {**self.steps, "host_slowdown": np.full(n, self.host_slowdown),
-                "host_parallel_slowdown": np.full(n, self.host_parallel_slowdown)}
+                "host_parallel_slowdown": np.full(n, self.host_parallel_slowdown),
+                "served": np.full(n, float(self.served))}
 
-    def simulator(self, step_time: StepTime, seed: int = 0) -> Simulator:
+    def simulator(self, step_time: StepTime, seed: int = 0,
+                  delivery: DeliveryModel | None = None) -> Simulator:
         config = EngineConfig.model_validate(self.config)
         return Simulator(step_time, SchedulerConfig.for_engine(config, self.max_model_len),
                          self.num_kv_blocks, config.block_size, config.enable_prefix_caching,
                          config.data_parallel_size, config.num_speculative_tokens or 0,
-                         self.acceptance_rate if config.num_speculative_tokens else None, seed)
+                         self.acceptance_rate if config.num_speculative_tokens else None, seed,
+                         delivery if self.served else None)
 
-    def replay(self, step_time: StepTime, seed: int = 0) -> dict[str, float]:
-        """Simulate this run's requests at its load level; the metrics in `METRICS` and more."""
+    def replay(self, step_time: StepTime, seed: int = 0,
+               delivery: DeliveryModel | None = None) -> dict[str, float]:
+        """Simulate this run's requests at its load level; the metrics in `METRICS` and more.
+        A served run is replayed as its clients saw it, with `delivery`'s delays."""
         concurrency = int(self.load_value) if self.load_kind == "concurrency" else None
-        return self.simulator(step_time, seed).run(self.requests, concurrency).metrics()
+        return self.simulator(step_time, seed, delivery).run(self.requests, concurrency).metrics()
 
 
 def hardware_rates(hardware: Hardware) -> dict[str, Any]:
@@ -198,7 +218,8 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
                 rates, config, deployment, device_for(rates, deployment), run.load_kind, run.load_value,
                 requests, {**run.latency, "throughput_tok_s": run.throughput_tok_s},
                 steps, int(steps.pop("kv_blocks_total")[0]), int(max_len), run.acceptance_rate,
-                run.host_probe_s, run.host_probe_parallel_s, sitting=sittings.get(run.id)))
+                run.host_probe_s, run.host_probe_parallel_s, sitting=sittings.get(run.id),
+                path=run.path or "engine", delivery=run.delivery))
     return out
 
 

@@ -17,7 +17,7 @@ from engine import EngineConfig, replica_configs
 from engine.model_config import ModelConfig
 from engine.rules import num_kv_blocks
 from engine.scheduler import SchedulerConfig
-from planner.costmodel.fit import CostModel, layout_of
+from planner.costmodel.fit import CostModel, layout_of, served_layout
 from planner.costmodel.fit_data import METRICS, device_for, spec_rates
 from planner.costmodel.roofline import Deployment, ModelShape
 from planner.costmodel.simulator import SimRequest, SimulationResult, Simulator
@@ -41,6 +41,8 @@ class Prediction:
     # Held-out errors of its own (`bound(key, value, level)`, `chance_under(key, value, limit)`),
     # where they are not the cost model's (GPU predictions from measured kernels).
     errors: Any = None
+    # "client": what a client of `pilot serve` reads over HTTP; "engine": the engine's own timings.
+    predictions_for: str = "engine"
 
 
 def workload_requests(workload: Workload, vocab_size: int, load_kind: str | None = None,
@@ -115,8 +117,9 @@ class Predictor:
 
     def __init__(self, model: CostModel, model_dir: str, workload: Workload,
                  draft_dir: str | None = None, seed: int = 0,
-                 host_slowdowns: dict[str, float] | None = None) -> None:
+                 host_slowdowns: dict[str, float] | None = None, served: bool = False) -> None:
         self.model, self.workload, self.seed = model, workload, seed
+        self.served = served  # predict what clients of `pilot serve` see, unless told otherwise
         # spec name -> how slow that (measured) host runs now against its typical moment
         # (`CostModel.host_slowdown`); hardware not named is predicted at a typical moment.
         self.host_slowdowns = dict(host_slowdowns or {})
@@ -158,7 +161,11 @@ class Predictor:
     def predict(self, config: EngineConfig, hardware: str | hw.HardwareSpec,
                 load_kind: str | None = None, load_value: float | None = None,
                 acceptance_rate: float | None = None, slos: list[SLO] | None = None,
-                memory_gb: float | None = None) -> Prediction:
+                memory_gb: float | None = None, served: bool | None = None) -> Prediction:
+        """What `config` does on `hardware`: as its clients see it through `pilot serve`
+        (`served`, default the predictor's; where the store has runs measured that way), else as
+        the engine in process."""
+        served = self.served if served is None else served
         spec_name = hardware if isinstance(hardware, str) else hardware.name
         rates, memory_gb, calibrated = self.rates(hardware, memory_gb)
         deployment = self.deployment(config)
@@ -168,6 +175,14 @@ class Predictor:
         basis = (f"pilot engine on {spec_name}, profiled here" if calibrated else
                  f"pilot engine on {spec_name}: spec-sheet estimate, roofline with efficiencies learned on "
                  f"{', '.join(sorted(self.model.hardware)) or 'measured hardware'} (uncalibrated)")
+        delivery = self.model.delivery if served and calibrated and self.model.delivery.is_fitted else None
+        if delivery is not None:
+            basis += (f"; as clients of `pilot serve` see it (the server's delays from "
+                      f"{self.model.delivery.num_runs} served runs)")
+        elif served:
+            basis += "; the engine in process (no run measured through `pilot serve` to add its delays)"
+            notes.append("no run was measured through `pilot serve`: the predictions leave out what "
+                         "serving adds (profile with --via http, then `pilot fit`)")
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         blocks = _kv_blocks(config, deployment, rates, memory_gb, max_len)
         max_len = min(max_len, blocks * config.block_size)
@@ -177,26 +192,28 @@ class Predictor:
                              "with `pilot profile --draft`)")
         slowdown = self.host_slowdowns.get(spec_name, 1.0) if calibrated else 1.0
         step_time = self.model.step_model.step_time(deployment, device, calibrated,
-                                                    host_slowdown=slowdown)
+                                                    host_slowdown=slowdown, served=delivery is not None)
         simulator = Simulator(step_time,
                               SchedulerConfig.for_engine(config, max_len), blocks, config.block_size,
                               config.enable_prefix_caching, config.data_parallel_size, k,
-                              acceptance_rate if k else None, self.seed)
+                              acceptance_rate if k else None, self.seed, delivery)
         requests, concurrency = self.requests(load_kind, load_value)
         result: SimulationResult = simulator.run(requests, concurrency)
         metrics = result.metrics()
-        layout = layout_of(config.model_dump())
+        layout = served_layout(layout_of(config.model_dump()), delivery is not None)
         intervals = {m: self.model.interval(m, metrics[m], self.seen_model, layout) for m in METRICS}
         if not self.seen_model:
             notes.append("model not in the store: intervals from leave-one-model-out errors")
         return Prediction(metrics, intervals, calibrated, self.seen_model, blocks,
-                          result.goodput(slos) if slos else None, notes, layout, basis)
+                          result.goodput(slos) if slos else None, notes, layout, basis,
+                          predictions_for="client" if delivery is not None else "engine")
 
 
 def predict(model: CostModel, config: EngineConfig, hardware: str | hw.HardwareSpec,
             workload: Workload, load_kind: str | None = None, load_value: float | None = None,
             acceptance_rate: float | None = None, slos: list[SLO] | None = None,
-            memory_gb: float | None = None, seed: int = 0) -> Prediction:
+            memory_gb: float | None = None, seed: int = 0, served: bool = False) -> Prediction:
     """Simulate `config` serving `workload` on `hardware` (a spec name or spec)."""
     predictor = Predictor(model, config.model, workload, config.speculative_model, seed)
-    return predictor.predict(config, hardware, load_kind, load_value, acceptance_rate, slos, memory_gb)
+    return predictor.predict(config, hardware, load_kind, load_value, acceptance_rate, slos, memory_gb,
+                             served)

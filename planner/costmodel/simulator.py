@@ -23,6 +23,7 @@ from engine.rules import draft_budget
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
+from planner.costmodel.delivery import DeliveryModel
 from planner.spec.slo import SLO, RequestLatency, goodput, summarize
 
 # (a step's composition, how many other replicas are working meanwhile) -> seconds
@@ -80,7 +81,7 @@ class Simulator:
     def __init__(self, step_time: StepTime, scheduler_config: SchedulerConfig, num_kv_blocks: int,
                  block_size: int = 16, enable_prefix_caching: bool = True, data_parallel_size: int = 1,
                  num_speculative_tokens: int = 0, acceptance_rate: float | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, delivery: DeliveryModel | None = None) -> None:
         if num_speculative_tokens and acceptance_rate is None:
             raise ValueError("acceptance_rate is required with num_speculative_tokens")
         if acceptance_rate is not None and not 0.0 <= acceptance_rate <= 1.0:
@@ -97,6 +98,9 @@ class Simulator:
         self.acceptance = (per_position_acceptance(acceptance_rate, num_speculative_tokens)
                            if num_speculative_tokens else 0.0)
         self.seed = seed
+        # Served through `pilot serve`: requests reach the engine late and clients read tokens
+        # late, by the delays the served runs measured. None: as the engine in process.
+        self.delivery = delivery if delivery is not None and delivery.is_fitted else None
 
     def run(self, requests: Seq[SimRequest], concurrency: int | None = None,
             record: bool = False, stagger_s: float = 0.0) -> SimulationResult:
@@ -111,6 +115,9 @@ class Simulator:
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         rng = np.random.default_rng(self.seed)
+        # Delays come from a stream of their own, so the engine's replay stays as without them.
+        delays = np.random.default_rng(self.seed + 1)
+        sent: dict[int, float] = {}  # served: when each request's client sent it
         # A cache larger than every block these requests could ever take behaves exactly like
         # one of that size (never-used blocks go first, so nothing cached is evicted earlier),
         # and a CPU engine's default cache has 10^5 blocks: cap it, so setting up is cheap.
@@ -131,7 +138,7 @@ class Simulator:
             for i in range(first):
                 heapq.heappush(pending, (stagger_s * i / first, next_closed))
                 next_closed += 1
-        steps, preemptions, kv_peak, kv_sum, finished = 0, 0, 0.0, 0.0, 0
+        steps, preemptions, kv_peak, kv_sum, finished, width_sum = 0, 0, 0.0, 0.0, 0, 0
         compositions: list[StepComposition] = []
         end = 0.0
 
@@ -140,6 +147,13 @@ class Simulator:
             replica = min(busy, key=lambda r: r.clock) if busy else None
             if pending and (replica is None or pending[0][0] <= replica.clock):
                 arrival, index = heapq.heappop(pending)
+                if self.delivery is not None and index not in sent:
+                    # Sent now; it reaches the engine once the server has taken it.
+                    sent[index] = arrival
+                    width = sum(r.outstanding for r in replicas)
+                    admit = float(self.delivery.sampler(width, delays)("admit_s"))
+                    heapq.heappush(pending, (arrival + max(0.0, admit), index))
+                    continue
                 target = min(replicas, key=lambda r: r.outstanding)
                 if not target.scheduler.has_unfinished():  # an idle replica waits for it
                     target.clock = max(target.clock, arrival)
@@ -160,6 +174,7 @@ class Simulator:
             peers = sum(1 for r in replicas if r is not replica
                         and (r.clock > replica.clock or r.scheduler.has_unfinished()))
             replica.clock += self.step_time(composition, peers)
+            width_sum += composition.num_seqs
             done = replica.scheduler.update(out, self._sample(out, rng), replica.clock)
             self._propose(replica.scheduler)
             steps += 1
@@ -171,12 +186,23 @@ class Simulator:
                 finished += 1
                 end = max(end, replica.clock)
                 if concurrency is not None and next_closed < len(requests):
-                    heapq.heappush(pending, (replica.clock, next_closed))
+                    # A served client sends its next request once it has read the last token.
+                    read = 0.0 if self.delivery is None else float(self.delivery.sampler(
+                        sum(r.outstanding for r in replicas), delays)("token_s"))
+                    heapq.heappush(pending, (replica.clock + max(0.0, read), next_closed))
                     next_closed += 1
 
-        latencies = [RequestLatency.from_token_times(s.metrics.arrival_time, s.metrics.token_times)
-                     for s in sorted(seqs, key=lambda s: int(s.request_id))]
-        start = min((s.metrics.arrival_time for s in seqs), default=0.0)
+        ordered = sorted(seqs, key=lambda s: int(s.request_id))
+        if self.delivery is None:
+            latencies = [RequestLatency.from_token_times(s.metrics.arrival_time, s.metrics.token_times)
+                         for s in ordered]
+            start = min((s.metrics.arrival_time for s in seqs), default=0.0)
+        else:
+            sampler = self.delivery.sampler(width_sum / steps if steps else 1.0, delays)
+            latencies = [RequestLatency.from_token_times(sent[int(s.request_id)],
+                                                         sampler.client_times(s.metrics.token_times))
+                         for s in ordered]
+            start = min(sent.values(), default=0.0)
         return SimulationResult(
             latencies, end - start, sum(s.num_output_tokens for s in seqs), steps, preemptions,
             kv_peak, kv_sum / steps if steps else 0.0, compositions)

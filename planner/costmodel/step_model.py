@@ -258,11 +258,12 @@ class StepTimeModel:
 
     def step_time(self, deployment: Deployment, device: Device, calibrated: bool = True,
                   seed: int | None = 0, host_slowdown: float = 1.0,
-                  host_parallel_slowdown: float = 1.0) -> Callable[[StepComposition, int], float]:
+                  host_parallel_slowdown: float = 1.0, served: bool = False
+                  ) -> Callable[[StepComposition, int], float]:
         """A fast function of one step's composition, and of how many other replicas are
         working meanwhile, for one deployment (the simulator's clock) on a host running
         `host_slowdown` times its typical probe time (and `host_parallel_slowdown` times its
-        typical parallel one):
+        typical parallel one), in process or `served` through `pilot serve`:
         the typical time times a jitter drawn from the fitted step-to-step spread (`seed`
         None: no jitter).
 
@@ -289,7 +290,8 @@ class StepTimeModel:
                 row = feature_matrix(deployment, device, {
                     **{name: np.array([getattr(c, name)]) for name in COMPOSITION},
                     "busy_peers": np.array([busy_peers]), "host_slowdown": np.array([host_slowdown]),
-                    "host_parallel_slowdown": np.array([host_parallel_slowdown])})
+                    "host_parallel_slowdown": np.array([host_parallel_slowdown]),
+                    "served": np.array([float(served)])})
                 seconds = float(self.predict(row, calibrated)[0])
                 known = memo[key] = (seconds, duration_band(seconds))
             seconds, band = known

@@ -167,6 +167,7 @@ class RequestRecord:
     finish_reason: str | None = None
     status: int | None = None
     error: str | None = None
+    response_id: str | None = None  # the server's `id` for the response
 
     @property
     def ok(self) -> bool:
@@ -193,6 +194,8 @@ class RequestRecord:
             err = event["error"]
             self.error = f"error in stream: {err.get('message', err) if isinstance(err, dict) else err}"
             return
+        if self.response_id is None and isinstance(event.get("id"), str):
+            self.response_id = event["id"]
         if carries_output(event, first=not self.chunk_times):
             self.chunk_times.append(now)
         choices = event.get("choices") or []

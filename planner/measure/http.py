@@ -23,6 +23,7 @@ import httpx
 
 from engine import EngineConfig, StepStats
 from planner.loadgen.http_load import Target, run_load
+from planner.measure.delivery import delivery_samples, summarize_delivery
 from planner.measure.in_process import LoadResult, MeasuredRequest
 from planner.spec.workload import PoissonArrival, Workload
 
@@ -73,6 +74,10 @@ class ServerProcess:
         log = self.client.get("/pilot/steps", params={"since": first}).raise_for_status().json()
         return [StepStats(**s) for s in log["steps"]], log["next"]
 
+    def requests_since(self, first: int) -> tuple[list[dict], int]:
+        log = self.client.get("/pilot/requests", params={"since": first}).raise_for_status().json()
+        return log["requests"], log["next"]
+
     def reset_prefix_cache(self) -> None:
         self.client.post("/pilot/reset_prefix_cache").raise_for_status()
 
@@ -119,6 +124,7 @@ class OverHTTP:
     def measure(self, workload: Workload, load_kind: str, load_value: float) -> LoadResult:
         self.server.reset_prefix_cache()  # every run starts cold, as in process
         _, first_step = self.server.steps_since(10**12)
+        _, first_request = self.server.requests_since(10**12)
         result = self._run(workload, load_kind, load_value)
         failed = [r for r in result.records if not r.ok]
         if failed:
@@ -126,12 +132,15 @@ class OverHTTP:
                                f"the first: {failed[0].error or 'no output'}; server log: "
                                f"{self.server.log_tail(3)}")
         steps, _ = self.server.steps_since(first_step)
+        engine_requests, _ = self.server.requests_since(first_request)
+        delivery = summarize_delivery(delivery_samples(result.records, engine_requests))
         specs = workload.sample()
         requests = [MeasuredRequest(specs[r.index], r.send_time, r.latency(), r.output_tokens,
                                     r.finish_reason) for r in result.records]
         requests.sort(key=lambda r: r.spec.index)
         return LoadResult(result.duration_s, [r.spec for r in requests], [],
-                          [r.arrival for r in requests], steps, result.start_time, None, requests)
+                          [r.arrival for r in requests], steps, result.start_time, None, requests,
+                          delivery, path="http")
 
     def close(self) -> None:
         self.server.close()

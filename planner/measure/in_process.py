@@ -56,6 +56,9 @@ class LoadResult:
     start_time: float = 0.0
     peak_memory_bytes: int | None = None
     requests: list[MeasuredRequest] = field(default_factory=list)  # in spec order
+    # Served runs: what serving added (planner.measure.delivery.summarize_delivery); None in process.
+    delivery: dict | None = None
+    path: str = "engine"  # "engine": in process; "http": through `pilot serve`
 
     def __post_init__(self) -> None:
         if not self.requests and self.outputs:

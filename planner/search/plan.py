@@ -103,6 +103,10 @@ class Plan(_Strict):
                                            "perplexity cost of the plan's weight quantization")
     basis: str = Field("", description="what the predictions are for and rest on: the engine that "
                                        "serves the plan, the hardware, and what was measured")
+    predictions_for: Literal["client", "engine"] = Field(
+        "engine", description="client: what a client of the launched server reads over HTTP (the "
+                              "server's delays measured in served runs); engine: the engine's own "
+                              "timings, without what serving adds")
     serve_with: Literal["pilot", "vllm", "sglang"] = Field(
         "pilot", description="the engine the predictions are for: `pilot serve`, or the command "
                              "under launch (GPU plans are priced from that engine's kernels)")
@@ -207,6 +211,7 @@ def make_plan(result: SearchResult, search: Search, cost_model: CostModel,
         acceptance_rate=search.acceptance_rate if best.config.num_speculative_tokens else None,
         quality=_quality(search, best.config),
         basis=prediction.basis if prediction is not None else "",
+        predictions_for=prediction.predictions_for if prediction is not None else "engine",
         serve_with=search.backend if best.hardware.kind == "gpu" else "pilot",
         cost_model={"id": cost_model.id, "data_version": cost_model.data_version},
         study=result.study_name, launch=launch, notes=notes)

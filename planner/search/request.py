@@ -126,11 +126,11 @@ class RecommendRequest:
 
 @dataclass(frozen=True)
 class VerifyRequest:
-    """How to check a plan: measure it `via` the engine in process or `pilot serve`, `repeats`
-    times; on a miss try up to `fallbacks` next candidates; once one holds, up to `explore`
+    """How to check a plan: measure it `via` `pilot serve` (as its clients will) or the engine
+    in process, `repeats` times; on a miss try up to `fallbacks` next candidates; once one holds, up to `explore`
     cheaper ones."""
 
-    via: str = "engine"
+    via: str = "http"
     repeats: int = 3
     fallbacks: int = 2
     explore: int = 0

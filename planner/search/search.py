@@ -111,10 +111,11 @@ class Search:
         for name, slowdown in self.host_slowdowns.items():
             self.notes.append(f"predicted for {name} running {slowdown:.2f}x its typical probe time "
                               f"(a host_speed reading taken when planning)")
+        # A plan is launched with `pilot serve`: predicted as its clients see it.
         self.predictor = Predictor(cost_model, model_dir, search_workload, draft_dir, seed,
-                                   self.host_slowdowns)
+                                   self.host_slowdowns, served=True)
         self.full_predictor = Predictor(cost_model, model_dir, workload, draft_dir, seed,
-                                        self.host_slowdowns)
+                                        self.host_slowdowns, served=True)
         # GPUs are predicted from measured kernels, as the backend that will serve the plan runs.
         self.kernel_predictors: tuple[KernelPredictor, KernelPredictor] | None = None
         if any(spec.kind == "gpu" for spec in self.specs.values()):

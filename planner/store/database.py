@@ -180,6 +180,10 @@ class Run(Base):
     host_probe_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     # planner.measure.host_speed.parallel_probe around the run: every core at once (None: not read).
     host_probe_parallel_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # How it was measured: "engine" in process, "http" through `pilot serve` (None: engine).
+    path: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # Served runs: what serving added to each request (planner.measure.delivery.summarize_delivery).
+    delivery: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     engine_config: Mapped[EngineConfigRow] = relationship()
     model: Mapped[Model] = relationship()
     workload: Mapped[WorkloadRow] = relationship()

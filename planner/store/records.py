@@ -146,7 +146,8 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
             acceptance_rate=accepted / drafted if drafted else None,
             energy_j=(gpu or {}).get("energy_j"), gpu=gpu or None,
             engine_version=engine_version(), git_revision=git_revision(), host_probe_s=host_probe_s,
-            host_probe_parallel_s=host_probe_parallel_s)
+            host_probe_parallel_s=host_probe_parallel_s, path=result.path,
+            delivery=result.delivery)
         session.add(run)
         session.flush()
         session.add_all(RequestRow(
