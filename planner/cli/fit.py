@@ -48,6 +48,15 @@ def print_report(report: dict[str, Any]) -> None:
                      if "prompt_tokens" in data else "."))
     console.print(report_table(f"Held-out runs ({report['by_run']['folds']}-fold cross-validation)",
                                report["by_run"], targets))
+    if "served" in report["by_run"]:
+        served = report["by_run"]["served"]
+        console.print(
+            f"Of those, the {data.get('served_runs', 0)} runs measured through pilot serve, predicted as "
+            f"their clients saw them: {served['median_ape']:.1%} median, {served['p90_ape']:.1%} p90"
+            + (f", {served['coverage']:.0%} covered." if served.get("coverage") is not None else "."))
+    elif not data.get("served_runs"):
+        console.print("No run was measured through pilot serve: plans are predicted for the engine "
+                      "in process (profile with --via http).")
     if "by_model" in report:
         console.print(report_table(f"Held-out models (leave one of {report['by_model']['folds']} out)",
                                    report["by_model"], targets))

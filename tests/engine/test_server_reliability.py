@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 
 import httpx
 
@@ -43,6 +44,7 @@ async def _one(client: httpx.AsyncClient, i: int, rng: random.Random, statuses: 
             if choice["finish_reason"]:
                 finished.append(choice["finish_reason"])
             elif hang_up_after is not None and chunks >= hang_up_after:
+                finished.append("hung up")
                 return  # leaving the block closes the connection mid-stream
 
 
@@ -66,7 +68,7 @@ def test_a_thousand_streams_with_hang_ups_leave_nothing_behind(model_dir):
         statuses: list[int] = []
         finished: list[str] = []
         asyncio.run(_drive(server.url, server.api_key, statuses, finished))
-        assert len(statuses) == NUM_REQUESTS and set(statuses) == {200}
+        assert len(statuses) == NUM_REQUESTS and set(statuses) == {200}, Counter(statuses)
         assert server.client.get("/health").json()["status"] == "ok"
         for _ in range(200):  # the last aborts reach the core within a step or two
             m = _metrics(server.client)
@@ -80,9 +82,11 @@ def test_a_thousand_streams_with_hang_ups_leave_nothing_behind(model_dir):
         assert sum(reasons.values()) == NUM_REQUESTS
         # Every client that read its last chunk was counted as finished, not aborted; those that
         # hung up were aborted unless the engine finished them before it heard (a real race).
-        hung_up = NUM_REQUESTS - len(finished)
-        assert reasons.get("length", 0) + reasons.get("stop", 0) >= len(finished)
-        assert 0.2 * NUM_REQUESTS < reasons.get("abort", 0) <= hung_up
+        hung_up = finished.count("hung up")
+        seen = f"server: {reasons}; clients: {Counter(finished)}"
+        assert len(finished) == NUM_REQUESTS and hung_up > 0.15 * NUM_REQUESTS, seen
+        assert reasons.get("length", 0) + reasons.get("stop", 0) >= NUM_REQUESTS - hung_up, seen
+        assert 0.5 * hung_up <= reasons.get("abort", 0) <= hung_up, seen
         assert server.process.poll() is None
     finally:
         server.close()
