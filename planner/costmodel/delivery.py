@@ -2,10 +2,11 @@
 measured through `pilot serve` recorded (planner.measure.delivery), by how many requests the
 server was streaming at once, and replayed by the simulator onto the engine's own timings.
 
-`admit_s` delays a request's arrival at the engine; `first_s` and `token_s` delay the moments
-its client reads its first and later tokens. The server's work grows with the requests it
-streams, so each kind's quantiles are kept per band of the run's mean batch width (powers of
-two) and interpolated between bands.
+`admit_s` delays a request's arrival at the engine; `first_s` delays the moment its client reads
+its first token, and `gap_s` stretches (or, for tokens read together, shrinks) each later gap
+(runs measured before `gap_s` was kept delay each later token by its own `token_s` draw).
+The server's work grows with the requests it streams, so each kind's quantiles are kept per
+band of the run's mean batch width (powers of two) and interpolated between bands.
 """
 
 from __future__ import annotations
@@ -88,15 +89,21 @@ class DelaySampler:
 
     def __init__(self, quantiles: dict[str, np.ndarray], rng: np.random.Generator) -> None:
         self.quantiles, self.rng = quantiles, rng
+        self.by_gaps = bool(np.any(quantiles.get("gap_s", 0.0)))
 
     def __call__(self, kind: str, size: int | None = None) -> Any:
         u = self.rng.random(size)
         return np.interp(u, LEVELS, self.quantiles[kind])
 
     def client_times(self, token_times: list[float]) -> list[float]:
-        """When a client reads tokens the engine produced at `token_times`: each later by its
-        own delay, never before the one it follows (a late token holds up the next)."""
+        """When a client reads tokens the engine produced at `token_times`: the first after its
+        delay, each later one after the engine's gap stretched by a measured `gap_s` (never
+        before the one it follows)."""
         if not token_times:
             return []
-        delays = np.r_[self("first_s"), self("token_s", len(token_times) - 1)]
-        return np.maximum.accumulate(np.asarray(token_times) + delays).tolist()
+        times = np.asarray(token_times, dtype=float)
+        if not self.by_gaps:
+            delays = np.r_[self("first_s"), self("token_s", len(times) - 1)]
+            return np.maximum.accumulate(times + delays).tolist()
+        gaps = np.maximum(0.0, np.diff(times) + self("gap_s", len(times) - 1))
+        return (times[0] + max(0.0, float(self("first_s"))) + np.r_[0.0, np.cumsum(gaps)]).tolist()

@@ -6,7 +6,10 @@ of the machine both run on.
   prompt's validation);
 - `first_s`: from the engine producing the first token to the client reading it;
 - `token_s`: the same for every later token (detokenizing, the SSE event, the HTTP write, the
-  client's read), where the client saw one chunk per token.
+  client's read), where the client saw one chunk per token;
+- `gap_s`: how much longer the client's gap between two tokens was than the engine's (negative
+  where the client read a late token and the next one together). Delays run in streaks, so this,
+  not the delays drawn apart, is what serving does to inter-token latency.
 
 A run keeps each one's quantiles at `LEVELS`; `planner.costmodel.delivery` fits them.
 """
@@ -18,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 LEVELS = np.linspace(0.005, 0.995, 100)
-KINDS = ("admit_s", "first_s", "token_s")
+KINDS = ("admit_s", "first_s", "token_s", "gap_s")
 
 
 def delivery_samples(records: Sequence[Any], engine_requests: Sequence[dict[str, Any]]
@@ -35,7 +38,9 @@ def delivery_samples(records: Sequence[Any], engine_requests: Sequence[dict[str,
         samples["admit_s"].append(entry["arrival_time"] - record.send_time)
         samples["first_s"].append(record.chunk_times[0] - token_times[0])
         if len(record.chunk_times) == len(token_times):  # one chunk a token: pairs line up
-            samples["token_s"] += [c - t for c, t in zip(record.chunk_times[1:], token_times[1:])]
+            chunks, tokens = np.asarray(record.chunk_times), np.asarray(token_times)
+            samples["token_s"] += (chunks[1:] - tokens[1:]).tolist()
+            samples["gap_s"] += (np.diff(chunks) - np.diff(tokens)).tolist()
     return {kind: np.asarray(values, dtype=float) for kind, values in samples.items()}
 
 

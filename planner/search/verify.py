@@ -132,10 +132,15 @@ def verify(store: Store, plan: Plan, on_progress: Callable[[str, float], None] |
     if plan.replicas > 1:
         notes.append(f"measured one replica of {plan.replicas} at its share of the load "
                      f"({plan.load.kind} {plan.load.per_replica:g})")
-    if via == "http":
-        notes.append("measured through pilot serve over HTTP on loopback; the prediction is for the engine's "
-                     "steps, and the server's own work per request and token adds to TTFT and ITL (5-6x "
-                     "for the tiny model on 2 cores: README, Serving over HTTP)")
+    measured_for = "client" if via == "http" else "engine"
+    if measured_for != plan.predictions_for:
+        how = "through pilot serve, as a client" if via == "http" else "in process"
+        what = "what clients of pilot serve read" if plan.predictions_for == "client" else "the engine in process"
+        effect = "add to" if via == "http" else "are missing from"
+        notes.append(f"measured {how}, but the plan predicts {what}: the server's delays {effect} "
+                     "what was measured")
+    elif via == "http":
+        notes.append("measured through pilot serve over HTTP on loopback, as the plan's clients will read it")
     if not plan.hardware.calibrated:
         notes.append(f"the plan's prediction for {plan.hardware.name} was uncalibrated")
     return VerifyResult(result.run_ids[0], campaign.id, measured, comparisons, checks, notes,

@@ -3,6 +3,8 @@ a real server process over the OpenAI API and store what a client saw, with the 
 
 from __future__ import annotations
 
+import numpy as np
+import yaml
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -45,6 +47,13 @@ def test_profile_via_http_stores_what_the_client_saw_and_the_engine_steps(model_
             decode = session.scalar(select(func.sum(StepRow.num_decode_tokens)).where(StepRow.run_id == run_id))
             # Every output token but each request's first came from a decode step of this run.
             assert requests == 6 and decode == planned - 6
+            # What serving added, request by request: each kind's quantiles, from every request.
+            assert run.path == "http" and run.delivery["first_s_count"] == 6
+            assert run.delivery["admit_s_count"] == 6 and run.delivery["token_s_count"] > 0
+            quantiles = {k: np.array(run.delivery[k]) for k in ("admit_s", "first_s", "token_s", "gap_s")}
+            assert all(len(q) == 100 and np.all(np.diff(q) >= 0) for q in quantiles.values())
+            # The server takes a request after it was sent and streams a token after it was made.
+            assert quantiles["admit_s"][50] > 0 and quantiles["first_s"][50] > 0 and quantiles["token_s"][50] > 0
 
 
 def test_a_failing_configuration_over_http_is_a_finding_not_a_crash(model_dir, tmp_path):
@@ -65,7 +74,12 @@ def test_recommend_verify_via_http(profiled_copy, fitted, tmp_path):
         str(tmp_path / "plan.yaml"), "--verify", "--via", "http", "--db", store.url])
     assert result.exit_code == 0, result.output
     assert "through pilot serve" in result.output and "Every SLO held" in result.output
-    assert "the server's own work per request and token" in result.output
+    # The store holds in-process runs only: the plan says it predicts the engine, not its clients.
+    assert "predicts the engine in process: the server's delays add to what was measured" in " ".join(
+        result.output.split())
+    plan = yaml.safe_load((tmp_path / "plan.yaml").read_text())
+    assert plan["predictions_for"] == "engine"
+    assert any("no run was measured through `pilot serve`" in note for note in plan["notes"])
     result = CliRunner().invoke(app, ["recommend", "--model", model_dir, "--slo", "ttft_p95<=2s",
                                       "--concurrency", "2", "--via", "carrier-pigeon", "--db", store.url])
     assert result.exit_code == 2 and "--via" in result.output
