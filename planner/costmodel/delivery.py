@@ -5,8 +5,9 @@ server was streaming at once, and replayed by the simulator onto the engine's ow
 `admit_s` delays a request's arrival at the engine; `first_s` delays the moment its client reads
 its first token, and `gap_s` stretches (or, for tokens read together, shrinks) each later gap
 (runs measured before `gap_s` was kept delay each later token by its own `token_s` draw).
-The server's work grows with the requests it streams, so each kind's quantiles are kept per
-band of the run's mean batch width (powers of two) and interpolated between bands.
+The server's work grows with the requests it holds (its clients' connections, streaming or
+waiting), so each kind's quantiles are kept per band of the run's mean requests in flight
+(powers of two) and interpolated between bands.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DeliveryModel:
             for run in served:
                 values = run.delivery.get(kind)
                 if values and len(values) == len(LEVELS):
-                    by_band.setdefault(width_band(run.mean_width), []).append(values)
+                    by_band.setdefault(width_band(run.mean_in_flight), []).append(values)
             if by_band:
                 self.bands[kind] = {b: np.mean(v, axis=0).tolist() for b, v in sorted(by_band.items())}
         return self
@@ -53,7 +54,7 @@ class DeliveryModel:
         return "first_s" in self.bands
 
     def quantiles(self, kind: str, width: float) -> np.ndarray:
-        """`kind`'s quantiles at `LEVELS` for a server streaming `width` requests at once,
+        """`kind`'s quantiles at `LEVELS` for a server holding `width` requests at once,
         interpolated in log2(width) between the measured bands (the nearest beyond them); zeros
         for a kind never measured."""
         bands = self.bands.get(kind)

@@ -72,11 +72,12 @@ class RunData:
         return self.path == "http"
 
     @property
-    def mean_width(self) -> float:
-        """Sequences per step, weighted by the steps' time: how many requests the server was
-        streaming at once, on average."""
-        period = self.steps["period_s"]
-        return float(np.average(self.steps["num_seqs"], weights=period)) if period.sum() > 0 else 1.0
+    def mean_in_flight(self) -> float:
+        """Requests the server held at once (running or waiting, over all replicas), weighted
+        by the steps' time."""
+        period, held = self.steps["period_s"], self.steps.get("in_flight", self.steps["num_seqs"])
+        replicas = int(self.config.get("data_parallel_size") or 1)
+        return replicas * float(np.average(held, weights=period)) if period.sum() > 0 else 1.0
 
     def step_features(self) -> dict[str, np.ndarray]:
         """The steps' columns `features.feature_matrix` reads, the run's host slowdowns and
@@ -237,6 +238,7 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
     steps["period_s"] = step_periods(start, duration, replica, idle)
     steps["busy_peers"] = busy_peers(start, steps["period_s"], replica)
     steps["kv_blocks_total"] = blocks
+    steps["in_flight"] = running + waiting  # the replica's requests after the step
     return steps
 
 

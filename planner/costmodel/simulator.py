@@ -138,7 +138,7 @@ class Simulator:
             for i in range(first):
                 heapq.heappush(pending, (stagger_s * i / first, next_closed))
                 next_closed += 1
-        steps, preemptions, kv_peak, kv_sum, finished, width_sum = 0, 0, 0.0, 0.0, 0, 0
+        steps, preemptions, kv_peak, kv_sum, finished, in_flight_sum = 0, 0, 0.0, 0.0, 0, 0
         compositions: list[StepComposition] = []
         end = 0.0
 
@@ -174,7 +174,7 @@ class Simulator:
             peers = sum(1 for r in replicas if r is not replica
                         and (r.clock > replica.clock or r.scheduler.has_unfinished()))
             replica.clock += self.step_time(composition, peers)
-            width_sum += composition.num_seqs
+            in_flight_sum += sum(r.outstanding for r in replicas)
             done = replica.scheduler.update(out, self._sample(out, rng), replica.clock)
             self._propose(replica.scheduler)
             steps += 1
@@ -198,7 +198,7 @@ class Simulator:
                          for s in ordered]
             start = min((s.metrics.arrival_time for s in seqs), default=0.0)
         else:
-            sampler = self.delivery.sampler(width_sum / steps if steps else 1.0, delays)
+            sampler = self.delivery.sampler(in_flight_sum / steps if steps else 1.0, delays)
             latencies = [RequestLatency.from_token_times(sent[int(s.request_id)],
                                                          sampler.client_times(s.metrics.token_times))
                          for s in ordered]

@@ -23,7 +23,7 @@ def _constant(**delays: float) -> dict:
 @dataclass
 class _Run:  # what DeliveryModel.fit reads of a fit_data.RunData
     delivery: dict | None
-    mean_width: float = 1.0
+    mean_in_flight: float = 1.0
     steps: dict = field(default_factory=dict)
 
 
@@ -48,7 +48,7 @@ def test_delays_are_measured_against_the_engines_own_timings():
     assert summarize_delivery(delivery_samples([unknown], engine)) is None
 
 
-def test_fitted_by_width_and_interpolated_between_widths():
+def test_fitted_by_requests_in_flight_and_interpolated_between_bands():
     model = DeliveryModel().fit([_Run(_constant(admit_s=0.002), 1.0), _Run(_constant(admit_s=0.004), 1.3),
                                  _Run(_constant(admit_s=0.020), 16.0), _Run(None, 4.0)])
     assert model.num_runs == 3 and model.is_fitted
