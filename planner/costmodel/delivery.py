@@ -29,7 +29,8 @@ def width_band(width: float) -> int:
 
 @dataclass
 class DeliveryModel:
-    # kind -> band -> quantiles at LEVELS, the mean of the runs' own quantiles in that band
+    # kind -> band -> quantiles at LEVELS: the median over the runs in that band of their own
+    # quantiles (one run with a stall in it does not set the tail)
     bands: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     num_runs: int = 0
     _memo: dict[float, dict[str, np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
@@ -46,7 +47,7 @@ class DeliveryModel:
                 if values and len(values) == len(LEVELS):
                     by_band.setdefault(width_band(run.mean_in_flight), []).append(values)
             if by_band:
-                self.bands[kind] = {b: np.mean(v, axis=0).tolist() for b, v in sorted(by_band.items())}
+                self.bands[kind] = {b: np.median(v, axis=0).tolist() for b, v in sorted(by_band.items())}
         return self
 
     @property

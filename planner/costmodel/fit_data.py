@@ -73,8 +73,10 @@ class RunData:
 
     @property
     def mean_in_flight(self) -> float:
-        """Requests the server held at once (running or waiting, over all replicas), weighted
-        by the steps' time."""
+        """Requests the server held at once: a closed loop's clients, or an open loop's requests
+        running or waiting (each replica's, weighted by the steps' time, times the replicas)."""
+        if self.load_kind == "concurrency":
+            return float(self.load_value)
         period, held = self.steps["period_s"], self.steps.get("in_flight", self.steps["num_seqs"])
         replicas = int(self.config.get("data_parallel_size") or 1)
         return replicas * float(np.average(held, weights=period)) if period.sum() > 0 else 1.0
@@ -205,7 +207,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
             deployment = Deployment.from_engine_config(config, target, draft)
             rows = list(session.scalars(select(RequestRow).where(RequestRow.run_id == run.id)
                                         .order_by(RequestRow.position)))
-            steps = _steps(session, run.id, run.load_kind)
+            steps = _steps(session, run.id, run.load_kind, served=run.path == "http")
             if not rows or not len(steps["period_s"]):
                 continue
             prompts = _prompts(run, model.vocab_size, rows)
@@ -224,7 +226,7 @@ def load_runs(store: Store, run_ids: list[int] | None = None) -> list[RunData]:
     return out
 
 
-def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
+def _steps(session: Any, run_id: int, load_kind: str, served: bool = False) -> dict[str, np.ndarray]:
     columns = [getattr(StepRow, name) for name in COMPOSITION]
     rows = session.execute(
         select(*columns, StepRow.start_s, StepRow.duration_s, StepRow.replica, StepRow.num_running,
@@ -233,8 +235,11 @@ def _steps(session: Any, run_id: int, load_kind: str) -> dict[str, np.ndarray]:
     data = np.array(rows, dtype=float).reshape(len(rows), len(COMPOSITION) + 6)
     steps = {name: data[:, i] for i, name in enumerate(COMPOSITION)}
     start, duration, replica, running, waiting, blocks = data[:, len(COMPOSITION):].T
-    # Open loop: with nothing left in the engine, the gap to the next step is waiting, not work.
-    idle = (running + waiting == 0) if load_kind == "rate" else np.zeros(len(rows), dtype=bool)
+    # With nothing left in the engine, the gap to the next step is waiting, not work: in an open
+    # loop, and in a served closed loop, whose next request comes after its client read the
+    # last token and the server took the new one (in process it is added at once).
+    idle = ((running + waiting == 0) if load_kind == "rate" or served
+            else np.zeros(len(rows), dtype=bool))
     steps["period_s"] = step_periods(start, duration, replica, idle)
     steps["busy_peers"] = busy_peers(start, steps["period_s"], replica)
     steps["kv_blocks_total"] = blocks
