@@ -132,6 +132,9 @@ class Preset:
     repeats: int = 3
     # Calibration runs per model at most (None: as many as `budget_s` holds).
     calibration_runs: int | None = None
+    # How everything is measured: "http" through `pilot serve`, as a plan's clients see it (and
+    # predicted so), or "engine" in process.
+    via: str = "http"
 
 
 PRESETS = {
@@ -327,6 +330,7 @@ def calibrate(store: Store, models: dict[str, str], preset: Preset,
     for name, model_dir in models.items():
         campaign = plan_campaign(store, model_dir, space, workload, repeats=preset.calibration_repeats)
         result = profile(store, campaign, workload, budget_s=preset.budget_s, max_runs=preset.calibration_runs,
+                         via=preset.via,
                          on_progress=(lambda label, _e, n=name: on_progress(f"calibrating {n}: {label}"))
                          if on_progress else None)
         runs[name] = len(result.run_ids)
@@ -354,7 +358,7 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
 
     # 1. Ground truth: the grid, measured at the scenario's workload and load.
     measured = measure_grid(truth, model_dir, workload, w.concurrency, configs,
-                            lambda text, _e: tell(f"{label}: grid {text}"), preset.repeats)
+                            lambda text, _e: tell(f"{label}: grid {text}"), preset.repeats, preset.via)
     grid = [GridPoint(describe_config(c), m or {}, cost_per_million(price, m["throughput_tok_s"]) if m else math.inf,
                       default=i == default_at, error=err)
             for i, (c, (m, err)) in enumerate(zip(configs, measured))]
@@ -380,14 +384,14 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     try:
         chosen, attempts = verify_in_turn(
             truth, search, result, fitted, preset.fallbacks,
-            lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), repeats=preset.repeats,
-            explore=preset.explore)
+            lambda rank, text, _e: tell(f"{label}: verify #{rank} {text}"), via=preset.via,
+            repeats=preset.repeats, explore=preset.explore)
         plan, chosen_candidate, verdict, rank = chosen.plan, chosen.candidate, chosen.deciding, chosen.rank
         # Chosen among several, or on a second launch of its own, by measurement: a launch that
         # chose a plan is its luckiest, so the verdict is a fresh one.
         if rank > 1 or chosen.confirmation is not None:
             tell(f"{label}: measuring plan #{rank} again for the verdict")
-            verdict = verify(truth, plan, repeats=preset.repeats)
+            verdict = verify(truth, plan, via=preset.via, repeats=preset.repeats)
         got, met = verdict.measured, verdict.all_met
     except VerifyError as err:
         error, met = str(err), False
@@ -408,7 +412,8 @@ def run_scenario(fitted: cm.CostModel, truth: Store, model_name: str, model_dir:
     if best is not None:
         tell(f"{label}: measuring the plan and the grid's best again, in alternation")
         (mine, _), (again, _) = measure_grid(truth, model_dir, workload, w.concurrency,
-                                             [plan.engine, configs[grid.index(best)]], repeats=preset.repeats)
+                                             [plan.engine, configs[grid.index(best)]], repeats=preset.repeats,
+                                             via=preset.via)
         drift = {k: again[k] / best.measured[k] for k in keys} if again else {}
         best_held_again = all(again[s.key] <= s.limit_s for s in slos) if again else None
         if mine and again:
@@ -442,7 +447,7 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
                             on_progress: Progress | None = None,
                             confidence: float | None = None,
                             repeats: int | None = None, fallbacks: int | None = None,
-                            explore: int | None = None) -> BenchResult:
+                            explore: int | None = None, via: str | None = None) -> BenchResult:
     """Calibrate, then per scenario measure the grid, derive SLOs, recommend, launch and measure.
     Explicit sizes override the preset's. `workdir` gets the models, the two stores and the
     plans; it must not hold the stores of an earlier run (a fresh temporary folder by default)."""
@@ -452,7 +457,7 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     overrides = {"budget_s": budget_s, "grid_size": grid_size, "num_requests": num_requests,
                  "trials": trials, "models": tuple(models) if models is not None else None,
                  "confidence": confidence, "repeats": repeats, "calibration_repeats": repeats,
-                 "fallbacks": fallbacks, "explore": explore}
+                 "fallbacks": fallbacks, "explore": explore, "via": via}
     p = Preset(**{**asdict(p), **{k: v for k, v in overrides.items() if v is not None}})
     if not p.budget_s > 0:
         raise ValueError(f"budget: must be > 0, got {p.budget_s}")
@@ -462,6 +467,8 @@ def run_recommend_benchmark(preset: str = "quick", workdir: str | Path | None = 
     for name in ("fallbacks", "explore"):
         if getattr(p, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(p, name)}")
+    if p.via not in ("engine", "http"):
+        raise ValueError(f"via: must be engine or http, got {p.via!r}")
     if not 0.0 < p.confidence < 1.0:
         raise ValueError(f"confidence: must be between 0 and 1 (exclusive), got {p.confidence}")
     if not p.models:

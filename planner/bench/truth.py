@@ -201,7 +201,7 @@ def grid_configs(space: SearchSpace, base: EngineConfig, size: int) -> tuple[lis
 def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: int,
                  configs: list[EngineConfig],
                  on_progress: Callable[[str, float], None] | None = None,
-                 repeats: int = 1) -> list[tuple[dict[str, float] | None, str | None]]:
+                 repeats: int = 1, via: str = "engine") -> list[tuple[dict[str, float] | None, str | None]]:
     """Measure every configuration at `concurrency` `repeats` times into `store` (a campaign of
     exactly these experiments, so it resumes like any profile); (each metric's median over the
     repeats or None, error) per configuration, as `verify` judges a plan.
@@ -227,7 +227,7 @@ def measure_grid(store: Store, model_dir: str, workload: Workload, concurrency: 
                                        engine_config_id=row.id, load_kind="concurrency",
                                        load_value=concurrency)
                             for i, row in enumerate(rows) for r in range(repeats))
-    profile(store, campaign, workload, budget_s=math.inf, on_progress=on_progress)
+    profile(store, campaign, workload, budget_s=math.inf, on_progress=on_progress, via=via)
     out: list[tuple[dict[str, float] | None, str | None]] = []
     with store.session() as session:
         experiments = list(session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id)

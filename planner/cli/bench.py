@@ -237,6 +237,9 @@ def bench_recommend(
     repeats: Optional[int] = typer.Option(None, "--repeats", help="runs per calibration measurement, "
                                           "grid configuration and plan, judged on medians; default: "
                                           "the preset's"),
+    via: Optional[str] = typer.Option(None, "--via", help="measure calibration, grid and plans through "
+                                      "pilot serve, as clients of a plan see them (http, the "
+                                      "default), or in process (engine)"),
     seed: int = typer.Option(0, "--seed"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON here"),
 ) -> None:
@@ -260,7 +263,7 @@ def bench_recommend(
             result = run_recommend_benchmark(
                 preset, workdir, budget_s=budget_s, grid_size=grid, num_requests=num_requests,
                 trials=trials, models=names, seed=seed, json_out=out, on_progress=on_progress,
-                confidence=confidence, repeats=repeats, fallbacks=fallbacks, explore=explore)
+                confidence=confidence, repeats=repeats, fallbacks=fallbacks, explore=explore, via=via)
     except ValueError as err:
         fail_error(err)
     print_results(result, Console())

@@ -198,7 +198,7 @@ def test_calibration_repeats_each_measurement_and_fits_on_their_medians(model_di
     from planner.costmodel.fit_data import load_runs
 
     preset = replace(PRESETS["quick"], budget_s=3600, calibration_runs=8, calibration_requests=6, folds=2,
-                     calibration_repeats=2)
+                     calibration_repeats=2, via="engine")
     store = Store(f"sqlite:///{tmp_path / 'calibration.db'}")
     fitted, info = calibrate(store, {"tiny": model_dir}, preset)
     sizes = np.bincount(measurement_groups(load_runs(store)))
@@ -305,6 +305,8 @@ def test_bad_sizes_name_the_setting(tmp_path):
         run_recommend_benchmark("quick", tmp_path, fallbacks=-1)
     with pytest.raises(ValueError, match="explore: must be >= 0, got -1"):
         run_recommend_benchmark("quick", tmp_path, explore=-1)
+    with pytest.raises(ValueError, match="via"):
+        run_recommend_benchmark("quick", tmp_path, via="pigeon")
     (tmp_path / "truth.db").write_text("")
     with pytest.raises(ValueError, match="earlier run"):
         run_recommend_benchmark("quick", tmp_path)
