@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Container, Iterator
 
 import torch
 
@@ -51,6 +51,23 @@ def validate_request(prompt: str | list[int], params: SamplingParams, priority: 
     if not isinstance(priority, int):
         raise InvalidRequestError("priority", f"must be an integer, got {priority!r}")
     return token_ids
+
+
+def admit_request(request_id: str | None, new_ids: Iterator[str], taken: Container[str],
+                  prompt: str | list[int], params: SamplingParams | None, priority: int, tokenizer: Any,
+                  vocab_size: int, max_model_len: int) -> tuple[str, SamplingParams, list[int]]:
+    """A new request's id (the caller's, or the next of `new_ids` not `taken`), its parameters
+    and its prompt's token ids; `InvalidRequestError` for an id in use or a bad request."""
+    if request_id is None:
+        request_id = next(new_ids)
+        while request_id in taken:  # never collide with a caller-chosen id
+            request_id = next(new_ids)
+    request_id = str(request_id)
+    if request_id in taken:
+        raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+    params = params if params is not None else SamplingParams()
+    token_ids = validate_request(prompt, params, priority, tokenizer, vocab_size, max_model_len)
+    return request_id, params, token_ids
 
 
 def validate_prompt(prompt: str | list[int], tokenizer: Any, vocab_size: int, max_model_len: int) -> list[int]:
@@ -114,6 +131,7 @@ class LLMEngine:
         self.observers: list[StepObserver] = []
         self.step_count = 0
         self._ids = itertools.count()
+        self._new_ids = (str(i) for i in self._ids)  # request ids, from the counter scores use too
 
     def _start_runner(self, config: EngineConfig, max_positions: int) -> ModelRunner:
         """This process's runner; with tensor parallelism rank 0's, once the other ranks
@@ -164,16 +182,9 @@ class LLMEngine:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None,
                     priority: int = 0) -> str:
-        if request_id is None:
-            request_id = str(next(self._ids))
-            while request_id in self.requests:  # never collide with a caller-chosen id
-                request_id = str(next(self._ids))
-        request_id = str(request_id)
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        params = params if params is not None else SamplingParams()
-        token_ids = validate_request(prompt, params, priority, self.tokenizer,
-                                     self.model_config.vocab_size, self.max_model_len)
+        request_id, params, token_ids = admit_request(
+            request_id, self._new_ids, self.requests, prompt, params, priority, self.tokenizer,
+            self.model_config.vocab_size, self.max_model_len)
         seq = Sequence(request_id, token_ids, params,
                        arrival_time if arrival_time is not None else time.perf_counter(),
                        priority=priority, prompt=prompt if isinstance(prompt, str) else None)

@@ -12,6 +12,7 @@ Two ways to read the cores: `step()` waits on them (offline use), or an event lo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -29,7 +30,7 @@ import torch
 from engine.config import EngineConfig
 from engine.core.engine_core import AUTHKEY_ENV, CoreLoad, CoreOutputs
 from engine.device import available_host_memory
-from engine.llm_engine import InvalidRequestError, validate_request
+from engine.llm_engine import admit_request
 from engine.model_config import ModelConfig
 from engine.observer import StepObserver
 from engine.sampling_params import SamplingParams
@@ -89,7 +90,7 @@ class EngineCoreClient:
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, self.model_config.bos_token_id)
         self.requests: dict[str, _Tracked] = {}
         self.observers: list[StepObserver] = []
-        self._ids = 0
+        self._new_ids = (f"core-{i}" for i in itertools.count())
         self._cores: list[_Core] = []
         self._undelivered: list[RequestOutput] = []  # read while a sync call waited for its reply
         authkey = secrets.token_bytes(16)
@@ -133,15 +134,9 @@ class EngineCoreClient:
     def add_request(self, request_id: str | None, prompt: str | list[int],
                     params: SamplingParams | None = None, arrival_time: float | None = None,
                     priority: int = 0) -> str:
-        if request_id is None:
-            request_id = f"core-{self._ids}"
-            self._ids += 1
-        request_id = str(request_id)
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
-        params = params if params is not None else SamplingParams()
-        token_ids = validate_request(prompt, params, priority, self.tokenizer,
-                                     self.model_config.vocab_size, self.max_model_len)
+        request_id, params, token_ids = admit_request(
+            request_id, self._new_ids, self.requests, prompt, params, priority, self.tokenizer,
+            self.model_config.vocab_size, self.max_model_len)
         # perf_counter is the system-wide monotonic clock on Linux, so the core can keep it.
         arrival_time = arrival_time if arrival_time is not None else time.perf_counter()
         index = min(range(len(self._cores)), key=lambda i: len(self._cores[i].outstanding))
