@@ -39,6 +39,7 @@ _PHYSICS_COLUMNS = [FEATURES.index(name) for name in DIRECT]
 # the step, then FEATURES with roofline seconds and the model's size zeroed. A correction keyed
 # to shares carries to a model never fitted; one keyed to seconds or widths names its model.
 RESIDUAL_INPUTS = ("shares", "features")
+HOST_SPEED = ("host_slowdown", "host_parallel_slowdown")
 SCHEMA = 2  # saved models name their terms and the features their trees split on
 _HIDDEN_FROM_TREES = np.isin(FEATURES, (*TERMS, "int4_unpack_s", "attention_scores_s",
                                         "num_layers", "hidden_size", "resident_weight_bytes"))
@@ -191,10 +192,18 @@ class StepTimeModel:
             self.physics_coef_[draft] = self.physics_coef_[weights]
         parts = self._physics_parts(X)
         residual = np.log(y) - np.log(np.maximum(parts.sum(axis=1), 1e-7))
+        inputs = self._tree_inputs(X, parts)
+        # A slow moment of the host stretches every step alike: its readings may not interact
+        # with the step's composition, so a slowdown seen on some configurations is not priced
+        # as a property of them (and it can only lengthen a step).
+        names = tree_input_names(self.residual_inputs, len(self.physics_coef_))
+        host = [names.index(name) for name in HOST_SPEED]
         booster = HistGradientBoostingRegressor(
             max_iter=self.max_iter, max_depth=self.max_depth, learning_rate=self.learning_rate,
-            early_stopping=False, random_state=self.random_state)
-        booster.fit(self._tree_inputs(X, parts), residual)
+            early_stopping=False, random_state=self.random_state,
+            interaction_cst=[host, [i for i in range(inputs.shape[1]) if i not in host]],
+            monotonic_cst=[1 if i in host else 0 for i in range(inputs.shape[1])])
+        booster.fit(inputs, residual)
         self.residual_ = TreeEnsemble.from_sklearn(booster)
         return self
 
