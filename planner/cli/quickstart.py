@@ -73,7 +73,8 @@ def quickstart(
             model=model_dir, slo=slo, rate=None, concurrency=concurrency, workload=workload_file, isl=isl,
             osl=osl, num_requests=32, hardware=None, max_devices=1, space=str(space_file), trials=60,
             objective="cost", confidence=0.8, draft=None, out=plan_file, plot=workdir / "pareto.png",
-            verify=True, via="http", repeats=3, fallbacks=2, explore=0, host="now", as_json=False, seed=0, db=db,
+            verify=True, via="http", repeats=3, fallbacks=2, explore=0, refine=2, host="now", as_json=False,
+            seed=0, db=db,
             workers=1, backend="vllm", backend_version=None,
             max_quality_loss=QUALITY_LOSS if workload_file is not None else None)
     except VerifyMissed as missed:  # measured and missed: the summary says so
@@ -138,6 +139,8 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
     held, profiled = chosen.held, len(store.runs()) - launched
     verdict = ("held" if held else "held on two launches, but by too little to count on"
                if chosen.too_little_room else "did NOT hold")
+    judged = [c for c in chosen.deciding.comparisons if c.within is not None]
+    inside = sum(c.within for c in judged)
     console.rule("[bold]summary")
     console.print(
         f"pilot measured {profiled} runs of the engine on this machine, learned how long "
@@ -151,7 +154,10 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
         f"runs; every SLO {verdict} (medians of the runs)"
         + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
         + "\n"
-        f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
+        + f"  predicted: {inside} of {len(judged)} measured metrics within their 80% intervals\n"
+        + "".join(f"  refined:   {note.removeprefix('refined: ')}\n" for note in plan.notes
+                  if note.startswith("refined: "))
+        + f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
         f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
         f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "
         f"optuna-dashboard {db} browses the search")

@@ -111,6 +111,9 @@ def recommend(
     explore: int = typer.Option(0, "--explore", help="--verify: once a plan holds, launch up to this "
                                 "many cheaper candidates the model doubted, and keep the cheapest "
                                 "that holds on two launches (objective cost)"),
+    refine: int = typer.Option(0, "--refine", help="before writing the plan, launch its configuration "
+                               "at its load (--via, --repeats), fit again and search again, up to this "
+                               "many times, until the plan is a configuration measured at its load"),
     host: str = typer.Option("typical", "--host-speed", help="predict this machine at a typical "
                              "moment (typical) or as fast as a probe finds it now (now)"),
     backend: str = typer.Option("vllm", "--backend", help="what serves a GPU plan: vllm | sglang (its "
@@ -127,8 +130,10 @@ def recommend(
     """Search for the cheapest configuration that meets the SLOs and write it as a plan."""
     from engine.model_config import CheckpointError
     from planner.costmodel import fit as cm
+    from planner.search.candidate import RecommendError
     from planner.search.plan import make_plan
     from planner.search.recommend import run_search
+    from planner.search.refine import refine as refine_plan
     from planner.search.request import RecommendRequest, VerifyRequest
 
     if (rate is None) == (concurrency is None):
@@ -144,7 +149,9 @@ def recommend(
             seed=seed, host_speed=host, backend=backend, backend_version=backend_version,
             max_quality_loss=parse_share(max_quality_loss, "max_quality_loss") if max_quality_loss else None)
         checks = VerifyRequest(via=via, repeats=repeats, fallbacks=fallbacks, explore=explore)
-        if verify:  # before the search: a config-only directory plans but cannot launch
+        if refine < 0:
+            raise RecommendError(f"must be >= 0, got {refine}", field="refine")
+        if verify or refine:  # before the search: a config-only directory plans but cannot launch
             request.check_launchable()
     except ValueError as err:
         fail_error(err)
@@ -157,6 +164,7 @@ def recommend(
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    refined = None
     with Progress(*columns, console=console, transient=True, disable=as_json) as progress:
         task = progress.add_task("searching", total=trials)
 
@@ -164,11 +172,22 @@ def recommend(
             label = f"best ${best.cost_per_million:.3f}/M tok" if best is not None else "no feasible yet"
             progress.update(task, completed=done, description=f"searching ({label})")
 
+        def say(text: str) -> None:
+            progress.update(task, completed=0, description=text)
+            if not as_json:
+                progress.console.print(text)
+
         try:
-            result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)
+            if refine:
+                refined = refine_plan(store, request, fitted, refine, via, repeats, say, on_progress)
+                fitted, search, result = refined.cost_model, refined.search, refined.result
+            else:
+                result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)
         except ValueError as err:
             fail_error(err)
     plan = make_plan(result, search, fitted)
+    if refined is not None:
+        plan.notes.insert(0, f"refined: {refined.stopped}")
     plan.write(out)
     if plot is not None:
         from planner.costmodel.plots import pareto_plot

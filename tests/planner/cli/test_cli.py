@@ -83,6 +83,10 @@ def test_quickstart_runs_end_to_end_on_the_tiny_model(tmp_path):
     from planner.store.database import Store
 
     assert len(Store(f"sqlite:///{tmp_path / 'pilot.db'}").runs()) >= 1
+    # The plan's own configuration was launched at its load before it was promised.
+    said = " ".join(result.output.split())
+    assert "refine 1/2: launching" in said and "refined: the plan" in said, said
+    assert "measured metrics within their 80% intervals" in said
 
 
 def test_the_default_quickstart_answers_in_text_and_plans_for_chat_traffic(tmp_path):
@@ -100,6 +104,7 @@ def test_the_default_quickstart_answers_in_text_and_plans_for_chat_traffic(tmp_p
     assert "ShareGPT first turns, 4-256 tokens in, 4-64 out" in text
     assert (tmp_path / "plan.yaml").is_file() and "verified: launched with pilot serve" in text
     assert "itl_p95<=100ms" in text
+    assert "refined: the plan" in text and "measured metrics within their 80% intervals" in text
 
 
 def test_bench_engine_reports_every_metric(tiny, tmp_path):
