@@ -185,9 +185,9 @@ def recommend(
                 result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)
         except ValueError as err:
             fail_error(err)
+    if refined is not None:  # on the search's notes, so a plan --verify picks instead says it too
+        result.notes.insert(0, f"refined: {refined.stopped}")
     plan = make_plan(result, search, fitted)
-    if refined is not None:
-        plan.notes.insert(0, f"refined: {refined.stopped}")
     plan.write(out)
     if plot is not None:
         from planner.costmodel.plots import pareto_plot
