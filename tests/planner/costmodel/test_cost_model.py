@@ -976,3 +976,26 @@ def test_saved_trees_split_on_feature_names_and_an_unknown_name_is_refused():
         "no_such_feature" if name == names[0] else name for name in data["residual"]["feature"]]}}
     with pytest.raises(ValueError, match="no_such_feature.*pilot fit"):
         StepTimeModel.from_dict(renamed)
+
+
+def test_intervals_are_as_wide_as_a_small_sample_warrants():
+    # Nine held-out errors: a tenth falls beyond all of them one time in ten on either side,
+    # so the 80% interval spans the sample.
+    nine = np.arange(1.0, 10.0)
+    assert cost_model.conformal(nine) == (1.0, 9.0)
+    assert np.quantile(nine, 0.9) < 9.0  # where plain quantiles promise more
+    # With many, the k-th of n is the k / (n + 1) quantile.
+    many = np.arange(1.0, 100.0)
+    assert cost_model.conformal(many) == pytest.approx((10.0, 90.0))
+    # Drawn and held out: the interval of n errors covers a new one about 80% of the time.
+    rng = np.random.default_rng(0)
+    covered = []
+    for _ in range(4000):
+        sample = rng.normal(size=10)
+        low, high = cost_model.conformal(sample[:9])
+        covered.append(low <= sample[9] <= high)
+    assert 0.78 < np.mean(covered) < 0.82
+    # The bounds read the same quantiles, so a 90% bound is the interval's upper end.
+    residuals = np.log(np.column_stack([nine] * len(cost_model.METRICS)))
+    quantiles = cost_model.run_quantiles(np.exp(residuals), np.ones_like(residuals))
+    assert np.interp(0.9, cost_model.QUANTILE_LEVELS, quantiles["itl_p95"]) == pytest.approx(np.log(9.0))
