@@ -179,7 +179,7 @@ def recommend(
 
         try:
             if refine:
-                refined = refine_plan(store, request, fitted, refine, via, repeats, say, on_progress)
+                refined = refine_plan(store, request, fitted, refine, via, repeats, say, on_progress, search)
                 fitted, search, result = refined.cost_model, refined.search, refined.result
             else:
                 result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)

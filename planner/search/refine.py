@@ -22,7 +22,6 @@ from planner.search.recommend import SearchResult, run_search
 from planner.search.request import RecommendRequest
 from planner.search.search import Search
 from planner.search.verify import VerifyError, VerifyResult, check_launchable, verify
-from planner.spec import hardware as hw
 from planner.spec.slo import parse_slos
 from planner.store.database import Run, Store
 from planner.store.records import config_row, hardware_row, workload_row
@@ -59,9 +58,9 @@ def measured_runs(store: Store, plan: Plan) -> list[int]:
             Run.load_value == plan.load.per_replica).order_by(Run.id)))
 
 
-def runs_here(plan: Plan) -> str | None:
+def runs_here(store: Store, plan: Plan) -> str | None:
     """Why the plan cannot be launched on this machine, or None if it can."""
-    here = hw.detect().spec_name or "cpu-host"
+    here = hardware_row(store).spec_name
     if plan.hardware.name != here:
         return f"the plan is for {plan.hardware.name}, and this machine is {here}"
     try:
@@ -73,16 +72,18 @@ def runs_here(plan: Plan) -> str | None:
 
 def refine(store: Store, request: RecommendRequest, cost_model: CostModel, rounds: int,
            via: str = "http", repeats: int = 3, say: Say | None = None,
-           on_search: Callable[[int, int, object], None] | None = None) -> Refined:
-    """Search; while the plan's configuration has no run at its load and `rounds` allow, launch
-    it (`repeats` runs `via` the server or in process), fit again and search again."""
+           on_search: Callable[[int, int, object], None] | None = None,
+           search: Search | None = None) -> Refined:
+    """Search (`search`, if the caller has built it over `cost_model` already); while the plan's
+    configuration has no run at its load and `rounds` allow, launch it (`repeats` runs `via` the
+    server or in process), fit again and search again."""
     if rounds < 0:
         raise VerifyError(f"refine: must be >= 0, got {rounds}")
     tell = say or (lambda _text: None)
     folds = int(cost_model.report.get("by_run", {}).get("folds", 5))
     done: list[Refinement] = []
     while True:
-        search = request.search(store, cost_model)
+        search = search if search is not None and not done else request.search(store, cost_model)
         result = run_search(search, request.trials, storage=store.url, on_progress=on_search)
         plan = make_plan(result, search, cost_model)
         seen = measured_runs(store, plan)
@@ -95,7 +96,7 @@ def refine(store: Store, request: RecommendRequest, cost_model: CostModel, round
             stopped = (f"the plan's configuration has not been measured at its load: {rounds} refining "
                        "launches were made" if rounds else "refining was not asked for")
             break
-        blocked = runs_here(plan)
+        blocked = runs_here(store, plan)
         if blocked is not None:
             stopped = f"the plan cannot be measured here: {blocked}"
             break

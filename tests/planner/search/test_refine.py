@@ -89,9 +89,9 @@ def test_a_plan_for_other_hardware_cannot_be_launched_here(profiled, fitted, tmp
 
     search = _request(model_dir, tmp_path).search(profiled[0], fitted)
     plan = make_plan(run_search(search, 4), search, fitted)
-    assert runs_here(plan) is None
+    assert runs_here(profiled[0], plan) is None
     elsewhere = plan.model_copy(update={"hardware": plan.hardware.model_copy(update={"name": "h100-sxm"})})
-    assert "the plan is for h100-sxm" in runs_here(elsewhere)
+    assert "the plan is for h100-sxm" in runs_here(profiled[0], elsewhere)
 
 
 def test_the_cli_refines_and_says_so_in_the_plan(profiled_copy, fitted, tmp_path):
