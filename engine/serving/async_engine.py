@@ -51,10 +51,13 @@ class RequestStream:
     def __init__(self, engine: AsyncLLMEngine, request_id: str) -> None:
         self.engine, self.request_id = engine, request_id
         self.outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self.finished = False
+        self.finished = False  # the final output was read
+        self.ended = False  # the core sent the final output, read or not
         self.closed = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput) and item.finished:
+            self.ended = True
         self.outputs.put_nowait(item)
 
     def __aiter__(self) -> RequestStream:
@@ -75,7 +78,9 @@ class RequestStream:
     def close(self, reason: str = "abort") -> None:
         if not self.closed:
             self.closed = True
-            self.engine._release(self.request_id, self.finished, reason)
+            # a request the core already finished was counted by its final output, even when
+            # its client hung up before reading it: no abort to send, none to count
+            self.engine._release(self.request_id, self.ended, reason)
 
 
 class AsyncLLMEngine:

@@ -97,3 +97,30 @@ def test_server_counts_each_replicas_load(model_dir, data_parallel_size):
         assert stats["num_running"] == 0 and stats["kv_cache_usage"] == 0
         assert 0 < stats["kv_cache_touched"] <= 1
         assert len(running.engine.engine.load()) == data_parallel_size
+
+
+def test_a_client_gone_after_its_request_finished_is_counted_once(model_dir):
+    """The core's final output is in the stream but the client hangs up before reading it: the
+    request finished (counted by its final output), so nothing is aborted or counted again."""
+    import asyncio
+
+    from engine.serving.async_engine import AsyncLLMEngine
+    from engine.serving.metrics import ServerMetrics
+
+    async def finish_then_hang_up(engine: AsyncLLMEngine) -> None:
+        stream = await engine.add_request("abc", GREEDY)
+        while not stream.ended:  # the final output arrives; nobody reads it
+            await asyncio.sleep(0.01)
+        stream.close()
+
+    engine = AsyncLLMEngine(EngineCoreClient(_config(model_dir)), max_in_flight=4)
+    metrics = ServerMetrics(engine, "m")
+    aborted: list[str] = []
+    engine.abort_listeners.append(lambda request_id, reason: aborted.append(reason))
+    try:
+        asyncio.run(finish_then_hang_up(engine))
+    finally:
+        engine.shutdown()
+    counts = {s.labels["finished_reason"]: s.value for m in metrics.registry.collect()
+              if m.name == "pilot:request_success" for s in m.samples if s.name.endswith("_total")}
+    assert counts == {"length": 1.0} and aborted == []
