@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from engine.sequence import Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
@@ -31,7 +31,7 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Insertion order = order of freeing: the front is evicted first.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
         # Blocks ever written: the cache is allocated untouched, so these are its resident part.
         self._touched = bytearray(num_blocks)

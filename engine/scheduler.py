@@ -22,28 +22,30 @@ from engine.observer import StepComposition
 from engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
 class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int
-    # Position of the first new token; the context read by attention is start + num_new_tokens.
-    start: int
-    # Speculative decoding: draft tokens after the sequence's last one, verified in this step
-    # (they are the last len(spec_token_ids) of the new tokens).
-    spec_token_ids: list[int] = field(default_factory=list)
-    # Fixed when scheduled (the sequence grows afterwards): this step computes the sequence's
-    # last token, so it yields new tokens; and it is a decode, after earlier output.
-    samples: bool = field(init=False)
-    is_decode: bool = field(init=False)
+    """One sequence's share of a step: `num_new_tokens` from position `start` (attention reads
+    the context up to `context_len`). With speculative decoding, `spec_token_ids` are draft
+    tokens after the sequence's last one, verified in this step (the last of the new tokens).
 
-    def __post_init__(self) -> None:
-        self.samples = self.context_len == self.seq.num_tokens + len(self.spec_token_ids)
-        self.is_decode = (self.num_new_tokens == 1 + len(self.spec_token_ids) and self.samples
-                          and self.seq.num_output_tokens > 0)
+    `samples` and `is_decode` are fixed when scheduled, since the sequence grows afterwards: the
+    step computes the sequence's last token (so it yields new tokens), and it is a decode after
+    earlier output. A plain slotted class: the simulator makes millions of these."""
 
-    @property
-    def context_len(self) -> int:
-        return self.start + self.num_new_tokens
+    __slots__ = ("seq", "num_new_tokens", "start", "spec_token_ids", "context_len", "samples", "is_decode")
+
+    def __init__(self, seq: Sequence, num_new_tokens: int, start: int,
+                 spec_token_ids: list[int] | None = None) -> None:
+        self.seq, self.num_new_tokens, self.start = seq, num_new_tokens, start
+        self.spec_token_ids = spec_token_ids if spec_token_ids is not None else []
+        drafts = len(self.spec_token_ids)
+        self.context_len = start + num_new_tokens
+        self.samples = self.context_len == len(seq.token_ids) + drafts
+        self.is_decode = (num_new_tokens == 1 + drafts and self.samples
+                          and len(seq.token_ids) > seq.num_prompt_tokens)
+
+    def __repr__(self) -> str:
+        return (f"ScheduledSequence({self.seq.request_id!r}, num_new_tokens={self.num_new_tokens}, "
+                f"start={self.start}, drafts={len(self.spec_token_ids)})")
 
     @property
     def token_ids(self) -> list[int]:
@@ -70,15 +72,21 @@ class SchedulerOutput:
 
     def composition(self) -> StepComposition:
         """The step's shape: the engine reports it, the planner's simulator prices it."""
-        decodes = [s for s in self.scheduled if s.is_decode]
-        prefills = [s for s in self.scheduled if not s.is_decode]
+        num_decode = decode_tokens = decode_context = prefill_tokens = context = drafts = 0
+        for s in self.scheduled:  # one pass: the simulator asks this of every step
+            context += s.context_len
+            drafts += len(s.spec_token_ids)
+            if s.is_decode:
+                num_decode += 1
+                decode_tokens += s.num_new_tokens
+                decode_context += s.context_len
+            else:
+                prefill_tokens += s.num_new_tokens
         return StepComposition(
-            num_seqs=len(self.scheduled), num_prefill_seqs=len(prefills), num_decode_seqs=len(decodes),
-            num_prefill_tokens=sum(s.num_new_tokens for s in prefills),
-            num_decode_tokens=sum(s.num_new_tokens for s in decodes),
-            context_tokens=sum(s.context_len for s in self.scheduled),
-            num_draft_tokens=sum(len(s.spec_token_ids) for s in self.scheduled),
-            decode_context_tokens=sum(s.context_len for s in decodes))
+            num_seqs=len(self.scheduled), num_prefill_seqs=len(self.scheduled) - num_decode,
+            num_decode_seqs=num_decode, num_prefill_tokens=prefill_tokens,
+            num_decode_tokens=decode_tokens, context_tokens=context, num_draft_tokens=drafts,
+            decode_context_tokens=decode_context)
 
 
 @dataclass
@@ -162,9 +170,11 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
-            spec = self._drafts_to_verify(seq, budget) if n == 1 else []
-            n += len(spec)
-            while not self.block_manager.can_allocate(seq, n + self._lookahead(seq, n)):
+            spec = self._drafts_to_verify(seq, budget) if n == 1 and seq.spec_token_ids else None
+            n += len(spec) if spec else 0
+            slots = n + self._lookahead(seq, n)
+            needed = self.block_manager.blocks_needed(seq, slots)
+            while needed > self.block_manager.num_free_blocks:
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled_ids)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -172,7 +182,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self._schedule_seq(out, seq, n, now, spec)
+            self._schedule_seq(out, seq, n, slots if needed else 0, now, spec)
             scheduled_ids.add(id(seq))
             budget -= n
 
@@ -190,21 +200,25 @@ class Scheduler:
                 self._undo_prefix_match(seq)
                 break
             n = min(remaining, budget)
-            if not self.block_manager.can_allocate(seq, n + self._lookahead(seq, n)):
+            slots = n + self._lookahead(seq, n)
+            if not self.block_manager.can_allocate(seq, slots):
                 self._undo_prefix_match(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._schedule_seq(out, seq, n, now)
+            self._schedule_seq(out, seq, n, slots, now)
             budget -= n
 
-    def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, n: int, now: float,
+    def _schedule_seq(self, out: SchedulerOutput, seq: Sequence, n: int, slots: int, now: float,
                       spec: list[int] | None = None) -> None:
-        self.block_manager.allocate(seq, n + self._lookahead(seq, n))
+        """`n` new tokens of `seq` in this step, with KV room made for `slots` (n plus lookahead;
+        0 where its blocks already hold them, as a decode's mostly do)."""
+        if slots:
+            self.block_manager.allocate(seq, slots)
         if seq.metrics.first_scheduled_time is None:
             seq.metrics.first_scheduled_time = now
-        out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens, spec or []))
+        out.scheduled.append(ScheduledSequence(seq, n, seq.num_computed_tokens, spec))
 
     def _drafts_to_verify(self, seq: Sequence, budget: int) -> list[int]:
         """The draft tokens a decode can verify this step: within the token budget, the
@@ -217,6 +231,8 @@ class Scheduler:
         return seq.spec_token_ids[:max(0, room)]
 
     def _lookahead(self, seq: Sequence, n: int) -> int:
+        if not self.config.num_lookahead_tokens:
+            return 0
         return max(0, min(self.config.num_lookahead_tokens,
                           self.config.max_model_len - seq.num_computed_tokens - n))
 
@@ -249,17 +265,21 @@ class Scheduler:
             seq = item.seq
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
-            tokens = [result] if isinstance(result, int) else result
+            tokens = (result,) if isinstance(result, int) else result
             drafts = len(item.spec_token_ids)
-            # Rejected drafts' keys and values stay in the cache as garbage past the computed
-            # tokens; the next step writes over them.
-            accepted = len(tokens) - 1 if tokens and drafts else 0
-            seq.num_computed_tokens = item.context_len - drafts + accepted
-            seq.spec_token_ids, seq.draft_probs = [], None
-            seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
             if drafts:
+                # Rejected drafts' keys and values stay in the cache as garbage past the
+                # computed tokens; the next step writes over them.
+                accepted = len(tokens) - 1 if tokens else 0
+                seq.num_computed_tokens = item.context_len - drafts + accepted
                 seq.metrics.num_draft_tokens += drafts
                 seq.metrics.num_accepted_tokens += accepted
+            else:
+                seq.num_computed_tokens = item.context_len
+            if seq.spec_token_ids or seq.draft_probs is not None:
+                seq.spec_token_ids, seq.draft_probs = [], None
+            if seq.num_draft_computed > seq.num_computed_tokens:
+                seq.num_draft_computed = seq.num_computed_tokens
             self.block_manager.register_full_blocks(seq)
             if not item.samples:
                 continue
@@ -283,9 +303,10 @@ class Scheduler:
             return "stop"
         if not params.ignore_eos and token in self.eos_token_ids:
             return "stop"
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        num_tokens = len(seq.token_ids)
+        if params.max_tokens is not None and num_tokens - seq.num_prompt_tokens >= params.max_tokens:
             return "length"
-        if seq.num_tokens >= self.config.max_model_len:
+        if num_tokens >= self.config.max_model_len:
             return "length"
         return None
 

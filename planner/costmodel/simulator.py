@@ -207,9 +207,9 @@ class Simulator:
             latencies, end - start, sum(s.num_output_tokens for s in seqs), steps, preemptions,
             kv_peak, kv_sum / steps if steps else 0.0, compositions)
 
-    def _sample(self, out: SchedulerOutput, rng: np.random.Generator) -> list[list[int] | None]:
+    def _sample(self, out: SchedulerOutput, rng: np.random.Generator) -> list[int | list[int] | None]:
         """A placeholder token per sampling sequence; with drafts, the accepted ones plus one."""
-        sampled: list[list[int] | None] = []
+        sampled: list[int | list[int] | None] = []
         for item in out.scheduled:
             if not item.samples:
                 sampled.append(None)
@@ -219,7 +219,7 @@ class Simulator:
                     accepted += 1
                 sampled.append([PLACEHOLDER_TOKEN] * (accepted + 1))
             else:
-                sampled.append([PLACEHOLDER_TOKEN])
+                sampled.append(PLACEHOLDER_TOKEN)
         return sampled
 
     def _propose(self, scheduler: Scheduler) -> None:
