@@ -98,6 +98,9 @@ class SchedulerConfig:
     policy: str = "fcfs"
     # Speculative decoding: KV slots reserved past each scheduled token for the draft's proposals.
     num_lookahead_tokens: int = 0
+    # SGLang's default schedule rather than vLLM's: a step prefills or decodes, never both, and
+    # prefills whenever a prompt can start or go on (decodes wait meanwhile).
+    prefill_first: bool = False
 
     @classmethod
     def for_engine(cls, config: EngineConfig, max_model_len: int) -> SchedulerConfig:
@@ -160,10 +163,14 @@ class Scheduler:
     # -- one step -----------------------------------------------------------------------------
 
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
         if self.config.policy == "priority":
             self.running.sort(key=self._rank)
+        if self.config.prefill_first:
+            out = self._schedule_prefills(now)
+            if not out.is_empty:
+                return out
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
 
         scheduled_ids: set[int] = set()
         for seq in list(self.running):
@@ -188,6 +195,26 @@ class Scheduler:
 
         if not out.preempted:
             self._admit_waiting(out, budget, now)
+        return out
+
+    def _schedule_prefills(self, now: float) -> SchedulerOutput:
+        """A prefill-only step: prompts already started go on, then waiting ones start, within
+        the budget and the free KV blocks (nothing is preempted for a prefill). Empty when no
+        prompt can run, and the step decodes instead."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens <= 1:
+                continue  # a decode: it waits for a decode step
+            n = min(seq.num_uncomputed_tokens, budget)
+            slots = n + self._lookahead(seq, n)
+            if not self.block_manager.can_allocate(seq, slots):
+                break
+            self._schedule_seq(out, seq, n, slots, now)
+            budget -= n
+        self._admit_waiting(out, budget, now)
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:

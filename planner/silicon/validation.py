@@ -40,10 +40,19 @@ GEMM_QUANT = {"": None, "bf16": None, "fp8": "fp8", "fp8_block": "fp8_block"}
 # vLLM V1's API server (max_num_seqs 1024, max_num_batched_tokens 8192), SGLang's and
 # TensorRT-LLM's chunked prefill of 8192 tokens.
 BACKEND_DEFAULTS = {"vllm": (1024, 8192), "sglang": (1024, 8192), "trtllm": (2048, 8192)}
+# SGLang without --enable-mixed-chunk (its default) runs a step of prefills or of decodes, never
+# both, prefills first; vLLM and TensorRT-LLM mix prefill chunks into decode steps.
+PREFILL_FIRST = {"sglang"}
 # Requests a closed loop at concurrency c sends, in multiples of c: the first c ramp the clients
 # up (out of phase, as a long benchmark's steady state has them) and are not counted, as
 # benchmarks' warm-up requests are not.
 WAVES = 4
+# The sample's harness (aiconfigurator's eval) starts every client at once and sends 10c requests.
+# Under a prefill-first schedule the clients that start together stay together (every decode
+# waits for the group's prefills), so that burst is replayed as it was, every request counted.
+# Under a mixed schedule real clients drift apart, which a deterministic replay of a burst
+# never does: the out-of-phase steady state is replayed instead.
+BURST_WAVES = 10
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,8 @@ def request_duration(step_time: StepTime, concurrency: int, input_tokens: int, o
 def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int = WAVES,
                 seed: int = 0) -> RowPrediction:
     """Replay the row's closed loop through the engine's scheduler with kernel step times and
-    the backend's framework `overheads`."""
+    the backend's framework `overheads`: out of phase over `waves`·c requests under a mixed
+    schedule, from the harness's burst over 10c under a prefill-first one."""
     shape = ModelShape.from_config(model_config(row.model))
     deployment = Deployment(shape, quantization=row.quantization, tensor_parallel_size=row.tensor_parallel_size,
                             kv_cache_dtype=row.kv_cache_dtype)
@@ -156,13 +166,19 @@ def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int 
     if blocks * 16 < max_len:
         raise KernelDataError(f"{row.id}: the KV cache holds {memory.kv_tokens} tokens, less than one "
                               f"request of {max_len}", field="memory")
-    scheduler = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens, max_model_len=max_len)
+    prefill_first = row.backend in PREFILL_FIRST
+    scheduler = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens, max_model_len=max_len,
+                                prefill_first=prefill_first)
     simulator = Simulator(step_time, scheduler, blocks, 16, enable_prefix_caching=False, seed=seed)
-    count = max(waves * row.concurrency, 8)
+    count = max((BURST_WAVES if prefill_first else waves) * row.concurrency, 8)
     requests = [SimRequest(p, row.output_tokens) for p in unique_prompts([row.input_tokens] * count)]
-    stagger = request_duration(step_time, row.concurrency, row.input_tokens, row.output_tokens)
-    result = simulator.run(requests, row.concurrency, record=True, stagger_s=stagger)
-    counted = result.latencies[row.concurrency:] if count > row.concurrency else result.latencies
+    if prefill_first:
+        result = simulator.run(requests, row.concurrency, record=True)
+        counted = result.latencies
+    else:
+        stagger = request_duration(step_time, row.concurrency, row.input_tokens, row.output_tokens)
+        result = simulator.run(requests, row.concurrency, record=True, stagger_s=stagger)
+        counted = result.latencies[row.concurrency:] if count > row.concurrency else result.latencies
     ttft = float(np.mean([r.ttft_s for r in counted]))
     tpot = float(np.mean([r.tpot_s for r in counted if r.output_tokens > 1]))
     decoding = np.array([c.num_decode_seqs for c in result.compositions if c.num_decode_seqs], dtype=float)

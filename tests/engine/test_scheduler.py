@@ -25,10 +25,11 @@ TOKEN = 7  # the made-up token every step "samples" unless a test says otherwise
 def make_scheduler(num_blocks: int = 256, block_size: int = 4, max_num_seqs: int = 16,
                    max_num_batched_tokens: int = 32, max_model_len: int = 256,
                    chunked: bool = True, policy: str = "fcfs", caching: bool = True,
-                   eos: tuple[int, ...] = (EOS,)) -> Scheduler:
+                   eos: tuple[int, ...] = (EOS,), prefill_first: bool = False) -> Scheduler:
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          max_model_len=max_model_len, enable_chunked_prefill=chunked, policy=policy)
+                          max_model_len=max_model_len, enable_chunked_prefill=chunked, policy=policy,
+                          prefill_first=prefill_first)
     return Scheduler(cfg, bm, eos_token_ids=eos)
 
 
@@ -156,6 +157,53 @@ def test_running_decodes_are_scheduled_before_a_new_prefill_chunk():
         assert out.num_batched_tokens <= 16
         prefilled += kinds[2][1]
     assert prefilled == 60
+
+
+def test_prefill_first_pauses_decodes_while_a_prompt_can_run():
+    """SGLang's schedule: a step prefills or decodes, never both; a new prompt goes first."""
+    sched = make_scheduler(max_num_batched_tokens=16, prefill_first=True)
+    a, b = make_seq(4, max_tokens=20), make_seq(5, max_tokens=20)
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # both prefill whole
+    out, _ = step(sched)
+    assert [(i.seq, i.num_new_tokens) for i in out.scheduled] == [(a, 1), (b, 1)]  # nothing waits: decode
+    long = make_seq(40, max_tokens=2)
+    sched.add(long)
+    chunks = []
+    while long.num_computed_tokens < 40:
+        out, _ = step(sched)
+        assert [i.seq for i in out.scheduled] == [long]  # the decodes wait
+        chunks.append(out.scheduled[0].num_new_tokens)
+    assert chunks == [16, 16, 8]  # the whole budget each step, chunk after chunk
+    out, _ = step(sched)
+    assert {i.seq for i in out.scheduled} == {a, b, long} and all(i.is_decode for i in out.scheduled)
+
+
+def test_prefill_first_admits_a_burst_before_any_decode_and_keeps_it_in_step():
+    """Clients that start together get their first tokens over several prefill steps, yet all
+    decode in the same steps afterwards, so equal requests finish together (SGLang's lockstep)."""
+    sched = make_scheduler(max_num_batched_tokens=16, prefill_first=True)
+    burst = [make_seq(12, max_tokens=5) for _ in range(4)]
+    for s in burst:
+        sched.add(s)
+    outs = run(sched)
+    decode_steps = [o for o in outs if any(i.is_decode for i in o.scheduled)]
+    assert all(all(i.is_decode for i in o.scheduled) for o in decode_steps)  # never mixed
+    assert len({s.metrics.first_token_time for s in burst}) > 1  # prefilled over several steps
+    assert len({s.metrics.finished_time for s in burst}) == 1  # yet they finish together
+    assert_no_leak(sched)
+
+
+def test_prefill_first_decodes_when_no_prompt_fits():
+    sched = make_scheduler(max_num_seqs=1, prefill_first=True)
+    a, b = make_seq(4, max_tokens=3), make_seq(4, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    outs = run(sched)
+    # b waits for a's seat: a decodes meanwhile, then b runs.
+    assert [[i.seq for i in o.scheduled] for o in outs] == [[a], [a], [a], [b], [b], [b]]
+    assert_no_leak(sched)
 
 
 def test_chunked_prefill_disabled_schedules_prompts_whole():
