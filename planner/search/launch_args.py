@@ -17,6 +17,7 @@ import json
 import shlex
 
 from engine.config import EngineConfig
+from planner.silicon.schedule import sglang_mixes_chunks
 
 # vLLM's --block-size choices (vllm/config/cache.py `BlockSize`); its GPU attention backends
 # further want a multiple of 16.
@@ -109,7 +110,7 @@ def sglang_args(config: EngineConfig, port: int = 30000) -> list[str]:
     else:
         _flag(argv, "--chunked-prefill-size", -1)  # -1 turns chunking off
     _flag(argv, "--max-prefill-tokens", config.max_num_batched_tokens)
-    if config.enable_chunked_prefill and config.speculative_model is None:
+    if sglang_mixes_chunks(config):
         argv.append("--enable-mixed-chunk")
     if not config.enable_prefix_caching:
         argv.append("--disable-radix-cache")

@@ -2,9 +2,10 @@
 aiconfigurator-core, an optional extra) and judged against serving runs measured there.
 
 `tables` reads the measurements, `grid` interpolates them, `step_time` prices one engine step,
-`memory` sizes the KV cache as the serving engines do, `overhead` and `calibration` hold what
-the kernels cannot show (the framework's own time, fitted on end-to-end runs, and the held-out
-errors), `validation` replays measured runs, and `predict` is `pilot recommend`'s GPU predictor."""
+`memory` sizes the KV cache as the serving engines do, `schedule` sets the engine's scheduler
+the way each serving engine batches, `overhead` and `calibration` hold what the kernels cannot
+show (the framework's own time, fitted on end-to-end runs, and the held-out errors),
+`validation` replays measured runs, and `predict` is `pilot recommend`'s GPU predictor."""
 
 from planner._lazy import lazy_exports
 

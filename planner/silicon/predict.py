@@ -17,13 +17,13 @@ from typing import Any
 from engine import EngineConfig
 from engine.model_config import ModelConfig
 from engine.observer import StepComposition
-from engine.scheduler import SchedulerConfig
 from planner.costmodel.fit_data import METRICS
 from planner.costmodel.predict import Prediction, workload_requests
 from planner.costmodel.roofline import Deployment, ModelShape
 from planner.costmodel.simulator import SimRequest, Simulator
 from planner.silicon.calibration import GpuCalibration
 from planner.silicon.memory import memory_plan
+from planner.silicon.schedule import scheduler_config
 from planner.silicon.step_time import KernelStepTime
 from planner.silicon.tables import SYSTEMS, KernelDataError, KernelTables, package_version
 from planner.spec import hardware as hw
@@ -184,7 +184,7 @@ class KernelPredictor:
         blocks = self.kv_blocks(config, spec, memory_gb)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         step_time = self.step_time(config, spec)
-        simulator = Simulator(step_time, SchedulerConfig.for_engine(config, max_len), blocks, config.block_size,
+        simulator = Simulator(step_time, scheduler_config(self.backend, config, max_len), blocks, config.block_size,
                               config.enable_prefix_caching, config.data_parallel_size, k,
                               acceptance_rate if k else None, self.seed)
         requests, concurrency = self.requests(load_kind, load_value)

@@ -22,6 +22,7 @@ from engine.observer import StepComposition
 from engine.scheduler import SchedulerConfig
 from planner.costmodel.roofline import Deployment, ModelShape
 from planner.costmodel.simulator import SimRequest, Simulator, StepTime, unique_prompts
+from planner.silicon import schedule
 from planner.silicon.memory import memory_plan
 from planner.silicon.overhead import Baseline, Overheads
 from planner.silicon.step_time import KernelStepTime
@@ -40,9 +41,6 @@ GEMM_QUANT = {"": None, "bf16": None, "fp8": "fp8", "fp8_block": "fp8_block"}
 # vLLM V1's API server (max_num_seqs 1024, max_num_batched_tokens 8192), SGLang's and
 # TensorRT-LLM's chunked prefill of 8192 tokens.
 BACKEND_DEFAULTS = {"vllm": (1024, 8192), "sglang": (1024, 8192), "trtllm": (2048, 8192)}
-# SGLang without --enable-mixed-chunk (its default) runs a step of prefills or of decodes, never
-# both, prefills first; vLLM and TensorRT-LLM mix prefill chunks into decode steps.
-PREFILL_FIRST = {"sglang"}
 # Requests a closed loop at concurrency c sends, in multiples of c: the first c ramp the clients
 # up (out of phase, as a long benchmark's steady state has them) and are not counted, as
 # benchmarks' warm-up requests are not.
@@ -166,7 +164,7 @@ def predict_row(row: SiliconRow, overheads: Overheads = Overheads(), waves: int 
     if blocks * 16 < max_len:
         raise KernelDataError(f"{row.id}: the KV cache holds {memory.kv_tokens} tokens, less than one "
                               f"request of {max_len}", field="memory")
-    prefill_first = row.backend in PREFILL_FIRST
+    prefill_first = schedule.prefill_first(row.backend)  # each backend's default schedule
     scheduler = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens, max_model_len=max_len,
                                 prefill_first=prefill_first)
     simulator = Simulator(step_time, scheduler, blocks, 16, enable_prefix_caching=False, seed=seed)
