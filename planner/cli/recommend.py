@@ -179,7 +179,8 @@ def recommend(
 
         try:
             if refine:
-                refined = refine_plan(store, request, fitted, refine, via, repeats, say, on_progress, search)
+                refined = refine_plan(store, request, fitted, refine, via, repeats, say, on_progress, search,
+                                      workers)
                 fitted, search, result = refined.cost_model, refined.search, refined.result
             else:
                 result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)

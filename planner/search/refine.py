@@ -73,10 +73,10 @@ def runs_here(store: Store, plan: Plan) -> str | None:
 def refine(store: Store, request: RecommendRequest, cost_model: CostModel, rounds: int,
            via: str = "http", repeats: int = 3, say: Say | None = None,
            on_search: Callable[[int, int, object], None] | None = None,
-           search: Search | None = None) -> Refined:
-    """Search (`search`, if the caller has built it over `cost_model` already); while the plan's
-    configuration has no run at its load and `rounds` allow, launch it (`repeats` runs `via` the
-    server or in process), fit again and search again."""
+           search: Search | None = None, workers: int = 1) -> Refined:
+    """Search (`search`, if the caller has built it over `cost_model` already; `workers`
+    processes); while the plan's configuration has no run at its load and `rounds` allow, launch
+    it (`repeats` runs `via` the server or in process), fit again and search again."""
     if rounds < 0:
         raise VerifyError(f"refine: must be >= 0, got {rounds}")
     tell = say or (lambda _text: None)
@@ -84,7 +84,7 @@ def refine(store: Store, request: RecommendRequest, cost_model: CostModel, round
     done: list[Refinement] = []
     while True:
         search = search if search is not None and not done else request.search(store, cost_model)
-        result = run_search(search, request.trials, storage=store.url, on_progress=on_search)
+        result = run_search(search, request.trials, storage=store.url, on_progress=on_search, workers=workers)
         plan = make_plan(result, search, cost_model)
         seen = measured_runs(store, plan)
         if seen:

@@ -147,7 +147,7 @@ class VerifyRequest:
 def host_slowdowns_now(cost_model: CostModel) -> dict[str, float]:
     """This machine's speed now against its typical moment in the cost model's runs, keyed by
     its spec name; empty when the cost model has no probe readings of this machine."""
-    spec = hw.detect().spec_name or "cpu-host"
+    spec = hw.detect().name
     if not cost_model.reads_host(spec):
         return {}
     return {spec: cost_model.host_slowdown(spec, host_speed.probe(host_speed.PLANNING_SECONDS))}

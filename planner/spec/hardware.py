@@ -158,6 +158,12 @@ class DetectedHardware:
     def spec_name(self) -> str | None:
         return self.gpus[0].spec_name if self.gpus else "cpu-host"
 
+    @property
+    def name(self) -> str:
+        """What this machine's runs are stored under: its built-in spec's name, or an unknown
+        GPU's own name (never taken for the CPU host)."""
+        return self.spec_name or self.gpus[0].name
+
 
 def _nvml() -> Any | None:
     """Initialised pynvml, or None: no NVIDIA driver is the normal case, not an error."""

@@ -69,7 +69,7 @@ def hardware_row(store: Store, measure: bool = True) -> Hardware:
     kind = "gpu" if detected.gpus else "cpu"
     description = detected.gpus[0].name if detected.gpus else detected.cpu.model
     row = store.get_or_create(
-        Hardware, fingerprint(identity), spec_name=(detected.spec_name or "cpu-host"), kind=kind,
+        Hardware, fingerprint(identity), spec_name=detected.name, kind=kind,
         description=description, device_count=max(1, len(detected.gpus)),
         memory_gb=(detected.gpus[0].memory_gb if detected.gpus else detected.cpu.memory_gb),
         details=identity)

@@ -203,6 +203,18 @@ def test_detect_gpu_path_with_fake_nvml(monkeypatch):
     assert found.kind == "gpu" and found.gpu_count == 2
     assert found.gpus[0].memory_gb == 80 and found.spec_name == "h100-sxm"
     assert found.driver_version == "550.54.15" and fake.shutdowns == 1
+    assert found.name == "h100-sxm"
+
+
+def test_an_unknown_gpu_is_stored_under_its_own_name_not_the_cpu_hosts(monkeypatch):
+    class UnknownGpu(FakeNvml):
+        def nvmlDeviceGetName(self, h): return "NVIDIA RTX PRO 9000"
+
+    monkeypatch.setattr(hardware, "_nvml", UnknownGpu)
+    found = detect()
+    assert found.spec_name is None and found.name == "NVIDIA RTX PRO 9000"
+    monkeypatch.setattr(hardware, "_nvml", lambda: None)
+    assert detect().name == "cpu-host"
 
 
 # --- GPU sampling -------------------------------------------------------------------------
