@@ -22,6 +22,11 @@ from engine.observer import StepComposition
 from engine.sequence import Sequence, SequenceStatus
 
 
+def _is_decoding(seq: Sequence) -> bool:
+    """Past its prompt, with one token to compute (a prompt's last token is still prefill)."""
+    return seq.num_uncomputed_tokens == 1 and len(seq.token_ids) > seq.num_prompt_tokens
+
+
 class ScheduledSequence:
     """One sequence's share of a step: `num_new_tokens` from position `start` (attention reads
     the context up to `context_len`). With speculative decoding, `spec_token_ids` are draft
@@ -165,16 +170,29 @@ class Scheduler:
     def schedule(self, now: float = 0.0) -> SchedulerOutput:
         if self.config.policy == "priority":
             self.running.sort(key=self._rank)
-        if self.config.prefill_first:
-            out = self._schedule_prefills(now)
-            if not out.is_empty:
-                return out
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.config.prefill_first:
+            self._schedule_prefills(out, now)
+            if out.is_empty:  # no prompt can run: a decode step (decodes may preempt for room)
+                self._schedule_running(out, budget, now, decodes_only=True)
+            if not out.is_empty:
+                return out
+            # Nothing can run at all: the general rule below preempts for the stuck prompt.
+        budget = self._schedule_running(out, budget, now)
+        if not out.preempted:
+            self._admit_waiting(out, budget, now)
+        return out
 
+    def _schedule_running(self, out: SchedulerOutput, budget: int, now: float,
+                          decodes_only: bool = False) -> int:
+        """Running sequences in order, each a decode token (with drafts) or its next prefill
+        chunk, preempting from the back when the KV cache is full. Returns the budget left."""
         scheduled_ids: set[int] = set()
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            if decodes_only and not _is_decoding(seq):
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
             spec = self._drafts_to_verify(seq, budget) if n == 1 and seq.spec_token_ids else None
@@ -192,22 +210,18 @@ class Scheduler:
             self._schedule_seq(out, seq, n, slots if needed else 0, now, spec)
             scheduled_ids.add(id(seq))
             budget -= n
+        return budget
 
-        if not out.preempted:
-            self._admit_waiting(out, budget, now)
-        return out
-
-    def _schedule_prefills(self, now: float) -> SchedulerOutput:
+    def _schedule_prefills(self, out: SchedulerOutput, now: float) -> None:
         """A prefill-only step: prompts already started go on, then waiting ones start, within
-        the budget and the free KV blocks (nothing is preempted for a prefill). Empty when no
-        prompt can run, and the step decodes instead."""
-        out = SchedulerOutput()
+        the budget and the free KV blocks (nothing is preempted for a prefill). Left empty when
+        no prompt can run."""
         budget = self.config.max_num_batched_tokens
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens <= 1:
-                continue  # a decode: it waits for a decode step
+            if seq.status is not SequenceStatus.RUNNING or _is_decoding(seq):
+                continue  # a decode waits for a decode step
             n = min(seq.num_uncomputed_tokens, budget)
             slots = n + self._lookahead(seq, n)
             if not self.block_manager.can_allocate(seq, slots):
@@ -215,7 +229,6 @@ class Scheduler:
             self._schedule_seq(out, seq, n, slots, now)
             budget -= n
         self._admit_waiting(out, budget, now)
-        return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, now: float) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

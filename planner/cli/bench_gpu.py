@@ -21,7 +21,8 @@ def bench_gpu(
     gpus: str = typer.Option("h100-sxm,h200", "--gpu", help="comma-separated GPUs whose rows to predict"),
     limit: Optional[int] = typer.Option(None, "--limit", help="predict every k-th row, about this many "
                                         "(a quick look; default: every expressible row)"),
-    waves: int = typer.Option(4, "--waves", help="requests per row, in multiples of its concurrency"),
+    waves: int = typer.Option(4, "--waves", help="requests per row replayed out of phase (vLLM, TensorRT-LLM), in "
+                            "multiples of its concurrency; SGLang rows replay the harness's burst of 10x"),
     workers: Optional[int] = typer.Option(None, "--workers", help="processes; default: one per core"),
     save: Optional[Path] = typer.Option(None, "--save", help="write the GPU calibration (overheads fitted "
                                         "on every row, held-out errors) here, e.g. "

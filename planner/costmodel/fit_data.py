@@ -115,7 +115,12 @@ def hardware_rates(hardware: Hardware) -> dict[str, Any]:
         return {"kind": "cpu", "memory_bandwidth_gbs": m["read_bandwidth_gbs"],
                 "peak_tflops": {"fp32": m["matmul_tflops_fp32"], "bf16": m["matmul_tflops_bf16"]},
                 "interconnect_gbs": None}
-    return spec_rates(hw.get_spec(hardware.spec_name))
+    try:
+        return spec_rates(hw.get_spec(hardware.spec_name))
+    except hw.HardwareSpecError as err:  # a GPU no spec file describes: its rates are unknown
+        raise ValueError(f"hardware {hardware.id} ({hardware.description}) has no spec named "
+                         f"{hardware.spec_name!r} in profiles/hardware/*.yaml: add one (name, "
+                         "memory, bandwidth, peak TFLOP/s) to fit its runs") from err
 
 
 def spec_rates(spec: hw.HardwareSpec) -> dict[str, Any]:

@@ -109,8 +109,13 @@ def test_a_client_gone_after_its_request_finished_is_counted_once(model_dir):
 
     async def finish_then_hang_up(engine: AsyncLLMEngine) -> None:
         stream = await engine.add_request("abc", GREEDY)
-        while not stream.ended:  # the final output arrives; nobody reads it
-            await asyncio.sleep(0.01)
+
+        async def final_output_arrives() -> None:  # nobody reads it
+            while not stream.ended:
+                assert engine.is_running, engine.dead_reason()
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(final_output_arrives(), timeout=60)
         stream.close()
 
     engine = AsyncLLMEngine(EngineCoreClient(_config(model_dir)), max_in_flight=4)

@@ -206,6 +206,38 @@ def test_prefill_first_decodes_when_no_prompt_fits():
     assert_no_leak(sched)
 
 
+def test_prefill_first_finishes_a_prompt_whose_last_chunk_is_one_token_before_decoding():
+    sched = make_scheduler(max_num_batched_tokens=16, prefill_first=True)
+    a = make_seq(4, max_tokens=20)
+    sched.add(a)
+    step(sched)
+    long = make_seq(17, max_tokens=2)
+    sched.add(long)
+    outs = [step(sched)[0] for _ in range(3)]
+    assert [[(i.seq, i.num_new_tokens) for i in o.scheduled] for o in outs] == [
+        [(long, 16)], [(long, 1)], [(a, 1), (long, 1)]]  # the one-token tail is a prefill step
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_prefill_first_never_mixes_a_step_when_the_cache_is_full(policy):
+    """Decodes growing into a full cache retract the prompt (it is recomputed later), but no
+    step ever holds a prompt's chunk beside decodes, and everything finishes."""
+    sched = make_scheduler(num_blocks=8, block_size=4, max_num_batched_tokens=4, policy=policy,
+                           prefill_first=True)
+    decodes = [make_seq(8, max_tokens=16, arrival=0.0, priority=1) for _ in range(2)]
+    for s in decodes:
+        sched.add(s)
+    step(sched)
+    prompt = make_seq(9, max_tokens=2, arrival=1.0, priority=0)
+    sched.add(prompt)
+    outs = run(sched)
+    for o in outs:
+        kinds = {i.is_decode for i in o.scheduled}
+        assert len(kinds) == 1, [(i.seq.request_id, i.num_new_tokens, i.is_decode) for i in o.scheduled]
+    assert prompt.num_output_tokens == 2 and all(s.num_output_tokens == 16 for s in decodes)
+    assert_no_leak(sched)
+
+
 def test_chunked_prefill_disabled_schedules_prompts_whole():
     sched = make_scheduler(max_num_batched_tokens=32, chunked=False)
     a, b = make_seq(20, max_tokens=3), make_seq(20, max_tokens=3)

@@ -206,13 +206,22 @@ def test_detect_gpu_path_with_fake_nvml(monkeypatch):
     assert found.name == "h100-sxm"
 
 
-def test_an_unknown_gpu_is_stored_under_its_own_name_not_the_cpu_hosts(monkeypatch):
+def test_an_unknown_gpu_is_stored_under_its_own_name_not_the_cpu_hosts(monkeypatch, tmp_path):
     class UnknownGpu(FakeNvml):
         def nvmlDeviceGetName(self, h): return "NVIDIA RTX PRO 9000"
 
     monkeypatch.setattr(hardware, "_nvml", UnknownGpu)
     found = detect()
     assert found.spec_name is None and found.name == "NVIDIA RTX PRO 9000"
+    # Stored so, its runs cannot be priced until a spec describes it, and the error says so.
+    from planner.costmodel.fit_data import hardware_rates
+    from planner.store.database import Store
+    from planner.store.records import hardware_row
+
+    row = hardware_row(Store(f"sqlite:///{tmp_path / 'pilot.db'}"))
+    assert row.kind == "gpu" and row.spec_name == "NVIDIA RTX PRO 9000"
+    with pytest.raises(ValueError, match="no spec named 'NVIDIA RTX PRO 9000' in profiles/hardware"):
+        hardware_rates(row)
     monkeypatch.setattr(hardware, "_nvml", lambda: None)
     assert detect().name == "cpu-host"
 
