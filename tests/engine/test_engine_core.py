@@ -31,20 +31,25 @@ def test_one_message_per_step_carries_every_request_and_the_front_makes_the_text
         assert client._cores[0].process.pid != os.getpid()
         for i, prompt in enumerate(prompts):
             client.add_request(str(i), prompt, GREEDY)
-        conn, messages = client.connections[0], []
-        while len(messages) < 1 + GREEDY.max_tokens - 1:  # the prefill step, then the decodes
+        conn, messages, finished = client.connections[0], [], set()
+        while len(finished) < 4:
             assert conn.poll(60), "the core stopped sending"
-            messages.append(conn.recv())
-        assert all(kind == "outputs" and len(m.stats) == 1 for kind, m in messages)
-        # Every step after the shared prefill step advances all four requests in one message.
-        assert [sorted(o.request_id for o in m.outputs) for _, m in messages] == [["0", "1", "2", "3"]] * 8
-        assert all(len(o.new_token_ids) == 1 for _, m in messages for o in m.outputs)
-        final = {o.request_id: o for _, m in messages for o in m.outputs if o.finish_reason}
+            kind, message = conn.recv()
+            assert kind == "outputs" and len(message.stats) == 1  # one message, one step
+            messages.append(message)
+            finished |= {o.request_id for o in message.outputs if o.finish_reason}
+        # The core steps as soon as a request arrives, so on a busy machine the first steps may
+        # hold only the requests sent so far; once all four run, every step advances all four.
+        together = next(i for i, m in enumerate(messages) if len(m.outputs) == 4)
+        assert all(sorted(o.request_id for o in m.outputs) == ["0", "1", "2", "3"]
+                   for m in messages[together:])
+        assert all(len(o.new_token_ids) == 1 for m in messages for o in m.outputs)
+        final = {o.request_id: o for m in messages for o in m.outputs if o.finish_reason}
         assert sorted(final) == ["0", "1", "2", "3"] and all(o.metrics.ttft for o in final.values())
-        tokens = {str(i): [t for _, m in messages for o in m.outputs if o.request_id == str(i)
+        tokens = {str(i): [t for m in messages for o in m.outputs if o.request_id == str(i)
                            for t in o.new_token_ids] for i in range(4)}
         assert [tokens[str(i)] for i in range(4)] == [e.token_ids for e in expected]
-        assert messages[-1][1].load.kv_blocks_used == 0  # all finished: the load says so
+        assert messages[-1].load.kv_blocks_used == 0  # all finished: the load says so
     finally:
         client.close()
 
