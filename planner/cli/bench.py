@@ -13,12 +13,14 @@ from rich.table import Table
 
 from planner.cli._common import Db, console, fail, fail_error, open_store, parse_duration, resolve_model_option
 from planner.cli.bench_gpu import bench_gpu
+from planner.cli.bench_profile import bench_profile
 from planner.cli.bench_serve import bench_serve
 from planner.cli.fit import print_report
 
 app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratio tables.")
 app.command("serve")(bench_serve)
 app.command("gpu")(bench_gpu)
+app.command("profile")(bench_profile)
 
 
 @app.command("engine")

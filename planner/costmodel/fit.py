@@ -63,30 +63,37 @@ def training_arrays(runs: list[RunData], seed: int = 0) -> tuple[np.ndarray, np.
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(groups)
 
 
-def _predict(model: StepTimeModel, run: RunData, delivery: DeliveryModel) -> np.ndarray:
+def predict_run(model: StepTimeModel, run: RunData, delivery: DeliveryModel) -> np.ndarray:
     metrics = run.replay(model.step_time(run.deployment, run.device, host_slowdown=run.host_slowdown,
                                          host_parallel_slowdown=run.host_parallel_slowdown,
                                          served=run.served), delivery=delivery)
     return np.array([metrics[m] for m in METRICS])
 
 
+def fold_model(train: list[RunData]) -> tuple[StepTimeModel, DeliveryModel]:
+    """A fold's models, fitted on its training runs (no step intervals: the runs give the jitter)."""
+    X, y, groups = training_arrays(train)
+    return StepTimeModel(coverage=COVERAGE).fit(X, y, groups, calibrate=False), DeliveryModel().fit(train)
+
+
 def cross_validate(runs: list[RunData], fold_of: np.ndarray, stage: str,
-                   on_progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   on_progress: Progress | None = None,
+                   members: list[tuple[StepTimeModel, DeliveryModel]] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold predictions of every run's METRICS, and of every step's period (each fold's
-    model never saw the runs it predicts)."""
+    model never saw the runs it predicts). Each fold's models are appended to `members`, where
+    given: a committee whose disagreement says where the data are thin."""
     predictions = np.zeros((len(runs), len(METRICS)))
     step_errors: list[np.ndarray] = []
     folds = np.unique(fold_of)
     for done, fold in enumerate(folds):
         if on_progress:
             on_progress(stage, done, len(folds))
-        train = [r for r, f in zip(runs, fold_of) if f != fold]
-        X, y, groups = training_arrays(train)
-        # Step intervals are not needed here; the runs still give the step jitter.
-        model = StepTimeModel(coverage=COVERAGE).fit(X, y, groups, calibrate=False)
-        delivery = DeliveryModel().fit(train)
+        model, delivery = fold_model([r for r, f in zip(runs, fold_of) if f != fold])
+        if members is not None:
+            members.append((model, delivery))
         for i in np.flatnonzero(fold_of == fold):
-            predictions[i] = _predict(model, runs[i], delivery)
+            predictions[i] = predict_run(model, runs[i], delivery)
             Xh, yh, _ = training_arrays([runs[i]])
             step_errors.append(np.abs(model.predict(Xh) / yh - 1))
     if on_progress:

@@ -57,6 +57,7 @@ class ProfileResult:
     run_ids: list[int] = field(default_factory=list)  # finished by this one
     failed: list[tuple[int, str]] = field(default_factory=list)  # (experiment id, error)
     remaining: int = 0
+    stopped_by_rule: bool = False  # `after_run` stopped it (a stop rule met)
 
 
 def space_for_this_host(name_or_file: str) -> SearchSpace:
@@ -203,16 +204,20 @@ def _abandoned(owner: str | None, claimed_at: dt.datetime | None) -> bool:
     return utcnow() - claimed_at > STALE_CLAIM
 
 
-def claim_next(store: Store, campaign_id: int) -> Experiment | None:
-    """Atomically take the first experiment nobody is running (or whose runner died)."""
+# Reorders the experiments open to claim (given in campaign order); the first it can claim is taken.
+Rank = Callable[[list[Experiment]], list[Experiment]]
+
+
+def claim_next(store: Store, campaign_id: int, rank: Rank | None = None) -> Experiment | None:
+    """Atomically take the first experiment nobody is running (or whose runner died), in the
+    campaign's order or as `rank` orders them."""
     with store.session() as session:
-        candidates = session.scalars(
+        candidates = [exp for exp in session.scalars(
             select(Experiment).where(Experiment.campaign_id == campaign_id,
                                      or_(Experiment.status == "pending", Experiment.status == "running"))
             .order_by(Experiment.position))
-        for exp in candidates:
-            if exp.status == "running" and not _abandoned(exp.owner, exp.claimed_at):
-                continue
+            if exp.status == "pending" or _abandoned(exp.owner, exp.claimed_at)]
+        for exp in rank(candidates) if rank and candidates else candidates:
             taken = session.execute(
                 update(Experiment).where(Experiment.id == exp.id, Experiment.status == exp.status,
                                          Experiment.owner.is_(exp.owner) if exp.owner is None
@@ -271,14 +276,18 @@ VIA = ("engine", "http")
 def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: float,
             slos: list[SLO] | None = None,
             on_progress: Callable[[str, float], None] | None = None,
-            via: str = "engine", max_runs: int | None = None) -> ProfileResult:
+            via: str = "engine", max_runs: int | None = None, rank: Rank | None = None,
+            after_run: Callable[[float], bool] | None = None) -> ProfileResult:
     """Run the campaign's experiments in order until they are done, `budget_s` is spent, or
     `max_runs` experiments have been measured (or failed) by this call: a count, so that a
     profile can be sized the same on any host.
     `on_progress(description, elapsed_s)` is called as experiments start and finish.
 
     `via="engine"` drives the engine in this process; `via="http"` launches `pilot serve` for
-    each configuration and measures it as a client does, through the OpenAI API on loopback."""
+    each configuration and measures it as a client does, through the OpenAI API on loopback.
+
+    `rank` picks the order experiments are taken in (default: the campaign's); `after_run(elapsed_s)`
+    is called after each recorded run and stops the profile by returning True (a stop rule)."""
     if via not in VIA:
         raise FieldError(f"must be one of {', '.join(VIA)}, got {via!r}", field="via")
     if max_runs is not None and max_runs < 1:
@@ -303,7 +312,7 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                 break
             if max_runs is not None and len(durations) >= max_runs:
                 break
-            experiment = claim_next(store, campaign.id)
+            experiment = claim_next(store, campaign.id, rank)
             if experiment is None:
                 break
             began = time.monotonic()
@@ -347,6 +356,9 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             durations.append(time.monotonic() - began)
             if on_progress:
                 on_progress(label, time.monotonic() - start)
+            if after_run is not None and result.run_ids and after_run(time.monotonic() - start):
+                result.stopped_by_rule = True
+                break
     finally:
         if measurer is not None:
             measurer.close()

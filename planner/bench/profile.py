@@ -1,0 +1,192 @@
+"""`pilot bench profile`: learning curves, held-out error against minutes of profiling.
+
+For each model, on this machine in one run: a test set of measurements is drawn at random from
+the campaign's experiments and measured twice (the repeats give the host's noise floor); then
+each order profiles a fresh store for the longest checkpoint. At every checkpoint the cost
+model is fitted on the runs that had finished by then (the profile's own time, the adaptive
+order's refits included) and judged on the test set, which no order ever measured into its
+store: the median of its repeats is the truth, as `pilot fit` judges.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+
+from engine.model_zoo import make_checkpoint
+from planner.costmodel.fit import by_measurement, fold_model, measurement_groups, predict_run
+from planner.costmodel.fit_data import METRICS, RunData, host_references, load_runs, set_host_slowdown
+from planner.costmodel.noise_floor import median_noise_floor
+from planner.measure.profiler import plan_campaign, profile, space_for_this_host
+from planner.profiling.watch import ORDERS, watch_profile
+from planner.spec.errors import FieldError
+from planner.spec.search_space import SearchSpace
+from planner.spec.workload import Workload
+from planner.store.database import Experiment, Run, Store
+
+MODELS = ("tiny", "llama-110m")
+# Each model's traffic: short enough that a run takes seconds on two cores.
+TRAFFIC = {"tiny": ("16:128", "8:64"), "llama-110m": ("16:128", "8:32")}
+NUM_REQUESTS = 16
+TEST_MEASUREMENTS, TEST_REPEATS = 12, 2
+MIN_TRAIN_RUNS = 3
+Say = Callable[[str], None]
+
+
+@dataclass
+class Curve:
+    model: str
+    order: str
+    points: list[dict[str, Any]] = field(default_factory=list)  # minutes, runs, median_ape, p90_ape
+
+
+@dataclass
+class LearningCurves:
+    minutes: list[float]
+    via: str
+    curves: list[Curve]
+    noise_floor: dict[str, dict[str, float]]  # model -> median_ape, p90_ape of a perfect model
+    test_measurements: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"minutes": self.minutes, "via": self.via, "noise_floor": self.noise_floor,
+                "test_measurements": self.test_measurements,
+                "curves": [{"model": c.model, "order": c.order, "points": c.points} for c in self.curves]}
+
+
+def bench_space() -> SearchSpace:
+    """The built-in CPU space without drafts, int4 in groups of 32 (what tiny's 64 features hold)."""
+    space = space_for_this_host("cpu").without_drafts()
+    return space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
+
+
+def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Sequence[str] = ORDERS,
+                    minutes: Sequence[float] = (1, 2, 5), via: str = "engine",
+                    test_measurements: int = TEST_MEASUREMENTS, seed: int = 0,
+                    say: Say | None = None) -> LearningCurves:
+    for name in models:
+        if name not in TRAFFIC:
+            raise FieldError(f"{name!r} is not one of {', '.join(TRAFFIC)}", field="models")
+    for order in orders:
+        if order not in ORDERS:
+            raise FieldError(f"{order!r} is not one of {', '.join(ORDERS)}", field="orders")
+    if not minutes or min(minutes) <= 0:
+        raise FieldError(f"must be positive, got {list(minutes)}", field="minutes")
+    say = say or (lambda message: None)
+    checkpoints = sorted(float(m) for m in minutes)
+    curves, floors, tests = [], {}, {}
+    for name in models:
+        model_dir = workdir / "models" / name
+        if not (model_dir / "config.json").is_file():
+            make_checkpoint(name, model_dir, seed=0, dtype="float32" if name == "tiny" else "bfloat16")
+        isl, osl = TRAFFIC[name]
+        workload = Workload.from_flags(isl, osl, concurrency=1, num_requests=NUM_REQUESTS)
+        say(f"{name}: measuring {test_measurements} test measurements x{TEST_REPEATS}")
+        test = _test_runs(Store(f"sqlite:///{workdir / f'{name}-test.db'}"), str(model_dir), workload,
+                          via, test_measurements, seed)
+        groups = measurement_groups(test)
+        truth = by_measurement(np.array([[r.measured[m] for m in METRICS] for r in test]), groups)
+        tests[name] = int(groups.max()) + 1
+        floor = median_noise_floor(np.array([[r.measured[m] for m in METRICS] for r in test]), groups, seed)
+        floors[name] = dict(floor["overall"]) if floor else {}
+        for order in orders:
+            say(f"{name}: profiling in the {order} order for {checkpoints[-1]:g} min")
+            store = Store(f"sqlite:///{workdir / f'{name}-{order}.db'}")
+            finished = _profile(store, str(model_dir), workload, via, order, 60 * checkpoints[-1])
+            curve = Curve(name, order)
+            for limit in checkpoints:
+                ids = [run_id for run_id, elapsed in finished if elapsed <= 60 * limit]
+                point = {"minutes": limit, "runs": len(ids)}
+                if len(ids) >= MIN_TRAIN_RUNS:
+                    point.update(_judge(load_runs(store, ids), test, groups, truth))
+                curve.points.append(point)
+            curves.append(curve)
+    return LearningCurves(checkpoints, via, curves, floors, tests)
+
+
+def _test_runs(store: Store, model_dir: str, workload: Workload, via: str, count: int,
+               seed: int) -> list[RunData]:
+    """`count` measurements drawn at random from the campaign (each run TEST_REPEATS times back
+    to back); resumed where a test store exists."""
+    campaign = plan_campaign(store, model_dir, bench_space(), workload, repeats=TEST_REPEATS)
+    rng = random.Random(seed)
+    keys: dict[tuple[int, str, float], float] = {}
+
+    def shuffled(candidates: list[Experiment]) -> list[Experiment]:
+        # A random measurement first, its repeats together.
+        for e in candidates:
+            keys.setdefault((e.engine_config_id, e.load_kind, e.load_value), rng.random())
+        return sorted(candidates, key=lambda e: (keys[(e.engine_config_id, e.load_kind, e.load_value)],
+                                                 e.position))
+
+    with store.session() as session:
+        done = session.scalar(select(func.count()).select_from(Run).where(Run.model_id == campaign.model_id))
+    wanted = count * TEST_REPEATS - done
+    if wanted > 0:
+        profile(store, campaign, workload, float("inf"), via=via, max_runs=wanted, rank=shuffled)
+    return load_runs(store)
+
+
+def _profile(store: Store, model_dir: str, workload: Workload, via: str, order: str,
+             budget_s: float) -> list[tuple[int, float]]:
+    """Profile a fresh campaign for `budget_s`; each run's id and when it finished."""
+    campaign = plan_campaign(store, model_dir, bench_space(), workload)
+    watch = watch_profile(store, campaign.id, model_dir, workload, via, order=order)
+    finished: list[tuple[int, float]] = []
+
+    def after_run(elapsed_s: float) -> bool:
+        with store.session() as session:
+            latest = session.scalar(select(func.max(Run.id)))
+        if watch is not None:
+            watch(elapsed_s)
+        finished.append((int(latest), elapsed_s))
+        return False
+
+    profile(store, campaign, workload, budget_s, via=via,
+            rank=watch.order.rank if watch is not None and watch.order is not None else None,
+            after_run=after_run)
+    return finished
+
+
+def _judge(train: list[RunData], test: list[RunData], groups: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The test set's error, median and p90 over every metric, of a model fitted on `train`."""
+    reference = host_references(train)
+    set_host_slowdown(train, reference)
+    set_host_slowdown(test, reference)
+    model, delivery = fold_model(train)
+    predicted = by_measurement(np.array([predict_run(model, run, delivery) for run in test]), groups, np.mean)
+    valid = (truth > 0) & (predicted > 0)
+    ape = np.abs(predicted[valid] / truth[valid] - 1)
+    return {"median_ape": float(np.median(ape)), "p90_ape": float(np.quantile(ape, 0.9))}
+
+
+def plot_curves(curves: LearningCurves, path: Path) -> None:
+    """Median and p90 held-out error against minutes, a panel per model, the noise floor dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(c.model for c in curves.curves))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for curve in (c for c in curves.curves if c.model == name):
+            points = [p for p in curve.points if "median_ape" in p]
+            x = [p["minutes"] for p in points]
+            line, = ax.plot(x, [100 * p["median_ape"] for p in points], marker="o", label=f"{curve.order} median")
+            ax.plot(x, [100 * p["p90_ape"] for p in points], marker="s", linestyle=":", color=line.get_color(),
+                    label=f"{curve.order} p90")
+        floor = curves.noise_floor.get(name) or {}
+        if "median_ape" in floor:
+            ax.axhline(100 * floor["median_ape"], color="grey", linestyle="--", label="noise floor (median)")
+        ax.set(title=name, xlabel="minutes of profiling", ylabel="held-out error (%)", ylim=(0, None))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

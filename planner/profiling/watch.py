@@ -1,0 +1,131 @@
+"""The watch over a profile: as runs finish it re-estimates the held-out error (at run counts
+growing by a quarter, so estimating costs a bounded share of the profile), hands the fold models
+to an adaptive order, and stops the profile once a stop rule has held at two checks in a row
+(one estimate on few runs can be lucky)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from sqlalchemy import select
+
+from planner.costmodel.fit_data import measured_acceptance
+from planner.profiling.adaptive import AdaptiveOrder
+from planner.profiling.estimate import Accuracy, campaign_run_ids, cross_validated
+from planner.profiling.until import StopRule
+from planner.spec.errors import FieldError
+from planner.spec.slo import SLO
+from planner.spec.workload import Workload
+from planner.store.database import Campaign, Hardware, Run, Store
+
+GROWTH = 1.25  # each check after the first waits for this many times the runs of the last
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    runs: int  # of the model on this hardware in the store, when estimated
+    elapsed_s: float  # of this profile, estimating included
+    accuracy: Accuracy
+    estimate_s: float  # what the estimate itself took
+
+
+@dataclass
+class AccuracyWatch:
+    store: Store
+    campaign_id: int
+    until: StopRule | None = None
+    order: AdaptiveOrder | None = None
+    folds: int = 5
+    on_estimate: Callable[[Checkpoint], None] | None = None
+    history: list[Checkpoint] = field(default_factory=list)
+    stopped_by_target: bool = False
+    _next_check: int = 0
+    _met_before: bool = False
+    _seen: set[int] | None = None
+    _runs_s: float = 0.0  # the length of the runs this profile measured
+    _new_runs: int = 0
+    _estimating_s: float = 0.0
+
+    def __call__(self, elapsed_s: float) -> bool:
+        """After a finished run: whether the profile should stop now."""
+        run_ids = campaign_run_ids(self.store, self.campaign_id)
+        self._count_new(run_ids, elapsed_s)
+        if len(run_ids) < self._next_check:
+            return False
+        began = time.monotonic()
+        found = cross_validated(self.store, run_ids, self.folds)
+        if found is None:  # too few measurements to estimate from yet
+            self._next_check = len(run_ids) + 1
+            return False
+        accuracy, committee = found
+        if self.order is not None:
+            self.order.update(committee)
+        spent = time.monotonic() - began
+        self._estimating_s += spent
+        checkpoint = Checkpoint(len(run_ids), elapsed_s + spent, accuracy, spent)
+        self.history.append(checkpoint)
+        self._next_check = max(len(run_ids) + 1, math.ceil(GROWTH * len(run_ids)))
+        if self.on_estimate:
+            self.on_estimate(checkpoint)
+        met = self.until is not None and self.until.met(accuracy)
+        self.stopped_by_target = met and self._met_before
+        self._met_before = met
+        return self.stopped_by_target
+
+    def _count_new(self, run_ids: list[int], elapsed_s: float) -> None:
+        """What each run cost beyond its own length, for the adaptive order's price of a run."""
+        new = [i for i in run_ids if i not in self._seen] if self._seen is not None else run_ids[-1:]
+        self._seen = set(run_ids)
+        if new:
+            with self.store.session() as session:
+                self._runs_s += sum(session.scalars(select(Run.duration_s).where(Run.id.in_(new))))
+            self._new_runs += len(new)
+        if self.order is not None and self._new_runs:
+            spent = elapsed_s - self._estimating_s - self._runs_s
+            self.order.overhead_s = max(0.0, spent / self._new_runs)
+
+    @property
+    def latest(self) -> Accuracy | None:
+        return self.history[-1].accuracy if self.history else None
+
+
+def outlook(history: list[Checkpoint], more: float = 2.0) -> tuple[int, float] | None:
+    """What `more` times the runs would bring the median error to, on the power law
+    error = c * runs^-s fitted to the checks so far (the learning curve's usual shape); None
+    with fewer than three checks, or where the error no longer falls with more runs."""
+    if len(history) < 3:
+        return None
+    runs = np.log([c.runs for c in history])
+    error = np.log([max(c.accuracy.median_ape, 1e-6) for c in history])
+    slope, intercept = np.polyfit(runs, error, 1)
+    if slope >= 0:
+        return None
+    target = int(round(more * history[-1].runs))
+    return target, float(np.exp(intercept + slope * np.log(target)))
+
+
+ORDERS = ("builtin", "adaptive")
+
+
+def watch_profile(store: Store, campaign_id: int, model_dir: str, workload: Workload, via: str,
+                  until: StopRule | None = None, order: str = "builtin", slos: list[SLO] | None = None,
+                  draft: str | None = None, on_estimate: Callable[[Checkpoint], None] | None = None,
+                  ) -> AccuracyWatch | None:
+    """The watch a profile needs for `until` and `order` (None: neither asks for one). Pass
+    `watch` as the profile's `after_run` and `watch.order.rank` (where set) as its `rank`."""
+    if order not in ORDERS:
+        raise FieldError(f"must be one of {', '.join(ORDERS)}, got {order!r}", field="order")
+    if until is None and order == "builtin":
+        return None
+    adaptive = None
+    if order == "adaptive":
+        with store.session() as session:
+            spec_name = session.get(Hardware, session.get(Campaign, campaign_id).hardware_id).spec_name
+        acceptance = measured_acceptance(store, model_dir, draft) if draft else None
+        adaptive = AdaptiveOrder(store, model_dir, workload, spec_name, served=via == "http", slos=slos,
+                                 draft=draft, acceptance_rate=acceptance)
+    return AccuracyWatch(store, campaign_id, until, adaptive, on_estimate=on_estimate)
