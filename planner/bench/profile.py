@@ -81,6 +81,7 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
     say = say or (lambda message: None)
     checkpoints = sorted(float(m) for m in minutes)
     curves, floors, tests = [], {}, {}
+    space = bench_space()
     for name in models:
         model_dir = workdir / "models" / name
         if not (model_dir / "config.json").is_file():
@@ -88,33 +89,34 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
         isl, osl = TRAFFIC[name]
         workload = Workload.from_flags(isl, osl, concurrency=1, num_requests=NUM_REQUESTS)
         say(f"{name}: measuring {test_measurements} test measurements x{TEST_REPEATS}")
-        test = _test_runs(Store(f"sqlite:///{workdir / f'{name}-test.db'}"), str(model_dir), workload,
-                          via, test_measurements, seed)
+        test = measure_test_set(Store(f"sqlite:///{workdir / f'{name}-test.db'}"), str(model_dir), space,
+                                workload, via, test_measurements, seed)
         groups = measurement_groups(test)
-        truth = by_measurement(np.array([[r.measured[m] for m in METRICS] for r in test]), groups)
         tests[name] = int(groups.max()) + 1
         floor = median_noise_floor(np.array([[r.measured[m] for m in METRICS] for r in test]), groups, seed)
         floors[name] = dict(floor["overall"]) if floor else {}
         for order in orders:
             say(f"{name}: profiling in the {order} order for {checkpoints[-1]:g} min")
-            store = Store(f"sqlite:///{workdir / f'{name}-{order}.db'}")
-            finished = _profile(store, str(model_dir), workload, via, order, 60 * checkpoints[-1])
+            path = workdir / f"{name}-{order}.db"
+            path.unlink(missing_ok=True)  # each curve starts from nothing
+            store = Store(f"sqlite:///{path}")
+            finished = _profile(store, str(model_dir), space, workload, via, order, 60 * checkpoints[-1])
             curve = Curve(name, order)
             for limit in checkpoints:
                 ids = [run_id for run_id, elapsed in finished if elapsed <= 60 * limit]
                 point = {"minutes": limit, "runs": len(ids)}
                 if len(ids) >= MIN_TRAIN_RUNS:
-                    point.update(_judge(load_runs(store, ids), test, groups, truth))
+                    point.update(held_out_error(load_runs(store, ids), test))
                 curve.points.append(point)
             curves.append(curve)
     return LearningCurves(checkpoints, via, curves, floors, tests)
 
 
-def _test_runs(store: Store, model_dir: str, workload: Workload, via: str, count: int,
-               seed: int) -> list[RunData]:
+def measure_test_set(store: Store, model_dir: str, space: SearchSpace, workload: Workload, via: str,
+                     count: int, seed: int) -> list[RunData]:
     """`count` measurements drawn at random from the campaign (each run TEST_REPEATS times back
     to back); resumed where a test store exists."""
-    campaign = plan_campaign(store, model_dir, bench_space(), workload, repeats=TEST_REPEATS)
+    campaign = plan_campaign(store, model_dir, space, workload, repeats=TEST_REPEATS)
     rng = random.Random(seed)
     keys: dict[tuple[int, str, float], float] = {}
 
@@ -133,10 +135,10 @@ def _test_runs(store: Store, model_dir: str, workload: Workload, via: str, count
     return load_runs(store)
 
 
-def _profile(store: Store, model_dir: str, workload: Workload, via: str, order: str,
+def _profile(store: Store, model_dir: str, space: SearchSpace, workload: Workload, via: str, order: str,
              budget_s: float) -> list[tuple[int, float]]:
     """Profile a fresh campaign for `budget_s`; each run's id and when it finished."""
-    campaign = plan_campaign(store, model_dir, bench_space(), workload)
+    campaign = plan_campaign(store, model_dir, space, workload)
     watch = watch_profile(store, campaign.id, model_dir, workload, via, order=order)
     finished: list[tuple[int, float]] = []
 
@@ -154,8 +156,11 @@ def _profile(store: Store, model_dir: str, workload: Workload, via: str, order: 
     return finished
 
 
-def _judge(train: list[RunData], test: list[RunData], groups: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """The test set's error, median and p90 over every metric, of a model fitted on `train`."""
+def held_out_error(train: list[RunData], test: list[RunData]) -> dict[str, float]:
+    """The test set's error, median and p90 over every metric, of a model fitted on `train`,
+    against the median of each test measurement's repeats."""
+    groups = measurement_groups(test)
+    truth = by_measurement(np.array([[r.measured[m] for m in METRICS] for r in test]), groups)
     reference = host_references(train)
     set_host_slowdown(train, reference)
     set_host_slowdown(test, reference)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from planner.cli._common import Db, console, fail, fail_error, parse_duration, resolve_model_option
+
+if TYPE_CHECKING:
+    from planner.measure.profiler import ProfileResult
+    from planner.profiling.watch import AccuracyWatch, Checkpoint
 
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect and export the measurement store.")
 
@@ -40,6 +44,12 @@ def profile(
     sitting: int = typer.Option(2, "--sitting", help="with --again, which sitting this is (the campaign "
                                 "is the first): each later one measures the same share, so every "
                                 "measurement in it gets a median over all its sittings"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop once the cross-validated error of the "
+                                        "runs so far reaches these targets, e.g. \"median_ape<=8%,"
+                                        "p90_ape<=20%\" (or at --budget / --max-runs, whichever comes first)"),
+    order: str = typer.Option("builtin", "--order", help="which experiment next: builtin (the campaign's "
+                              "farthest-point coverage order) or adaptive (after a first pass, where the "
+                              "cost model's cross-validation folds disagree most per second of measuring)"),
     quality: bool = typer.Option(True, "--quality/--no-quality", help="also measure what each weight "
                                  "quantization costs in perplexity on held-out ShareGPT text (once "
                                  "per model; models with a tokenizer only)"),
@@ -47,11 +57,15 @@ def profile(
                                       "formats Q8_0, Q5_1, Q5_0, Q4_1 and Q4_0: the model written to "
                                       "each as GGUF and read back (~30 s each for a 135M model)"),
     db: Db = None,
-) -> None:
+) -> Any:
     """Run the engine over a search space on this machine and store every run (resumable)."""
+    # Returns the profile's AccuracyWatch (or None), for the quickstart's summary; typer reads the
+    # annotations at run time, so the return type is spelled Any.
     from engine.model_config import CheckpointError
     from planner.measure.profiler import VIA, plan_again, plan_campaign, space_for_this_host
     from planner.measure.profiler import profile as run_profile
+    from planner.profiling.until import parse_until
+    from planner.profiling.watch import watch_profile
     from planner.spec.search_space import SearchSpaceError
     from planner.spec.slo import SLOError, parse_slos
     from planner.spec.workload import Workload, WorkloadError
@@ -72,6 +86,7 @@ def profile(
     try:
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
+        rule = parse_until(until) if until is not None else None
         load = (Workload.from_name_or_file(workload, model, num_requests) if workload is not None else
                 Workload.from_flags(isl, osl, concurrency=1, num_requests=num_requests))
         if space is None:
@@ -89,6 +104,8 @@ def profile(
                                      repeats=repeats)
             if again is not None:
                 campaign = plan_again(store, campaign, again, repeats, sitting=sitting)
+            watch = watch_profile(store, campaign.id, str(model), load, via, rule, order, slos,
+                                  str(draft) if draft else None)
     except (ValueError, FileNotFoundError, CheckpointError, SearchSpaceError, SLOError, WorkloadError) as err:
         fail_error(err)
     columns = [TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -97,11 +114,21 @@ def profile(
         # A count of runs has no time to fill: the bar then only shows it is working.
         task = progress.add_task("profiling", total=None if max_runs else seconds)
 
-        def on_progress(label: str, elapsed: float) -> None:
-            progress.update(task, completed=min(elapsed, seconds), description=label[:60])
+        estimate = [""]
 
+        def on_progress(label: str, elapsed: float) -> None:
+            progress.update(task, completed=min(elapsed, seconds), description=f"{label[:60]}{estimate[0]}")
+
+        if watch is not None:
+            def on_estimate(checkpoint: Checkpoint) -> None:
+                a = checkpoint.accuracy
+                estimate[0] = (f" | held-out {a.median_ape:.1%} median, {a.p90_ape:.1%} p90"
+                               + (f" (target {watch.until})" if watch.until else ""))
+            watch.on_estimate = on_estimate
         try:
-            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via, max_runs=max_runs)
+            result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via, max_runs=max_runs,
+                                 rank=watch.order.rank if watch is not None and watch.order else None,
+                                 after_run=watch)
         except KeyboardInterrupt:
             progress.stop()
             console.print("interrupted: finished runs are kept; run the same command to continue")
@@ -112,8 +139,35 @@ def profile(
                   f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
     for experiment_id, error in result.failed[:5]:
         console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
+    if watch is not None:
+        print_accuracy(watch, result)
     if quality and again is None and (Path(model) / "tokenizer.json").is_file():
         print_quality(store, str(model), gguf=quality_gguf)
+    return watch
+
+
+def print_accuracy(watch: AccuracyWatch, result: ProfileResult) -> None:
+    """Where the profile's cross-validated error stands, why it stopped, and what more would buy."""
+    from planner.profiling.watch import outlook
+
+    latest = watch.latest
+    if latest is None:
+        console.print("accuracy: too few measurements to cross-validate yet (run the same command to go on)")
+        return
+    if watch.until is not None:
+        why = ("the target was met at two checks in a row" if watch.stopped_by_target else
+               "the target was NOT met: the campaign ran out" if not result.remaining else
+               "the target was NOT met before the budget or --max-runs ended")
+        console.print(f"stopped: {why} ({watch.until})")
+    console.print(f"accuracy: {latest.describe()}, cross-validated on the store's runs of this model here")
+    ahead = outlook(watch.history)
+    if ahead is not None:
+        runs, error = ahead
+        console.print(f"outlook: about {error:.1%} median at {runs} runs, on the trend of the "
+                      f"{len(watch.history)} checks so far (run the same command to go on)")
+    elif len(watch.history) >= 3:
+        console.print("outlook: the error has stopped falling with more runs: the host's noise or the "
+                      "model's form is the limit here, not the number of runs")
 
 
 def print_quality(store, model: str, gguf: bool = False) -> None:

