@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -125,10 +126,14 @@ def profile(
                 estimate[0] = (f" | held-out {a.median_ape:.1%} median, {a.p90_ape:.1%} p90"
                                + (f" (target {watch.until})" if watch.until else ""))
             watch.on_estimate = on_estimate
+        began = time.monotonic()
         try:
             result = run_profile(store, campaign, load, seconds, slos, on_progress, via=via, max_runs=max_runs,
                                  rank=watch.order.rank if watch is not None and watch.order else None,
                                  after_run=watch)
+            if watch is not None and not result.stopped_by_rule:
+                progress.update(task, description="estimating the held-out error on every run")
+                watch.finish(time.monotonic() - began)
         except KeyboardInterrupt:
             progress.stop()
             console.print("interrupted: finished runs are kept; run the same command to continue")
@@ -155,7 +160,10 @@ def print_accuracy(watch: AccuracyWatch, result: ProfileResult) -> None:
         console.print("accuracy: too few measurements to cross-validate yet (run the same command to go on)")
         return
     if watch.until is not None:
+        met_now = watch.until.met(latest)
         why = ("the target was met at two checks in a row" if watch.stopped_by_target else
+               "the target was met at the last check, not yet at a second (run the same command to "
+               "confirm it)" if met_now else
                "the target was NOT met: the campaign ran out" if not result.remaining else
                "the target was NOT met before the budget or --max-runs ended")
         console.print(f"stopped: {why} ({watch.until})")
@@ -163,8 +171,9 @@ def print_accuracy(watch: AccuracyWatch, result: ProfileResult) -> None:
     ahead = outlook(watch.history)
     if ahead is not None:
         runs, error = ahead
-        console.print(f"outlook: about {error:.1%} median at {runs} runs, on the trend of the "
-                      f"{len(watch.history)} checks so far (run the same command to go on)")
+        console.print(f"outlook: about {error:.1%} median at {runs} runs, if the trend of the "
+                      f"{len(watch.history)} checks so far holds (the host's noise floor bounds it: "
+                      "`pilot profile --repeats 3` and `pilot fit` measure it); run the same command to go on")
     elif len(watch.history) >= 3:
         console.print("outlook: the error has stopped falling with more runs: the host's noise or the "
                       "model's form is the limit here, not the number of runs")

@@ -177,10 +177,12 @@ def _accuracy_line(watch: Any, outlook: Any) -> str:
     if watch is None or watch.latest is None:
         return ""
     a = watch.latest
+    verdict = ("target met" if watch.stopped_by_target else "target met once, not yet confirmed"
+               if watch.until.met(a) else "target not met")
     line = (f"  accuracy:  cross-validated error {a.median_ape:.1%} median, {a.p90_ape:.1%} p90 over "
-            f"{a.measurements} measurements ({'target met' if watch.stopped_by_target else 'target not met'}: "
-            f"{watch.until})")
+            f"{a.measurements} measurements ({verdict}: {watch.until})")
     ahead = outlook(watch.history)
     if ahead is not None:
-        line += f"; about {ahead[1]:.1%} median at {ahead[0]} runs (run the quickstart again to profile on)"
+        line += (f"; on its trend so far, about {ahead[1]:.1%} median at {ahead[0]} runs (run the quickstart "
+                 "again to profile on)")
     return line + "\n"

@@ -79,6 +79,14 @@ class AccuracyWatch:
         self._met_before = met
         return self.stopped_by_target
 
+    def finish(self, elapsed_s: float) -> None:
+        """After the profile: a last estimate on every run, where the last check came before
+        the final runs (a budget or --max-runs ends a profile between checks)."""
+        if self.history and self.history[-1].runs == len(campaign_run_ids(self.store, self.campaign_id)):
+            return
+        self._next_check = 0
+        self(elapsed_s)
+
     def _count_new(self, run_ids: list[int], elapsed_s: float) -> None:
         """What the new run cost beyond its own length (its share of the profile's clock since the
         last call, less the order's scoring), kept apart for a run on the configuration of the

@@ -72,11 +72,18 @@ def test_an_unmet_target_runs_to_the_count_and_the_adaptive_order_takes_its_best
                                order.scores[e.id].seconds) for e in ranked if e.id in order.scores])
         return ranked
 
-    result = profile(store, campaign, WORKLOAD, 600, via="engine", max_runs=10, rank=rank, after_run=watch)
-    assert not result.stopped_by_rule and not watch.stopped_by_target and len(result.run_ids) == 10
+    result = profile(store, campaign, WORKLOAD, 600, via="engine", max_runs=11, rank=rank, after_run=watch)
+    assert not result.stopped_by_rule and not watch.stopped_by_target and len(result.run_ids) == 11
     # The first pass is the campaign's order. Then a coverage turn measures the next configuration
-    # in that order at both its load levels, and the committee takes as many runs.
-    assert [turn for turn, _ in turns] == ["builtin"] * MIN_MEASUREMENTS + ["coverage"] * 2 + ["committee"] * 2
+    # in that order at both its load levels, and the committee takes as many runs; then coverage again.
+    assert [turn for turn, _ in turns] == (["builtin"] * MIN_MEASUREMENTS + ["coverage"] * 2 + ["committee"] * 2
+                                           + ["coverage"])
+    # Checks at 6, 8 and 10 runs; the profile ended between checks, so a last estimate covers every run.
+    assert [c.runs for c in watch.history] == [6, 8, 10]
+    watch.finish(100.0)
+    assert [c.runs for c in watch.history] == [6, 8, 10, 11] and not watch.stopped_by_target
+    watch.finish(100.0)
+    assert len(watch.history) == 4  # nothing new to estimate on
     assert all(ids == sorted(ids) for turn, ids in turns if turn != "committee")
     for scored in committee:  # the committee's best first, priced on the configuration then loaded
         values = [value for value, _, _ in scored]
