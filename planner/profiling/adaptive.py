@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import EngineConfig
 from planner.costmodel.fit import CostModel
-from planner.costmodel.fit_data import METRICS
+from planner.costmodel.fit_data import METRICS, measured_acceptance
 from planner.costmodel.predict import Predictor
 from planner.spec.slo import SLO
 from planner.spec.workload import Workload
@@ -52,10 +52,10 @@ class AdaptiveOrder:
 
     def __init__(self, store: Store, model_dir: str, workload: Workload, spec_name: str,
                  served: bool, slos: Sequence[SLO] | None = None, draft: str | None = None,
-                 acceptance_rate: float | None = None, pool: int = POOL, seed: int = 0) -> None:
+                 pool: int = POOL, seed: int = 0) -> None:
         self.store, self.model_dir, self.workload = store, model_dir, workload
         self.spec_name, self.served, self.slos = spec_name, served, list(slos or [])
-        self.draft, self.acceptance_rate = draft, acceptance_rate
+        self.draft, self.acceptance_rate = draft, None
         self.pool, self.rng = pool, random.Random(seed)
         self.members: list[CostModel] = []
         # What a run costs beyond its own length, on the loaded configuration and on another.
@@ -72,6 +72,8 @@ class AdaptiveOrder:
 
     def update(self, members: list[CostModel]) -> None:
         self.members, self.scores = members, {}
+        if self.draft:  # the pair's acceptance, once runs with drafts have measured it
+            self.acceptance_rate = measured_acceptance(self.store, self.model_dir, self.draft)
 
     def rank(self, candidates: list[Experiment]) -> list[Experiment]:
         """`candidates` (in position order), the one to take first: the built-in order's on a
@@ -101,9 +103,11 @@ class AdaptiveOrder:
         best = sorted((e for e in candidates if e.id in self.scores), key=lambda e: -self.value(self.scores[e.id]))
         return best + [e for e in candidates if e.id not in self.scores]
 
-    def value(self, scored: Scored) -> float:
-        """How telling a run is per second it costs, on the configuration loaded now."""
-        besides = self.same_config_s if scored.config_id == self.loaded else self.switch_s
+    def value(self, scored: Scored, loaded: int | None = None) -> float:
+        """How telling a run is per second it costs, with `loaded` (default: the configuration
+        loaded now) on the engine."""
+        loaded = self.loaded if loaded is None else loaded
+        besides = self.same_config_s if scored.config_id == loaded else self.switch_s
         if not np.isfinite(scored.spread):
             return float("inf")
         return scored.spread * scored.weight / max(scored.seconds + besides, 1e-3)

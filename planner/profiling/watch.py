@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 from sqlalchemy import select
 
-from planner.costmodel.fit_data import measured_acceptance
 from planner.profiling.adaptive import AdaptiveOrder
 from planner.profiling.estimate import Accuracy, campaign_run_ids, cross_validated
 from planner.profiling.until import StopRule
@@ -146,7 +145,6 @@ def watch_profile(store: Store, campaign_id: int, model_dir: str, workload: Work
     if order == "adaptive":
         with store.session() as session:
             spec_name = session.get(Hardware, session.get(Campaign, campaign_id).hardware_id).spec_name
-        acceptance = measured_acceptance(store, model_dir, draft) if draft else None
         adaptive = AdaptiveOrder(store, model_dir, workload, spec_name, served=via == "http", slos=slos,
-                                 draft=draft, acceptance_rate=acceptance)
+                                 draft=draft)
     return AccuracyWatch(store, campaign_id, until, adaptive, on_estimate=on_estimate)

@@ -65,10 +65,11 @@ def test_an_unmet_target_runs_to_the_count_and_the_adaptive_order_takes_its_best
 
     def rank(candidates):
         order = watch.order
+        loaded = order.loaded  # what the committee prices runs against
         ranked = order.rank(candidates)
         turns.append((order.turn, [e.id for e in ranked]))
         if order.turn == "committee":
-            committee.append([(order.value(order.scores[e.id]), order.scores[e.id].spread,
+            committee.append([(order.value(order.scores[e.id], loaded), order.scores[e.id].spread,
                                order.scores[e.id].seconds) for e in ranked if e.id in order.scores])
         return ranked
 
