@@ -1,11 +1,12 @@
 """`pilot bench profile`: learning curves, held-out error against minutes of profiling.
 
 For each model, on this machine in one run: a test set of measurements is drawn at random from
-the campaign's experiments and measured twice (the repeats give the host's noise floor); then
-each order profiles a fresh store for the longest checkpoint. At every checkpoint the cost
-model is fitted on the runs that had finished by then (the profile's own time, the adaptive
-order's refits included) and judged on the test set, which no order ever measured into its
-store: the median of its repeats is the truth, as `pilot fit` judges.
+the campaign's experiments and measured twice back to back; then each order profiles a fresh
+store for the longest checkpoint; then the test set is measured twice again, so its truth (the
+median of four runs) spans the spells the profiles ran in, and their spread is the host's noise
+floor. At every checkpoint the cost model is fitted on the runs that had finished by then (the
+profile's own time, the adaptive order's estimates included) and judged on the test set, which
+no order ever measured into its store, as `pilot fit` judges.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from engine.model_zoo import make_checkpoint
 from planner.costmodel.fit import by_measurement, fold_model, measurement_groups, predict_run
 from planner.costmodel.fit_data import METRICS, RunData, host_references, load_runs, set_host_slowdown
 from planner.costmodel.noise_floor import median_noise_floor
-from planner.measure.profiler import plan_campaign, profile, space_for_this_host
+from planner.measure.profiler import plan_again, plan_campaign, profile, space_for_this_host
 from planner.profiling.watch import ORDERS, watch_profile
 from planner.spec.errors import FieldError
 from planner.spec.search_space import SearchSpace
@@ -88,22 +89,28 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
             make_checkpoint(name, model_dir, seed=0, dtype="float32" if name == "tiny" else "bfloat16")
         isl, osl = TRAFFIC[name]
         workload = Workload.from_flags(isl, osl, concurrency=1, num_requests=NUM_REQUESTS)
+        test_store = Store(f"sqlite:///{workdir / f'{name}-test.db'}")
         say(f"{name}: measuring {test_measurements} test measurements x{TEST_REPEATS}")
-        test = measure_test_set(Store(f"sqlite:///{workdir / f'{name}-test.db'}"), str(model_dir), space,
-                                workload, via, test_measurements, seed)
-        groups = measurement_groups(test)
-        tests[name] = int(groups.max()) + 1
-        floor = median_noise_floor(np.array([[r.measured[m] for m in METRICS] for r in test]), groups, seed)
-        floors[name] = dict(floor["overall"]) if floor else {}
+        measure_test_set(test_store, str(model_dir), space, workload, via, test_measurements, seed)
+        finished: dict[str, tuple[Store, list[tuple[int, float]]]] = {}
         for order in orders:
             say(f"{name}: profiling in the {order} order for {checkpoints[-1]:g} min")
             path = workdir / f"{name}-{order}.db"
             path.unlink(missing_ok=True)  # each curve starts from nothing
             store = Store(f"sqlite:///{path}")
-            finished = _profile(store, str(model_dir), space, workload, via, order, 60 * checkpoints[-1])
+            finished[order] = store, _profile(store, str(model_dir), space, workload, via, order,
+                                              60 * checkpoints[-1])
+        say(f"{name}: measuring the test set again, after the profiles")
+        test = measure_test_set(test_store, str(model_dir), space, workload, via, test_measurements, seed,
+                                sitting=2)
+        groups = measurement_groups(test)
+        tests[name] = int(groups.max()) + 1
+        floor = median_noise_floor(np.array([[r.measured[m] for m in METRICS] for r in test]), groups, seed)
+        floors[name] = dict(floor["overall"]) if floor else {}
+        for order, (store, times) in finished.items():
             curve = Curve(name, order)
             for limit in checkpoints:
-                ids = [run_id for run_id, elapsed in finished if elapsed <= 60 * limit]
+                ids = [run_id for run_id, elapsed in times if elapsed <= 60 * limit]
                 point = {"minutes": limit, "runs": len(ids)}
                 if len(ids) >= MIN_TRAIN_RUNS:
                     point.update(held_out_error(load_runs(store, ids), test))
@@ -113,10 +120,16 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
 
 
 def measure_test_set(store: Store, model_dir: str, space: SearchSpace, workload: Workload, via: str,
-                     count: int, seed: int) -> list[RunData]:
-    """`count` measurements drawn at random from the campaign (each run TEST_REPEATS times back
-    to back); resumed where a test store exists."""
+                     count: int, seed: int, sitting: int = 1) -> list[RunData]:
+    """`count` measurements drawn at random from the campaign, each run TEST_REPEATS times back
+    to back; resumed where a test store exists. `sitting` 2 measures them all again (after the
+    profiles: the host's speed drifts over minutes, and the truth should span the spells the
+    profiles ran in, as `pilot fit` judges by sittings)."""
     campaign = plan_campaign(store, model_dir, space, workload, repeats=TEST_REPEATS)
+    if sitting > 1:
+        again = plan_again(store, campaign, 1.0, TEST_REPEATS, seed=seed, sitting=sitting)
+        profile(store, again, workload, float("inf"), via=via)
+        return load_runs(store)
     rng = random.Random(seed)
     keys: dict[tuple[int, str, float], float] = {}
 

@@ -24,7 +24,8 @@ def bench_profile(
                                 "profiles for the longest"),
     via: str = typer.Option("engine", "--via", help="engine (in process) or http (through pilot serve)"),
     test_measurements: int = typer.Option(12, "--test-measurements", help="measurements in each model's "
-                                          "test set (each run twice: the host's noise floor)"),
+                                          "test set (each run twice before the profiles and twice after: "
+                                          "the host's noise floor)"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the curves as JSON"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="also draw the curves (PNG)"),
 ) -> None:
@@ -74,8 +75,8 @@ def bench_profile(
             table.add_row(*row)
         floor = curves.noise_floor.get(name) or {}
         if floor:
-            table.caption = (f"noise floor (a perfect model against 2-run medians): {_pct(floor.get('median_ape'))} "
-                             f"median, {_pct(floor.get('p90_ape'))} p90")
+            table.caption = (f"noise floor (a perfect model against the test set's 4-run medians): "
+                             f"{_pct(floor.get('median_ape'))} median, {_pct(floor.get('p90_ape'))} p90")
         console.print(table)
     if out is not None:
         out.write_text(json.dumps(curves.to_dict(), indent=2))

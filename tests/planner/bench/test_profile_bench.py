@@ -48,6 +48,10 @@ def test_a_model_fitted_on_one_store_is_judged_on_a_test_set_it_never_saw(model_
     configs = {(r.config["quantization"], r.config["max_num_seqs"], r.load_value) for r in test}
     assert configs != {(None, 1, 1.0), (None, 1, 4.0)}
     assert len(measure_test_set(test_store, model_dir, space, WORKLOAD, "engine", count=2, seed=0)) == len(test)
+    # A second sitting measures the same two again; a measurement's truth is the median of its four runs.
+    both = measure_test_set(test_store, model_dir, space, WORKLOAD, "engine", count=2, seed=0, sitting=2)
+    assert np.bincount(measurement_groups(both)).tolist() == [2 * TEST_REPEATS] * 2
+    assert {(r.config["quantization"], r.config["max_num_seqs"], r.load_value) for r in both} == configs
 
     train_store = Store(f"sqlite:///{tmp_path / 'train.db'}")
     profile(train_store, plan_campaign(train_store, model_dir, space, WORKLOAD), WORKLOAD, 600,
