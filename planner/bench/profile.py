@@ -22,7 +22,14 @@ from sqlalchemy import func, select
 
 from engine.model_zoo import make_checkpoint
 from planner.costmodel.fit import by_measurement, fold_model, measurement_groups, predict_run
-from planner.costmodel.fit_data import METRICS, RunData, host_references, load_runs, set_host_slowdown
+from planner.costmodel.fit_data import (
+    METRICS,
+    RunData,
+    device_for,
+    host_references,
+    load_runs,
+    set_host_slowdown,
+)
 from planner.costmodel.noise_floor import median_noise_floor
 from planner.measure.profiler import plan_again, plan_campaign, profile, space_for_this_host
 from planner.profiling.watch import ORDERS, watch_profile
@@ -174,6 +181,14 @@ def held_out_error(train: list[RunData], test: list[RunData]) -> dict[str, float
     against the median of each test measurement's repeats."""
     groups = measurement_groups(test)
     truth = by_measurement(np.array([[r.measured[m] for m in METRICS] for r in test]), groups)
+    # Each store measures the host's rates once, when it first sees it, and one reading of a
+    # shared host's bandwidth can be 40% off another's: judged on the rates the model was
+    # fitted with, as a plan from that store would be.
+    rates = {r.spec_name: r.hardware_rates for r in train}
+    for run in test:
+        if run.spec_name in rates:
+            run.hardware_rates = rates[run.spec_name]
+            run.device = device_for(run.hardware_rates, run.deployment)
     reference = host_references(train)
     set_host_slowdown(train, reference)
     set_host_slowdown(test, reference)
