@@ -5,6 +5,7 @@ benchmark: `pilot bench profile`, docs/performance.md.)"""
 from __future__ import annotations
 
 import numpy as np
+from support.mini_space import WORKLOAD, mini_space
 
 from planner.bench.profile import (
     TEST_REPEATS,
@@ -17,29 +18,11 @@ from planner.bench.profile import (
 from planner.costmodel.fit import measurement_groups
 from planner.costmodel.fit_data import load_runs
 from planner.measure.profiler import plan_campaign, profile
-from planner.spec.search_space import SearchSpace
-from planner.spec.workload import Workload
 from planner.store.database import Store
-
-SPACE = """
-name: mini
-knobs:
-  quantization: [null, int8]
-  max_num_seqs: [1, 4, 8]
-fixed:
-  dtype: float32
-  num_threads: 1
-load:
-  kind: concurrency
-  levels: [1, 4]
-"""
-WORKLOAD = Workload.from_flags("8:48", "4:12", concurrency=1, num_requests=6)
 
 
 def test_a_model_fitted_on_one_store_is_judged_on_a_test_set_it_never_saw(model_dir, tmp_path):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(SPACE)
-    space = SearchSpace.from_file(space_file)
+    _, space = mini_space(tmp_path)
     test_store = Store(f"sqlite:///{tmp_path / 'test.db'}")
     test = measure_test_set(test_store, model_dir, space, WORKLOAD, "engine", count=2, seed=0)
     groups = measurement_groups(test)

@@ -4,6 +4,7 @@ reports), the stop rule ending a real profile, and the adaptive order choosing w
 from __future__ import annotations
 
 import pytest
+from support.mini_space import WORKLOAD, mini_space
 from typer.testing import CliRunner
 
 from planner.cli import app
@@ -13,30 +14,13 @@ from planner.profiling.adaptive import AdaptiveOrder
 from planner.profiling.estimate import MIN_MEASUREMENTS, campaign_run_ids, cross_validated
 from planner.profiling.until import parse_until
 from planner.profiling.watch import Checkpoint, outlook, watch_profile
-from planner.spec.search_space import SearchSpace
-from planner.spec.workload import Workload
 from planner.store.database import Store
-
-SPACE = """
-name: mini
-knobs:
-  quantization: [null, int8]
-  max_num_seqs: [1, 4, 8]
-fixed:
-  dtype: float32
-  num_threads: 1
-load:
-  kind: concurrency
-  levels: [1, 4]
-"""
-WORKLOAD = Workload.from_flags("8:48", "4:12", concurrency=1, num_requests=6)
 
 
 def _campaign(tmp_path, model_dir):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(SPACE)
+    _, space = mini_space(tmp_path)
     store = Store(f"sqlite:///{tmp_path / 'pilot.db'}")
-    return store, plan_campaign(store, model_dir, SearchSpace.from_file(space_file), WORKLOAD)
+    return store, plan_campaign(store, model_dir, space, WORKLOAD)
 
 
 def test_a_loose_target_stops_the_profile_at_its_second_check(model_dir, tmp_path):
@@ -113,8 +97,7 @@ def test_the_outlook_follows_a_falling_curve_and_declines_a_flat_one():
 
 
 def test_pilot_profile_until_says_why_it_stopped_and_what_more_would_buy(model_dir, tmp_path):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(SPACE)
+    space_file, _ = mini_space(tmp_path)
     runner = CliRunner()
     args = ["profile", "--model", model_dir, "--space", str(space_file), "--isl", "8:48", "--osl", "4:12",
             "--num-requests", "6", "--via", "engine", "--db", f"sqlite:///{tmp_path / 'p.db'}"]
