@@ -159,11 +159,10 @@ def print_accuracy(watch: AccuracyWatch, result: ProfileResult) -> None:
     if latest is None:
         console.print("accuracy: too few measurements to cross-validate yet (run the same command to go on)")
         return
-    if watch.until is not None:
-        met_now = watch.until.met(latest)
-        why = ("the target was met at two checks in a row" if watch.stopped_by_target else
+    if watch.target is not None:
+        why = ("the target was met at two checks in a row" if watch.target == "met" else
                "the target was met at the last check, not yet at a second (run the same command to "
-               "confirm it)" if met_now else
+               "confirm it)" if watch.target == "met once" else
                "the target was NOT met: the campaign ran out" if not result.remaining else
                "the target was NOT met before the budget or --max-runs ended")
         console.print(f"stopped: {why} ({watch.until})")

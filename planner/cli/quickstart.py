@@ -177,8 +177,8 @@ def _accuracy_line(watch: Any, outlook: Any) -> str:
     if watch is None or watch.latest is None:
         return ""
     a = watch.latest
-    verdict = ("target met" if watch.stopped_by_target else "target met once, not yet confirmed"
-               if watch.until.met(a) else "target not met")
+    verdict = {"met": "target met", "met once": "target met once, not yet confirmed",
+               "not met": "target not met"}[watch.target]
     line = (f"  accuracy:  cross-validated error {a.median_ape:.1%} median, {a.p90_ape:.1%} p90 over "
             f"{a.measurements} measurements ({verdict}: {watch.until})")
     ahead = outlook(watch.history)

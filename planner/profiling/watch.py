@@ -112,6 +112,14 @@ class AccuracyWatch:
     def latest(self) -> Accuracy | None:
         return self.history[-1].accuracy if self.history else None
 
+    @property
+    def target(self) -> str | None:
+        """Where the stop rule stands: "met" (at two checks in a row), "met once" (at the last
+        check only), "not met"; None without a rule or an estimate."""
+        if self.until is None or self.latest is None:
+            return None
+        return "met" if self.stopped_by_target else "met once" if self.until.met(self.latest) else "not met"
+
 
 def outlook(history: list[Checkpoint], more: float = 2.0) -> tuple[int, float] | None:
     """What `more` times the runs would bring the median error to, on the power law

@@ -32,6 +32,7 @@ def test_a_loose_target_stops_the_profile_at_its_second_check(model_dir, tmp_pat
     # First estimate at MIN_MEASUREMENTS runs, the next a quarter more runs on: met at both.
     assert [c.runs for c in watch.history] == [MIN_MEASUREMENTS, 8] and seen == watch.history
     assert result.stopped_by_rule and watch.stopped_by_target and len(result.run_ids) == 8
+    assert watch.target == "met"
     assert result.remaining == 12 - 8
     # The estimate is the held-out error `pilot fit` reports for the same runs.
     report = cm.fit(store, folds=5).report["by_run"]["overall"]
@@ -66,7 +67,7 @@ def test_an_unmet_target_runs_to_the_count_and_the_adaptive_order_takes_its_best
     # Checks at 6, 8 and 10 runs; the profile ended between checks, so a last estimate covers every run.
     assert [c.runs for c in watch.history] == [6, 8, 10]
     watch.finish(100.0)
-    assert [c.runs for c in watch.history] == [6, 8, 10, 11] and not watch.stopped_by_target
+    assert [c.runs for c in watch.history] == [6, 8, 10, 11] and watch.target == "not met"
     watch.finish(100.0)
     assert len(watch.history) == 4  # nothing new to estimate on
     assert all(ids == sorted(ids) for turn, ids in turns if turn != "committee")
