@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -102,3 +103,33 @@ def profiled_copy(profiled, fitted, tmp_path):
         source.close()
         target.close()
     return Store(f"sqlite:///{copy}"), model_dirs
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on loopback for this test session (tests/support/postgres.py)."""
+    from support.postgres import PostgresServer, binaries
+
+    bin_dir = binaries()
+    if bin_dir is None:
+        message = "PostgreSQL's server binaries (Debian package postgresql) are not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + ": .ci/run installs them")
+        pytest.skip(message)
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh database on the test server, as `--db` takes it."""
+    return postgres_server.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    """The store's URL on each backend the docs promise: a SQLite file, and PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'pilot.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -119,10 +119,10 @@ def bench_sim(
     store = open_store(db)
     fitted = cost_model.load(store)
     if fitted is None:
-        fail(f"no cost model in {store.url}: run `pilot fit` first")
+        fail(f"no cost model in {store.where}: run `pilot fit` first")
     runs = store.runs()
     if model is None and not runs:
-        fail(f"--model: the store {store.url} has no runs to take a model from")
+        fail(f"--model: the store {store.where} has no runs to take a model from")
     model_dir = str(model) if model is not None else _model_path(store, runs[-1].model_id)
     hardware = next(iter(fitted.hardware))
     table = Table(title=f"Simulator speed ({num_requests} requests, {Path(model_dir).name} on {hardware})")

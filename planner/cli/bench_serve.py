@@ -189,6 +189,6 @@ def bench_serve(
         if host not in ("127.0.0.1", "localhost", "::1", os.uname().nodename):
             console.print(f"[yellow]note:[/yellow] recorded under this machine's hardware; the server at "
                           f"{host} should run on it")
-        console.print(f"recorded run{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))} in {store.url}")
+        console.print(f"recorded run{'s' if len(ids) != 1 else ''} {', '.join(map(str, ids))} in {store.where}")
     if bench.sweep is None and any(r.summary.completed == 0 for r in bench.runs):
         raise typer.Exit(1)

@@ -157,4 +157,4 @@ def fit(
         print(json.dumps({"id": model_id, "data_version": model.data_version, **model.report}, indent=2))
         return
     print_report(model.report)
-    console.print(f"Saved as cost model {model_id} in {store.url}" + (f"; plot in {plot}" if plot else ""))
+    console.print(f"Saved as cost model {model_id} in {store.where}" + (f"; plot in {plot}" if plot else ""))

@@ -141,7 +141,7 @@ def profile(
         progress.update(task, total=1, completed=1)
     console.print(f"campaign {result.campaign_id}: {len(result.run_ids)} new runs "
                   f"({result.done_before} from earlier invocations), {len(result.failed)} failed, "
-                  f"{result.remaining} of {result.planned} experiments left; store: {store.url}")
+                  f"{result.remaining} of {result.planned} experiments left; store: {store.where}")
     for experiment_id, error in result.failed[:5]:
         console.print(f"[yellow]experiment {experiment_id} failed:[/yellow] {error}")
     if watch is not None:

@@ -92,6 +92,9 @@ def recommend(
     trials: int = typer.Option(100, "--trials", help="Optuna trials"),
     workers: int = typer.Option(1, "--workers", help="trials scored at once, in that many processes "
                                 "(the plan then depends on the count as well as --seed)"),
+    study: Optional[str] = typer.Option(None, "--study", help="the Optuna study's name in the store "
+                                        "(default: a new one); with --db on PostgreSQL, every process "
+                                        "naming one study searches it together"),
     objective: str = typer.Option("cost", "--objective", help="cost | throughput | latency"),
     confidence: float = typer.Option(0.8, "--confidence", help="the chance the plan meets every SLO "
                                      "when launched, by the cost model's held-out errors (0-1)"),
@@ -158,7 +161,7 @@ def recommend(
     store = open_store(db)
     fitted = cm.load(store)
     if fitted is None:
-        fail(f"no cost model in {store.url}: run `pilot profile` and `pilot fit` first")
+        fail(f"no cost model in {store.where}: run `pilot profile` and `pilot fit` first")
     try:
         search = request.search(store, fitted)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
@@ -183,7 +186,8 @@ def recommend(
                                       workers)
                 fitted, search, result = refined.cost_model, refined.search, refined.result
             else:
-                result = run_search(search, trials, storage=store.url, on_progress=on_progress, workers=workers)
+                result = run_search(search, trials, storage=store.url, study_name=study, on_progress=on_progress,
+                                    workers=workers)
         except ValueError as err:
             fail_error(err)
     if refined is not None:  # on the search's notes, so a plan --verify picks instead says it too
@@ -199,7 +203,7 @@ def recommend(
     else:
         print_result(result, plan)
         console.print(f"Wrote {out}" + (f" and {plot}" if plot else "") +
-                      (f"; study {result.study_name} in {store.url} (optuna-dashboard {store.url})"
+                      (f"; study {result.study_name} in {store.where} (optuna-dashboard {store.where})"
                        if result.study_name else ""))
     if not verify:
         if not plan.feasible:

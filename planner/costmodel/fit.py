@@ -318,7 +318,7 @@ def fit(store: Store, folds: int = 5, seed: int = 0, on_progress: Progress | Non
     """Fit from every run in `store`; cross-validate by run and, with two models or more, by model."""
     runs = load_runs(store)
     if len(runs) < max(3, folds):
-        raise FitError(f"the store {store.url} holds {len(runs)} usable runs; fitting needs at least "
+        raise FitError(f"the store {store.where} holds {len(runs)} usable runs; fitting needs at least "
                        f"{max(3, folds)} (run `pilot profile` first)")
     host_reference = host_references(runs)
     set_host_slowdown(runs, host_reference)

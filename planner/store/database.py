@@ -12,17 +12,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
     ForeignKey,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -30,7 +33,8 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from planner.spec.errors import FieldError
@@ -57,7 +61,7 @@ class Hardware(Base):
     fingerprint: Mapped[str] = mapped_column(String(32), unique=True)
     spec_name: Mapped[str] = mapped_column(String(64))  # profiles/hardware/<name>.yaml
     kind: Mapped[str] = mapped_column(String(8))  # gpu | cpu
-    description: Mapped[str] = mapped_column(String(256))  # CPU model or GPU name
+    description: Mapped[str] = mapped_column(Text)  # CPU model or GPU name
     device_count: Mapped[int] = mapped_column(Integer)
     memory_gb: Mapped[float] = mapped_column(Float)
     details: Mapped[dict] = mapped_column(JSON)  # what detection found
@@ -70,10 +74,10 @@ class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(32), unique=True)  # of config.json
-    name: Mapped[str] = mapped_column(String(256))
-    path: Mapped[str] = mapped_column(String(1024))
+    name: Mapped[str] = mapped_column(Text)
+    path: Mapped[str] = mapped_column(Text)
     model_type: Mapped[str] = mapped_column(String(32))
-    num_params: Mapped[int] = mapped_column(Integer)
+    num_params: Mapped[int] = mapped_column(BigInteger)  # 7e10 for a 70B model: past int4
     hidden_size: Mapped[int] = mapped_column(Integer)
     intermediate_size: Mapped[int] = mapped_column(Integer)
     num_layers: Mapped[int] = mapped_column(Integer)
@@ -99,7 +103,7 @@ class EngineConfigRow(Base):
     max_num_batched_tokens: Mapped[int] = mapped_column(Integer)
     enable_chunked_prefill: Mapped[bool] = mapped_column(Boolean)
     enable_prefix_caching: Mapped[bool] = mapped_column(Boolean)
-    speculative_model: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    speculative_model: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_speculative_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     config: Mapped[dict] = mapped_column(JSON)
 
@@ -108,8 +112,8 @@ class WorkloadRow(Base):
     __tablename__ = "workloads"
     id: Mapped[int] = mapped_column(primary_key=True)
     fingerprint: Mapped[str] = mapped_column(String(32), unique=True)
-    name: Mapped[str] = mapped_column(String(128))
-    description: Mapped[str] = mapped_column(String(512))
+    name: Mapped[str] = mapped_column(Text)
+    description: Mapped[str] = mapped_column(Text)
     spec: Mapped[dict] = mapped_column(JSON)
 
 
@@ -142,9 +146,9 @@ class Experiment(Base):
     load_value: Mapped[float] = mapped_column(Float)
     # pending | running (claimed by `owner`, "host:pid") | done | failed
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
-    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    owner: Mapped[str | None] = mapped_column(Text, nullable=True)
     claimed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    error: Mapped[str | None] = mapped_column(String(2048), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
     campaign: Mapped[Campaign] = relationship(back_populates="experiments")
     engine_config: Mapped[EngineConfigRow] = relationship()
 
@@ -167,14 +171,14 @@ class Run(Base):
     throughput_tok_s: Mapped[float] = mapped_column(Float)  # output tokens / s
     request_rate: Mapped[float] = mapped_column(Float)  # completed requests / s
     goodput: Mapped[float | None] = mapped_column(Float, nullable=True)  # under `slos`
-    slos: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    slos: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Latency summary: {"ttft_p50": s, ..., "e2e_mean": s} (planner.spec.slo.summarize)
     latency: Mapped[dict] = mapped_column(JSON)
-    peak_memory_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     acceptance_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
     gpu: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # utilization/power samples
-    engine_version: Mapped[str] = mapped_column(String(32))
+    engine_version: Mapped[str] = mapped_column(String(64))
     git_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # planner.measure.host_speed.probe around the run: how fast the host was meanwhile (None: not read).
     host_probe_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -282,20 +286,92 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _add_missing_columns(engine: Any) -> None:
+def _add_missing_columns(connection: Connection) -> None:
     """Columns added to a table since a store was made (all nullable), added to that store so an
     older store keeps working; its rows read them as NULL."""
-    existing = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in have:
-                    if not column.nullable:
-                        raise ValueError(f"the store's table {table.name!r} lacks the column "
-                                         f"{column.name!r}, which cannot be added to existing rows")
-                    kind = column.type.compile(dialect=engine.dialect)
+    existing = inspect(connection)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have:
+                if not column.nullable:
+                    raise ValueError(f"the store's table {table.name!r} lacks the column "
+                                     f"{column.name!r}, which cannot be added to existing rows")
+                kind = column.type.compile(dialect=connection.dialect)
+                try:
                     connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
+                except OperationalError as err:  # SQLite: another process added it first
+                    if "duplicate column" not in str(err):
+                        raise
+    connection.commit()
+
+
+def _tag_non_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {_FLOAT_TAG: repr(value)}  # 'inf', '-inf', 'nan'
+    if isinstance(value, dict):
+        return {k: _tag_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_non_finite(v) for v in value]
+    return value
+
+
+def _untag(obj: dict) -> Any:
+    if len(obj) == 1 and obj.get(_FLOAT_TAG) in ("inf", "-inf", "nan"):
+        return float(obj[_FLOAT_TAG])
+    return obj
+
+
+# JSON has no infinity or NaN: Python writes them anyway and SQLite keeps the text, but
+# PostgreSQL refuses it. Both get them tagged, and read them back as the floats they were.
+_FLOAT_TAG = "$float"
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(_tag_non_finite(value), allow_nan=False, default=str)
+
+
+def from_json(text_value: str) -> Any:
+    return json.loads(text_value, object_hook=_untag)
+
+
+def _with_driver(url: str) -> str:
+    """A bare postgresql:// URL means psycopg 3 (`pilot[postgres]`); SQLAlchemy's own default
+    for it is psycopg2, which pilot does not install. An explicit +driver is kept."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+# Any fixed key: every pilot process creating or upgrading the tables of one database takes it.
+_SCHEMA_LOCK = 0x70696C6F74
+
+
+def _create_tables(engine: Any) -> None:
+    """The tables, made or upgraded, safe when several profilers start at once on a new store:
+    on PostgreSQL they take turns under an advisory lock, on SQLite a lost race is retried."""
+    server = engine.dialect.name == "postgresql"
+    with engine.connect() as connection:
+        if server:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+        try:
+            for attempt in range(3):
+                try:
+                    Base.metadata.create_all(connection)
+                    connection.commit()
+                    break
+                except OperationalError as err:
+                    # SQLite: another process made a table between our check and our CREATE;
+                    # the next pass sees it.
+                    connection.rollback()
+                    if "already exists" not in str(err) or attempt == 2:
+                        raise
+            _add_missing_columns(connection)
+        finally:
+            if server:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
+                connection.commit()
 
 
 class Store:
@@ -303,19 +379,30 @@ class Store:
         url = url or DEFAULT_URL
         if "://" not in url and url.endswith((".db", ".sqlite", ".sqlite3")):
             url = f"sqlite:///{Path(url).expanduser().resolve()}"  # a bare file path means SQLite
-        self.url = url
+        self.url = _with_driver(url)
         try:
-            self.engine = create_engine(self.url)
-        except Exception as err:  # a malformed URL or a missing driver
-            raise FieldError(f"cannot open {self.url!r} ({err})", field="db") from err
+            self.engine = create_engine(self.url, pool_pre_ping=not self.url.startswith("sqlite"),
+                                        json_serializer=to_json, json_deserializer=from_json)
+        except ModuleNotFoundError as err:
+            raise FieldError(f"no driver for {url!r} ({err.name} is not installed; for PostgreSQL: "
+                             "pip install 'pilot[postgres]')", field="db") from err
+        except Exception as err:  # a malformed URL
+            raise FieldError(f"cannot open {url!r} ({err})", field="db") from err
         if self.engine.dialect.name == "sqlite":
             database = self.engine.url.database
             if database and database != ":memory:":
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        try:
+            _create_tables(self.engine)
+        except OperationalError as err:  # no server there, a wrong password, no such database
+            raise FieldError(f"cannot open {url!r}: {str(err.orig).strip()}", field="db") from err
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def where(self) -> str:
+        """The URL to print: any password masked."""
+        return self.engine.url.render_as_string(hide_password=True)
 
     def session(self) -> Session:
         return self.sessions()
