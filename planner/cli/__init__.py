@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from planner.cli import bench, fit, generate, models, profile, quickstart, recommend, serve
+from planner.cli import bench, deploy, fit, generate, models, profile, quickstart, recommend, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pilot: profile, fit, recommend and serve LLM deployments.")
@@ -21,6 +21,7 @@ app.command()(fit.fit)
 app.command()(recommend.recommend)
 app.command()(recommend.schema)
 app.command()(serve.serve)
+app.command()(deploy.deploy)
 app.add_typer(bench.app, name="bench")
 app.command()(quickstart.quickstart)
 

@@ -21,8 +21,8 @@ PLANNER_MAY_IMPORT = {"engine", "engine.config", "engine.model_config", "engine.
                       "engine.quantize_checkpoint", "engine.serving", "engine.gguf", "engine.hub"}
 # planner's packages, lowest first: each imports only those before it (and itself).
 LAYERS = ("planner._lazy", "planner.spec", "planner.store", "planner.loadgen", "planner.measure",
-          "planner.costmodel", "planner.profiling", "planner.silicon", "planner.search", "planner.bench",
-          "planner.cli", "planner.__main__")
+          "planner.costmodel", "planner.profiling", "planner.silicon", "planner.search", "planner.deploy",
+          "planner.bench", "planner.cli", "planner.__main__")
 MODEL_CODE = ("engine.models", "engine.layers", "engine.kernels", "engine.model_runner",
               "engine.loader", "engine.llm", "engine.llm_engine", "engine.parallel", "engine.spec_decode")
 
