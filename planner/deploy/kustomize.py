@@ -18,6 +18,9 @@ from planner.deploy.options import DeployError, DeployOptions
 from planner.search.plan import Plan
 
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
+# Every file name the base may hold besides the plan and its kustomization.
+STALE_CANDIDATES = ("deployment.yaml", "leaderworkerset.yaml", "service.yaml", "scaledobject.yaml", "hpa.yaml",
+                    "kustomizeconfig.yaml")
 # Kustomize knows where built-in kinds refer to a ConfigMap, not where a LeaderWorkerSet does: this
 # tells it, so the generated name's hash suffix reaches the group's pods.
 LWS_NAME_REFERENCES = {"nameReference": [{"kind": "ConfigMap", "version": "v1", "fieldSpecs": [
@@ -138,6 +141,11 @@ def write_layout(manifests: Manifests, out_dir: str | Path, options: DeployOptio
         files[base / "kustomizeconfig.yaml"] = dump(LWS_NAME_REFERENCES)
     files[base / "kustomization.yaml"] = dump(base_kustomization(manifests))
     files[overlay / "kustomization.yaml"] = dump(overlay_kustomization(manifests, options))
+    # Objects an earlier run wrote (another autoscaler, a Deployment before a LeaderWorkerSet) go,
+    # so the base holds only what its kustomization lists.
+    for stale in STALE_CANDIDATES:
+        if base / stale not in files and (base / stale).is_file():
+            (base / stale).unlink()
     for path, text in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

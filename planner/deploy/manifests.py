@@ -53,8 +53,10 @@ def _container(plan: Plan, shape: PodShape, weights: Weights, image: str, spec: 
     if options.api_key_secret is not None:
         env += engines.api_key_env(plan, *secret_ref(options.api_key_secret, "api_key_secret", "api-key"))
     if plan.serve_with == "pilot":
+        # Every cache the engine's libraries keep under $HOME (read-only here) goes to the emptyDir.
         env += [{"name": "PILOT_CACHE", "value": engines.PILOT_CACHE},
-                {"name": "XDG_CACHE_HOME", "value": engines.PILOT_CACHE}]
+                {"name": "XDG_CACHE_HOME", "value": engines.PILOT_CACHE},
+                {"name": "TRITON_CACHE_DIR", "value": f"{engines.PILOT_CACHE}/triton"}]
     if env:
         container["env"] = env
     if leader:

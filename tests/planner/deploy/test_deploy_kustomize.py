@@ -38,6 +38,10 @@ def test_the_layout_is_a_base_and_an_overlay_named_by_namespace(cpu_plan, tmp_pa
     # The base's plan file is the plan the pod reads: the original with the pod's paths.
     written = Plan.from_file(tmp_path / "base" / "plan.yaml")
     assert written.engine.model == "/models/smollm2-135m" and written.slos == cpu_plan.slos
+    # Written again with another autoscaler, the base holds no object of the first.
+    write_deployment(cpu_plan, tmp_path, DeployOptions(model_pvc="models", namespace="llm", autoscaler="hpa"))
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == [
+        "deployment.yaml", "hpa.yaml", "kustomization.yaml", "plan.yaml", "service.yaml"]
 
 
 @needs_kubectl
