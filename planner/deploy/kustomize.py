@@ -13,7 +13,7 @@ import yaml
 
 from planner.deploy.autoscale import query
 from planner.deploy.engines import PLAN_FILE, default_image
-from planner.deploy.manifests import LWS_API, Manifests, build_manifests
+from planner.deploy.manifests import CPU_IMAGE_NOTE, LWS_API, Manifests, build_manifests, image_notes
 from planner.deploy.options import DeployError, DeployOptions
 from planner.search.plan import Plan
 
@@ -128,7 +128,11 @@ def base_manifests(plan: Plan, options: DeployOptions) -> Manifests:
         if options.image is None:
             raise
         base_image = options.image
-    return build_manifests(plan, dataclasses.replace(options, namespace="default", image=base_image))
+    manifests = build_manifests(plan, dataclasses.replace(options, namespace="default", image=base_image))
+    # Notes on the image are about the one the overlay runs.
+    manifests.notes = [*(n for n in manifests.notes if not n.startswith(CPU_IMAGE_NOTE)),
+                       *image_notes(plan, manifests.shape, overlay_image(manifests, options))]
+    return manifests
 
 
 def write_layout(manifests: Manifests, out_dir: str | Path, options: DeployOptions) -> list[Path]:

@@ -98,6 +98,19 @@ def _pod(plan: Plan, shape: PodShape, weights: Weights, image: str, command: dic
     return {"metadata": metadata, "spec": spec}
 
 
+CPU_IMAGE_NOTE = "the pilot image as built by default has CPU torch"
+
+
+def image_notes(plan: Plan, shape: PodShape, image: str) -> list[str]:
+    """A GPU plan for pilot's engine run from the image tagged as the default build (CPU torch)."""
+    if plan.serve_with != "pilot" or shape.gpu_resource is None:
+        return []
+    if image.rsplit(":", 1)[-1] != engines.default_image(plan).rsplit(":", 1)[-1]:
+        return []
+    return [f"{CPU_IMAGE_NOTE}: build it with a CUDA torch (--build-arg TORCH_INDEX_URL=.../whl/cu128), "
+            "tag it apart (e.g. 0.1.0-cu128) and pass --image"]
+
+
 def build_manifests(plan: Plan, options: DeployOptions | None = None) -> Manifests:
     """Every object of the plan's deployment; a DeployError naming the field that prevents it."""
     options = options or DeployOptions()
@@ -156,6 +169,7 @@ def build_manifests(plan: Plan, options: DeployOptions | None = None) -> Manifes
     notes = [*weights.notes]
     if plan.serve_with != "pilot":
         notes += [n for n in export_notes(plan.engine) if n.startswith("quantization")]
+    notes += image_notes(plan, shape, image)
     if shape.multi_node and options.model_pvc is not None:
         notes.append(f"every pod of a group mounts {options.model_pvc}: it must be ReadOnlyMany or ReadWriteMany")
     return Manifests(name=name, plan=deployed, shape=shape, image=image, resources=resources,

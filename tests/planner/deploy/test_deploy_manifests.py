@@ -171,3 +171,17 @@ def test_every_object_dumps_to_plain_yaml(cpu_plan, multi_node_plan):
         for document in build_manifests(plan, PVC).resources.values():
             text = dump(document)
             assert "&id" not in text and yaml.safe_load(text) == document
+
+
+def test_a_gpu_plan_for_pilot_is_told_to_use_a_cuda_image(gpu_plan):
+    from planner.deploy.kustomize import base_manifests
+
+    plan = gpu_plan.model_copy(update={"serve_with": "pilot"})
+    manifests = build_manifests(plan, PVC)
+    assert _container(manifests)["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert any("CUDA torch" in note for note in manifests.notes)
+    mirrored = base_manifests(plan, DeployOptions(model_pvc="m", registry="r.io"))
+    assert any("CUDA torch" in note for note in mirrored.notes)
+    cuda = DeployOptions(model_pvc="m", image="pilot:0.1.0-cu128")
+    assert not any("CUDA" in note for note in build_manifests(plan, cuda).notes)
+    assert not any("CUDA" in note for note in base_manifests(plan, cuda).notes)
