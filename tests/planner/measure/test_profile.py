@@ -351,8 +351,10 @@ def test_cli_profile_lists_and_exports(model_dir, space, tmp_path):
 
     runner = CliRunner()
     db = _db(tmp_path / "pilot.db")
+    # In process: sittings, listing and export do not depend on the path (test_http_measure.py
+    # profiles through the server), and sixteen server launches would cost a minute.
     args = ["profile", "--model", model_dir, "--space", str(space), "--isl", "8:32", "--osl", "4",
-            "--num-requests", "2", "--budget", "5m", "--db", db]
+            "--num-requests", "2", "--budget", "5m", "--db", db, "--via", "engine"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert ("8 new runs (0 from earlier invocations), 0 failed, 0 of 8 experiments left"
@@ -382,7 +384,8 @@ def test_cli_profile_without_a_draft_leaves_speculation_out(model_dir, tmp_path)
 
     space = _space_file(tmp_path, SPACE.replace("max_num_seqs: [1, 8]", "num_speculative_tokens: [0, 2]"))
     result = CliRunner().invoke(app, ["profile", "--model", model_dir, "--space", str(space), "--isl", "8",
-                                      "--osl", "4", "--num-requests", "2", "--db", _db(tmp_path / "p.db")])
+                                      "--osl", "4", "--num-requests", "2", "--db", _db(tmp_path / "p.db"),
+                                      "--via", "engine"])
     assert result.exit_code == 0, result.output
     assert "no --draft" in result.output and "4 new runs" in result.output
 

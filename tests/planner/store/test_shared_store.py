@@ -84,6 +84,11 @@ def test_two_profilers_one_killed_run_each_experiment_once_and_lose_nothing(shar
 
 def test_fit_and_recommend_read_from_postgres_and_the_study_lives_there(shared, model_dir, tmp_path):
     url, _, _ = shared
+    listed = CliRunner().invoke(app, ["runs", "list", "--db", url])
+    assert listed.exit_code == 0 and "12 runs" in " ".join(listed.output.split()), listed.output
+    exported = CliRunner().invoke(app, ["runs", "export", "--db", url, "--out", str(tmp_path / "runs.csv")])
+    assert exported.exit_code == 0, exported.output
+    assert len((tmp_path / "runs.csv").read_text().splitlines()) == 1 + EXPERIMENTS
     fitted = CliRunner().invoke(app, ["fit", "--db", url, "--folds", "3"])
     assert fitted.exit_code == 0, fitted.output
     with Store(url).session() as session:
