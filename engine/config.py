@@ -40,7 +40,8 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(
         None, gt=0, description="exact number of KV blocks; overrides the memory budget"
     )
-    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: all cores")
+    num_threads: int | None = Field(None, gt=0, description="CPU threads; default: the CPUs this process "
+                                                            "may use (affinity, a container's CPU quota)")
 
     quantization: Literal["int8", "int4", "fp8"] | None = Field(
         None, description="weight-only: int8 per output channel, int4 in groups; default: as the "

@@ -11,7 +11,7 @@ import os
 import torch
 
 from engine.config import EngineConfig
-from engine.device import available_host_memory, resolve_device, resolve_dtype
+from engine.device import available_host_memory, resolve_device, resolve_dtype, usable_cpus
 from engine.host_memory import keep_freed_memory
 from engine.kernels import cpu as cpu_kernels
 from engine.kernels import gpu as gpu_kernels
@@ -42,7 +42,7 @@ class ModelRunner:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", tp.rank)))
         self.dtype = resolve_dtype(config.dtype, model_config)
         if self.device.type == "cpu":
-            torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+            torch.set_num_threads(config.num_threads or usable_cpus())
             keep_freed_memory()
         torch.manual_seed(config.seed)
         self.block_size = config.block_size

@@ -29,7 +29,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.engine_core import AUTHKEY_ENV, CoreLoad, CoreOutputs
-from engine.device import available_host_memory
+from engine.device import available_host_memory, usable_cpus
 from engine.llm_engine import admit_request
 from engine.model_config import ModelConfig
 from engine.observer import StepObserver
@@ -54,7 +54,7 @@ def replica_configs(config: EngineConfig, host_memory: int | None = None) -> lis
     quarter of `host_memory`, default this host's available memory; the planner passes
     another machine's)."""
     n = config.data_parallel_size
-    threads = config.num_threads or os.cpu_count() or 1
+    threads = config.num_threads or usable_cpus()
     update: dict[str, Any] = {"data_parallel_size": 1, "num_threads": max(1, threads // n)}
     if config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
         memory = available_host_memory() if host_memory is None else host_memory

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.device import available_host_memory, resolve_device
+from engine.device import available_host_memory, resolve_device, usable_cpus
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.parallel import distributed
@@ -38,7 +38,7 @@ def rank_config(config: EngineConfig) -> EngineConfig:
     if resolve_device(config.device).type == "cuda":
         return config
     size = config.tensor_parallel_size
-    update: dict[str, Any] = {"num_threads": max(1, (config.num_threads or os.cpu_count() or 1) // size)}
+    update: dict[str, Any] = {"num_threads": max(1, (config.num_threads or usable_cpus()) // size)}
     if config.num_kv_blocks is None and config.kv_cache_memory_bytes is None:
         update["kv_cache_memory_bytes"] = max(1, available_host_memory() // 4 // size)
     return config.model_copy(update=update)

@@ -70,8 +70,8 @@ def pod_shape(plan: Plan, spec: HardwareSpec, options: DeployOptions) -> PodShap
         if devices > 1:
             raise DeployError(f"{devices} hosts per replica: pilot's engine runs on one host",
                               "hardware.devices_per_replica", in_plan=True)
-        # The engine sizes its threads from os.cpu_count(), which in a container is the node's:
-        # the plan pins them to the pod's CPUs (weights.deployed_plan), measured or costed.
+        # The plan pins the engine's threads to the pod's CPUs (weights.deployed_plan), so the
+        # plan mounted says what the pod runs with, as it was measured or costed.
         cpus = options.cpus or engine.num_threads or CPU_HOST_VCPUS
         return PodShape(nodes=1, gpus=0, gpu_resource=None, cpus=cpus,
                         memory_gib=spec.memory_gb, shm_gib=CPU_SHM_GIB, memory=options.memory)

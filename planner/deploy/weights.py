@@ -80,7 +80,7 @@ def weights_for(plan: Plan, options: DeployOptions) -> Weights:
 
 def deployed_plan(plan: Plan, weights: Weights, shape: PodShape) -> Plan:
     """The plan the pod mounts: the pod's paths, and for a CPU plan its threads pinned to the
-    pod's CPUs (the engine would otherwise take os.cpu_count(), the whole node's)."""
+    pod's CPUs (the engine would take as many from the cgroup's quota; the plan says so)."""
     config = weights.config
     notes = [f"deploy: {note}" for note in weights.notes]
     if shape.gpu_resource is None and config.num_threads != shape.cpus:
