@@ -13,6 +13,8 @@ import datetime as dt
 import hashlib
 import json
 import math
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
@@ -277,10 +279,19 @@ T = TypeVar("T", bound=Base)
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL: readers never block the writer and a crash mid-write leaves the file consistent;
-    # busy_timeout: a second profiler waits for the lock instead of failing at once.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # busy_timeout: a second profiler waits for the lock instead of failing at once. WAL: readers
+    # never block the writer and a crash mid-write leaves the file consistent. Switching a new
+    # file to WAL needs it to itself and does not wait on the busy timeout: retried while
+    # another process holds it.
     cursor.execute("PRAGMA busy_timeout=30000")
+    for attempt in range(300):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == 299:
+                raise
+            time.sleep(0.1)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -298,12 +309,7 @@ def _add_missing_columns(connection: Connection) -> None:
                     raise ValueError(f"the store's table {table.name!r} lacks the column "
                                      f"{column.name!r}, which cannot be added to existing rows")
                 kind = column.type.compile(dialect=connection.dialect)
-                try:
-                    connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
-                except OperationalError as err:  # SQLite: another process added it first
-                    if "duplicate column" not in str(err):
-                        raise
-    connection.commit()
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
 
 
 def _tag_non_finite(value: Any) -> Any:
@@ -350,26 +356,21 @@ _SCHEMA_LOCK = 0x70696C6F74
 
 def _create_tables(engine: Any) -> None:
     """The tables, made or upgraded, safe when several profilers start at once on a new store:
-    on PostgreSQL they take turns under an advisory lock, on SQLite a lost race is retried."""
-    server = engine.dialect.name == "postgresql"
+    they take turns, under an advisory lock on PostgreSQL and SQLite's write lock on a file."""
+    dialect = engine.dialect.name
     with engine.connect() as connection:
-        if server:
+        if dialect == "postgresql":
             connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
+        elif dialect == "sqlite":
+            # Held from the check for each table to its CREATE (SQLite's DDL is transactional);
+            # the others wait on the busy timeout, then find the tables made.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         try:
-            for attempt in range(3):
-                try:
-                    Base.metadata.create_all(connection)
-                    connection.commit()
-                    break
-                except OperationalError as err:
-                    # SQLite: another process made a table between our check and our CREATE;
-                    # the next pass sees it.
-                    connection.rollback()
-                    if "already exists" not in str(err) or attempt == 2:
-                        raise
+            Base.metadata.create_all(connection)
             _add_missing_columns(connection)
+            connection.commit()
         finally:
-            if server:
+            if dialect == "postgresql":
                 connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
                 connection.commit()
 

@@ -61,9 +61,9 @@ def _open_and_make(url: str) -> int:
 
 
 def test_processes_opening_a_new_store_at_once_share_its_tables_and_rows(store_url):
-    # No tables yet: four processes create them and the same model row at the same moment.
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        ids = pool.map(_open_and_make, [store_url] * 4)
+    # No tables yet: six processes create them and the same model row at the same moment.
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        ids = pool.map(_open_and_make, [store_url] * 6)
     assert len(set(ids)) == 1
     with Store(store_url).session() as session:
         assert len(session.scalars(select(Model)).all()) == 1
