@@ -11,16 +11,14 @@ experiments.
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import random
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,6 +26,7 @@ from engine import LLM, EngineConfig
 from engine.device import native_bf16
 from engine.model_config import ModelConfig
 from planner.measure import host_speed
+from planner.measure.claims import Heartbeat, Rank, claim_next, fail_config, release
 from planner.measure.in_process import LoadResult, run_load
 from planner.spec import hardware as hw
 from planner.spec.errors import FieldError
@@ -41,12 +40,8 @@ from planner.store.database import (
     Model,
     Store,
     fingerprint,
-    utcnow,
 )
 from planner.store.records import config_row, hardware_row, model_row, record_run, workload_row
-
-# A claim by a process on another host is taken over after this long without finishing.
-STALE_CLAIM = dt.timedelta(hours=6)
 
 
 @dataclass
@@ -180,76 +175,6 @@ def plan_again(store: Store, campaign: Campaign, fraction: float, repeats: int =
     return again
 
 
-def _me() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _abandoned(owner: str | None, claimed_at: dt.datetime | None) -> bool:
-    """Whether a claim's process is gone: dead on this host, or silent for too long elsewhere."""
-    if owner is None:
-        return True
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
-    if claimed_at is None:
-        return True
-    if claimed_at.tzinfo is None:  # SQLite hands back naive datetimes
-        claimed_at = claimed_at.replace(tzinfo=dt.timezone.utc)
-    return utcnow() - claimed_at > STALE_CLAIM
-
-
-# Reorders the experiments open to claim (given in campaign order); the first it can claim is taken.
-Rank = Callable[[list[Experiment]], list[Experiment]]
-
-
-def claim_next(store: Store, campaign_id: int, rank: Rank | None = None) -> Experiment | None:
-    """Atomically take the first experiment nobody is running (or whose runner died), in the
-    campaign's order or as `rank` orders them."""
-    with store.session() as session:
-        candidates = [exp for exp in session.scalars(
-            select(Experiment).where(Experiment.campaign_id == campaign_id,
-                                     or_(Experiment.status == "pending", Experiment.status == "running"))
-            .order_by(Experiment.position))
-            if exp.status == "pending" or _abandoned(exp.owner, exp.claimed_at)]
-        for exp in rank(candidates) if rank and candidates else candidates:
-            taken = session.execute(
-                update(Experiment).where(Experiment.id == exp.id, Experiment.status == exp.status,
-                                         Experiment.owner.is_(exp.owner) if exp.owner is None
-                                         else Experiment.owner == exp.owner)
-                .values(status="running", owner=_me(), claimed_at=utcnow()))
-            session.commit()
-            if taken.rowcount == 1:
-                return session.get(Experiment, exp.id)
-    return None
-
-
-def _fail_config(store: Store, experiment: Experiment, error: str) -> list[int]:
-    """The engine refused this configuration: every load level of it still waiting fails with
-    the same error, rather than loading it again per level. Returns the experiments failed."""
-    waiting = or_(Experiment.id == experiment.id, Experiment.status == "pending")
-    with store.session() as session:
-        ids = list(session.scalars(select(Experiment.id).where(
-            Experiment.campaign_id == experiment.campaign_id,
-            Experiment.engine_config_id == experiment.engine_config_id, waiting)))
-        session.execute(update(Experiment).where(Experiment.id.in_(ids))
-                        .values(status="failed", owner=None, error=error))
-        session.commit()
-    return ids
-
-
-def _release(store: Store, experiment_id: int, status: str = "pending", error: str | None = None) -> None:
-    with store.session() as session:
-        session.execute(update(Experiment).where(Experiment.id == experiment_id)
-                        .values(status=status, owner=None, error=error))
-        session.commit()
-
-
 class InProcess:
     """Measures a configuration by driving its engine in this process (`--via engine`)."""
 
@@ -315,45 +240,46 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
             experiment = claim_next(store, campaign.id, rank)
             if experiment is None:
                 break
-            began = time.monotonic()
-            with store.session() as session:
-                config_data = session.get(EngineConfigRow, experiment.engine_config_id).config
-                model_path = session.get(Model, campaign.model_id).path
-            config = EngineConfig(model=model_path, **config_data)
-            label = (f"{_summary(config)} @ {experiment.load_kind} {experiment.load_value:g}")
-            if on_progress:
-                on_progress(label, elapsed)
-            if measurer_config_id != experiment.engine_config_id:
-                if measurer is not None:
-                    measurer.close()
-                measurer, measurer_config_id = None, None
+            with Heartbeat(store, experiment.id):
+                began = time.monotonic()
+                with store.session() as session:
+                    config_data = session.get(EngineConfigRow, experiment.engine_config_id).config
+                    model_path = session.get(Model, campaign.model_id).path
+                config = EngineConfig(model=model_path, **config_data)
+                label = (f"{_summary(config)} @ {experiment.load_kind} {experiment.load_value:g}")
+                if on_progress:
+                    on_progress(label, elapsed)
+                if measurer_config_id != experiment.engine_config_id:
+                    if measurer is not None:
+                        measurer.close()
+                    measurer, measurer_config_id = None, None
+                    try:
+                        measurer = Measurer(config, workload)
+                    except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
+                        # A configuration this model or host cannot run is a finding, not a crash.
+                        error = f"{type(err).__name__}: {err}"[:2000]
+                        result.failed += [(i, str(err)) for i in fail_config(store, experiment, error)]
+                        durations.append(time.monotonic() - began)
+                        continue
+                    except BaseException:
+                        release(store, experiment.id)
+                        raise
+                    measurer_config_id = experiment.engine_config_id
                 try:
-                    measurer = Measurer(config, workload)
+                    before = host_speed.probe(), host_speed.parallel_probe()
+                    with hw.GpuSampler() as sampler:
+                        measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
+                    after = host_speed.probe(), host_speed.parallel_probe()
+                    result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
+                                                     sampler.summary(), host_speed.around(before[0], after[0]),
+                                                     host_speed.around(before[1], after[1])))
                 except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
-                    # A configuration this model or host cannot run is a finding, not a crash.
-                    error = f"{type(err).__name__}: {err}"[:2000]
-                    result.failed += [(i, str(err)) for i in _fail_config(store, experiment, error)]
-                    durations.append(time.monotonic() - began)
-                    continue
+                    release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
+                    result.failed.append((experiment.id, str(err)))
                 except BaseException:
-                    _release(store, experiment.id)
+                    release(store, experiment.id)  # Ctrl-C: give the experiment back, keep the rest
                     raise
-                measurer_config_id = experiment.engine_config_id
-            try:
-                before = host_speed.probe(), host_speed.parallel_probe()
-                with hw.GpuSampler() as sampler:
-                    measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
-                after = host_speed.probe(), host_speed.parallel_probe()
-                result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
-                                                 sampler.summary(), host_speed.around(before[0], after[0]),
-                                                 host_speed.around(before[1], after[1])))
-            except (ValueError, RuntimeError, NotImplementedError, MemoryError) as err:
-                _release(store, experiment.id, "failed", f"{type(err).__name__}: {err}"[:2000])
-                result.failed.append((experiment.id, str(err)))
-            except BaseException:
-                _release(store, experiment.id)  # Ctrl-C: give the experiment back, keep the rest
-                raise
-            durations.append(time.monotonic() - began)
+                durations.append(time.monotonic() - began)
             if on_progress:
                 on_progress(label, time.monotonic() - start)
             if after_run is not None and result.run_ids and after_run(time.monotonic() - start):

@@ -47,7 +47,7 @@ class Scored:
 
 
 class AdaptiveOrder:
-    """`rank` for `planner.measure.profiler.claim_next` (which takes the first it is given);
+    """`rank` for `planner.measure.claims.claim_next` (which takes the first it is given);
     `update` gives it a new committee, and the watch sets what runs cost besides their length."""
 
     def __init__(self, store: Store, model_dir: str, workload: Workload, spec_name: str,

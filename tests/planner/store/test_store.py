@@ -120,7 +120,7 @@ def test_claims_from_two_processes_take_each_experiment_once(store_url, model_di
 
 
 def _claim_all(url: str, campaign_id: int) -> list[int]:
-    from planner.measure.profiler import claim_next
+    from planner.measure.claims import claim_next
 
     store, taken = Store(url), []
     while (experiment := claim_next(store, campaign_id)) is not None:
@@ -154,3 +154,47 @@ def test_infinities_and_nan_in_json_come_back_as_floats(store_url):
         details = session.get(Hardware, hardware.id).details
     assert details["edges"] == [float("inf"), -float("inf")] and details["none"] != details["none"]
     assert details["tag"] == {"$float": "x"}  # not a number the store tagged: left alone
+
+
+def test_a_running_claim_is_renewed_and_a_silent_one_from_another_host_is_taken_over(store_url, model_dir,
+                                                                                    tmp_path):
+    import time
+
+    from support.mini_space import WORKLOAD, mini_space
+
+    from planner.measure.claims import STALE_CLAIM, Heartbeat, claim_next
+    from planner.measure.profiler import plan_campaign
+
+    store = Store(store_url)
+    campaign = plan_campaign(store, model_dir, mini_space(tmp_path)[1], WORKLOAD)
+    mine = claim_next(store, campaign.id)
+
+    def claimed_at(experiment_id: int) -> dt.datetime:
+        with store.session() as session:
+            when = session.get(Experiment, experiment_id).claimed_at
+        return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+    first = claimed_at(mine.id)
+    with Heartbeat(store, mine.id, every_s=0.05):
+        for _ in range(400):  # a count, not a deadline: the beat lands whatever the host's speed
+            if claimed_at(mine.id) > first:
+                break
+            time.sleep(0.05)
+    assert claimed_at(mine.id) > first
+    # Another host's claim: kept while its heartbeat is recent, taken over once it is stale.
+    with store.session() as session:
+        other = session.scalars(select(Experiment).where(Experiment.campaign_id == campaign.id,
+                                                         Experiment.status == "pending")).first()
+        other_id = other.id
+        session.execute(text("UPDATE experiments SET status='running', owner='elsewhere:1', claimed_at=:t "
+                             "WHERE id=:i"), {"t": dt.datetime.now(dt.timezone.utc) - STALE_CLAIM / 2, "i": other_id})
+        session.commit()
+    taken = []
+    while (experiment := claim_next(store, campaign.id)) is not None:
+        taken.append(experiment.id)
+    assert other_id not in taken  # its owner beat recently: still its own
+    with store.session() as session:
+        session.execute(text("UPDATE experiments SET claimed_at=:t WHERE id=:i"),
+                        {"t": dt.datetime.now(dt.timezone.utc) - 2 * STALE_CLAIM, "i": other_id})
+        session.commit()
+    assert claim_next(store, campaign.id).id == other_id  # silent too long: taken over
