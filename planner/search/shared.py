@@ -11,6 +11,7 @@ every writer, which would make the workers queue on each trial.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable
 
@@ -23,6 +24,17 @@ from planner.store.database import fingerprint
 
 CHUNK = 4  # trials a worker runs per task: progress comes back this often
 _SEARCH: Search | None = None  # the search a forked worker inherited
+# One storage (one connection pool) per process and URL: a storage per task would leave a pool
+# of idle connections per task, and a server's connection limit is finite. Keyed by process too,
+# since a forked worker must not use the connections it inherited.
+_STORAGES: dict[tuple[int, str], optuna.storages.RDBStorage] = {}
+
+
+def _storage(url: str) -> optuna.storages.RDBStorage:
+    key = (os.getpid(), url)
+    if key not in _STORAGES:
+        _STORAGES[key] = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return _STORAGES[key]
 
 
 def is_server(storage: str | None) -> bool:
@@ -35,7 +47,7 @@ def open_study(search: Search, storage: str, name: str, trials: int, offset: int
     req = search.requirement
     key = fingerprint([search.base.model, search.workload.model_dump(mode="json"), [str(s) for s in req.slos],
                        req.objective, req.load_kind, req.load_value, sorted(search.specs)])
-    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+    study = optuna.create_study(storage=_storage(storage), study_name=name, load_if_exists=True,
                                 sampler=tr.sampler(search, trials, offset),
                                 direction=OBJECTIVES[req.objective])
     made_for = study.user_attrs.get("search")
@@ -88,7 +100,7 @@ def search_shared(search: Search, storage: str, name: str, trials: int, workers:
         for i, n in enumerate(chunks):
             scored.update(run_trials(search, storage, name, n, trials, 1 + i))
             on_batch(scored)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=_storage(storage))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         job = tr.job_of(search, trial.params)
         if job is None:
