@@ -63,6 +63,7 @@ def profile(
     # Returns the profile's AccuracyWatch (or None), for the quickstart's summary; typer reads the
     # annotations at run time, so the return type is spelled Any.
     from engine.model_config import CheckpointError
+    from planner.measure.claims import heartbeat_s, stale_claim
     from planner.measure.profiler import VIA, plan_again, plan_campaign, space_for_this_host
     from planner.measure.profiler import profile as run_profile
     from planner.profiling.until import parse_until
@@ -85,6 +86,7 @@ def profile(
     if sitting != 2 and again is None:
         fail(f"--sitting: {sitting} needs --again (the share of measurements that sitting measures)")
     try:
+        heartbeat_s(), stale_claim()  # the environment's, read now so a bad value stops nothing midway
         seconds = parse_duration(budget)
         slos = parse_slos(slo) if slo else None
         rule = parse_until(until) if until is not None else None

@@ -17,8 +17,30 @@ from planner.store.database import Experiment, Store, utcnow
 
 # A process running an experiment renews its claim this often; a claim by a process on another
 # host is taken over once it has gone this long without renewal (its machine died or was cut off).
+# PILOT_HEARTBEAT_S and PILOT_STALE_CLAIM_S change them (every machine of a campaign alike).
 HEARTBEAT_S = 30.0
 STALE_CLAIM = dt.timedelta(minutes=5)
+
+
+def _seconds(variable: str, default: float) -> float:
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{variable}: must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def heartbeat_s() -> float:
+    return _seconds("PILOT_HEARTBEAT_S", HEARTBEAT_S)
+
+
+def stale_claim() -> dt.timedelta:
+    return dt.timedelta(seconds=_seconds("PILOT_STALE_CLAIM_S", STALE_CLAIM.total_seconds()))
 
 
 def _me() -> str:
@@ -42,7 +64,7 @@ def _abandoned(owner: str | None, claimed_at: dt.datetime | None) -> bool:
         return True
     if claimed_at.tzinfo is None:  # SQLite hands back naive datetimes
         claimed_at = claimed_at.replace(tzinfo=dt.timezone.utc)
-    return utcnow() - claimed_at > STALE_CLAIM
+    return utcnow() - claimed_at > stale_claim()
 
 
 # Reorders the experiments open to claim (given in campaign order); the first it can claim is taken.
@@ -74,8 +96,9 @@ class Heartbeat:
     """Renews this process's claim on an experiment every `every_s` while it runs, from a thread,
     so that other machines can tell a long run from a dead one."""
 
-    def __init__(self, store: Store, experiment_id: int, every_s: float = HEARTBEAT_S) -> None:
-        self.store, self.experiment_id, self.every_s = store, experiment_id, every_s
+    def __init__(self, store: Store, experiment_id: int, every_s: float | None = None) -> None:
+        self.store, self.experiment_id = store, experiment_id
+        self.every_s = heartbeat_s() if every_s is None else every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="pilot-claim-heartbeat", daemon=True)
 
