@@ -16,10 +16,27 @@ Job = tuple[str, dict[str, Any], bool]  # (hardware, knob values, on the whole w
 _SEARCH: Search | None = None  # the search a forked worker inherited
 
 
-def _evaluate(job: Job) -> Candidate:
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def fork_pool(search: Search, workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked from this one, each inheriting `search` as it is at the fork
+    (`inherited()` in a worker)."""
+    global _SEARCH
+    _SEARCH = search
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def inherited() -> Search:
+    """In a worker of `fork_pool`: the search it inherited."""
     assert _SEARCH is not None, "a worker without a search"
+    return _SEARCH
+
+
+def _evaluate(job: Job) -> Candidate:
     hardware, point, full = job
-    return _SEARCH.evaluate(hardware, point, full)
+    return inherited().evaluate(hardware, point, full)
 
 
 class Evaluator:
@@ -29,7 +46,7 @@ class Evaluator:
 
     def __init__(self, search: Search, workers: int = 1) -> None:
         self.search = search
-        self.workers = workers if workers > 1 and "fork" in multiprocessing.get_all_start_methods() else 1
+        self.workers = workers if workers > 1 and can_fork() else 1
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> Evaluator:
@@ -47,9 +64,7 @@ class Evaluator:
         return [self.search.evaluate(*job) for job in jobs]
 
     def _workers(self) -> ProcessPoolExecutor:
-        global _SEARCH
         if self._pool is None:
-            _SEARCH = self.search  # inherited by the workers at the fork
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"))
+            self._pool = fork_pool(self.search, self.workers)
         return self._pool
 

@@ -67,11 +67,11 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
             on_progress(min(len(evaluated), trials), trials, rank(feasible, req)[0] if feasible else None)
 
     memory = None
-    if shared.is_server(storage):
-        evaluated = shared.search_shared(search, storage, name, trials, workers, progress)  # type: ignore[arg-type]
-    else:
-        memory, evaluated = _search_in_memory(search, name, trials, workers, progress)
-    with Evaluator(search, workers) as evaluator:
+    with Evaluator(search, workers) as evaluator:  # one pool of workers for the trials and the finalists
+        if shared.is_server(storage):
+            evaluated = shared.search_shared(search, storage, name, trials, workers, progress)  # type: ignore[arg-type]
+        else:
+            memory, evaluated = _search_in_memory(search, evaluator, name, trials, progress)
         distinct = list({id(c): c for c in evaluated.values()}.values())
         feasible = rank([c for c in distinct if c.feasible], req)
         finalists = _confirm(evaluator, feasible[:FINALISTS]) if feasible else []
@@ -90,7 +90,7 @@ def run_search(search: Search, trials: int = 150, storage: str | None = None,
                         name if storage is not None else None, list(search.notes), list(req.slos))
 
 
-def _search_in_memory(search: Search, name: str, trials: int, workers: int,
+def _search_in_memory(search: Search, evaluator: Evaluator, name: str, trials: int,
                       progress: Callable[[dict[int, Candidate]], None],
                       ) -> tuple[optuna.storages.InMemoryStorage, dict[int, Candidate]]:
     """The study in this process's memory; with workers, as many trials asked at once and
@@ -98,19 +98,17 @@ def _search_in_memory(search: Search, name: str, trials: int, workers: int,
     memory = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=memory, study_name=name, sampler=tr.sampler(search, trials),
                                 direction=OBJECTIVES[search.requirement.objective])
-    for hardware in search.specs:  # the engine's defaults are always scored: the baseline to beat
-        study.enqueue_trial(tr.default_params(search, hardware), skip_if_exists=True)
+    tr.enqueue_defaults(study, search)
     evaluated: dict[int, Candidate] = {}
-    with Evaluator(search, workers) as evaluator:
-        done = 0
-        while done < trials:
-            asked = [study.ask() for _ in range(min(evaluator.workers, trials - done))]
-            jobs = [tr.suggest(search, trial) for trial in asked]
-            for trial, candidate in zip(asked, evaluator.evaluate(jobs)):
-                study.tell(trial, tr.record(search, trial, candidate))
-                evaluated[trial.number] = candidate
-                progress(evaluated)
-            done += len(asked)
+    done = 0
+    while done < trials:
+        asked = [study.ask() for _ in range(min(evaluator.workers, trials - done))]
+        jobs = [tr.suggest(search, trial) for trial in asked]
+        for trial, candidate in zip(asked, evaluator.evaluate(jobs)):
+            study.tell(trial, tr.record(search, trial, candidate))
+            evaluated[trial.number] = candidate
+            progress(evaluated)
+        done += len(asked)
     return memory, evaluated
 
 

@@ -10,20 +10,19 @@ every writer, which would make the workers queue on each trial.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from typing import Callable
 
 import optuna
 
 from planner.search import trials as tr
 from planner.search.candidate import OBJECTIVES, Candidate, RecommendError
+from planner.search.parallel import can_fork, fork_pool, inherited
 from planner.search.search import Search
 from planner.store.database import fingerprint
 
 CHUNK = 4  # trials a worker runs per task: progress comes back this often
-_SEARCH: Search | None = None  # the search a forked worker inherited
 # One storage (one connection pool) per process and URL: a storage per task would leave a pool
 # of idle connections per task, and a server's connection limit is finite. Keyed by process too,
 # since a forked worker must not use the connections it inherited.
@@ -53,8 +52,7 @@ def open_study(search: Search, storage: str, name: str, trials: int, offset: int
     made_for = study.user_attrs.get("search")
     if made_for is None:
         study.set_user_attr("search", key)
-        for hardware in search.specs:  # the engine's defaults are always scored: the baseline to beat
-            study.enqueue_trial(tr.default_params(search, hardware), skip_if_exists=True)
+        tr.enqueue_defaults(study, search)
     elif made_for != key:
         raise RecommendError(f"{name!r} in the store was made for another model, workload or SLOs; "
                              "name a new study", field="study")
@@ -62,8 +60,7 @@ def open_study(search: Search, storage: str, name: str, trials: int, offset: int
 
 
 def _run_trials(storage: str, name: str, count: int, trials: int, offset: int) -> dict[int, Candidate]:
-    assert _SEARCH is not None, "a worker without a search"
-    return run_trials(_SEARCH, storage, name, count, trials, offset)
+    return run_trials(inherited(), storage, name, count, trials, offset)
 
 
 def run_trials(search: Search, storage: str, name: str, count: int, trials: int,
@@ -83,14 +80,11 @@ def search_shared(search: Search, storage: str, name: str, trials: int, workers:
                   on_batch: Callable[[dict[int, Candidate]], None]) -> dict[int, Candidate]:
     """This process's `trials` on the study, in `workers` processes, then every complete trial
     of the study (others' too) as candidates by trial number."""
-    global _SEARCH
     open_study(search, storage, name, trials)  # made (or checked) once, before any worker asks
     chunks = [min(CHUNK, trials - start) for start in range(0, trials, CHUNK)]
     scored: dict[int, Candidate] = {}
-    can_fork = "fork" in multiprocessing.get_all_start_methods()
-    if workers > 1 and can_fork:
-        _SEARCH = search  # inherited at the fork; each worker opens its own connections
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    if workers > 1 and can_fork():
+        with fork_pool(search, workers) as pool:  # each worker opens its own connections
             futures = [pool.submit(_run_trials, storage, name, n, trials, 1 + i) for i, n in enumerate(chunks)]
             for future in as_completed(futures):
                 part = future.result()

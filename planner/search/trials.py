@@ -84,6 +84,12 @@ def default_point(search: Search, hardware: str) -> dict[str, Any]:
     return point
 
 
+def enqueue_defaults(study: optuna.Study, search: Search) -> None:
+    """The engine's defaults on each hardware, always scored: the baseline to beat."""
+    for hardware in search.specs:
+        study.enqueue_trial(default_params(search, hardware), skip_if_exists=True)
+
+
 def default_params(search: Search, hardware: str) -> dict[str, Any]:
     params = {search.param(hardware, k): v for k, v in default_point(search, hardware).items()}
     return ({"hardware": hardware} if len(search.specs) > 1 else {}) | params
