@@ -4,6 +4,10 @@ A block holds `block_size` consecutive tokens of one sequence. A full block is i
 hash of its tokens chained with the hash of the block before it, so two prompts with a common
 prefix map to the same blocks. Freed blocks keep their contents and hash until they are reused
 (least recently freed first), so a later request can still hit them.
+
+Blocks never used yet are handed out first, in id order, and their bookkeeping is made as they
+are: a CPU cache can hold millions of small blocks, and making them all up front took a second
+per engine start and left the garbage collector millions of objects to walk.
 """
 
 from __future__ import annotations
@@ -29,23 +33,26 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        # Insertion order = order of freeing: the front is evicted first.
-        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # The blocks handed out so far, ids 0..len-1; the rest are free and untouched.
+        self.blocks: list[Block] = []
+        # Blocks freed after use. Insertion order = order of freeing: the front is evicted first.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict()
         self.hash_to_block: dict[int, int] = {}
-        # Blocks ever written: the cache is allocated untouched, so these are its resident part.
-        self._touched = bytearray(num_blocks)
-        self.num_touched_blocks = 0
         self.num_prefix_hits = 0
         self.num_prefix_queries = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_blocks) + self.num_blocks - len(self.blocks)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_blocks)
+        return self.num_blocks - self.num_free_blocks
+
+    @property
+    def num_touched_blocks(self) -> int:
+        """Blocks ever written: the cache is allocated untouched, so these are its resident part."""
+        return len(self.blocks)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add so that `seq` can hold its computed tokens plus `num_new_tokens`."""
@@ -89,14 +96,15 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         for _ in range(needed):
-            block_id = next(iter(self.free_blocks))
-            block = self.blocks[block_id]
-            if block.block_hash is not None and self.hash_to_block.get(block.block_hash) == block_id:
-                del self.hash_to_block[block.block_hash]
-            block.block_hash, block.token_ids = None, ()
-            if not self._touched[block_id]:
-                self._touched[block_id] = 1
-                self.num_touched_blocks += 1
+            if len(self.blocks) < self.num_blocks:  # untouched blocks go first
+                block_id = len(self.blocks)
+                self.blocks.append(Block(block_id))
+            else:
+                block_id = next(iter(self.free_blocks))
+                block = self.blocks[block_id]
+                if block.block_hash is not None and self.hash_to_block.get(block.block_hash) == block_id:
+                    del self.hash_to_block[block.block_hash]
+                block.block_hash, block.token_ids = None, ()
             self._take(block_id)
             seq.block_table.append(block_id)
 
@@ -147,5 +155,5 @@ class BlockManager:
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self.free_blocks[block_id]
+            self.free_blocks.pop(block_id, None)  # absent when it was never used
         block.ref_count += 1

@@ -96,12 +96,17 @@ class EngineCoreClient:
         authkey = secrets.token_bytes(16)
         with Listener(family="AF_UNIX", authkey=authkey) as listener:
             env = {**os.environ, AUTHKEY_ENV: authkey.hex()}
-            for i, core_config in enumerate(replica_configs(config)):
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "engine.core", str(listener.address), str(i)], env=env)
+            configs = replica_configs(config)
+            # All started before any is waited for: each spends a second or more importing torch.
+            processes = [subprocess.Popen([sys.executable, "-m", "engine.core", str(listener.address), str(i)],
+                                          env=env) for i in range(len(configs))]
+            conns: dict[int, Connection] = {}
+            for _ in processes:
                 conn = listener.accept()
-                conn.send(core_config)
-                self._cores.append(_Core(process, conn))
+                conns[conn.recv()] = conn  # each says which it is: they connect in any order
+            for i, core_config in enumerate(configs):
+                conns[i].send(core_config)
+                self._cores.append(_Core(processes[i], conns[i]))
         limits = []
         for i, core in enumerate(self._cores):
             kind, detail = self._first_message(core)

@@ -121,6 +121,7 @@ def main() -> None:
     """Core process entry: connect to the front, receive the config, start the engine, serve."""
     address, index = sys.argv[1], int(sys.argv[2])
     conn = Client(address, authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
+    conn.send(index)
     config = conn.recv()
     try:
         try:

@@ -196,6 +196,7 @@ class InProcess:
 
 
 VIA = ("engine", "http")
+FRESH_READING_S = 1.0  # a reading of the host's speed this recent stands for now
 
 
 def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: float,
@@ -228,6 +229,7 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
     durations: list[float] = []
     measurer: InProcess | None = None
     measurer_config_id: int | None = None
+    last_reading: tuple[float, tuple[float, float]] | None = None  # when, and the two probes' readings
     try:
         while True:
             elapsed = time.monotonic() - start
@@ -250,6 +252,7 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                 if on_progress:
                     on_progress(label, elapsed)
                 if measurer_config_id != experiment.engine_config_id:
+                    last_reading = None
                     if measurer is not None:
                         measurer.close()
                     measurer, measurer_config_id = None, None
@@ -266,10 +269,14 @@ def profile(store: Store, campaign: Campaign, workload: Workload, budget_s: floa
                         raise
                     measurer_config_id = experiment.engine_config_id
                 try:
-                    before = host_speed.probe(), host_speed.parallel_probe()
+                    # The reading after the run before serves as this one's before, when it is
+                    # fresh: on a small model the probes took longer than the runs.
+                    fresh = last_reading is not None and time.monotonic() - last_reading[0] < FRESH_READING_S
+                    before = last_reading[1] if fresh else (host_speed.probe(), host_speed.parallel_probe())
                     with hw.GpuSampler() as sampler:
                         measured = measurer.measure(workload, experiment.load_kind, experiment.load_value)
                     after = host_speed.probe(), host_speed.parallel_probe()
+                    last_reading = time.monotonic(), after
                     result.run_ids.append(record_run(store, experiment, campaign, measured, slos,
                                                      sampler.summary(), host_speed.around(before[0], after[0]),
                                                      host_speed.around(before[1], after[1])))

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from engine import EngineConfig, StepStats, checkpoint_shapes
 from engine.model_config import ModelConfig
@@ -150,16 +150,19 @@ def record_run(store: Store, experiment: Experiment, campaign: Campaign, result:
             delivery=result.delivery)
         session.add(run)
         session.flush()
-        session.add_all(RequestRow(
-            run_id=run.id, position=r.spec.index, input_tokens=r.spec.input_tokens,
-            output_tokens=r.output_tokens, arrival_s=r.arrival - result.start_time,
-            ttft_s=r.latency.ttft_s, tpot_s=r.latency.tpot_s,
-            itl_mean_s=r.latency.mean_itl_s, e2e_s=r.latency.e2e_s,
-            num_preemptions=r.num_preemptions, num_cached_prompt_tokens=r.num_cached_prompt_tokens,
-            acceptance_rate=r.acceptance_rate, finish_reason=r.finish_reason)
-            for r in requests)
-        session.add_all(StepRow(run_id=run.id, start_s=s.start_time - result.start_time,
-                                **_step_fields(s)) for s in result.steps)
+        # Core inserts, many rows a statement: a run has hundreds of steps, and ORM objects
+        # for each took longer than a small model's run.
+        if requests:
+            session.execute(insert(RequestRow), [dict(
+                run_id=run.id, position=r.spec.index, input_tokens=r.spec.input_tokens,
+                output_tokens=r.output_tokens, arrival_s=r.arrival - result.start_time,
+                ttft_s=r.latency.ttft_s, tpot_s=r.latency.tpot_s,
+                itl_mean_s=r.latency.mean_itl_s, e2e_s=r.latency.e2e_s,
+                num_preemptions=r.num_preemptions, num_cached_prompt_tokens=r.num_cached_prompt_tokens,
+                acceptance_rate=r.acceptance_rate, finish_reason=r.finish_reason) for r in requests])
+        if result.steps:
+            session.execute(insert(StepRow), [dict(run_id=run.id, start_s=s.start_time - result.start_time,
+                                                   **_step_fields(s)) for s in result.steps])
         session.execute(update(Experiment).where(Experiment.id == experiment.id)
                         .values(status="done", owner=None, error=None))
         return run.id

@@ -43,8 +43,9 @@ def assert_consistent(bm: BlockManager, live: list[Sequence]) -> None:
         assert len(set(seq.block_table)) == len(seq.block_table), "a block repeats in one table"
         for b in seq.block_table:
             refs[b] += 1
-    assert [blk.ref_count for blk in bm.blocks] == refs
-    assert set(bm.free_blocks) == {i for i, r in enumerate(refs) if r == 0}
+    assert [blk.ref_count for blk in bm.blocks] == refs[:len(bm.blocks)]
+    assert not any(refs[len(bm.blocks):]), "a block in use was never handed out"
+    assert set(bm.free_blocks) == {i for i, r in enumerate(refs[:len(bm.blocks)]) if r == 0}
     assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
     for block_hash, block_id in bm.hash_to_block.items():
         assert bm.blocks[block_id].block_hash == block_hash
