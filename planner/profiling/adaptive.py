@@ -12,9 +12,11 @@ cost besides, measured apart for a run on the configuration already loaded and o
 another (loading, warming up, probing the host, writing the store).
 
 Turns alternate by runs: a coverage turn takes the built-in order's next configuration with all
-its load levels (one engine load), then the committee takes as many runs. Coverage alone spends
-runs where the model is already right; the committee alone crowds the hard corners and leaves
-the typical configurations thin (on llama-110m its p90 error halved while its median rose).
+its load levels (one engine load), then the committee takes as many runs, also a configuration
+at a time: the one holding the most telling experiment, where loading it is shared by all its
+pending load levels (on a small model loading costs ten runs). Coverage alone spends runs where
+the model is already right; the committee alone crowds the hard corners and leaves the typical
+configurations thin (on llama-110m its p90 error halved while its median rose).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class AdaptiveOrder:
         self.loaded: int | None = None  # the configuration of the experiment ranked first last
         self.turn = "builtin"  # whose choice the last ranking was: builtin (no committee yet), coverage, committee
         self._covering: int | None = None  # the configuration a coverage turn is measuring
+        self._chosen: int | None = None  # the configuration a committee turn is measuring
+        self._pending_per_config: dict[int, int] = {}
         self._coverage_runs = 0
         self._committee_runs = 0
         self._configs: dict[int, EngineConfig] = {}
@@ -87,7 +91,12 @@ class AdaptiveOrder:
         if len(self.members) < 2:
             self.turn = "builtin"
             return candidates
-        self.turn = "coverage"
+        chosen = [e for e in candidates if e.engine_config_id == self._chosen]
+        if chosen:  # the rest of the committee turn's configuration
+            self.turn = "committee"
+            self._committee_runs += 1
+            return chosen + [e for e in candidates if e.engine_config_id != self._chosen]
+        self.turn, self._chosen = "coverage", None
         if self._covering is not None and front.engine_config_id == self._covering:
             self._coverage_runs += 1  # the rest of the coverage turn's load levels
             return candidates
@@ -97,17 +106,25 @@ class AdaptiveOrder:
             return candidates
         self.turn, self._covering = "committee", None
         self._committee_runs += 1
+        self._pending_per_config = {}
+        for e in candidates:
+            self._pending_per_config[e.engine_config_id] = self._pending_per_config.get(e.engine_config_id, 0) + 1
         pending = {e.id for e in candidates}
         if sum(1 for i in self.scores if i in pending) < 2:
             self._score_pool(candidates)
         best = sorted((e for e in candidates if e.id in self.scores), key=lambda e: -self.value(self.scores[e.id]))
-        return best + [e for e in candidates if e.id not in self.scores]
+        if not best:
+            return candidates
+        self._chosen = best[0].engine_config_id
+        return best[:1] + [e for e in candidates if e.id != best[0].id]
 
     def value(self, scored: Scored, loaded: int | None = None) -> float:
         """How telling a run is per second it costs, with `loaded` (default: the configuration
         loaded now) on the engine."""
         loaded = self.loaded if loaded is None else loaded
-        besides = self.same_config_s if scored.config_id == loaded else self.switch_s
+        # Loading another configuration is shared by the load levels the turn measures on it.
+        levels = max(1, self._pending_per_config.get(scored.config_id, 1))
+        besides = self.same_config_s if scored.config_id == loaded else self.switch_s / levels
         if not np.isfinite(scored.spread):
             return float("inf")
         return scored.spread * scored.weight / max(scored.seconds + besides, 1e-3)
