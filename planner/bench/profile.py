@@ -2,7 +2,7 @@
 
 For each model, on this machine in one run: a test set of measurements is drawn at random from
 the campaign's experiments and measured twice back to back; then each order profiles a fresh
-store for the longest checkpoint; then the test set is measured twice again, so its truth (the
+store for the longest checkpoint (which goes first alternates by model); then the test set is measured twice again, so its truth (the
 median of four runs) spans the spells the profiles ran in, and their spread is the host's noise
 floor. At every checkpoint the cost model is fitted on the runs that had finished by then (the
 profile's own time, the adaptive order's estimates included) and judged on the test set, which
@@ -92,7 +92,7 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
     checkpoints = sorted(float(m) for m in minutes)
     curves, floors, tests = [], {}, {}
     space = bench_space()
-    for name in models:
+    for index, name in enumerate(models):
         model_dir = workdir / "models" / name
         if name in PRETRAINED:
             model_dir = pull(name, say=say)
@@ -104,7 +104,9 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
         say(f"{name}: measuring {test_measurements} test measurements x{TEST_REPEATS}")
         measure_test_set(test_store, str(model_dir), space, workload, via, test_measurements, seed)
         finished: dict[str, tuple[Store, list[tuple[int, float]]]] = {}
-        for order in orders:
+        # Which order profiles first alternates by model: a host's speed drifts over minutes, and
+        # the profile nearer the test set's second sitting would otherwise always be the same one.
+        for order in (orders if index % 2 == 0 else list(reversed(orders))):
             say(f"{name}: profiling in the {order} order for {checkpoints[-1]:g} min")
             path = workdir / f"{name}-{order}.db"
             path.unlink(missing_ok=True)  # each curve starts from nothing
@@ -118,7 +120,8 @@ def learning_curves(workdir: Path, models: Sequence[str] = MODELS, orders: Seque
         tests[name] = int(groups.max()) + 1
         floor = median_noise_floor(np.array([[r.measured[m] for m in METRICS] for r in test]), groups, seed)
         floors[name] = dict(floor["overall"]) if floor else {}
-        for order, (store, times) in finished.items():
+        for order in orders:
+            store, times = finished[order]
             curve = Curve(name, order)
             for limit in checkpoints:
                 ids = [run_id for run_id, elapsed in times if elapsed <= 60 * limit]

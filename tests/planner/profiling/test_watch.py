@@ -45,6 +45,7 @@ def test_an_unmet_target_runs_to_the_count_and_the_adaptive_order_takes_its_best
     watch = watch_profile(store, campaign.id, model_dir, WORKLOAD, "engine", parse_until("median_ape<=0.001%"),
                           order="adaptive")
     assert isinstance(watch.order, AdaptiveOrder)
+    watch.order.first_pass = 1  # the mini space has few configurations: the committee from the first estimate on
     turns: list[tuple[str, list[int]]] = []
     committee: list[list[tuple[float, float, float]]] = []  # the scored candidates when a committee turn chooses
     configs: list[int] = []  # the configuration of each run
@@ -83,6 +84,24 @@ def test_an_unmet_target_runs_to_the_count_and_the_adaptive_order_takes_its_best
     assert len({configs[i] for i in committee_runs}) == 1 and len(committee) == 1
     # What a run cost beyond its own length, measured: loading another configuration costs more.
     assert watch.order.switch_s > watch.order.same_config_s > 0
+
+
+def test_the_adaptive_order_keeps_the_built_in_order_for_its_first_configurations(model_dir, tmp_path):
+    store, campaign = _campaign(tmp_path, model_dir)
+    watch = watch_profile(store, campaign.id, model_dir, WORKLOAD, "engine", order="adaptive")
+    watch.order.first_pass = 4
+    turns: list[tuple[str, int]] = []
+
+    def rank(candidates):
+        ranked = watch.order.rank(candidates)
+        turns.append((watch.order.turn, ranked[0].engine_config_id))
+        return ranked
+
+    profile(store, campaign, WORKLOAD, 600, via="engine", max_runs=11, rank=rank, after_run=watch)
+    first_pass = [config for turn, config in turns if turn == "builtin"]
+    # Four configurations at all their load levels (two each), past the first estimate at 6 runs.
+    assert len(set(first_pass)) == 4 and len(first_pass) == 8
+    assert [turn for turn, _ in turns[8:]] == ["coverage"] * 2 + ["committee"]
 
 
 def test_the_estimate_needs_enough_measurements(model_dir, tmp_path):
