@@ -2,11 +2,12 @@
 
 For each model, on this machine in one run: a test set of measurements is drawn at random from
 the campaign's experiments and measured twice back to back; then each order profiles a fresh
-store for the longest checkpoint (which goes first alternates by model); then the test set is measured twice again, so its truth (the
-median of four runs) spans the spells the profiles ran in, and their spread is the host's noise
-floor. At every checkpoint the cost model is fitted on the runs that had finished by then (the
-profile's own time, the adaptive order's estimates included) and judged on the test set, which
-no order ever measured into its store, as `pilot fit` judges.
+store for the longest checkpoint (which goes first alternates by model); then the test set is
+measured twice again, so its truth (the median of four runs) spans the spells the profiles ran
+in, and their spread is the host's noise floor. At every checkpoint the cost model is fitted on
+the runs that had finished by then (the profile's own time, the adaptive order's refits
+included) and judged on the test set, which no order ever measured into its store, as
+`pilot fit` judges.
 """
 
 from __future__ import annotations
