@@ -92,7 +92,8 @@ class AdaptiveOrder:
 
     def _rank(self, candidates: list[Experiment]) -> list[Experiment]:
         front = candidates[0]
-        in_first_pass = len(self._first_configs) < self.first_pass or front.engine_config_id == self._first_configs[-1]
+        in_first_pass = (len(self._first_configs) < self.first_pass
+                         or bool(self._first_configs) and front.engine_config_id == self._first_configs[-1])
         if len(self.members) < 2 or (in_first_pass and self._committee_runs + self._coverage_runs == 0):
             self.turn = "builtin"
             if front.engine_config_id not in self._first_configs:

@@ -1,7 +1,8 @@
 """The watch over a profile: as runs finish it re-estimates the held-out error (at run counts
 growing by a quarter, so estimating costs a bounded share of the profile), hands the fold models
 to an adaptive order, and stops the profile once a stop rule has held at two checks in a row
-(one estimate on few runs can be lucky)."""
+(one estimate on few runs can be lucky). An adaptive order without a stop rule gets only its
+committee, refitted at run counts growing by half, and the error is judged once at the end."""
 
 from __future__ import annotations
 
