@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,7 +74,7 @@ class AdaptiveOrder:
         self.turn = "builtin"  # whose choice the last ranking was: builtin (no committee yet), coverage, committee
         self._covering: int | None = None  # the configuration a coverage turn is measuring
         self._chosen: int | None = None  # the configuration a committee turn is measuring
-        self._pending_per_config: dict[int, int] = {}
+        self._pending_per_config: Counter[int] = Counter()
         self._coverage_runs = 0
         self._committee_runs = 0
         self._configs: dict[int, EngineConfig] = {}
@@ -114,9 +115,7 @@ class AdaptiveOrder:
             return candidates
         self.turn, self._covering = "committee", None
         self._committee_runs += 1
-        self._pending_per_config = {}
-        for e in candidates:
-            self._pending_per_config[e.engine_config_id] = self._pending_per_config.get(e.engine_config_id, 0) + 1
+        self._pending_per_config = Counter(e.engine_config_id for e in candidates)
         pending = {e.id for e in candidates}
         if sum(1 for i in self.scores if i in pending) < 2:
             self._score_pool(candidates)

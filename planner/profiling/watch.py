@@ -79,12 +79,11 @@ class AccuracyWatch:
             self.order.update(committee)
         spent = time.monotonic() - began
         self._last_elapsed = elapsed_s + spent
+        self._next_check = max(len(run_ids) + 1, math.ceil(self.growth * len(run_ids)))
         if accuracy is None:
-            self._next_check = max(len(run_ids) + 1, math.ceil(self.growth * len(run_ids)))
             return False
         checkpoint = Checkpoint(len(run_ids), elapsed_s + spent, accuracy, spent)
         self.history.append(checkpoint)
-        self._next_check = max(len(run_ids) + 1, math.ceil(self.growth * len(run_ids)))
         if self.on_estimate:
             self.on_estimate(checkpoint)
         met = self.until is not None and self.until.met(accuracy)
